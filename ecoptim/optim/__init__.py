@@ -1,0 +1,7 @@
+"""ecoptim optimizers: drop-in torch.optim classes that update quantized weights in place."""
+from .adamw import AdamW, adamw_update_, eco_adamw_coef
+from .base import MODES, NonFiniteGradientError, QuantOptimizer
+from .sgd import SGD, eco_sgd_coef, sgd_update_
+
+__all__ = ["AdamW", "SGD", "QuantOptimizer", "MODES", "NonFiniteGradientError", "adamw_update_", "sgd_update_",
+           "eco_adamw_coef", "eco_sgd_coef"]

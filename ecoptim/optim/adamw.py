@@ -1,0 +1,88 @@
+"""AdamW (Adam when weight_decay=0) for quantized weights, with ECO's error injection.
+
+Update (torch.optim.AdamW's single-tensor path, same ops in the same order):
+    m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g^2
+    denom = sqrt(v) / sqrt(1 - b2^t) + eps
+    w_til = w*(1 - lr*wd) - (lr/(1 - b1^t)) * m / denom
+
+ECO injection after re-quantizing (e = w_til - q(w_til)), v untouched:
+    m += (1 - lr*wd) * ((1 - b1^t)/lr) * (1 - 1/b1) * denom * e
+
+Why (1 - lr*wd): the appendix's exact form keeps e and re-adds it at the next step. With decoupled decay
+the next step starts from (1 - lr*wd)*(w_hat + e), so the carried error is (1 - lr*wd)*e; pushing it through
+the momentum as in the SGD derivation (divide by the per-element step size lr/((1-b1^t)*denom) and by b1,
+subtract the part already re-added) scales the whole coefficient by (1 - lr*wd). Without decay it is the
+paper's coefficient. The momentum stays fp32: |coef*e| can be much larger than m itself.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from .base import QuantOptimizer
+
+__all__ = ["AdamW", "adamw_update_", "eco_adamw_coef"]
+
+
+def adamw_update_(w: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+                  step: float, lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float) -> torch.Tensor:
+    """torch.optim.AdamW's single-tensor step on ``w`` in place; returns ``denom``."""
+    if weight_decay != 0:
+        w.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(eps)
+    w.addcdiv_(exp_avg, denom, value=-step_size)
+    return denom
+
+
+def eco_adamw_coef(step: float, lr: float, beta1: float, weight_decay: float) -> float:
+    """Scalar part of the injection coefficient (multiply by ``denom * e`` elementwise)."""
+    return (1 - lr * weight_decay) * ((1 - beta1 ** step) / lr) * (1 - 1 / beta1)
+
+
+class AdamW(QuantOptimizer):
+    """Drop-in ``torch.optim.AdamW`` whose quantized parameters are updated per ``mode`` (default ECO).
+
+    Args: params, lr, betas, eps, weight_decay as torch.optim.AdamW; ``mode`` in
+    {'eco', 'master', 'naive', 'exact', 'kahan'}; ``rounding`` in {'nearest', 'stochastic'}; ``seed`` of the
+    stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise'}.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, mode: str = "eco", rounding: str = "stochastic",
+                 seed: int = 0, nonfinite: str = "skip") -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, mode=mode, rounding=rounding, seed=seed, nonfinite=nonfinite)
+
+    def _validate_group(self, group: dict) -> None:
+        super()._validate_group(group)
+        b1, b2 = group["betas"]
+        if not 0.0 <= b1 < 1.0 or not 0.0 <= b2 < 1.0:
+            raise ValueError(f"invalid betas {group['betas']!r}: each must be in [0, 1)")
+        if group["eps"] < 0 or group["weight_decay"] < 0:
+            raise ValueError("eps and weight_decay must be >= 0")
+        if group["mode"] == "eco" and b1 == 0:
+            raise ValueError("mode='eco' injects the rounding error into the first moment and divides by beta1, "
+                             "so beta1 must be > 0; use betas=(0.9, ...) or mode='naive'")
+
+    def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
+        dt = torch.float32 if quantized else p.dtype
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros(p.shape, dtype=dt, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dt, device=p.device)
+
+    def _update_(self, w: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> Any:
+        b1, b2 = group["betas"]
+        return adamw_update_(w, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"].item(),
+                             lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
+                             weight_decay=group["weight_decay"])
+
+    def _inject_(self, e: torch.Tensor, state: dict, group: dict, aux: Any) -> None:
+        coef = eco_adamw_coef(state["step"].item(), group["lr"], group["betas"][0], group["weight_decay"])
+        state["exp_avg"].addcmul_(e, aux, value=coef)

@@ -1,0 +1,219 @@
+"""What every ecoptim optimizer shares: validation, the step loop, the weight-update modes, RNG state.
+
+A subclass supplies two small pure functions (see ``sgd.py`` / ``adamw.py``):
+  * ``_update_(w, grad, state, group)``: the textbook update of the fp32 tensor ``w`` *in place* (the same
+    ops, in the same order, as torch.optim's single-tensor path), returning what ``_inject_`` needs;
+  * ``_inject_(e, state, group, aux)``: ECO's error injection into the momentum.
+
+How a quantized weight is updated (``mode``), with q(.) the re-quantizer and w_hat the stored weight:
+  eco     w_til = update(w_hat);  w_hat = q(w_til);  e = w_til - w_hat;  m += coef * e   (no extra memory)
+  naive   w_til = update(w_hat);  w_hat = q(w_til)                                    (error dropped)
+  master  W = update(W) on an fp32 master copy;  w_hat = q(W)                          (+4 B/param)
+  exact   w_til = update(w_hat + e_prev);  w_hat = q(w_til);  e_prev = w_til - w_hat   (+4 B/param)
+          The appendix's oracle. For SGD-M this is the same recurrence as the momentum form
+          m = m_bar + e_prev/lr - e/(lr*beta) (substitute m into w_hat - lr*m), written so that
+          w_hat + e_prev == W holds *exactly* in fp32 (Sterbenz: e is exact), hence with any LR it
+          reproduces master-weight quantized weights bit for bit.
+  kahan   w_til = update(w_hat) + c;  w_hat = q(w_til);  c = q_c(w_til - w_hat)
+          a compensation buffer c stored in the weight's own format (own scales), as torch-optimi does
+          for bf16 weights (+1 B/param for FP8).
+Parameters that are not quantized get the plain update in their own dtype, exactly as torch.optim does.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from ..codec import dequantize, quantize
+from ..convert import spec_of
+from ..formats import QuantSpec
+from ..qtensor import QuantizedTensor
+from ..rounding import check_rounding
+
+__all__ = ["QuantOptimizer", "MODES", "NonFiniteGradientError"]
+
+MODES = ("eco", "master", "naive", "exact", "kahan")
+NONFINITE = ("skip", "raise")
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A gradient held NaN or Inf and ``nonfinite='raise'`` was chosen; nothing was updated."""
+
+
+def _read(p: torch.Tensor) -> torch.Tensor:
+    """Current stored weight as a fresh fp32 tensor."""
+    if isinstance(p, QuantizedTensor):
+        return p.dequantize(torch.float32)
+    return p.detach().to(torch.float32, copy=True)
+
+
+def _store_(p: torch.Tensor, spec: QuantSpec, w_til: torch.Tensor, rounding: str,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """Re-quantize ``w_til`` into ``p`` (real or fake storage); return the new stored value in fp32."""
+    codes, scale = quantize(w_til, spec, rounding, generator)
+    w_new = dequantize(codes, scale, spec, p.shape, torch.float32)
+    if isinstance(p, QuantizedTensor):
+        p.codes.copy_(codes)
+        if scale is not None:
+            p.scale.copy_(scale)
+    else:
+        p.detach().copy_(w_new)
+    return w_new
+
+
+class QuantOptimizer(Optimizer):
+    """Base class; see the module docstring for the modes."""
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], *, mode: str = "eco",
+                 rounding: str = "stochastic", seed: int = 0, nonfinite: str = "skip") -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        check_rounding(rounding)
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"unknown nonfinite policy {nonfinite!r}; use 'skip' or 'raise'")
+        defaults = dict(defaults, mode=mode, rounding=rounding)
+        super().__init__(params, defaults)
+        self.seed = int(seed)
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self._generators: dict[str, torch.Generator] = {}
+        for group in self.param_groups:
+            self._validate_group(group)
+
+    # -- hooks for subclasses ---------------------------------------------------------------------
+    def _validate_group(self, group: dict) -> None:
+        if group["mode"] not in MODES:
+            raise ValueError(f"unknown mode {group['mode']!r}; choose one of {MODES}")
+        check_rounding(group["rounding"])
+        lr = group["lr"]
+        if not isinstance(lr, (int, float)) or lr < 0:
+            raise ValueError(f"invalid learning rate {lr!r}: must be a float >= 0")
+        if group["mode"] == "eco" and lr == 0 and any(spec_of(p) is not None for p in group["params"]):
+            raise ValueError("mode='eco' divides the injected error by the learning rate, so lr must be > 0; "
+                             "start warm-up from a small positive lr (e.g. 0.01 x peak) instead of 0")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_generators"):
+            self._validate_group(self.param_groups[-1])
+
+    def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
+        raise NotImplementedError
+
+    def _update_(self, w: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> Any:
+        raise NotImplementedError
+
+    def _inject_(self, e: torch.Tensor, state: dict, group: dict, aux: Any) -> None:
+        raise NotImplementedError
+
+    # -- RNG ----------------------------------------------------------------------------------------
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The stochastic-rounding generator for ``device`` (seeded from ``seed``, saved in state_dict)."""
+        key = str(device)
+        if key not in self._generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            self._generators[key] = g
+        return self._generators[key]
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _grads_finite(self) -> bool:
+        flags = [torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return bool(torch.stack(flags).all()) if flags else True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step. Skips (or raises on) non-finite gradients before touching anything."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._grads_finite():
+            if self.nonfinite == "raise":
+                raise NonFiniteGradientError("a gradient holds NaN/Inf; weights and optimizer state were left "
+                                             "untouched (use nonfinite='skip' to skip such steps)")
+            self.skipped_steps += 1
+            return loss
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group)
+        return loss
+
+    def _step_param(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        spec = spec_of(p)
+        if not state:
+            self._init_state(p, state, group, spec is not None)
+            if spec is not None and group["mode"] == "master":
+                state["master"] = _read(p)
+            elif spec is not None and group["mode"] == "exact":
+                state["error"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            elif spec is not None and group["mode"] == "kahan":
+                codes, scale = quantize(torch.zeros(p.shape, device=p.device), spec)
+                state["comp_codes"] = codes
+                if scale is not None:
+                    state["comp_scale"] = scale
+        state["step"] += 1
+        if spec is None:  # a plain parameter: the textbook update, in its own dtype, in place
+            self._update_(p, p.grad, state, group)
+            return
+        mode, lr = group["mode"], group["lr"]
+        grad = p.grad.to(torch.float32)  # fp32 maths for quantized weights whatever the compute dtype
+        if mode == "master":
+            w = state["master"]
+        elif mode == "exact":
+            w = _read(p).add_(state["error"])
+        else:
+            w = _read(p)
+        aux = self._update_(w, grad, state, group)  # w now holds w_til
+        if mode == "kahan":
+            w.add_(dequantize(state["comp_codes"], state.get("comp_scale"), spec, p.shape))
+        if mode == "eco" and lr == 0:
+            return  # nothing moved; the error would be divided by zero. Stored weight left as it is.
+        gen = self.generator(p.device) if group["rounding"] == "stochastic" else None
+        w_hat = _store_(p, spec, w, group["rounding"], gen)
+        if mode == "eco":
+            self._inject_(w.sub_(w_hat), state, group, aux)
+        elif mode == "exact":
+            state["error"].copy_(w.sub_(w_hat))
+        elif mode == "kahan":
+            codes, scale = quantize(w.sub_(w_hat), spec)
+            state["comp_codes"].copy_(codes)
+            if scale is not None:
+                state["comp_scale"].copy_(scale)
+
+    # -- (de)serialization ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["ecoptim"] = {"rng": {k: g.get_state() for k, g in self._generators.items()},
+                         "skipped_steps": self.skipped_steps, "seed": self.seed}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("ecoptim", None)
+        # torch casts every floating state to the parameter's dtype; ecoptim keeps fp32 states for
+        # low-precision weights, so remember the saved dtypes and restore them afterwards.
+        dtypes = {pid: {k: v.dtype for k, v in st.items() if isinstance(v, torch.Tensor)}
+                  for pid, st in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            st = self.state.get(p)
+            for k, dt in dtypes.get(pid, {}).items():
+                if st is not None and isinstance(st.get(k), torch.Tensor) and st[k].dtype != dt:
+                    st[k] = st[k].to(dt)
+        for group in self.param_groups:
+            self._validate_group(group)
+        if extra is not None:
+            self.seed = extra.get("seed", self.seed)
+            self.skipped_steps = extra.get("skipped_steps", 0)
+            self._generators = {}
+            for k, s in extra.get("rng", {}).items():
+                g = torch.Generator(device=k)
+                g.set_state(s)
+                self._generators[k] = g

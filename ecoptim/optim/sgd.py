@@ -1,0 +1,93 @@
+"""SGD with momentum (EMA, undamped, Nesterov) for quantized weights, with ECO's error injection.
+
+Update (torch.optim.SGD's, including its first-step rule buf = g):
+    g   = grad + wd * w                        (L2 weight decay, as torch)
+    m   = beta*m + (1 - dampening)*g           (dampening = beta gives the paper's EMA form)
+    d   = g + beta*m  if nesterov else m
+    w   = w - lr*d
+
+ECO injection after re-quantizing (e = w_til - q(w_til)):
+    plain:    m += (1/lr) * (1 - 1/beta) * e                 = -(1 - beta)/(lr*beta)   * e
+    nesterov: m += -(1 - beta)/(lr*beta^2) * e
+
+Derivation: with the virtual iterate x = w_hat - a*m (m after injection) one step gives
+    x' = w_hat - lr*d - e - a*(m_new + c*e),
+the error vanishes iff c = -1/a, and the old momentum vanishes iff (lr + a)*beta = a (plain) or
+(lr*beta + a)*beta = a (Nesterov), i.e. a = lr*beta/(1-beta) resp. a = lr*beta^2/(1-beta). Then x' = x - k*g
+for a constant k (lr for EMA momentum, lr/(1-beta) undamped; lr*(1+beta) resp. lr/(1-beta) with Nesterov): plain gradient
+descent on the virtual iterate whatever the quantizer did. ``tests/test_optim_sgd.py`` checks it.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from .base import QuantOptimizer
+
+__all__ = ["SGD", "sgd_update_", "eco_sgd_coef"]
+
+
+def sgd_update_(w: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, *, lr: float, momentum: float,
+                dampening: float, nesterov: bool, weight_decay: float) -> torch.Tensor | None:
+    """torch.optim.SGD's single-tensor step on ``w`` in place; returns the (new or updated) momentum buffer."""
+    if weight_decay != 0:
+        grad = grad.add(w, alpha=weight_decay)
+    if momentum != 0:
+        if buf is None:
+            buf = grad.detach().clone()
+        else:
+            buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+        grad = grad.add(buf, alpha=momentum) if nesterov else buf
+    w.add_(grad, alpha=-lr)
+    return buf
+
+
+def eco_sgd_coef(lr: float, momentum: float, nesterov: bool) -> float:
+    """Injection coefficient c in m += c*e (see the module docstring)."""
+    if nesterov:
+        return -(1.0 - momentum) / (lr * momentum * momentum)
+    return (1.0 / lr) * (1.0 - 1.0 / momentum)
+
+
+class SGD(QuantOptimizer):
+    """Drop-in ``torch.optim.SGD`` whose quantized parameters are updated per ``mode`` (default ECO).
+
+    Args: params, lr, momentum, dampening, weight_decay, nesterov as torch.optim.SGD; ``mode`` in
+    {'eco', 'master', 'naive', 'exact', 'kahan'}; ``rounding`` in {'nearest', 'stochastic'}; ``seed`` of the
+    stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise'}.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.9, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, mode: str = "eco",
+                 rounding: str = "stochastic", seed: int = 0, nonfinite: str = "skip") -> None:
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+        super().__init__(params, defaults, mode=mode, rounding=rounding, seed=seed, nonfinite=nonfinite)
+
+    def _validate_group(self, group: dict) -> None:
+        super()._validate_group(group)
+        m, d, wd = group["momentum"], group["dampening"], group["weight_decay"]
+        if not 0.0 <= m < 1.0:
+            raise ValueError(f"invalid momentum {m!r}: must be in [0, 1)")
+        if wd < 0:
+            raise ValueError(f"invalid weight_decay {wd!r}: must be >= 0")
+        if group["nesterov"] and (m <= 0 or d != 0):
+            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening (as torch.optim.SGD)")
+        if group["mode"] == "eco" and m == 0:
+            raise ValueError("mode='eco' injects the rounding error into the momentum and divides by it, so "
+                             "momentum must be > 0; use momentum=0.9, or mode='naive'/'kahan' for plain SGD")
+
+    def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
+        state["step"] = torch.tensor(0.0)
+        # torch's rule: the buffer is created from the first gradient; ecoptim keeps it in fp32 for
+        # quantized weights (the injected term can dwarf m, so it needs the range).
+        state["momentum_buffer"] = None
+
+    def _update_(self, w: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> Any:
+        state["momentum_buffer"] = sgd_update_(
+            w, grad, state["momentum_buffer"], lr=group["lr"], momentum=group["momentum"],
+            dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"])
+        return None
+
+    def _inject_(self, e: torch.Tensor, state: dict, group: dict, aux: Any) -> None:
+        state["momentum_buffer"].add_(e, alpha=eco_sgd_coef(group["lr"], group["momentum"], group["nesterov"]))

@@ -1,0 +1,171 @@
+"""``QuantizedTensor``: a weight stored as low-bit codes + fp32 scales, usable as an ``nn.Parameter``.
+
+It is a wrapper tensor subclass (the torchao pattern): it has the logical shape and compute dtype of the
+weight it replaces but no dense storage of its own. Any torch op that reads it sees the dequantized
+weight (``__torch_dispatch__`` dequantizes on the fly), so ``F.linear(x, weight)`` and autograd work
+unchanged, and the gradient that lands in ``param.grad`` is an ordinary dense tensor.
+
+Boundaries are explicit: ``QuantizedTensor.from_float(w, spec)`` quantizes, ``.dequantize()`` returns
+the dense weight, ``.requantize_(w)`` overwrites codes and scales in place (what optimizers call).
+Ops that would *write* into it through torch (``p.add_(...)``, ``torch.optim.SGD``) raise instead of
+silently updating a temporary copy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map_only
+
+from .codec import check_weight, dequantize, quantize
+from .formats import QuantSpec, get_format, get_granularity
+
+__all__ = ["QuantizedTensor"]
+
+aten = torch.ops.aten
+
+
+def _spec_key(spec: QuantSpec) -> tuple[str, str]:
+    return str(spec.format), str(spec.granularity)
+
+
+def _rebuild_quantized(codes: torch.Tensor, scale: torch.Tensor | None, fmt: str, gran: str,
+                       shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool,
+                       is_param: bool) -> "QuantizedTensor":
+    spec = QuantSpec(get_format(fmt), get_granularity(gran, get_format(fmt)))
+    t = QuantizedTensor(codes, scale, spec, torch.Size(shape), dtype)
+    if is_param:
+        return torch.nn.Parameter(t, requires_grad=requires_grad)
+    return t.requires_grad_(requires_grad) if requires_grad else t
+
+
+# Let torch.load(weights_only=True) rebuild quantized checkpoints.
+torch.serialization.add_safe_globals([_rebuild_quantized])
+
+
+class QuantizedTensor(torch.Tensor):
+    codes: torch.Tensor
+    scale: torch.Tensor | None
+    spec: QuantSpec
+
+    @staticmethod
+    def __new__(cls, codes: torch.Tensor, scale: torch.Tensor | None, spec: QuantSpec, shape: torch.Size,
+                dtype: torch.dtype, requires_grad: bool = False) -> "QuantizedTensor":
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=codes.device,
+                                                   requires_grad=requires_grad)
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor | None, spec: QuantSpec, shape: torch.Size,
+                 dtype: torch.dtype, requires_grad: bool = False) -> None:
+        self.codes = codes
+        self.scale = scale
+        self.spec = spec
+
+    # -- boundaries -------------------------------------------------------------------------------
+    @classmethod
+    def from_float(cls, w: torch.Tensor, spec: QuantSpec, rounding: str = "nearest",
+                   generator: torch.Generator | None = None) -> "QuantizedTensor":
+        """Quantize a dense float tensor (compute dtype = ``w.dtype``)."""
+        check_weight(w, spec)
+        codes, scale = quantize(w, spec, rounding, generator)
+        return cls(codes, scale, spec, w.shape, w.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight ``decode(codes) * scale`` (fp32 maths, cast to ``dtype`` or the compute dtype)."""
+        return dequantize(self.codes, self.scale, self.spec, self.shape, dtype or self.dtype)
+
+    @torch.no_grad()
+    def requantize_(self, w: torch.Tensor, rounding: str = "nearest",
+                    generator: torch.Generator | None = None) -> "QuantizedTensor":
+        """Overwrite codes and scales in place with the quantization of ``w`` (scale recomputed)."""
+        codes, scale = quantize(w, self.spec, rounding, generator)
+        self.codes.copy_(codes)
+        if scale is not None:
+            self.scale.copy_(scale)
+        return self
+
+    # -- serialization, copies ---------------------------------------------------------------------
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, tuple[Any, ...]]:
+        fmt, gran = _spec_key(self.spec)
+        return (_rebuild_quantized, (self.codes, self.scale, fmt, gran, tuple(self.shape), self.dtype,
+                                     self.requires_grad, isinstance(self, torch.nn.Parameter)))
+
+    def __deepcopy__(self, memo: dict) -> "QuantizedTensor":
+        if id(self) in memo:
+            return memo[id(self)]
+        new = _rebuild_quantized(self.codes.clone(), None if self.scale is None else self.scale.clone(),
+                                 *_spec_key(self.spec), tuple(self.shape), self.dtype, self.requires_grad,
+                                 isinstance(self, torch.nn.Parameter))
+        memo[id(self)] = new
+        return new
+
+    def __tensor_flatten__(self) -> tuple[list[str], tuple[Any, ...]]:
+        inner = ["codes"] if self.scale is None else ["codes", "scale"]
+        return inner, (self.spec, self.shape, self.dtype)
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, meta: tuple, outer_size: Any, outer_stride: Any) -> "QuantizedTensor":
+        spec, shape, dtype = meta
+        return QuantizedTensor(inner["codes"], inner.get("scale"), spec, shape, dtype)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedTensor(shape={tuple(self.shape)}, spec={self.spec}, dtype={self.dtype}, "
+                f"codes={self.codes.dtype})")
+
+    def _with(self, codes: torch.Tensor, scale: torch.Tensor | None) -> "QuantizedTensor":
+        return QuantizedTensor(codes, scale, self.spec, self.shape, self.dtype)
+
+    # -- dispatch -------------------------------------------------------------------------------------
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in (aten.detach.default, aten.alias.default):
+            return args[0]._with(args[0].codes, args[0].scale)
+        if func is aten.clone.default:
+            s = args[0]
+            return s._with(s.codes.clone(), None if s.scale is None else s.scale.clone())
+        if func is aten.copy_.default:
+            return _copy_into(args[0], args[1])
+        if func is aten._to_copy.default and isinstance(args[0], QuantizedTensor):
+            s = args[0]
+            if set(kwargs) <= {"device", "non_blocking"} or kwargs.get("dtype") in (None, s.dtype):
+                dev = kwargs.get("device") or s.device
+                q = QuantizedTensor(s.codes.to(dev), None if s.scale is None else s.scale.to(dev), s.spec,
+                                    s.shape, s.dtype)
+                return q
+        if func._schema.is_mutable:
+            raise RuntimeError(
+                f"{func} would write into a QuantizedTensor through a dense temporary and lose the update; "
+                "update quantized weights with an ecoptim optimizer or QuantizedTensor.requantize_()")
+        args, kwargs = tree_map_only(QuantizedTensor, lambda t: t.dequantize(), (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)``: what ``load_state_dict`` calls. Refuses mismatches with a message saying what differs."""
+    if not isinstance(dst, QuantizedTensor):
+        # a dense destination reads a quantized source as its dequantized values
+        dst.copy_(src.dequantize(dst.dtype))
+        return dst
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(f"cannot load a tensor of shape {tuple(src.shape)} into a quantized weight of shape "
+                         f"{tuple(dst.shape)}")
+    if isinstance(src, QuantizedTensor):
+        if _spec_key(src.spec) != _spec_key(dst.spec):
+            raise ValueError(f"checkpoint holds a {src.spec} quantized weight but the model expects {dst.spec}; "
+                             "quantize the model with the checkpoint's format or load a dense checkpoint")
+        if src.codes.shape != dst.codes.shape or (src.scale is None) != (dst.scale is None) or (
+                dst.scale is not None and src.scale.shape != dst.scale.shape):
+            raise ValueError(f"quantized weight of shape {tuple(dst.shape)}: checkpoint codes/scales have shapes "
+                             f"{tuple(src.codes.shape)}/{None if src.scale is None else tuple(src.scale.shape)}, "
+                             f"expected {tuple(dst.codes.shape)}/"
+                             f"{None if dst.scale is None else tuple(dst.scale.shape)}")
+        dst.codes.copy_(src.codes)
+        if dst.scale is not None:
+            dst.scale.copy_(src.scale)
+        return dst
+    if not src.is_floating_point():
+        raise ValueError(f"cannot load a {src.dtype} tensor into a quantized weight; expected a float tensor")
+    dst.requantize_(src.to(torch.float32))
+    return dst

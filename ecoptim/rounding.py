@@ -1,0 +1,71 @@
+"""Rounding of fp32 values onto a format's grid: round-to-nearest-even and stochastic rounding.
+
+Both work on *scaled* values y (already divided by the block scale) and return fp32 tensors whose
+values lie exactly on the grid of ``fmt`` (so the later cast to the storage dtype is exact).
+
+With s = fmt.spacing(y) (a power of two for float formats, 1 for integer formats), y/s is exact and
+
+    nearest:    q = s * round_half_even(y / s)
+    stochastic: q = s * (floor(y / s) + [u < y/s - floor(y/s)]),   u ~ U[0, 1)
+
+so E[q] = y (unbiased) and q is always one of the two grid neighbours of y. Values are clamped to
+[-fmt.max, fmt.max] first (saturation), so neither mode can leave the finite range.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .formats import FloatFormat, Format
+
+Rounding = Literal["nearest", "stochastic"]
+ROUNDINGS = ("nearest", "stochastic")
+
+__all__ = ["round_nearest", "round_stochastic", "round_to_grid", "ROUNDINGS", "check_rounding"]
+
+
+def check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; use 'nearest' or 'stochastic'")
+    return rounding
+
+
+def _is_identity(fmt: Format) -> bool:
+    # fp32 values are already on the fp32 grid: nothing to do (and nothing random to draw).
+    return isinstance(fmt, FloatFormat) and fmt.man_bits >= 23
+
+
+def round_nearest(y: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Round-to-nearest, ties to even, with saturation at +-fmt.max. ``y`` must be fp32."""
+    if _is_identity(fmt):
+        return y.clone()
+    y = y.clamp(-fmt.max, fmt.max)
+    s = fmt.spacing(y)
+    return torch.round(y / s).mul_(s)
+
+
+def round_stochastic(y: torch.Tensor, fmt: Format, generator: torch.Generator | None = None,
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Unbiased stochastic rounding onto the grid. ``noise`` (U[0,1), same shape) overrides ``generator``."""
+    if _is_identity(fmt):
+        return y.clone()
+    y = y.clamp(-fmt.max, fmt.max)
+    s = fmt.spacing(y)
+    r = y / s
+    lo = torch.floor(r)
+    if noise is None:
+        noise = torch.rand(y.shape, generator=generator, device=y.device, dtype=torch.float32)
+    # r - lo is exact (both are integers times powers of two within 24 bits), so P(up) = frac exactly
+    # up to the 2^-24 resolution of torch.rand.
+    return lo.add_((noise < (r - lo)).to(lo.dtype)).mul_(s)
+
+
+def round_to_grid(y: torch.Tensor, fmt: Format, rounding: str = "nearest",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    if rounding == "nearest":
+        return round_nearest(y, fmt)
+    if rounding == "stochastic":
+        return round_stochastic(y, fmt, generator)
+    check_rounding(rounding)
+    raise AssertionError  # unreachable
