@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from .formats import QuantSpec
-from .rounding import round_to_grid
 
 __all__ = ["quantize", "dequantize", "compute_scale", "check_weight"]
 
@@ -50,7 +49,7 @@ def quantize(w: torch.Tensor, spec: QuantSpec, rounding: str = "nearest",
     else:
         nb, bs = spec.granularity.blocks(w32.shape)
         y = (w32.reshape(nb, bs) / scale[:, None]).reshape(-1)
-    q = round_to_grid(y, spec.format, rounding, generator)
+    q = spec.format.round(y, rounding, generator)
     return spec.format.encode(q), scale
 
 

@@ -46,6 +46,13 @@ class Format:
         """How many storage elements ``numel`` values need."""
         return numel
 
+    def round(self, y: torch.Tensor, rounding: str = "nearest",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """Round scaled fp32 values onto this format's grid. A custom quantizer (e.g. a noise model in the
+        theory tests) overrides this; the built-in formats use ``ecoptim.rounding``."""
+        from .rounding import round_to_grid  # late import: rounding depends on formats
+        return round_to_grid(y, self, rounding, generator)
+
     def __str__(self) -> str:
         return self.name
 
