@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LlamaConfig", "PRESETS", "RMSNorm", "Attention", "SwiGLU", "Block", "LlamaLM", "precompute_rope",
-           "apply_rope"]
+           "apply_rope", "is_block_linear"]
 
 
 @dataclass
@@ -205,3 +205,13 @@ class LlamaLM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
+
+
+def is_block_linear(module: nn.Module, fqn: str) -> bool:
+    """``quantize_`` filter selecting exactly the paper's set: every ``nn.Linear`` inside a transformer block.
+
+    Why not rely on ``quantize_``'s default filter: it treats any Linear whose ``out_features`` equals the
+    vocabulary size as an output head, so with byte tokens (vocab 256) and ``d_model == 256`` it would
+    silently keep the attention projections in fp32. Selecting by name has no such coincidence.
+    """
+    return isinstance(module, nn.Linear) and fqn.startswith("blocks.")

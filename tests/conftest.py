@@ -2,6 +2,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+# Tests use small tensors: one thread is as fast, and stays fast when another job shares the 2 cores
+# (OpenMP spin-waiting of two multi-threaded processes made the suite 30x slower here).
+torch.set_num_threads(1)
+
 
 class Block(nn.Module):
     """A small pre-norm transformer block (attention + SwiGLU MLP) built from nn.Linear layers."""

@@ -1,0 +1,388 @@
+"""Training runs that reproduce the paper's comparison on a small byte-level Llama model.
+
+``METHODS`` holds the paper's rows (dense baseline; FP8 with master weights, naive removal, ECO; each with
+round-to-nearest or stochastic rounding). ``train_run`` trains one method with the paper's recipe
+(AdamW (0.9, 0.98), eps 1e-9, wd 0.1, clip 1.0, 10% warm-up from 0.01x then cosine to 0.1x peak) and returns
+a ``RunResult``; every method gets the same initial weights and the same batches. ``finetune`` starts every
+method from one dense checkpoint, quantizes it (INT4 by default) and fine-tunes it on another corpus.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from .convert import quantize_
+from .corpus import eval_batches, get_batch, load_split
+from .formats import get_format, get_granularity
+from .memory import memory_report
+from .model import LlamaConfig, LlamaLM, is_block_linear
+from .optim import AdamW
+
+__all__ = ["Method", "METHODS", "ROWS", "FORMAT_TAGS", "DEFAULT_GRANULARITY", "make_methods", "resolve_methods",
+           "Corpus", "load_corpus", "RunResult", "train_run", "lr_lambda", "evaluate", "pretrain", "finetune",
+           "BETAS", "EPS", "WEIGHT_DECAY", "GRAD_CLIP"]
+
+# The paper's optimizer recipe (Section 5 / the reference notes); shared by every method.
+BETAS = (0.9, 0.98)
+EPS = 1e-9
+WEIGHT_DECAY = 0.1
+GRAD_CLIP = 1.0
+WARMUP_FRAC = 0.1      # of the total steps
+WARMUP_START = 0.01    # x peak lr at step 0 (must be > 0: ECO divides the injected error by lr)
+FINAL_LR_FRAC = 0.1    # x peak lr at the last step
+
+#: Short names used in method names ("fp8_eco_sr", "int4_eco_sr", ...).
+FORMAT_TAGS = {"fp8_e4m3": "fp8", "fp8_e5m2": "fp8e5m2", "int8": "int8", "int4": "int4"}
+#: The paper's scale granularity per format: per-row FP8 for pre-training, per-tensor INT4 for fine-tuning.
+DEFAULT_GRANULARITY = {"fp8_e4m3": "row", "fp8_e5m2": "row", "int8": "row", "int4": "tensor"}
+_TAG_TO_FORMAT = {**{v: k for k, v in FORMAT_TAGS.items()}, "e5m2": "fp8_e5m2", "e4m3": "fp8_e4m3"}
+_FORMAT_LABELS = {"fp8_e4m3": "FP8", "fp8_e5m2": "FP8-E5M2", "int8": "INT8", "int4": "INT4"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison: how weights are stored and updated.
+
+    ``format`` None means a dense fp32 model (plain AdamW); otherwise the block linears are stored in
+    ``format`` with ``granularity`` scales and updated by ``ecoptim.AdamW(mode=mode, rounding=rounding)``.
+    """
+
+    name: str
+    label: str
+    format: str | None = None
+    granularity: str | None = None
+    mode: str = "master"
+    rounding: str = "nearest"
+
+    @property
+    def dense(self) -> bool:
+        return self.format is None
+
+
+#: The paper's quantized rows: (row key, optimizer mode, rounding, label suffix).
+ROWS: tuple[tuple[str, str, str, str], ...] = (
+    ("mw_rtn", "master", "nearest", "w/ MW + RTN"),
+    ("mw_sr", "master", "stochastic", "w/ MW + SR"),
+    ("naive_rtn", "naive", "nearest", "w/o MW + RTN (naive)"),
+    ("naive_sr", "naive", "stochastic", "w/o MW + SR (naive)"),
+    ("eco_rtn", "eco", "nearest", "ECO + RTN"),
+    ("eco_sr", "eco", "stochastic", "ECO + SR"),
+)
+DENSE = Method("fp32_mw", "FP32 w/ master weights (dense)")
+
+
+def _canonical_format(fmt: str) -> str:
+    name = get_format(_TAG_TO_FORMAT.get(fmt.lower(), fmt)).name  # raises a clear ValueError if unknown
+    if name not in FORMAT_TAGS:
+        raise ValueError(f"format {fmt!r} is not a low-bit training format here; choose one of {sorted(FORMAT_TAGS)}")
+    return name
+
+
+def make_methods(format: str = "fp8_e4m3", granularity: str | int | None = None) -> dict[str, Method]:
+    """The paper's seven rows with the quantized ones retargeted to ``format`` / ``granularity``.
+
+    ``granularity`` None picks the paper's choice for the format (``DEFAULT_GRANULARITY``).
+    """
+    fmt = _canonical_format(format)
+    gran = str(get_granularity(granularity if granularity is not None else DEFAULT_GRANULARITY[fmt],
+                               get_format(fmt)))
+    tag, flabel = FORMAT_TAGS[fmt], _FORMAT_LABELS[fmt]
+    suffix = "" if gran == DEFAULT_GRANULARITY[fmt] else f" [{gran}]"
+    methods = {DENSE.name: DENSE}
+    for key, mode, rounding, label in ROWS:
+        methods[f"{tag}_{key}"] = Method(f"{tag}_{key}", f"{flabel} {label}{suffix}", fmt, gran, mode, rounding)
+    return methods
+
+
+#: The paper's table: fp32_mw, fp8_mw_rtn, fp8_mw_sr, fp8_naive_rtn, fp8_naive_sr, fp8_eco_rtn, fp8_eco_sr.
+METHODS: dict[str, Method] = make_methods()
+ROW_KEYS = tuple(r[0] for r in ROWS)
+
+
+def resolve_methods(names: Sequence[str], format: str | None = None,
+                    granularity: str | int | None = None) -> list[Method]:
+    """Turn method names into ``Method`` rows in the requested format.
+
+    A name is ``fp32_mw`` or ``[<format tag>_]<row>`` with row in ``ROW_KEYS`` (e.g. ``fp8_eco_sr``,
+    ``int4_naive_rtn``, ``eco_sr``). The ``fp8_`` names are the paper's rows and are retargeted by
+    ``format`` (so ``--format int4`` turns ``fp8_eco_sr`` into ``int4_eco_sr``); any other tag must agree with
+    ``format``. ``format`` None is inferred from such tags, else FP8 E4M3.
+    """
+    if not names:
+        raise ValueError("no methods given")
+    parsed: list[tuple[str | None, str]] = []
+    for raw in names:
+        name = raw.strip().lower()
+        if name == DENSE.name:
+            parsed.append((None, name))
+            continue
+        tag, row = None, name
+        for key in ROW_KEYS:
+            if name == key:
+                break
+            if name.endswith("_" + key):
+                tag, row = name[: -len(key) - 1], key
+                break
+        else:
+            raise ValueError(f"unknown method {raw!r}; use fp32_mw or [<format>_]<row> with row one of "
+                             f"{', '.join(ROW_KEYS)} (e.g. {', '.join(METHODS)})")
+        if tag is not None and tag not in _TAG_TO_FORMAT:
+            raise ValueError(f"unknown format tag {tag!r} in method {raw!r}; use one of {sorted(_TAG_TO_FORMAT)}")
+        parsed.append((None if tag is None else _TAG_TO_FORMAT[tag], row))
+    explicit = {f for f, _ in parsed if f is not None and f != "fp8_e4m3"}
+    if format is None:
+        if len(explicit) > 1:
+            raise ValueError(f"methods mix formats {sorted(explicit)}; run one format at a time")
+        format = explicit.pop() if explicit else "fp8_e4m3"
+    fmt = _canonical_format(format)
+    for (f, row), raw in zip(parsed, names):
+        if f is not None and f not in ("fp8_e4m3", fmt):
+            raise ValueError(f"method {raw!r} is a {f} row but the format is {fmt}; drop the prefix or change "
+                             "--format")
+    table = make_methods(fmt, granularity)
+    out: list[Method] = []
+    for f, row in parsed:
+        m = DENSE if row == DENSE.name else table[f"{FORMAT_TAGS[fmt]}_{row}"]
+        if m in out:
+            raise ValueError(f"method {m.name!r} given twice")
+        out.append(m)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Corpus:
+    """Train / validation byte tokens of one corpus."""
+
+    name: str
+    train: torch.Tensor
+    val: torch.Tensor
+
+
+def load_corpus(name: str) -> Corpus:
+    return Corpus(name, load_split(name, "train"), load_split(name, "val"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    """What one training run measured. Losses are mean cross-entropy in nats per byte."""
+
+    method: str
+    label: str
+    format: str | None
+    granularity: str | None
+    mode: str | None
+    rounding: str | None
+    steps: int                 # steps requested
+    steps_done: int            # fewer when the run diverged
+    status: str                # "ok" | "diverged"
+    final_val_loss: float | None
+    initial_val_loss: float | None
+    final_train_loss: float | None   # EMA of the training loss at the end
+    val_curve: list[tuple[int, float | None]] = field(default_factory=list)
+    train_curve: list[tuple[int, float | None]] = field(default_factory=list)
+    bytes_per_param: float = 0.0     # static: weights + scales + optimizer state, measured after step 1
+    total_bytes: int = 0
+    numel: int = 0
+    tokens_per_s: float = 0.0        # training steps only (evaluation excluded)
+    wall_s: float = 0.0
+    skipped_steps: int = 0           # steps the optimizer skipped for non-finite gradients
+    diverged_at: int | None = None
+    state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # only with keep_state=True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(replace(self, state_dict=None))
+        d.pop("state_dict")
+        return d
+
+
+def lr_lambda(steps: int) -> Callable[[int], float]:
+    """LR multiplier for LambdaLR: linear warm-up from WARMUP_START to 1 over the first WARMUP_FRAC of the
+    steps, then cosine from 1 to FINAL_LR_FRAC at the last step. Never 0 (ECO needs lr > 0)."""
+    warmup = max(1, round(WARMUP_FRAC * steps))
+    decay = max(1, steps - warmup)
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return WARMUP_START + (1 - WARMUP_START) * step / warmup
+        progress = min(1.0, (step - warmup) / decay)
+        return FINAL_LR_FRAC + (1 - FINAL_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean validation loss over fixed batches (nan if the model produces non-finite losses)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        _, loss = model(x, y)
+        total += float(loss)
+    model.train(was_training)
+    return total / max(len(batches), 1)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _build(method: Method, cfg: LlamaConfig, seed: int, lr: float,
+           init_state: dict[str, torch.Tensor] | None) -> tuple[LlamaLM, AdamW]:
+    """Model (same init for every method: seeded here) and its optimizer."""
+    torch.manual_seed(seed)
+    model = LlamaLM(cfg)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    if not method.dense:
+        # RTN for the initial cast (the paper quantizes the initial weights once, deterministically).
+        quantize_(model, method.format, method.granularity, filter_fn=is_block_linear)
+    # Weight decay on matrices only (nanoGPT convention): norms' gains are not decayed.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = AdamW(groups, lr=lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                mode="master" if method.dense else method.mode, rounding=method.rounding, seed=seed,
+                nonfinite="skip")
+    return model, opt
+
+
+def default_threads() -> int:
+    """CPU cores this process may use (affinity-aware); intra-op threads beyond that only contend."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
+              data: Corpus, progress: bool = True, *, eval_every: int = 50, eval_batches_n: int = 8,
+              final_eval_batches_n: int = 32, init_state: dict[str, torch.Tensor] | None = None,
+              diverge_loss: float | None = None, max_nonfinite: int = 10, threads: int | None = None,
+              keep_state: bool = False) -> RunResult:
+    """Train ``method`` for ``steps`` steps and measure it (see ``RunResult``).
+
+    Same ``seed`` => same initial weights (before quantization), same batch order (a ``torch.Generator``
+    seeded with ``seed``) and same stochastic-rounding stream, whatever the method.
+    ``init_state``: a dense state_dict loaded before quantizing (fine-tuning).
+    Divergence (the run stops, status "diverged", no exception): the EMA of the training loss exceeds
+    ``diverge_loss`` (default ln(vocab) + 1, i.e. clearly worse than a uniform guess), a validation loss
+    is non-finite, or ``max_nonfinite`` consecutive training losses are non-finite.
+    """
+    if steps < 1 or batch_size < 1 or seq_len < 1:
+        raise ValueError("steps, batch_size and seq_len must be positive")
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    torch.set_num_threads(threads or default_threads())
+    if diverge_loss is None:
+        diverge_loss = math.log(cfg.vocab_size) + 1.0
+    t_start = time.perf_counter()
+    model, opt = _build(method, cfg, seed, lr, init_state)
+    sched = LambdaLR(opt, lr_lambda(steps))
+    gen = torch.Generator().manual_seed(seed)
+    val_small = list(eval_batches(data.val, batch_size, seq_len, eval_batches_n))
+    val_final = list(eval_batches(data.val, batch_size, seq_len, final_eval_batches_n))
+
+    initial = evaluate(model, val_small)
+    val_curve: list[tuple[int, float | None]] = [(0, _finite(initial))]
+    train_curve: list[tuple[int, float | None]] = []
+    ema: float | None = None
+    nonfinite_run = 0
+    status, diverged_at = "ok", None
+    report = None
+    train_time, steps_done = 0.0, 0
+
+    from tqdm.auto import tqdm  # imported lazily: the library itself does not need it
+    bar = tqdm(total=steps, desc=f"{method.name:>14s}", disable=not progress, dynamic_ncols=True, leave=True)
+    model.train()
+    for step in range(1, steps + 1):
+        x, y = get_batch(data.train, batch_size, seq_len, gen)
+        t0 = time.perf_counter()
+        _, loss = model(x, y)
+        loss.backward()
+        # Non-finite gradients pass through clipping as NaN; the optimizer then skips the step (nonfinite="skip").
+        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        train_time += time.perf_counter() - t0
+        steps_done = step
+        if report is None:  # after the first step, so the optimizer state exists
+            report = memory_report(model, opt)
+
+        lv = loss.detach().item()
+        if math.isfinite(lv):
+            nonfinite_run = 0
+            ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        else:
+            nonfinite_run += 1
+        diverged = nonfinite_run >= max_nonfinite or (ema is not None and ema > diverge_loss and step > 1)
+        if step % eval_every == 0 and step < steps and not diverged:
+            v = evaluate(model, val_small)
+            val_curve.append((step, _finite(v)))
+            train_curve.append((step, ema))
+            diverged = not math.isfinite(v)
+        if diverged:
+            status, diverged_at = "diverged", step
+            break
+        bar.update(1)
+        if step % 5 == 0 or step == steps:
+            bar.set_postfix(loss=f"{ema:.3f}" if ema is not None else "nan", refresh=False)
+    bar.close()
+
+    final = evaluate(model, val_final)
+    if status == "ok" and not math.isfinite(final):
+        status, diverged_at = "diverged", steps_done
+    val_curve.append((steps_done, _finite(final)))
+    train_curve.append((steps_done, ema))
+    assert report is not None
+    return RunResult(
+        method=method.name, label=method.label, format=method.format, granularity=method.granularity,
+        mode=None if method.dense else method.mode, rounding=None if method.dense else method.rounding,
+        steps=steps, steps_done=steps_done, status=status, final_val_loss=_finite(final),
+        initial_val_loss=_finite(initial), final_train_loss=ema, val_curve=val_curve, train_curve=train_curve,
+        bytes_per_param=report.bytes_per_param, total_bytes=report.total_bytes, numel=report.numel,
+        tokens_per_s=steps_done * batch_size * seq_len / max(train_time, 1e-9),
+        wall_s=time.perf_counter() - t_start, skipped_steps=opt.skipped_steps, diverged_at=diverged_at,
+        state_dict={k: v.detach().clone() for k, v in model.state_dict().items()} if keep_state else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fine-tuning
+# --------------------------------------------------------------------------------------------------------
+
+def pretrain(cfg: LlamaConfig, steps: int, batch_size: int, seq_len: int, lr: float, seed: int, data: Corpus,
+             progress: bool = True, **kwargs: Any) -> RunResult:
+    """Train a dense fp32 model (the ``fp32_mw`` row) and keep its state_dict in ``result.state_dict``."""
+    return train_run(DENSE, cfg, steps, batch_size, seq_len, lr, seed, data, progress, keep_state=True, **kwargs)
+
+
+def finetune(base_state: dict[str, torch.Tensor], cfg: LlamaConfig, methods: Sequence[Method], steps: int,
+             batch_size: int, seq_len: int, lr: float, seed: int, data: Corpus, progress: bool = True,
+             **kwargs: Any) -> list[RunResult]:
+    """Fine-tune every method from the same dense checkpoint on ``data``.
+
+    Each quantized method first casts the checkpoint's block linears to its format (RTN), so its
+    ``initial_val_loss`` is the loss of the quantized checkpoint before any fine-tuning, and
+    ``final_val_loss`` the loss after; the dense ``fp32_mw`` row's ``initial_val_loss`` is the checkpoint's own.
+    """
+    return [train_run(m, cfg, steps, batch_size, seq_len, lr, seed, data, progress, init_state=base_state,
+                      **kwargs) for m in methods]
