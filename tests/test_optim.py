@@ -264,3 +264,25 @@ def test_state_dict_round_trip_resumes_identically(mode):
     run(m2, opt2, data[5:])
     for a, b in zip(weights(m), weights(m2)):
         assert torch.equal(a, b)
+
+
+def test_bf16_optimizer_states_cut_static_memory_and_still_train():
+    torch.manual_seed(0)
+    base = ecoptim.quantize_(TinyLM(d=128), "fp8")  # rows of >= 128: per-row scales cost <= 4/128 B/param
+    data = batches(30)
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        m = copy.deepcopy(base)
+        opt = ecoptim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1, state_dtype=dt)
+        run(m, opt, data)
+        q = [p for p in m.parameters() if isinstance(p, QuantizedTensor)]
+        assert all(opt.state[p]["exp_avg"].dtype == dt for p in q)
+        rep = ecoptim.memory_report(m, opt)
+        qbytes = sum(r.total_bytes for r in rep.params if r.kind.startswith("fp8"))
+        qnumel = sum(r.numel for r in rep.params if r.kind.startswith("fp8"))
+        out[dt] = (qbytes / qnumel, lm_loss(m, data[0]).item())
+    assert out[torch.bfloat16][0] <= 5.1  # 1 (codes) + 2 + 2 (bf16 moments) + row scales
+    assert out[torch.float32][0] > 9.0
+    assert out[torch.bfloat16][1] < 1.05 * out[torch.float32][1]
+    with pytest.raises(ValueError, match="state_dtype"):
+        ecoptim.AdamW(base.parameters(), state_dtype=torch.float16)

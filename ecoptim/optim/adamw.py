@@ -56,8 +56,10 @@ class AdamW(QuantOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, mode: str = "eco", rounding: str = "stochastic",
-                 seed: int = 0, nonfinite: str = "skip") -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+                 seed: int = 0, nonfinite: str = "skip", state_dtype: torch.dtype = torch.float32) -> None:
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype)
         super().__init__(params, defaults, mode=mode, rounding=rounding, seed=seed, nonfinite=nonfinite)
 
     def _validate_group(self, group: dict) -> None:
@@ -72,17 +74,28 @@ class AdamW(QuantOptimizer):
                              "so beta1 must be > 0; use betas=(0.9, ...) or mode='naive'")
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
-        dt = torch.float32 if quantized else p.dtype
+        # Quantized weights: moments in fp32 (or bf16 by option, upcast for the maths); dense: the param dtype.
+        dt = group["state_dtype"] if quantized else p.dtype
         state["step"] = torch.tensor(0.0)
         state["exp_avg"] = torch.zeros(p.shape, dtype=dt, device=p.device)
         state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dt, device=p.device)
 
     def _update_(self, w: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> Any:
         b1, b2 = group["betas"]
-        return adamw_update_(w, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"].item(),
-                             lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
-                             weight_decay=group["weight_decay"])
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if w.dtype == torch.float32 and m.dtype != torch.float32:  # low-precision state: fp32 working copies
+            m, v = m.float(), v.float()
+        denom = adamw_update_(w, grad, m, v, step=state["step"].item(), lr=group["lr"], beta1=b1, beta2=b2,
+                              eps=group["eps"], weight_decay=group["weight_decay"])
+        return denom, m, v
 
     def _inject_(self, e: torch.Tensor, state: dict, group: dict, aux: Any) -> None:
+        denom, m, _ = aux
         coef = eco_adamw_coef(state["step"].item(), group["lr"], group["betas"][0], group["weight_decay"])
-        state["exp_avg"].addcmul_(e, aux, value=coef)
+        m.addcmul_(e, denom, value=coef)
+
+    def _finish_(self, state: dict, group: dict, aux: Any) -> None:
+        _, m, v = aux
+        if m is not state["exp_avg"]:  # round the fp32 working copies back to the stored dtype (RTN)
+            state["exp_avg"].copy_(m)
+            state["exp_avg_sq"].copy_(v)

@@ -108,6 +108,9 @@ class QuantOptimizer(Optimizer):
     def _inject_(self, e: torch.Tensor, state: dict, group: dict, aux: Any) -> None:
         raise NotImplementedError
 
+    def _finish_(self, state: dict, group: dict, aux: Any) -> None:
+        """End of a quantized parameter's step (e.g. write fp32 working copies back to low-precision state)."""
+
     # -- RNG ----------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
         """The stochastic-rounding generator for ``device`` (seeded from ``seed``, saved in state_dict)."""
@@ -172,6 +175,7 @@ class QuantOptimizer(Optimizer):
         if mode == "kahan":
             w.add_(dequantize(state["comp_codes"], state.get("comp_scale"), spec, p.shape))
         if mode == "eco" and lr == 0:
+            self._finish_(state, group, aux)
             return  # nothing moved; the error would be divided by zero. Stored weight left as it is.
         gen = self.generator(p.device) if group["rounding"] == "stochastic" else None
         w_hat = _store_(p, spec, w, group["rounding"], gen)
@@ -184,6 +188,7 @@ class QuantOptimizer(Optimizer):
             state["comp_codes"].copy_(codes)
             if scale is not None:
                 state["comp_scale"].copy_(scale)
+        self._finish_(state, group, aux)
 
     # -- (de)serialization ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
