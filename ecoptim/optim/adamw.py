@@ -20,6 +20,9 @@ from typing import Any, Iterable
 
 import torch
 
+from . import fused as _fused
+from ..convert import spec_of
+from ..qtensor import QuantizedTensor
 from .base import QuantOptimizer
 
 __all__ = ["AdamW", "adamw_update_", "eco_adamw_coef"]
@@ -56,10 +59,12 @@ class AdamW(QuantOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, mode: str = "eco", rounding: str = "stochastic",
-                 seed: int = 0, nonfinite: str = "skip", state_dtype: torch.dtype = torch.float32) -> None:
+                 seed: int = 0, nonfinite: str = "skip", state_dtype: torch.dtype = torch.float32,
+                 fused: bool = False) -> None:
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
+                        fused=bool(fused))
         super().__init__(params, defaults, mode=mode, rounding=rounding, seed=seed, nonfinite=nonfinite)
 
     def _validate_group(self, group: dict) -> None:
@@ -72,6 +77,26 @@ class AdamW(QuantOptimizer):
         if group["mode"] == "eco" and b1 == 0:
             raise ValueError("mode='eco' injects the rounding error into the first moment and divides by beta1, "
                              "so beta1 must be > 0; use betas=(0.9, ...) or mode='naive'")
+
+    def _step_param(self, p: torch.Tensor, group: dict) -> None:
+        spec = spec_of(p)
+        if (group["fused"] and isinstance(p, QuantizedTensor) and _fused.supports(spec) and group["lr"] > 0
+                and group["mode"] in ("eco", "naive") and group["state_dtype"] == torch.float32):
+            state = self.state[p]
+            if not state:
+                self._init_state(p, state, group, True)
+            state["step"] += 1
+            b1, b2 = group["betas"]
+            step, lr, wd = state["step"].item(), group["lr"], group["weight_decay"]
+            noise = None
+            if group["rounding"] == "stochastic":  # the same draws, in the same order, as the reference path
+                noise = torch.rand(p.numel(), generator=self.generator(p.device), device=p.device)
+            if _fused.adamw_step_(p.codes, p.scale, p.grad, state["exp_avg"], state["exp_avg_sq"], noise, spec,
+                                  step=step, lr=lr, beta1=b1, beta2=b2, eps=group["eps"], weight_decay=wd,
+                                  coef=eco_adamw_coef(step, lr, b1, wd), inject=group["mode"] == "eco"):
+                return
+            state["step"] -= 1  # compilation unavailable: redo this step on the reference path
+        super()._step_param(p, group)
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
         # Quantized weights: moments in fp32 (or bf16 by option, upcast for the maths); dense: the param dtype.
