@@ -6,6 +6,11 @@
 
 Dequantization is one deterministic fp32 multiply, so the "fake" (fp32 tensor on the grid) and the
 real (codes + scales) storage produce bit-identical weights.
+
+Non-finite weights are refused (``ValueError``) instead of turning into NaN scales and codes: with an
+absmax scale the check is free (it reads the per-block absmax, which is NaN/Inf iff the block is), otherwise
+it is one ``isfinite`` reduction. Values beyond +-max after scaling are clamped (saturated); with an absmax
+scale that cannot happen, with a caller-given scale it can, and ``quantize(..., stats=d)`` counts it.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import torch
 
 from .formats import QuantSpec
 
-__all__ = ["quantize", "dequantize", "compute_scale", "check_weight"]
+__all__ = ["quantize", "dequantize", "compute_scale", "check_weight", "check_finite", "saturation_threshold"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -24,6 +29,25 @@ def check_weight(w: torch.Tensor, spec: QuantSpec) -> None:
         raise ValueError(f"only floating-point weights can be quantized, got dtype "
                          f"{getattr(w, 'dtype', type(w).__name__)}; convert the tensor to float first")
     spec.granularity.validate(w.shape)
+    check_finite(w)
+
+
+def _nonfinite_message(n_bad: int, numel: int) -> str:
+    return (f"cannot quantize a weight holding non-finite values ({n_bad} of {numel} elements are NaN/Inf): "
+            "its scale and codes would be NaN; find where the weight diverged (e.g. a too large learning rate)")
+
+
+def check_finite(w: torch.Tensor) -> None:
+    """Raise a ValueError if ``w`` holds NaN or Inf (one reduction)."""
+    if w.numel() and not bool(torch.isfinite(w).all()):
+        raise ValueError(_nonfinite_message(int((~torch.isfinite(w)).sum()), w.numel()))
+
+
+def saturation_threshold(spec: QuantSpec) -> float:
+    """Scaled magnitude beyond which clamping to +-max changes a value by more than rounding would:
+    max + half the grid spacing at max. Values past it are counted as saturated."""
+    m = torch.tensor([spec.format.max], dtype=torch.float32)
+    return spec.format.max + 0.5 * float(spec.format.spacing(m))  # in float64: no overflow for FP32
 
 
 def compute_scale(w32: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
@@ -34,21 +58,46 @@ def compute_scale(w32: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
     if w32.numel() == 0:
         return torch.ones(nb, dtype=torch.float32, device=w32.device)
     absmax = w32.reshape(nb, bs).abs().amax(dim=1)
-    return (absmax / spec.format.max).clamp_(min=_TINY)
+    scale = (absmax / spec.format.max).clamp_(min=_TINY)
+    # Near the top of the fp32 range absmax/max can round up so far that max*scale overflows to inf
+    # (e.g. INT8 with absmax = FLT_MAX): step such scales one ulp down so every dequantized value is finite.
+    over = torch.isinf(scale * spec.format.max) & torch.isfinite(scale)
+    if bool(over.any()):
+        scale = torch.where(over, torch.nextafter(scale, torch.zeros_like(scale)), scale)
+    return scale
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec, rounding: str = "nearest",
              generator: torch.Generator | None = None,
-             scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Quantize ``w`` to ``(codes, scale)``. Pass ``scale`` to reuse a given scale instead of absmax."""
+             scale: torch.Tensor | None = None,
+             stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Quantize ``w`` to ``(codes, scale)``. Pass ``scale`` to reuse a given scale instead of absmax.
+
+    Raises ValueError if ``w`` holds NaN/Inf. If ``stats`` (a dict) is given, ``stats["saturated"]`` is
+    increased by the number of elements clamped at +-max by more than half a grid step (always 0 with an
+    absmax scale) and ``stats["numel"]`` by ``w.numel()``.
+    """
     w32 = w.detach().to(torch.float32)
     if scale is None:
         scale = compute_scale(w32, spec)
+        if scale is not None:
+            # absmax is NaN/Inf iff its block is: a check on n_blocks values instead of all of w
+            if not bool(torch.isfinite(scale).all()):
+                raise ValueError(_nonfinite_message(int((~torch.isfinite(w32)).sum()), w32.numel()))
+        else:
+            check_finite(w32)
+    else:
+        check_finite(w32)
+        if scale.numel() and not bool(((scale > 0) & torch.isfinite(scale)).all()):
+            raise ValueError("quantize() was given a scale that is not finite and positive")
     if scale is None:
         y = w32.reshape(-1)
     else:
         nb, bs = spec.granularity.blocks(w32.shape)
         y = (w32.reshape(nb, bs) / scale[:, None]).reshape(-1)
+    if stats is not None:
+        stats["saturated"] = stats.get("saturated", 0) + int((y.abs() > saturation_threshold(spec)).sum())
+        stats["numel"] = stats.get("numel", 0) + y.numel()
     q = spec.format.round(y, rounding, generator)
     return spec.format.encode(q), scale
 

@@ -74,10 +74,11 @@ class QuantizedTensor(torch.Tensor):
         return dequantize(self.codes, self.scale, self.spec, self.shape, dtype or self.dtype)
 
     @torch.no_grad()
-    def requantize_(self, w: torch.Tensor, rounding: str = "nearest",
-                    generator: torch.Generator | None = None) -> "QuantizedTensor":
-        """Overwrite codes and scales in place with the quantization of ``w`` (scale recomputed)."""
-        codes, scale = quantize(w, self.spec, rounding, generator)
+    def requantize_(self, w: torch.Tensor, rounding: str = "nearest", generator: torch.Generator | None = None,
+                    stats: dict | None = None) -> "QuantizedTensor":
+        """Overwrite codes and scales in place with the quantization of ``w`` (scale recomputed, so a row
+        that grew past the old range is not clipped). ``stats``: see ``ecoptim.codec.quantize``."""
+        codes, scale = quantize(w, self.spec, rounding, generator, stats=stats)
         self.codes.copy_(codes)
         if scale is not None:
             self.scale.copy_(scale)
@@ -106,6 +107,17 @@ class QuantizedTensor(torch.Tensor):
     def __tensor_unflatten__(inner: dict, meta: tuple, outer_size: Any, outer_stride: Any) -> "QuantizedTensor":
         spec, shape, dtype = meta
         return QuantizedTensor(inner["codes"], inner.get("scale"), spec, shape, dtype)
+
+    def _stable_hash_for_caching(self) -> str:
+        """Cache key for torch.compile's AOT autograd cache: everything the traced graph depends on
+        (spec, logical shape/dtype, inner tensors' metadata), not the values."""
+        import hashlib
+
+        inner = [(t.dtype, tuple(t.shape), tuple(t.stride()), t.device.type)
+                 for t in (self.codes, self.scale) if t is not None]
+        key = repr((type(self).__qualname__, _spec_key(self.spec), tuple(self.shape), self.dtype,
+                    self.requires_grad, inner))
+        return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
     def __repr__(self) -> str:
         return (f"QuantizedTensor(shape={tuple(self.shape)}, spec={self.spec}, dtype={self.dtype}, "
