@@ -215,10 +215,18 @@ def test_torch_compile_forward_backward_and_ecoptim_step(mode):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation after steps
 
 
-@pytest.mark.skipif(not os.environ.get("ECOPTIM_SLOW_TESTS"),
-                    reason="inductor compiles C++ (~40 s on 2 cores); set ECOPTIM_SLOW_TESTS=1")
 def test_torch_compile_inductor():
-    _compile_run("real", "inductor")
+    """The real C++ backend (slow to compile: ~40 s here). Inductor's kernels may round differently from ATen
+    in the last bit, so the quantized codes must agree almost everywhere rather than bit for bit."""
+    eager, comp = _compile_run("real", "inductor")
+    same = total = 0
+    for a, b in zip(codes_and_scales(eager), codes_and_scales(comp)):
+        if a.dtype.is_floating_point and a.dtype.itemsize == 4:  # scales
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=0)
+        else:
+            same += int((a.view(torch.uint8) == b.view(torch.uint8)).sum())
+            total += a.numel()
+    assert total > 0 and same >= 0.99 * total
 
 
 # -- Hugging Face transformers.Trainer -----------------------------------------------------------------------
