@@ -193,7 +193,7 @@ class RunResult:
     final_val_loss: float | None
     initial_val_loss: float | None
     final_train_loss: float | None   # EMA of the training loss at the end
-    val_curve: list[tuple[int, float | None]] = field(default_factory=list)
+    val_curve: list[tuple[int, float | None]] = field(default_factory=list)  # (step, loss on the small eval set)
     train_curve: list[tuple[int, float | None]] = field(default_factory=list)
     bytes_per_param: float = 0.0     # static: weights + scales + optimizer state, measured after step 1
     total_bytes: int = 0
@@ -201,6 +201,7 @@ class RunResult:
     tokens_per_s: float = 0.0        # training steps only (evaluation excluded)
     wall_s: float = 0.0
     skipped_steps: int = 0           # steps the optimizer skipped for non-finite gradients
+    threads: int = 0                 # torch intra-op threads used
     diverged_at: int | None = None
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # only with keep_state=True
 
@@ -262,12 +263,43 @@ def _build(method: Method, cfg: LlamaConfig, seed: int, lr: float,
     return model, opt
 
 
-def default_threads() -> int:
-    """CPU cores this process may use (affinity-aware); intra-op threads beyond that only contend."""
+def usable_cores() -> int:
+    """CPU cores this process may run on (affinity-aware)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def _busy_cpus(interval: float = 0.2) -> float | None:
+    """CPUs kept busy by other processes right now, sampled from /proc/stat (Linux only, else None)."""
+    def snapshot() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+        return vals[3] + vals[4], sum(vals)  # idle + iowait, total
+
+    try:
+        idle0, total0 = snapshot()
+        time.sleep(interval)
+        idle1, total1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """Intra-op threads for a run: the usable cores that other processes are not already keeping busy.
+
+    Why not simply all cores: torch's CPU kernels split work evenly and wait for the slowest thread, so on
+    a small shared machine (2 cores, another job on one of them) two threads run 2-3x *slower* than one.
+    """
+    cores = usable_cores()
+    busy = _busy_cpus() if cores > 1 else None
+    if busy is None:
+        return cores
+    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
@@ -290,7 +322,8 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    torch.set_num_threads(threads or default_threads())
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
     if diverge_loss is None:
         diverge_loss = math.log(cfg.vocab_size) + 1.0
     t_start = time.perf_counter()
@@ -347,10 +380,12 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
             bar.set_postfix(loss=f"{ema:.3f}" if ema is not None else "nan", refresh=False)
     bar.close()
 
+    # The curve's last point uses the same batches as the others (no step in the curve from a change of
+    # eval set); the reported final loss uses 4x more batches for a less noisy comparison between methods.
+    val_curve.append((steps_done, _finite(evaluate(model, val_small))))
     final = evaluate(model, val_final)
     if status == "ok" and not math.isfinite(final):
         status, diverged_at = "diverged", steps_done
-    val_curve.append((steps_done, _finite(final)))
     train_curve.append((steps_done, ema))
     assert report is not None
     return RunResult(
@@ -360,7 +395,8 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
         initial_val_loss=_finite(initial), final_train_loss=ema, val_curve=val_curve, train_curve=train_curve,
         bytes_per_param=report.bytes_per_param, total_bytes=report.total_bytes, numel=report.numel,
         tokens_per_s=steps_done * batch_size * seq_len / max(train_time, 1e-9),
-        wall_s=time.perf_counter() - t_start, skipped_steps=opt.skipped_steps, diverged_at=diverged_at,
+        wall_s=time.perf_counter() - t_start, skipped_steps=opt.skipped_steps, threads=threads,
+        diverged_at=diverged_at,
         state_dict={k: v.detach().clone() for k, v in model.state_dict().items()} if keep_state else None,
     )
 

@@ -2,7 +2,6 @@
 gradient accumulation, torch.compile(model), and Hugging Face transformers.Trainer."""
 import copy
 import math
-import os
 
 import pytest
 import torch
