@@ -72,6 +72,9 @@ class MemoryReport:
 def _bytes(t: torch.Tensor | None, seen: set) -> int:
     if t is None or not isinstance(t, torch.Tensor):
         return 0
+    local = getattr(t, "_local_tensor", None)  # DTensor (an FSDP2 shard): count this rank's shard
+    if local is not None:
+        return _bytes(local, seen)
     if isinstance(t, QuantizedTensor):
         return _bytes(t.codes, seen) + _bytes(t.scale, seen)
     st = t.untyped_storage()
@@ -88,14 +91,15 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     report = MemoryReport()
     states = optimizer.state if optimizer is not None else {}
     for name, p in model.named_parameters():
-        if isinstance(p, QuantizedTensor):
-            wb, sb = _bytes(p.codes, seen), _bytes(p.scale, seen)
-            kind = str(p.spec)
+        local = getattr(p, "_local_tensor", p)  # FSDP2: this rank's shard
+        if isinstance(local, QuantizedTensor):
+            wb, sb = _bytes(local.codes, seen), _bytes(local.scale, seen)
+            kind = str(local.spec)
         else:
-            wb, sb = _bytes(p, seen), 0
+            wb, sb = _bytes(local, seen), 0
             kind = f"dense {str(p.dtype).replace('torch.', '')}"
         stb = sum(_bytes(v, seen) for v in states.get(p, {}).values() if isinstance(v, torch.Tensor))
-        report.params.append(ParamMemory(name, p.numel(), kind, wb, sb, stb))
+        report.params.append(ParamMemory(name, local.numel(), kind, wb, sb, stb))
     if optimizer is not None:
         model_params = {id(p) for p in model.parameters()}
         for p, st in optimizer.state.items():

@@ -1,4 +1,4 @@
-"""Multi-process tests (CPU, gloo, 2 ranks) of ecoptim.distributed.
+"""Multi-process tests (CPU, gloo, 2-3 ranks) of ecoptim.distributed.
 
 Workers are forked by ``ecoptim.distributed.run_workers`` (FileStore rendezvous in a temp dir, one thread
 each); each test launches its processes once and checks everything it needs from what they return.
@@ -36,12 +36,16 @@ def _wchar() -> int:
 _CAN_MEASURE = _wchar() >= 0
 
 
+def _block_linear(module: nn.Module, name: str, block: int) -> bool:
+    return isinstance(module, nn.Linear) and name.startswith(f"blocks.{block}")
+
+
 def _mixed_quantized_model(seed: int) -> nn.Module:
     """TinyLM whose block 0 is FP8 per-row and block 1 INT4 per-tensor (two formats, one model)."""
     torch.manual_seed(seed)
     m = TinyLM()
-    ecoptim.quantize_(m, "fp8_e4m3", "row", filter_fn=lambda mod, n: isinstance(mod, nn.Linear) and n.startswith("blocks.0"))
-    ecoptim.quantize_(m, "int4", "tensor", filter_fn=lambda mod, n: isinstance(mod, nn.Linear) and n.startswith("blocks.1"))
+    ecoptim.quantize_(m, "fp8_e4m3", "row", filter_fn=lambda mod, n: _block_linear(mod, n, 0))
+    ecoptim.quantize_(m, "int4", "tensor", filter_fn=lambda mod, n: _block_linear(mod, n, 1))
     return m
 
 
@@ -411,8 +415,8 @@ def _fsdp_vs_ddp_worker(rank: int, ws: int, steps: int) -> dict:
         torch.manual_seed(0)
         model = TinyLM()
         if kind != "fsdp_fp32":
-            ecoptim.quantize_(model, "fp8_e4m3", "row", filter_fn=lambda m, n: isinstance(m, nn.Linear) and n.startswith("blocks.0"))
-            ecoptim.quantize_(model, "int4", "group16", filter_fn=lambda m, n: isinstance(m, nn.Linear) and n.startswith("blocks.1"))
+            ecoptim.quantize_(model, "fp8_e4m3", "row", filter_fn=lambda m, n: _block_linear(m, n, 0))
+            ecoptim.quantize_(model, "int4", "group16", filter_fn=lambda m, n: _block_linear(m, n, 1))
         stored = sum(p.codes.numel() * p.codes.element_size() + p.scale.numel() * 4 if isinstance(p, QuantizedTensor)
                      else p.numel() * p.element_size() for p in model.parameters())
         if kind == "ddp":
@@ -607,7 +611,8 @@ def _zero_worker(rank: int, ws: int) -> dict:
             except ReplicaDivergenceError:
                 synced.append(False)
         owned = len(opt.state) if kind == "ddp" else len(opt.optim.state)
-        out[kind] = {"synced": synced, "owned": owned, "snap": {k: v for k, v in _snapshot(model, opt if kind == "ddp" else opt.optim).items() if not k.startswith("state.")}}
+        snap = _snapshot(model, opt if kind == "ddp" else opt.optim)
+        out[kind] = {"synced": synced, "owned": owned, "snap": {k: v for k, v in snap.items() if not k.startswith("state.")}}
     return out
 
 

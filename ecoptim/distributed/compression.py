@@ -20,6 +20,8 @@ Methods (``method=``), with per-rank state kept per parameter (so DDP's bucket r
             eta = 1 it is EF14. Default eta: the compressor's contraction factor (Top-K: k/d), as the
             paper prescribes eta ~ delta; eta = 0.5 with Top-1% diverges)
 
+Extra memory per rank (fp32, per parameter): ef14 4 B (e), ef21 8 B (h_i, h), econtrol 12 B (e, h_i, h).
+
 The first ``start_iter`` iterations (default 1) use a plain all-reduce: DDP rebuilds its buckets after the
 first iteration, and EF21 / EControl start from h_i = g_i(x_0), h = mean_i g_i(x_0) as in both papers.
 

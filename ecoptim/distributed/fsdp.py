@@ -36,7 +36,6 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils._pytree import tree_map_only
 
 from ..codec import quantize
 from ..formats import IntFormat, PerGroup, PerRow, PerTensor, QuantSpec, Unscaled
