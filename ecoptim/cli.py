@@ -11,7 +11,6 @@ Each command writes ``results.json``, ``results.md`` and PNG plots into ``--out`
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
@@ -27,9 +26,8 @@ from . import __version__
 from .formats import QuantSpec
 from .corpus import CORPORA
 from .model import PRESETS, LlamaConfig, LlamaLM, is_block_linear
-from .train import (BETAS, EPS, GRAD_CLIP, METHODS, WEIGHT_DECAY, Corpus, Method, RunResult, finetune,
-                    load_corpus, pretrain, resolve_methods, train_run,
-                    usable_cores)
+from .train import (BETAS, EPS, GRAD_CLIP, METHODS, WEIGHT_DECAY, Method, RunResult, finetune, load_corpus,
+                    pretrain, resolve_methods, train_run, usable_cores)
 
 __all__ = ["main", "build_parser", "format_table", "write_outputs", "load_checkpoint", "save_checkpoint"]
 
@@ -43,9 +41,12 @@ BATCH_SIZE = 16
 SEQ_LEN = 64
 PEAK_LR = 1.2e-3
 EVAL_EVERY = 30
+# Fine-tuning: INT4 per-tensor from the 300-step dense model, on Milton. Pilots (lr 5e-4): ECO+SR was +1.3% /
+# +0.55% from MW+SR after 150 / 300 steps; 200 steps keeps `finetune` at ~6-8 min including pre-training.
+# Pre-training uses the compare defaults, so it reproduces `compare --save-checkpoint`'s dense model.
 FINETUNE_STEPS = 200
 FINETUNE_LR = 5e-4
-PRETRAIN_STEPS = 400
+PRETRAIN_STEPS = COMPARE_STEPS
 FINETUNE_METHODS = "fp32_mw,mw_rtn,mw_sr,naive_rtn,naive_sr,eco_rtn,eco_sr"
 CHECKPOINT_KIND = "ecoptim-llama-checkpoint-v1"
 
@@ -83,7 +84,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model size (a preset, optionally overridden field by field; "
                              "`finetune --checkpoint` uses the checkpoint's own size instead)")
     g.add_argument("--preset", default="small", choices=sorted(PRESETS),
-                   help="model preset: tiny ~115k params (tests), small ~2.4M (default), base ~10.9M")
+                   help="model preset: tiny ~115k params (tests), small ~2.4M (default), base ~10.8M")
     g.add_argument("--d-model", type=_positive_int, help="width")
     g.add_argument("--n-layers", type=_positive_int, help="transformer blocks")
     g.add_argument("--n-heads", type=_positive_int, help="attention heads (must divide --d-model)")
@@ -95,7 +96,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float, methods:
                   out: str) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=_positive_int, default=steps, help=f"optimizer steps per method (default {steps})")
-    g.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE, help=f"sequences per step (default {BATCH_SIZE})")
+    g.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE,
+                   help=f"sequences per step (default {BATCH_SIZE})")
     g.add_argument("--seq-len", type=_positive_int, default=SEQ_LEN, help=f"bytes per sequence (default {SEQ_LEN})")
     g.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default {lr:g})")
     g.add_argument("--methods", default=methods,
@@ -146,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--pretrain-steps", type=_positive_int, default=None,
                      help=f"pre-train a dense model for this many steps first (default {PRETRAIN_STEPS} "
                           "when no --checkpoint is given)")
-    f.add_argument("--pretrain-lr", type=_positive_float, default=PEAK_LR, help=f"pre-training peak lr (default {PEAK_LR:g})")
+    f.add_argument("--pretrain-lr", type=_positive_float, default=PEAK_LR,
+                   help=f"pre-training peak lr (default {PEAK_LR:g})")
     f.add_argument("--pretrain-corpus", default="shakespeare", choices=CORPORA, help="(default shakespeare)")
     f.add_argument("--corpus", default="milton", choices=CORPORA, help="fine-tuning corpus (default milton)")
     f.add_argument("--save-checkpoint", nargs="?", const="", default=None, metavar="PATH",
@@ -365,9 +368,12 @@ def write_outputs(out: Path, command: str, config: dict[str, Any], results: Sequ
     payload = {"command": command, "config": config, "machine": machine_info(), "summary": list(rows),
                "results": [r.to_dict() for r in results], **(extra or {})}
     (out / "results.json").write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
+    info = payload["machine"]
+    wall = f"{extra['wall_s'] / 60:.1f} min, " if extra and "wall_s" in extra else ""
     md = [f"# ecoptim {command}", "", title, "", format_table(rows, markdown=True, before=before), "",
           "Losses: mean cross-entropy in nats per byte on the validation split. Gaps are relative "
-          "(+ = worse). B/param: static memory (weights + scales + AdamW state) measured after step 1.", ""]
+          "(+ = worse). B/param: static memory (weights + scales + AdamW state) measured after step 1.",
+          f"Run: {wall}torch {info['torch']}, {info['cpu_count']} CPUs, {info['platform']}.", ""]
     (out / "results.md").write_text("\n".join(md))
     plot_memory_vs_loss(results, out / "memory_vs_loss.png", title)
     plot_loss_curves(results, out / "loss_curves.png", title)

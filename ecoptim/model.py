@@ -70,7 +70,7 @@ class LlamaConfig:
 
 
 #: Presets. Parameter counts (all parameters, embeddings included): tiny ~115k (unit tests),
-#: small ~2.4M (the default `ecoptim compare`: ~1.5-2 min per method on 2 CPU cores), base ~10.9M.
+#: small ~2.4M (the default `ecoptim compare`: ~1.5-2 min per method on 2 CPU cores), base ~10.8M.
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, ffn_hidden=128, max_seq_len=64),
     "small": dict(d_model=256, n_layers=3, n_heads=4, ffn_hidden=640, max_seq_len=256),
