@@ -47,3 +47,19 @@ class TinyLM(nn.Module):
 def lm_loss(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     logits = model(idx[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+
+
+def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
+    """n reproducible batches of 4 token sequences for TinyLM."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (4, 17), generator=g) for _ in range(n)]
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.Tensor], sched=None) -> None:
+    """One optimizer step (and scheduler step) per batch."""
+    for idx in data:
+        opt.zero_grad()
+        lm_loss(model, idx).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()

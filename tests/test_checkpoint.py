@@ -12,21 +12,9 @@ from torch import nn
 import ecoptim
 from ecoptim.checkpoint import export_safetensors, load_checkpoint, load_safetensors, save_checkpoint
 from ecoptim.qtensor import QuantizedTensor
-from conftest import TinyLM, lm_loss
+from conftest import TinyLM, batches, lm_loss, train
 
 
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 64, (4, 17), generator=g) for _ in range(n)]
-
-
-def train(model, opt, data, sched=None):
-    for idx in data:
-        opt.zero_grad()
-        lm_loss(model, idx).backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
 
 
 def snapshot(model):

@@ -8,7 +8,7 @@ from torch import nn
 import ecoptim
 from ecoptim.optim.base import MODES
 from ecoptim.qtensor import QuantizedTensor
-from conftest import TinyLM, lm_loss
+from conftest import TinyLM, batches, lm_loss, train
 
 
 def make_pair(seed=0):
@@ -17,18 +17,6 @@ def make_pair(seed=0):
     return ref, copy.deepcopy(ref)
 
 
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 64, (4, 17), generator=g) for _ in range(n)]
-
-
-def run(model, opt, data, sched=None):
-    for idx in data:
-        opt.zero_grad()
-        lm_loss(model, idx).backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
 
 
 def weights(model):
@@ -49,8 +37,8 @@ def test_identity_quantizer_reproduces_torch_adamw_bit_for_bit(mode, rounding, f
     s_ref = torch.optim.lr_scheduler.CosineAnnealingLR(o_ref, 10, eta_min=1e-4)
     s_ours = torch.optim.lr_scheduler.CosineAnnealingLR(o_ours, 10, eta_min=1e-4)
     data = batches(8)
-    run(ref, o_ref, data, s_ref)
-    run(ours, o_ours, data, s_ours)
+    train(ref, o_ref, data, s_ref)
+    train(ours, o_ours, data, s_ours)
     for a, b in zip(weights(ref), weights(ours)):
         assert torch.equal(a, b)
 
@@ -64,8 +52,8 @@ def test_identity_quantizer_reproduces_torch_sgd_bit_for_bit(mode, kw):
     o_ref = torch.optim.SGD(ref.parameters(), lr=0.05, foreach=False, **kw)
     o_ours = ecoptim.SGD(ours.parameters(), lr=0.05, mode=mode, **kw)
     data = batches(8)
-    run(ref, o_ref, data)
-    run(ours, o_ours, data)
+    train(ref, o_ref, data)
+    train(ours, o_ours, data)
     for a, b in zip(weights(ref), weights(ours)):
         assert torch.equal(a, b)
 
@@ -138,8 +126,8 @@ def test_exact_mode_reproduces_master_quantized_weights(opt_name, rounding, fmt,
                                            seed=3)
     oa, ob = mk(a, "master"), mk(b, "exact")
     data = batches(30)
-    run(a, oa, data)
-    run(b, ob, data)
+    train(a, oa, data)
+    train(b, ob, data)
     n_changed = 0
     for (n, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), TinyLM().parameters()):
         if isinstance(pa, QuantizedTensor):
@@ -183,7 +171,7 @@ def test_kahan_mode_tracks_master_better_than_naive():
     for mode in ("master", "kahan", "naive"):
         m = copy.deepcopy(base)
         opt = ecoptim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.0, mode=mode, rounding="nearest")
-        run(m, opt, batches(30))
+        train(m, opt, batches(30))
         out[mode] = torch.cat([w.flatten() for w in weights(m)])
     d_kahan = (out["kahan"] - out["master"]).abs().mean()
     d_naive = (out["naive"] - out["master"]).abs().mean()
@@ -212,11 +200,11 @@ def test_lr_zero_from_a_scheduler_leaves_weights_and_state_finite():
     opt = ecoptim.AdamW(m.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.0 if s == 0 else 1.0)
     w0 = weights(m)
-    run(m, opt, batches(1), sched)
+    train(m, opt, batches(1), sched)
     for a, b in zip(w0, weights(m)):
         assert torch.equal(a, b) or a.dim() == 1  # quantized and 2-D dense weights did not move at lr=0
     assert all(torch.isfinite(s["exp_avg"]).all() for s in opt.state.values())
-    run(m, opt, batches(2), sched)
+    train(m, opt, batches(2), sched)
     assert all(torch.isfinite(w).all() for w in weights(m))
 
 
@@ -225,7 +213,7 @@ def test_nonfinite_gradients_never_touch_weights_or_state(policy):
     torch.manual_seed(0)
     m = ecoptim.quantize_(TinyLM(), "fp8")
     opt = ecoptim.AdamW(m.parameters(), lr=1e-3, nonfinite=policy)
-    run(m, opt, batches(2))
+    train(m, opt, batches(2))
     w0 = [w.clone() for w in weights(m)]
     st0 = copy.deepcopy(opt.state_dict())
     opt.zero_grad()
@@ -252,16 +240,16 @@ def test_state_dict_round_trip_resumes_identically(mode):
     m = ecoptim.quantize_(TinyLM(), "fp8")
     opt = ecoptim.AdamW(m.parameters(), lr=2e-3, mode=mode, rounding="stochastic", seed=11)
     data = batches(10)
-    run(m, opt, data[:5])
+    train(m, opt, data[:5])
     ck_model, ck_opt = copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict())
-    run(m, opt, data[5:])
+    train(m, opt, data[5:])
     m2 = ecoptim.quantize_(TinyLM(), "fp8")
     m2.load_state_dict(ck_model)
     opt2 = ecoptim.AdamW(m2.parameters(), lr=2e-3, mode=mode, rounding="stochastic", seed=999)
     opt2.load_state_dict(ck_opt)
     saved = [v.dtype for s in ck_opt["state"].values() for v in s.values() if torch.is_tensor(v)]
     assert [v.dtype for s in opt2.state.values() for v in s.values() if torch.is_tensor(v)] == saved
-    run(m2, opt2, data[5:])
+    train(m2, opt2, data[5:])
     for a, b in zip(weights(m), weights(m2)):
         assert torch.equal(a, b)
 
@@ -274,7 +262,7 @@ def test_bf16_optimizer_states_cut_static_memory_and_still_train():
     for dt in (torch.float32, torch.bfloat16):
         m = copy.deepcopy(base)
         opt = ecoptim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1, state_dtype=dt)
-        run(m, opt, data)
+        train(m, opt, data)
         q = [p for p in m.parameters() if isinstance(p, QuantizedTensor)]
         assert all(opt.state[p]["exp_avg"].dtype == dt for p in q)
         rep = ecoptim.memory_report(m, opt)
