@@ -4,7 +4,7 @@
     python benchmarks/optim_step.py --rows 512 --cols 640 --tensors 8 --repeats 3   # quick
 
 Every configuration steps the same shapes in one process, one after the other, and is timed as the median
-of ``--repeats`` steps after ``--warmup`` steps (compilation happens in warm-up). Reported per row:
+of ``--repeats`` steps after ``--warmup`` steps, round-robin over the configurations. Reported per row:
   * step time and its ratio to torch.optim.AdamW(fused=True) on fp32 weights;
   * achieved bandwidth = algorithmic bytes read + written per step / time, and its fraction of a plain
     tensor copy measured on the same machine in the same run (the practical limit). Algorithmic bytes are
@@ -78,25 +78,39 @@ def configs(args: argparse.Namespace) -> list[Config]:
     def eco(fmt: str, gran: str | None, mode: str, rounding: str, fused: bool, state_dtype=torch.float32):
         def build(w):
             m = ecoptim.quantize_(_model(w, torch.float32), fmt, gran, filter_fn=lambda mod, n: isinstance(mod, nn.Linear))
-            return m, ecoptim.AdamW(m.parameters(), mode=mode, rounding=rounding, fused=fused,
+            return m, ecoptim.AdamW(m.parameters(), mode=mode, rounding=rounding, fused=None if fused else False,
                                     state_dtype=state_dtype, **hp)
         wb = {"fp8_e4m3": 1, "int8": 1, "int4": 0.5, "bf16": 2}[fmt]
         sb = 2 if state_dtype == torch.bfloat16 else 4
         extra = {"master": 8, "exact": 8, "kahan": 2 * wb}.get(mode, 0)
         name = (f"ecoptim AdamW {fmt}{'/' + gran if gran else ''} {mode} {'SR' if rounding == 'stochastic' else 'RTN'}"
-                f"{' fused' if fused else ''}{' bf16-states' if state_dtype == torch.bfloat16 else ''}")
+                f"{' fused' if fused else ' reference'}{' bf16-states' if state_dtype == torch.bfloat16 else ''}")
         return Config(name, build, 2 * wb + 4 + 4 * sb + extra)
 
-    for fused in (True, False):
-        for rounding in ("nearest", "stochastic"):
-            out.append(eco("fp8_e4m3", "row", "eco", rounding, fused))
+    for rounding in ("nearest", "stochastic"):
+        out.append(eco("fp8_e4m3", "row", "eco", rounding, True))
+    for rounding in ("nearest", "stochastic"):
+        out.append(eco("fp8_e4m3", "row", "eco", rounding, True, torch.bfloat16))
+    out.append(eco("fp8_e4m3", "tensor", "eco", "stochastic", True))
     out.append(eco("fp8_e4m3", "row", "naive", "stochastic", True))
     out.append(eco("int8", "row", "eco", "stochastic", True))
+    for rounding in ("nearest", "stochastic"):
+        out.append(eco("fp8_e4m3", "row", "eco", rounding, False))
     for mode in ("master", "exact", "kahan"):
         out.append(eco("fp8_e4m3", "row", mode, "stochastic", False))
-    out.append(eco("fp8_e4m3", "row", "eco", "stochastic", False, torch.bfloat16))
     out.append(eco("int4", "group128", "eco", "stochastic", False))
     out.append(eco("bf16", None, "eco", "stochastic", False))
+
+    # SGD with momentum: the other optimizer with a fused path
+    sgd_hp = dict(lr=1e-2, momentum=0.9, weight_decay=0.0)
+    out.append(Config("torch SGD momentum fused (fp32)", lambda w: (lambda m: (m, torch.optim.SGD(
+        m.parameters(), fused=True, **sgd_hp)))(_model(w, torch.float32)), 20))
+
+    def eco_sgd(w):
+        m = ecoptim.quantize_(_model(w, torch.float32), "fp8_e4m3", "row",
+                              filter_fn=lambda mod, n: isinstance(mod, nn.Linear))
+        return m, ecoptim.SGD(m.parameters(), mode="eco", rounding="stochastic", **sgd_hp)
+    out.append(Config("ecoptim SGD fp8_e4m3/row eco SR fused", eco_sgd, 2 + 4 + 8))
     return out
 
 
@@ -130,18 +144,25 @@ def main(argv: list[str] | None = None) -> None:
     bw_copy = copy_bandwidth(args.rows * args.cols * args.tensors, args.repeats)
     print(f"{numel / 1e6:.1f}M parameters in {args.tensors} tensors; copy bandwidth {bw_copy / 1e9:.2f} GB/s; "
           f"{args.threads} threads")
-    rows = []
+    # Build every configuration first, then time them round-robin (one step of each per round), so that
+    # machine noise (other processes, frequency changes) is spread over all rows instead of hitting one.
+    built = []
     for cfg in configs(args):
         if args.only and not any(s in cfg.name for s in args.only.split(",")):
             continue
         model, opt = cfg.build(weights)
         _set_grads(model, grads)
-        times = []
-        for i in range(args.warmup + args.repeats):
+        for _ in range(args.warmup):
+            opt.step()
+        built.append((cfg, model, opt, []))
+    for _ in range(args.repeats):
+        for cfg, model, opt, times in built:
             t = time.perf_counter()
             opt.step()
             times.append(time.perf_counter() - t)
-        dt = statistics.median(times[args.warmup:])
+    rows = []
+    for cfg, model, opt, times in built:
+        dt = statistics.median(times)
         mem = ecoptim.memory_report(model, opt)
         row = dict(name=cfg.name, step_s=dt, bytes_per_param_moved=cfg.bytes_per_param,
                    bandwidth_gbs=cfg.bytes_per_param * numel / dt / 1e9,
@@ -150,10 +171,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(f"{cfg.name:60s} {dt * 1e3:9.1f} ms  {row['bandwidth_gbs']:6.2f} GB/s ({row['copy_fraction']:.0%} of copy)"
               f"  {row['static_bytes_per_param']:.3f} B/param")
-        del model, opt
+    del built
     base = next((r["step_s"] for r in rows if r["name"].startswith("torch AdamW fused")), None)
-    for r in rows:
-        r["time_vs_torch_fused"] = r["step_s"] / base if base else None
+    base_sgd = next((r["step_s"] for r in rows if r["name"].startswith("torch SGD")), None)
+    for r in rows:  # each optimizer against torch's fused implementation of the same optimizer
+        b = base_sgd if "SGD" in r["name"] else base
+        r["time_vs_torch_fused"] = r["step_s"] / b if b else None
     os.makedirs(args.out, exist_ok=True)
     meta = dict(torch=torch.__version__, cpus=os.cpu_count(), threads=args.threads, platform=platform.platform(),
                 processor=platform.processor(), numel=numel, tensors=args.tensors, shape=[args.rows, args.cols],
@@ -167,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
              "| optimizer | step (ms) | time vs torch fused | GB/s | % of copy | static B/param |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['step_s'] * 1e3:.1f} | {r['time_vs_torch_fused']:.2f}x | "
+        ratio = "n/a" if r["time_vs_torch_fused"] is None else f"{r['time_vs_torch_fused']:.2f}x"
+        lines.append(f"| {r['name']} | {r['step_s'] * 1e3:.1f} | {ratio} | "
                      f"{r['bandwidth_gbs']:.2f} | {r['copy_fraction']:.0%} | {r['static_bytes_per_param']:.3f} |")
     with open(os.path.join(args.out, "optim_step.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -8,6 +8,9 @@ With s = fmt.spacing(y) (a power of two for float formats, 1 for integer formats
     nearest:    q = s * round_half_even(y / s)
     stochastic: q = s * (floor(y / s) + [u < y/s - floor(y/s)]),   u ~ U[0, 1)
 
+The uniforms u come from ``ecoptim.rng``: a counter-based hash of the element index under one key drawn
+from ``generator``, which the fused CPU kernel reproduces bit for bit.
+
 so E[q] = y (unbiased) and q is always one of the two grid neighbours of y. Values are clamped to
 [-fmt.max, fmt.max] first (saturation), so neither mode can leave the finite range.
 """
@@ -18,6 +21,7 @@ from typing import Literal
 import torch
 
 from .formats import FloatFormat, Format
+from .rng import draw_key, uniform
 
 Rounding = Literal["nearest", "stochastic"]
 ROUNDINGS = ("nearest", "stochastic")
@@ -47,7 +51,8 @@ def round_nearest(y: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 def round_stochastic(y: torch.Tensor, fmt: Format, generator: torch.Generator | None = None,
                      noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Unbiased stochastic rounding onto the grid. ``noise`` (U[0,1), same shape) overrides ``generator``."""
+    """Unbiased stochastic rounding onto the grid. ``noise`` (U[0,1), same shape) overrides ``generator``;
+    otherwise one key is drawn from ``generator`` (global RNG if None) and the uniforms are ``rng.uniform``."""
     if _is_identity(fmt):
         return y.clone()
     y = y.clamp(-fmt.max, fmt.max)
@@ -55,9 +60,9 @@ def round_stochastic(y: torch.Tensor, fmt: Format, generator: torch.Generator | 
     r = y / s
     lo = torch.floor(r)
     if noise is None:
-        noise = torch.rand(y.shape, generator=generator, device=y.device, dtype=torch.float32)
+        noise = uniform(draw_key(generator), y.numel(), y.device).view(y.shape)
     # r - lo is exact (both are integers times powers of two within 24 bits), so P(up) = frac exactly
-    # up to the 2^-24 resolution of torch.rand.
+    # up to the 2^-24 resolution of the uniforms.
     return lo.add_((noise < (r - lo)).to(lo.dtype)).mul_(s)
 
 

@@ -16,22 +16,35 @@ paper's coefficient. The momentum stays fp32: |coef*e| can be much larger than m
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from . import fused as _fused
-from ..convert import spec_of
 from ..qtensor import QuantizedTensor
+from ..rounding import _is_identity
 from .base import QuantOptimizer
 
-__all__ = ["AdamW", "adamw_update_", "eco_adamw_coef"]
+__all__ = ["AdamW", "adamw_update_", "eco_adamw_coef", "sqrt_rn"]
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded square root of an fp32 tensor (IEEE sqrt, what the fused kernel computes).
+
+    ``torch.sqrt`` on fp32 CPU tensors is not correctly rounded (~20% of results are 1 ulp off: ATen calls a
+    vector math library), so no other implementation can reproduce its bits. The fp64 square root rounded to
+    fp32 is exact: fp64 carries more than 2*24+2 bits, so the double rounding is innocuous for sqrt
+    (``tests/test_kernels.py`` checks every fp32 in [1, 4), which covers all binades by scaling)."""
+    if x.dtype != torch.float32:
+        return x.sqrt()
+    return x.double().sqrt_().to(torch.float32)
 
 
 def adamw_update_(w: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                   step: float, lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float) -> torch.Tensor:
-    """torch.optim.AdamW's single-tensor step on ``w`` in place; returns ``denom``."""
+                  weight_decay: float, sqrt: Callable[[torch.Tensor], torch.Tensor] = torch.sqrt) -> torch.Tensor:
+    """torch.optim.AdamW's single-tensor step on ``w`` in place (with ``sqrt`` for its square root);
+    returns ``denom``."""
     if weight_decay != 0:
         w.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
@@ -39,7 +52,7 @@ def adamw_update_(w: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(eps)
+    denom = (sqrt(exp_avg_sq) / bias_correction2 ** 0.5).add_(eps)
     w.addcdiv_(exp_avg, denom, value=-step_size)
     return denom
 
@@ -54,17 +67,20 @@ class AdamW(QuantOptimizer):
 
     Args: params, lr, betas, eps, weight_decay as torch.optim.AdamW; ``mode`` in
     {'eco', 'master', 'naive', 'exact', 'kahan'}; ``rounding`` in {'nearest', 'stochastic'}; ``seed`` of the
-    stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise'}.
+    stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise'}; ``state_dtype`` of the moments of
+    quantized weights (torch.float32 or torch.bfloat16); ``fused``: None (default) steps every quantized
+    weight it can with the fused CPU kernel (bit-identical to the reference, see ``optim/fused.py``),
+    False always takes the reference path.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, mode: str = "eco", rounding: str = "stochastic",
                  seed: int = 0, nonfinite: str = "skip", state_dtype: torch.dtype = torch.float32,
-                 fused: bool = False) -> None:
+                 fused: bool | None = None) -> None:
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
-                        fused=bool(fused))
+                        fused=fused)
         super().__init__(params, defaults, mode=mode, rounding=rounding, seed=seed, nonfinite=nonfinite)
 
     def _validate_group(self, group: dict) -> None:
@@ -78,25 +94,13 @@ class AdamW(QuantOptimizer):
             raise ValueError("mode='eco' injects the rounding error into the first moment and divides by beta1, "
                              "so beta1 must be > 0; use betas=(0.9, ...) or mode='naive'")
 
-    def _step_param(self, p: torch.Tensor, group: dict) -> None:
-        spec = spec_of(p)
-        if (group["fused"] and isinstance(p, QuantizedTensor) and _fused.supports(spec) and group["lr"] > 0
-                and group["mode"] in ("eco", "naive") and group["state_dtype"] == torch.float32):
-            state = self.state[p]
-            if not state:
-                self._init_state(p, state, group, True)
-            state["step"] += 1
-            b1, b2 = group["betas"]
-            step, lr, wd = state["step"].item(), group["lr"], group["weight_decay"]
-            noise = None
-            if group["rounding"] == "stochastic":  # the same draws, in the same order, as the reference path
-                noise = torch.rand(p.numel(), generator=self.generator(p.device), device=p.device)
-            if _fused.adamw_step_(p.codes, p.scale, p.grad, state["exp_avg"], state["exp_avg_sq"], noise, spec,
-                                  step=step, lr=lr, beta1=b1, beta2=b2, eps=group["eps"], weight_decay=wd,
-                                  coef=eco_adamw_coef(step, lr, b1, wd), inject=group["mode"] == "eco"):
-                return
-            state["step"] -= 1  # compilation unavailable: redo this step on the reference path
-        super()._step_param(p, group)
+    def _fused_step_(self, p: QuantizedTensor, spec: Any, state: dict, group: dict,
+                     generator: torch.Generator | None) -> None:
+        b1, b2 = group["betas"]
+        step, lr, wd = state["step"].item(), group["lr"], group["weight_decay"]
+        _fused.adamw_step_(p, p.grad, spec, state["exp_avg"], state["exp_avg_sq"], generator, step=step, lr=lr,
+                           beta1=b1, beta2=b2, eps=group["eps"], weight_decay=wd,
+                           coef=eco_adamw_coef(step, lr, b1, wd), inject=group["mode"] == "eco")
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
         # Quantized weights: moments in fp32 (or bf16 by option, upcast for the maths); dense: the param dtype.
@@ -105,13 +109,18 @@ class AdamW(QuantOptimizer):
         state["exp_avg"] = torch.zeros(p.shape, dtype=dt, device=p.device)
         state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dt, device=p.device)
 
-    def _update_(self, w: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> Any:
+    def _update_(self, w: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
+                 spec: Any = None) -> Any:
         b1, b2 = group["betas"]
+        # Quantized weights: correctly rounded sqrt, so that the fused kernel can reproduce the reference bit
+        # for bit. Dense parameters and the FP32 identity format keep torch's own sqrt: there ecoptim promises
+        # torch.optim.AdamW's exact bits.
+        exact = spec is not None and not _is_identity(spec.format)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if w.dtype == torch.float32 and m.dtype != torch.float32:  # low-precision state: fp32 working copies
             m, v = m.float(), v.float()
         denom = adamw_update_(w, grad, m, v, step=state["step"].item(), lr=group["lr"], beta1=b1, beta2=b2,
-                              eps=group["eps"], weight_decay=group["weight_decay"])
+                              eps=group["eps"], weight_decay=group["weight_decay"], sqrt=sqrt_rn if exact else torch.sqrt)
         return denom, m, v
 
     def _inject_(self, e: torch.Tensor, state: dict, group: dict, aux: Any) -> None:

@@ -1,7 +1,7 @@
 """What every ecoptim optimizer shares: validation, the step loop, the weight-update modes, RNG state.
 
 A subclass supplies two small pure functions (see ``sgd.py`` / ``adamw.py``):
-  * ``_update_(w, grad, state, group)``: the textbook update of the fp32 tensor ``w`` *in place* (the same
+  * ``_update_(w, grad, state, group, spec)``: the textbook update of the fp32 tensor ``w`` *in place* (the same
     ops, in the same order, as torch.optim's single-tensor path), returning what ``_inject_`` needs;
   * ``_inject_(e, state, group, aux)``: ECO's error injection into the momentum.
 
@@ -26,11 +26,13 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from .. import kernels
 from ..codec import dequantize, quantize
 from ..convert import spec_of
 from ..formats import QuantSpec
 from ..qtensor import QuantizedTensor
 from ..rounding import check_rounding
+from . import fused as _fused
 
 __all__ = ["QuantOptimizer", "MODES", "NonFiniteGradientError"]
 
@@ -102,7 +104,9 @@ class QuantOptimizer(Optimizer):
     def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
         raise NotImplementedError
 
-    def _update_(self, w: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> Any:
+    def _update_(self, w: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
+                 spec: QuantSpec | None = None) -> Any:
+        """``spec`` is the format of the quantized weight ``w`` stands for (None for a dense parameter)."""
         raise NotImplementedError
 
     def _inject_(self, e: torch.Tensor, state: dict, group: dict, aux: Any) -> None:
@@ -110,6 +114,12 @@ class QuantOptimizer(Optimizer):
 
     def _finish_(self, state: dict, group: dict, aux: Any) -> None:
         """End of a quantized parameter's step (e.g. write fp32 working copies back to low-precision state)."""
+
+    def _fused_step_(self, p: QuantizedTensor, spec: QuantSpec, state: dict, group: dict,
+                     generator: torch.Generator | None) -> None:
+        """The whole quantized step (update, re-quantize, inject) in one fused kernel call; see ``fused.py``.
+        Called only where ``fused.applies``; must give bit-identical results to the reference path."""
+        raise NotImplementedError
 
     # -- RNG ----------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
@@ -123,7 +133,11 @@ class QuantOptimizer(Optimizer):
 
     # -- the loop -----------------------------------------------------------------------------------
     def _grads_finite(self) -> bool:
-        flags = [torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        fast = kernels.all_finite(grads)
+        if fast is not None:
+            return fast
+        flags = [torch.isfinite(g).all() for g in grads]
         return bool(torch.stack(flags).all()) if flags else True
 
     @torch.no_grad()
@@ -164,6 +178,10 @@ class QuantOptimizer(Optimizer):
             self._update_(p, p.grad, state, group)
             return
         mode, lr = group["mode"], group["lr"]
+        if _fused.applies(p, spec, group):
+            gen = self.generator(p.device) if group["rounding"] == "stochastic" else None
+            self._fused_step_(p, spec, state, group, gen)
+            return
         grad = p.grad.to(torch.float32)  # fp32 maths for quantized weights whatever the compute dtype
         if mode == "master":
             w = state["master"]
@@ -171,7 +189,7 @@ class QuantOptimizer(Optimizer):
             w = _read(p).add_(state["error"])
         else:
             w = _read(p)
-        aux = self._update_(w, grad, state, group)  # w now holds w_til
+        aux = self._update_(w, grad, state, group, spec)  # w now holds w_til
         if mode == "kahan":
             w.add_(dequantize(state["comp_codes"], state.get("comp_scale"), spec, p.shape))
         if mode == "eco" and lr == 0:

@@ -1,106 +1,119 @@
-"""Fast path: one compiled kernel per quantized tensor for AdamW (modes eco and naive).
+"""Fast path: one fused C kernel call per quantized tensor (``ecoptim/csrc/eco_cpu.c``), for AdamW and SGD.
 
 The reference path (``base.QuantOptimizer._step_param``) makes ~20 passes over fp32 temporaries:
-dequantize, the AdamW ops, absmax, scale, round, encode, dequantize again, error, injection. Here the same
-maths is one function compiled by torch.compile (inductor, C++ on CPU), which fuses it into a row-wise
-kernel: pass 1 computes w_til and the row absmax, pass 2 recomputes w_til from the same inputs, rounds,
-writes codes, scales, m and v. No full-size fp32 temporary is materialised; traffic per element is
-codes + grad + m + v read twice and codes + m + v written once.
+dequantize, the optimizer ops, absmax, scale, round, encode, dequantize again, error, injection. The kernel
+does the same maths block by block (a row, a group or the tensor): sweep A dequantizes, updates the moments
+and keeps w_til and the AdamW denominator in a block-sized scratch while taking the block absmax; sweep B
+computes the new scale, rounds, writes the codes and injects the error into the momentum. Memory sees
+codes + grad + moments read once and codes + moments + scales written once; no full-size temporary exists
+(a per-tensor scale is the one exception: its block is the whole tensor, so the scratch is too).
 
-Grid spacing is computed from the fp32 exponent bits (exact powers of two, like ``FloatFormat.spacing``),
-so only formats whose spacing stays a normal fp32 number qualify: FP8 E4M3/E5M2 and INT8, scaled.
+Agreement with the reference is *bit for bit*, for round-to-nearest and stochastic rounding alike: the kernel
+performs the IEEE operations ATen performs (fused multiply-adds exactly where ATen's lerp/addcmul/add-alpha
+kernels use them), and both paths draw the stochastic-rounding uniforms from ``ecoptim.rng`` with one key
+per tensor from the optimizer's generator. ``tests/test_kernels.py`` checks codes, scales and moments for
+equality.
 
-Agreement with the reference: the quantization maths is the same sequence of IEEE operations, but inductor
-lowers ``lerp``/``addcmul``/scalar division differently from ATen's eager kernels (fma, no reciprocal
-multiply), so m and v can differ in the last bit, and a weight sitting on a rounding tie can then land on
-the other neighbour. ``tests/test_fused.py`` bounds both. Stochastic rounding consumes the same
-``torch.rand`` stream as the reference path, so a seeded run draws the same numbers in both paths.
+Applies to: CPU tensors stored as ``QuantizedTensor`` with FP8 (E4M3, E5M2) or INT8 codes and an absmax scale
+(per row / group / tensor), modes 'eco' and 'naive', lr > 0, fp32 or bf16 gradients. Anything else, or a
+machine without a C compiler, takes the reference path.
 """
 from __future__ import annotations
 
-import warnings
+import ctypes
 
 import torch
 
-from ..formats import FloatFormat, IntFormat, QuantSpec
+from .. import kernels
+from ..formats import FP8_E4M3, FP8_E5M2, INT8, Format, QuantSpec
+from ..qtensor import QuantizedTensor
+from ..rng import draw_key
 
-__all__ = ["supports", "adamw_step_"]
+__all__ = ["applies", "adamw_step_", "sgd_step_"]
 
-_TINY = torch.finfo(torch.float32).tiny
-
-
-def supports(spec: QuantSpec) -> bool:
-    f = spec.format
-    if not spec.scaled:
-        return False
-    if isinstance(f, FloatFormat):
-        return f.bits == 8 and f.emin - f.man_bits >= -126
-    return isinstance(f, IntFormat) and f.bits == 8
+_FMT = {FP8_E4M3: kernels.FMT_E4M3, FP8_E5M2: kernels.FMT_E5M2, INT8: kernels.FMT_INT8}
+_LUT: dict[torch.dtype, torch.Tensor] = {}
 
 
-def _kernel(codes: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-            noise: torch.Tensor | None, decay: torch.Tensor, one_minus_b1: torch.Tensor, b2: torch.Tensor,
-            one_minus_b2: torch.Tensor, bc2_sqrt: torch.Tensor, eps: torch.Tensor, step_size: torch.Tensor,
-            coef: torch.Tensor, fmax: float, man_bits: int, emin: int, is_float: bool, inject: bool) -> None:
-    nb = scale.shape[0]
-    g = grad.reshape(nb, -1).to(torch.float32)
-    m2, v2 = m.view(nb, -1), v.view(nb, -1)
-    w = codes.view(nb, -1).to(torch.float32) * scale[:, None]
-    # AdamW, same order as adamw_update_
-    w_til = w * decay
-    m2.copy_(m2 + one_minus_b1 * (g - m2))
-    v2.copy_(v2 * b2 + one_minus_b2 * (g * g))
-    denom = v2.sqrt() / bc2_sqrt + eps
-    w_til = w_til - step_size * (m2 / denom)
-    # re-quantize with a fresh absmax scale per block
-    new_scale = (w_til.abs().amax(1) / fmax).clamp_min(_TINY)
-    y = (w_til / new_scale[:, None]).clamp(-fmax, fmax)
-    if is_float:
-        k = (((y.view(torch.int32) >> 23) & 0xFF) - 127).clamp_min(emin) - man_bits
-        s = ((k + 127) << 23).view(torch.float32)
-        r = y * ((127 - k) << 23).view(torch.float32)  # y / s, exact: s is a power of two
-    else:
-        s = torch.ones_like(y)
-        r = y
-    if noise is None:
-        q = torch.round(r) * s
-    else:
-        lo = torch.floor(r)
-        q = (lo + (noise.view(nb, -1) < (r - lo)).to(torch.float32)) * s
-    codes.view(nb, -1).copy_(q.to(codes.dtype))
-    scale.copy_(new_scale)
-    if inject:
-        m2.copy_(m2 + coef * ((w_til - q * new_scale[:, None]) * denom))
-
-
-_compiled = None
-_failed = False
-
-
-def _get_kernel():
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_kernel, dynamic=True, fullgraph=True)
-    return _compiled
-
-
-def adamw_step_(codes: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-                noise: torch.Tensor | None, spec: QuantSpec, *, step: float, lr: float, beta1: float, beta2: float,
-                eps: float, weight_decay: float, coef: float, inject: bool) -> bool:
-    """Run the fused step in place. Returns False (and warns once) if compilation is unavailable."""
-    global _failed
-    if _failed:
+def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
+    """Whether the fused kernel can step ``p`` with ``group``'s settings (and the kernels are built)."""
+    if group.get("fused") is False or spec is None or not isinstance(p, QuantizedTensor):
         return False
     f = spec.format
-    dev = codes.device
-    t = lambda x: torch.tensor(x, dtype=torch.float32, device=dev)  # noqa: E731  (0-d: no recompiles per lr)
-    args = (t(1 - lr * weight_decay), t(1 - beta1), t(beta2), t(1 - beta2), t((1 - beta2 ** step) ** 0.5), t(eps),
-            t(lr / (1 - beta1 ** step)), t(coef))
-    try:
-        _get_kernel()(codes, scale, grad, m, v, noise, *args, float(f.max),
-                      getattr(f, "man_bits", 0), getattr(f, "emin", 0), isinstance(f, FloatFormat), inject)
-    except Exception as e:  # no C++ compiler, unsupported backend: fall back to the reference path
-        _failed = True
-        warnings.warn(f"ecoptim fused AdamW kernel unavailable ({type(e).__name__}: {e}); using the reference path")
-        return False
-    return True
+    return (f in _FMT and type(f).round is Format.round  # a custom rounding override needs the reference
+            and spec.scaled and p.device.type == "cpu" and group["mode"] in ("eco", "naive") and group["lr"] > 0
+            and p.grad is not None and p.grad.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and p.codes.is_contiguous() and kernels.available())
+
+
+def _lut(dtype: torch.dtype) -> torch.Tensor:
+    # fp8 decode table taken from torch itself: the kernel's dequantization is torch's, by construction
+    if dtype not in _LUT:
+        _LUT[dtype] = torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float32)
+    return _LUT[dtype]
+
+
+def _args(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tensor | None, v: torch.Tensor | None,
+          generator: torch.Generator | None, inject: bool) -> tuple[kernels.EcoArgs, list[torch.Tensor]]:
+    f = spec.format
+    if grad.dtype == torch.float16:
+        grad = grad.to(torch.float32)  # exact; the kernel reads fp32 or bf16
+    keep = [grad.contiguous()]  # tensors that must outlive the call
+    nb, bs = spec.granularity.blocks(p.shape)
+    a = kernels.EcoArgs()
+    a.codes, a.scale, a.grad = p.codes.data_ptr(), p.scale.data_ptr(), keep[0].data_ptr()
+    a.m = m.data_ptr() if m is not None else None
+    a.v = v.data_ptr() if v is not None else None
+    if f is not INT8:
+        keep.append(_lut(f.storage_dtype))
+        a.lut = keep[-1].data_ptr()
+    a.nb, a.bs = nb, bs
+    a.fmt = _FMT[f]
+    a.grad_bf16 = int(keep[0].dtype == torch.bfloat16)
+    a.state_bf16 = int(m is not None and m.dtype == torch.bfloat16)
+    a.inject = int(inject)
+    a.stochastic = int(generator is not None)
+    if generator is not None:
+        a.k1, a.k2 = draw_key(generator)
+    a.nthreads = torch.get_num_threads()
+    a.man_bits, a.emin = getattr(f, "man_bits", 0), getattr(f, "emin", 0)
+    a.fmax = f.max
+    return a, keep
+
+
+def _run(a: kernels.EcoArgs, numel: int) -> None:
+    lib = kernels.load()
+    if lib.eco_step(ctypes.byref(a)) != 0:
+        raise MemoryError("ecoptim fused step: could not allocate its block scratch")
+    if a.nonfinite:
+        raise ValueError(f"cannot quantize a weight holding non-finite values ({a.nonfinite} blocks of the "
+                         f"updated weight, {numel} elements in all, hold NaN/Inf): the update overflowed; find "
+                         "where training diverged (e.g. a too large learning rate)")
+
+
+def adamw_step_(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tensor, v: torch.Tensor,
+                generator: torch.Generator | None, *, step: float, lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float, coef: float, inject: bool) -> None:
+    """One AdamW step of ``p`` in place (see ``adamw.py`` for the equations; the scalars below are the ones
+    the reference passes to ATen, rounded to fp32 the same way)."""
+    a, keep = _args(p, grad, spec, m, v, generator, inject)
+    a.optimizer = 0
+    a.decay = 1 - lr * weight_decay
+    a.w1, a.b2, a.omb2 = 1 - beta1, beta2, 1 - beta2
+    a.bc2s = (1 - beta2 ** step) ** 0.5
+    a.eps = eps
+    a.neg_step = -(lr / (1 - beta1 ** step))
+    a.coef = coef
+    _run(a, p.numel())
+
+
+def sgd_step_(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, buf: torch.Tensor | None,
+              generator: torch.Generator | None, *, lr: float, momentum: float, dampening: float, nesterov: bool,
+              weight_decay: float, coef: float, first: bool, inject: bool) -> None:
+    """One SGD step of ``p`` in place; ``buf`` (fp32) is written whole when ``first`` (torch's buf = g)."""
+    a, keep = _args(p, grad, spec, buf, None, generator, inject)
+    a.optimizer = 1
+    a.wd, a.mom, a.omd, a.neg_lr = weight_decay, momentum, 1 - dampening, -lr
+    a.nesterov, a.first_step = int(nesterov), int(first)
+    a.coef = coef
+    _run(a, p.numel())

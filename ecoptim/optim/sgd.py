@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 import torch
 
+from . import fused as _fused
 from .base import QuantOptimizer
 
 __all__ = ["SGD", "sgd_update_", "eco_sgd_coef"]
@@ -55,13 +56,16 @@ class SGD(QuantOptimizer):
 
     Args: params, lr, momentum, dampening, weight_decay, nesterov as torch.optim.SGD; ``mode`` in
     {'eco', 'master', 'naive', 'exact', 'kahan'}; ``rounding`` in {'nearest', 'stochastic'}; ``seed`` of the
-    stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise'}.
+    stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise'}; ``fused``: None (default) uses the fused
+    CPU kernel where it applies (bit-identical to the reference path), False never.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.9, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, mode: str = "eco",
-                 rounding: str = "stochastic", seed: int = 0, nonfinite: str = "skip") -> None:
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+                 rounding: str = "stochastic", seed: int = 0, nonfinite: str = "skip",
+                 fused: bool | None = None) -> None:
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        fused=fused)
         super().__init__(params, defaults, mode=mode, rounding=rounding, seed=seed, nonfinite=nonfinite)
 
     def _validate_group(self, group: dict) -> None:
@@ -83,11 +87,23 @@ class SGD(QuantOptimizer):
         # quantized weights (the injected term can dwarf m, so it needs the range).
         state["momentum_buffer"] = None
 
-    def _update_(self, w: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> Any:
+    def _update_(self, w: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
+                 spec: Any = None) -> Any:
         state["momentum_buffer"] = sgd_update_(
             w, grad, state["momentum_buffer"], lr=group["lr"], momentum=group["momentum"],
             dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"])
         return None
+
+    def _fused_step_(self, p: Any, spec: Any, state: dict, group: dict, generator: torch.Generator | None) -> None:
+        lr, mom = group["lr"], group["momentum"]
+        first = state["momentum_buffer"] is None and mom != 0
+        if first:  # torch creates the buffer from the first gradient; the kernel writes all of it
+            state["momentum_buffer"] = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+        _fused.sgd_step_(p, p.grad, spec, state["momentum_buffer"], generator, lr=lr, momentum=mom,
+                         dampening=group["dampening"], nesterov=group["nesterov"],
+                         weight_decay=group["weight_decay"],
+                         coef=eco_sgd_coef(lr, mom, group["nesterov"]) if group["mode"] == "eco" else 0.0,
+                         first=first, inject=group["mode"] == "eco")
 
     def _inject_(self, e: torch.Tensor, state: dict, group: dict, aux: Any) -> None:
         state["momentum_buffer"].add_(e, alpha=eco_sgd_coef(group["lr"], group["momentum"], group["nesterov"]))

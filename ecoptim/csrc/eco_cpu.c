@@ -1,0 +1,667 @@
+/* ecoptim CPU kernels: one fused pass per block (row / group / tensor) for quantized-weight AdamW and SGD.
+ *
+ * Each block is processed in two sweeps over data that stays in L1/L2:
+ *   sweep A  dequantize -> optimizer update -> w_til (kept in a block-sized fp32 scratch) + block absmax
+ *   sweep B  new scale -> round (RTN or SR) -> codes; e = w_til - w_hat; ECO injection into the momentum
+ * so memory sees every stored byte read once and written once.
+ *
+ * Numerics: every operation is the IEEE operation ATen's CPU kernels perform for the reference path
+ * (ecoptim/optim/adamw.py, sgd.py, codec.py, rounding.py), in the same order, with fused multiply-adds
+ * exactly where ATen's vectorised kernels use them (lerp, addcmul), and none elsewhere: the file is built
+ * with -ffp-contract=off so the compiler cannot add any. tests/test_kernels.py checks bit equality.
+ * Stochastic rounding uses the counter-based uniforms of ecoptim/rng.py (same hash, same element index).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define ECO_AVX2 1
+#else
+#define ECO_AVX2 0
+#endif
+
+#define FMT_E4M3 0
+#define FMT_E5M2 1
+#define FMT_INT8 2
+
+typedef struct {
+    void *codes;          /* fp8 (uint8 bits) or int8, numel elements */
+    float *scale;         /* nb scales, updated in place */
+    const void *grad;     /* fp32 or bf16 */
+    void *m;              /* first moment / momentum buffer: fp32 or bf16 */
+    void *v;              /* AdamW second moment: fp32 or bf16 (unused by SGD) */
+    const float *lut;     /* 256-entry code -> fp32 table for fp8 formats (torch's own decode) */
+    int64_t nb, bs;       /* blocks and block size: numel = nb * bs */
+    int32_t fmt, grad_bf16, state_bf16, inject, stochastic, nthreads;
+    int32_t man_bits, emin, optimizer; /* optimizer: 0 AdamW, 1 SGD (momentum, dampening, nesterov below) */
+    int32_t nesterov, first_step;
+    float fmax;
+    /* AdamW scalars (already rounded to fp32, as ATen does with Python scalars) */
+    float decay, w1, b2, omb2, bc2s, eps, neg_step, coef;
+    /* SGD scalars */
+    float wd, mom, omd, neg_lr;
+    uint32_t k1, k2;      /* stochastic-rounding key (drawn from the optimizer's torch.Generator) */
+    int64_t nonfinite;    /* out: blocks whose w_til held NaN/Inf (left unquantized) */
+} eco_args;
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* c10::BFloat16's round-to-nearest-even, NaN -> 0x7FC0 */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline float uniform(uint32_t k1, uint32_t k2, uint64_t idx) {
+    uint32_t h = mix32((uint32_t)idx ^ k1);
+    h = mix32(h ^ (k2 + (uint32_t)(idx >> 32)));
+    return (float)(h >> 8) * 0x1p-24f;
+}
+
+static inline float bits_f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+
+#if ECO_AVX2
+/* 8-lane versions of the helpers above: the same IEEE operations, eight at a time. */
+static inline __m256 v_ld(const void *p, int64_t j, const int bf) {
+    if (bf) {
+        __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + j)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+    }
+    return _mm256_loadu_ps((const float *)p + j);
+}
+
+static inline void v_st(void *p, int64_t j, __m256 x, const int bf) {
+    if (bf) {
+        __m256i u = _mm256_castps_si256(x);
+        __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                                         _mm256_and_si256(_mm256_srli_epi32(u, 16),
+                                                                          _mm256_set1_epi32(1))));
+        r = _mm256_srli_epi32(r, 16);
+        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + j), packed);
+        return;
+    }
+    _mm256_storeu_ps((float *)p + j, x);
+}
+
+/* codes j .. j+7 as exact fp32 values times ``post`` (a power of two folded into the scale by the caller):
+ * e5m2 is the top byte of an fp16; e4m3 moved into fp16's bit positions (sign to bit 15, the rest shifted
+ * by 7) is the fp16 whose value is the e4m3 value / 256, subnormals included, so F16C converts both. */
+static inline __m256 v_decode_p(const void *codes, int64_t j, const int fmt) {
+    __m128i c8 = _mm_loadl_epi64((const __m128i *)((const uint8_t *)codes + j));
+    if (fmt == FMT_INT8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c8));
+    __m128i c16 = _mm_cvtepu8_epi16(c8);
+    if (fmt == FMT_E5M2) return _mm256_cvtph_ps(_mm_slli_epi16(c16, 8));
+    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c16, _mm_set1_epi16(0x80)), 8),
+                             _mm_slli_epi16(_mm_and_si128(c16, _mm_set1_epi16(0x7F)), 7));
+    return _mm256_cvtph_ps(h);
+}
+
+static inline __m256i v_mix32(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x7feb352dU));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846ca68bU));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    return x;
+}
+
+/* a / b, correctly rounded, for a divisor b shared by the whole block (rinv = 1/b, correctly rounded):
+ * q0 = a*rinv is within one ulp of a/b, the residual a - b*q0 is exact in an fma, and one correction
+ * q0 + r*rinv rounds to exactly RN(a/b) (Markstein's theorem). The theorem needs no underflow/overflow,
+ * so lanes with |a| outside [2^-90, 2^90] (zeros, to keep the sign of -0, and NaN/Inf) take a true division.
+ * Two fmas and a multiply instead of a divide: the divider is the bottleneck of this kernel. */
+static inline __m256 v_div_rn(__m256 a, __m256 b, __m256 rinv) {
+    const __m256 q0 = _mm256_mul_ps(a, rinv);
+    const __m256 r = _mm256_fnmadd_ps(q0, b, a);
+    __m256 q = _mm256_fmadd_ps(r, rinv, q0);
+    const __m256 aa = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a);
+    const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(aa, _mm256_set1_ps(0x1p-90f), _CMP_GE_OQ),
+                                    _mm256_cmp_ps(aa, _mm256_set1_ps(0x1p90f), _CMP_LE_OQ));
+    if (_mm256_movemask_ps(ok) != 0xFF) q = _mm256_blendv_ps(_mm256_div_ps(a, b), q, ok);
+    return q;
+}
+
+/* sqrt(v) / b for the AdamW denominator: a = sqrt(v) is +0 (for which the correction is exact too) or at
+ * least 2^-75, so only a huge (or infinite) a needs the true division. */
+static inline __m256 v_div_sqrt_rn(__m256 a, __m256 b, __m256 rinv) {
+    const __m256 q0 = _mm256_mul_ps(a, rinv);
+    __m256 q = _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, b, a), rinv, q0);
+    const __m256 big = _mm256_cmp_ps(a, _mm256_set1_ps(0x1p90f), _CMP_GT_OQ);
+    if (_mm256_movemask_ps(big)) q = _mm256_blendv_ps(q, _mm256_div_ps(a, b), big);
+    return q;
+}
+
+/* uniforms for indices j .. j+7 (the caller guarantees the low 32 bits do not wrap inside the vector) */
+static inline __m256 v_uniform(uint32_t k1, uint32_t k2, uint64_t j) {
+    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i h = v_mix32(_mm256_xor_si256(idx, _mm256_set1_epi32((int)k1)));
+    h = v_mix32(_mm256_xor_si256(h, _mm256_set1_epi32((int)(k2 + (uint32_t)(j >> 32)))));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0x1p-24f));
+}
+
+static inline void v_store_codes(const eco_args *a, int64_t j, __m256 q, const int fmt, int man, int bias) {
+    __m256i code;
+    if (fmt == FMT_INT8) {
+        __m256i c = _mm256_cvtps_epi32(q); /* q is an integer in [-127, 127] */
+        __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        _mm_storel_epi64((__m128i *)((int8_t *)a->codes + j), _mm_packs_epi16(p16, p16));
+        return;
+    }
+    /* |q| * 2^(bias - 127) moves the fp8 grid onto fp32's bit layout (fp8 subnormals become fp32 subnormals,
+     * exactly), so the top bits of the product are the fp8 exponent and mantissa fields. */
+    const __m256 absq = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), q);
+    const __m256 shift = _mm256_castsi256_ps(_mm256_set1_epi32(bias << 23));
+    __m256i mag = _mm256_srl_epi32(_mm256_castps_si256(_mm256_mul_ps(absq, shift)), _mm_cvtsi32_si128(23 - man));
+    __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(q), 24), _mm256_set1_epi32(0x80));
+    code = _mm256_or_si256(sign, mag);
+    __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64((__m128i *)((uint8_t *)a->codes + j), _mm_packus_epi16(p16, p16));
+}
+#endif
+
+/* fp32 grid value q (|q| <= max, on the grid) -> fp8 code */
+static inline uint8_t encode_fp8(float q, int man, int bias) {
+    uint32_t u = f_bits(q);
+    uint32_t sign = (u >> 24) & 0x80u;
+    uint32_t au = u & 0x7fffffffu;
+    int32_t E = (int32_t)(au >> 23) - 127 + bias;
+    uint32_t mag;
+    if (E >= 1) {
+        mag = ((uint32_t)E << man) | ((au >> (23 - man)) & ((1u << man) - 1u));
+    } else { /* subnormal (or zero): |q| / 2^(1 - bias - man) is an integer 0 .. 2^man - 1 */
+        mag = (uint32_t)(bits_f(au) * bits_f((uint32_t)(127 - (1 - bias - man)) << 23));
+    }
+    return (uint8_t)(sign | mag);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* sweep A for AdamW over elements [lo, hi) of block b; returns absmax of w_til (NaN if any is NaN)      */
+static inline __attribute__((always_inline)) float adamw_sweep_a(const eco_args *a, int64_t b, int64_t lo,
+                                                                  int64_t hi, float *wt, float *dn, float *mf,
+                                                                  const int gbf, const int sbf, const int fmt) {
+    const int64_t base = b * a->bs;
+    const float sc = a->scale[b];
+    const float decay = a->decay, w1 = a->w1, b2 = a->b2, omb2 = a->omb2, bc2s = a->bc2s, eps = a->eps,
+                ns = a->neg_step;
+    const int small = w1 < 0.5f;
+    const float coeff = small ? w1 : w1 - 1.0f;
+    float amax = 0.0f;
+    int bad = 0;
+    int64_t i = lo;
+#if ECO_AVX2
+    {
+        /* (code/256) * (256*sc) == code * sc exactly: both round the same real product once */
+        const __m256 vsc = _mm256_set1_ps(fmt == FMT_E4M3 ? sc * 256.0f : sc), vdecay = _mm256_set1_ps(decay), vcoeff = _mm256_set1_ps(coeff),
+                     vb2 = _mm256_set1_ps(b2), vomb2 = _mm256_set1_ps(omb2), vbc2s = _mm256_set1_ps(bc2s),
+                     veps = _mm256_set1_ps(eps), vns = _mm256_set1_ps(ns), vrbc2s = _mm256_set1_ps(1.0f / bc2s),
+                     absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+        const __m256 vsmall = small ? _mm256_castsi256_ps(_mm256_set1_epi32(-1)) : _mm256_setzero_ps();
+        /* local copies: stores through float pointers could alias the struct, which would force a reload
+         * of every pointer in every iteration */
+        const void *codes = a->codes, *grad = a->grad;
+        void *mp = a->m, *vp = a->v;
+        for (; i + 8 <= hi; i += 8) {
+            const int64_t j = base + i;
+            __m256 w = _mm256_mul_ps(_mm256_mul_ps(v_decode_p(codes, j, fmt), vsc), vdecay);
+            const __m256 g = v_ld(grad, j, gbf);
+            __m256 m = v_ld(mp, j, sbf);
+            __m256 v = v_ld(vp, j, sbf);
+            m = _mm256_fmadd_ps(vcoeff, _mm256_sub_ps(g, m), _mm256_blendv_ps(g, m, vsmall));
+            v = _mm256_fmadd_ps(_mm256_mul_ps(vomb2, g), g, _mm256_mul_ps(v, vb2));
+            const __m256 d = _mm256_add_ps(v_div_sqrt_rn(_mm256_sqrt_ps(v), vbc2s, vrbc2s), veps);
+            w = _mm256_add_ps(w, _mm256_div_ps(_mm256_mul_ps(vns, m), d));
+            _mm256_storeu_ps(wt + i, w);
+            _mm256_storeu_ps(dn + i, d);
+            _mm256_storeu_ps(mf + i, m); /* the state is written once, by sweep B, after the injection */
+            v_st(vp, j, v, sbf);
+            vmax = _mm256_max_ps(vmax, _mm256_and_ps(w, absmask));
+            vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(w, w, _CMP_UNORD_Q));
+        }
+        float tmp[8];
+        _mm256_storeu_ps(tmp, vmax);
+        for (int t = 0; t < 8; t++) amax = tmp[t] > amax ? tmp[t] : amax;
+        bad |= _mm256_movemask_ps(vbad) != 0;
+    }
+#endif
+    for (; i < hi; i++) {
+        const int64_t j = base + i;
+        float w;
+        if (fmt == FMT_INT8) w = (float)((const int8_t *)a->codes)[j];
+        else w = a->lut[((const uint8_t *)a->codes)[j]];
+        w = w * sc;
+        w = w * decay;
+        const float g = gbf ? bf16_to_f32(((const uint16_t *)a->grad)[j]) : ((const float *)a->grad)[j];
+        float m = sbf ? bf16_to_f32(((const uint16_t *)a->m)[j]) : ((float *)a->m)[j];
+        float v = sbf ? bf16_to_f32(((const uint16_t *)a->v)[j]) : ((float *)a->v)[j];
+        /* lerp_(g, w1): ATen's lerp_vec = fmadd(coeff, end - self, base) */
+        m = fmaf(coeff, g - m, small ? m : g);
+        /* mul_(b2).addcmul_(g, g, value=1-b2) */
+        v = v * b2;
+        v = fmaf(omb2 * g, g, v);
+        /* denom = sqrt(v) / sqrt(bc2) + eps */
+        const float d = sqrtf(v) / bc2s + eps;
+        /* addcdiv_(m, d, value=-step_size) */
+        w = w + ns * m / d;
+        wt[i] = w;
+        dn[i] = d;
+        mf[i] = m;
+        if (sbf) ((uint16_t *)a->v)[j] = f32_to_bf16(v);
+        else ((float *)a->v)[j] = v;
+        const float aw = fabsf(w);
+        amax = aw > amax ? aw : amax;
+        bad |= (w != w);
+    }
+    return bad ? NAN : amax;
+}
+
+/* SGD sweep A: torch.optim.SGD single-tensor ops (grad.add(w, alpha=wd); buf.mul_(mom).add_(g, alpha=1-d);
+ * nesterov: g.add(buf, alpha=mom); w.add_(d, alpha=-lr)). ATen's add with alpha is a + alpha*b via fmadd. */
+static inline __attribute__((always_inline)) float sgd_sweep_a(const eco_args *a, int64_t b, int64_t lo,
+                                                                int64_t hi, float *wt, float *mf,
+                                                                const int gbf, const int sbf, const int fmt) {
+    const int64_t base = b * a->bs;
+    const float sc = a->scale[b];
+    const float wd = a->wd, mom = a->mom, omd = a->omd, nl = a->neg_lr;
+    const int first = a->first_step, nest = a->nesterov, has_mom = mom != 0.0f;
+    float amax = 0.0f;
+    int bad = 0;
+    int64_t i = lo;
+#if ECO_AVX2
+    {
+        const __m256 vsc = _mm256_set1_ps(fmt == FMT_E4M3 ? sc * 256.0f : sc), vwd = _mm256_set1_ps(wd),
+                     vmom = _mm256_set1_ps(mom), vomd = _mm256_set1_ps(omd), vnl = _mm256_set1_ps(nl),
+                     absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+        const void *codes = a->codes, *grad = a->grad;
+        const void *mp = a->m;
+        for (; i + 8 <= hi; i += 8) {
+            const int64_t j = base + i;
+            __m256 w = _mm256_mul_ps(v_decode_p(codes, j, fmt), vsc);
+            __m256 g = v_ld(grad, j, gbf);
+            if (wd != 0.0f) g = _mm256_fmadd_ps(vwd, w, g);
+            __m256 d = g;
+            if (has_mom) {
+                __m256 m = first ? g : _mm256_fmadd_ps(vomd, g, _mm256_mul_ps(v_ld(mp, j, sbf), vmom));
+                d = nest ? _mm256_fmadd_ps(vmom, m, g) : m;
+                _mm256_storeu_ps(mf + i, m);
+            }
+            w = _mm256_fmadd_ps(vnl, d, w);
+            _mm256_storeu_ps(wt + i, w);
+            vmax = _mm256_max_ps(vmax, _mm256_and_ps(w, absmask));
+            vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(w, w, _CMP_UNORD_Q));
+        }
+        float tmp[8];
+        _mm256_storeu_ps(tmp, vmax);
+        for (int t = 0; t < 8; t++) amax = tmp[t] > amax ? tmp[t] : amax;
+        bad |= _mm256_movemask_ps(vbad) != 0;
+    }
+#endif
+    for (; i < hi; i++) {
+        const int64_t j = base + i;
+        float w;
+        if (fmt == FMT_INT8) w = (float)((const int8_t *)a->codes)[j];
+        else w = a->lut[((const uint8_t *)a->codes)[j]];
+        w = w * sc;
+        float g = gbf ? bf16_to_f32(((const uint16_t *)a->grad)[j]) : ((const float *)a->grad)[j];
+        if (wd != 0.0f) g = fmaf(wd, w, g);
+        float d = g;
+        if (has_mom) {
+            float m;
+            if (first) m = g;
+            else {
+                m = sbf ? bf16_to_f32(((const uint16_t *)a->m)[j]) : ((float *)a->m)[j];
+                m = m * mom;
+                m = fmaf(omd, g, m);
+            }
+            d = nest ? fmaf(mom, m, g) : m;
+            mf[i] = m;
+        }
+        w = fmaf(nl, d, w);
+        wt[i] = w;
+        const float aw = fabsf(w);
+        amax = aw > amax ? aw : amax;
+        bad |= (w != w);
+    }
+    return bad ? NAN : amax;
+}
+
+/* codec.compute_scale for one block */
+static inline float block_scale(const eco_args *a, float amax) {
+    float s = amax / a->fmax;
+    if (s < 0x1p-126f) s = 0x1p-126f;
+    if (isinf(s * a->fmax) && !isinf(s)) s = nextafterf(s, 0.0f);
+    return s;
+}
+
+/* sweep B: quantize w_til with scale s, write codes, inject s-scaled error into the momentum */
+static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int64_t b, int64_t lo, int64_t hi,
+                                                          float s, const float *wt, const float *dn, float *mf,
+                                                          const int sbf, const int fmt, const int sr,
+                                                          const int adam) {
+    const int64_t base = b * a->bs;
+    const float fmax = a->fmax, coef = a->coef;
+    const int man = a->man_bits, emin = a->emin, bias = fmt == FMT_E4M3 ? 7 : 15;
+    const int inject = a->inject, has_m = a->m != NULL;
+    const uint32_t k1 = a->k1, k2 = a->k2;
+    int64_t i = lo;
+#if ECO_AVX2
+    {
+        const __m256 vs = _mm256_set1_ps(s), vrs = _mm256_set1_ps(1.0f / s), vhi = _mm256_set1_ps(fmax), vlo = _mm256_set1_ps(-fmax),
+                     vcoef = _mm256_set1_ps(coef), one = _mm256_set1_ps(1.0f);
+        const __m256i vminexp = _mm256_set1_epi32((emin + 127) << 23), vmanexp = _mm256_set1_epi32(man << 23);
+        for (; i + 8 <= hi; i += 8) {
+            const int64_t j = base + i;
+            if (sr && (uint32_t)j > 0xFFFFFFF8u) break; /* the counter's low word wraps inside this vector */
+            const __m256 w = _mm256_loadu_ps(wt + i);
+            const __m256 y = _mm256_min_ps(_mm256_max_ps(v_div_rn(w, vs, vrs), vlo), vhi);
+            __m256 q;
+            if (fmt == FMT_INT8) {
+                if (sr) {
+                    const __m256 f = _mm256_floor_ps(y);
+                    const __m256 up = _mm256_cmp_ps(v_uniform(k1, k2, (uint64_t)j), _mm256_sub_ps(y, f), _CMP_LT_OQ);
+                    q = _mm256_add_ps(f, _mm256_and_ps(up, one));
+                } else {
+                    q = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                }
+            } else {
+                /* grid spacing sp = 2^(max(floor(log2|y|), emin) - man), built directly in the exponent field */
+                const __m256i spb = _mm256_sub_epi32(
+                    _mm256_max_epi32(_mm256_and_si256(_mm256_castps_si256(y), _mm256_set1_epi32(0x7F800000)), vminexp),
+                    vmanexp);
+                const __m256 sp = _mm256_castsi256_ps(spb);
+                if (sr) {
+                    /* y / sp is exact (sp is a power of two), so multiplying by 1/sp (also exact) is the same */
+                    const __m256 r = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(254 << 23), spb)));
+                    const __m256 f = _mm256_floor_ps(r);
+                    const __m256 up = _mm256_cmp_ps(v_uniform(k1, k2, (uint64_t)j), _mm256_sub_ps(r, f), _CMP_LT_OQ);
+                    q = _mm256_mul_ps(_mm256_add_ps(f, _mm256_and_ps(up, one)), sp);
+                } else {
+                    /* round y to a multiple of sp, ties to even: (y + M) - M with M = 1.5 * 2^23 * sp (|y| < 2^22 sp)
+                     * is exactly sp * round_half_even(y / sp) */
+                    const __m256 magic = _mm256_castsi256_ps(_mm256_add_epi32(spb, _mm256_set1_epi32((23 << 23) | 0x400000)));
+                    q = _mm256_sub_ps(_mm256_add_ps(y, magic), magic);
+                    /* a y that rounds to zero keeps its sign, as round() does (-0 has its own fp8 code) */
+                    q = _mm256_or_ps(q, _mm256_and_ps(y, _mm256_set1_ps(-0.0f)));
+                }
+            }
+            v_store_codes(a, j, q, fmt, man, bias);
+            if (has_m) {
+                __m256 m = _mm256_loadu_ps(mf + i);
+                if (inject) {
+                    const __m256 err = _mm256_sub_ps(w, _mm256_mul_ps(q, vs));
+                    if (adam) m = _mm256_fmadd_ps(_mm256_mul_ps(vcoef, err), _mm256_loadu_ps(dn + i), m);
+                    else m = _mm256_fmadd_ps(vcoef, err, m);
+                }
+                v_st(a->m, j, m, sbf);
+            }
+        }
+    }
+#endif
+    for (; i < hi; i++) {
+        const int64_t j = base + i;
+        const float w = wt[i];
+        float y = w / s;
+        y = y < -fmax ? -fmax : (y > fmax ? fmax : y);
+        float q;
+        if (fmt == FMT_INT8) {
+            if (sr) {
+                const float f = floorf(y);
+                q = f + (float)(uniform(k1, k2, (uint64_t)j) < y - f);
+            } else {
+                q = nearbyintf(y);
+            }
+            ((int8_t *)a->codes)[j] = (int8_t)q;
+        } else {
+            int32_t e = (int32_t)((f_bits(y) >> 23) & 0xFFu) - 127;
+            const int32_t k = (e < emin ? emin : e) - man;
+            const float sp = bits_f((uint32_t)(k + 127) << 23);
+            const float r = y / sp; /* exact: a power of two */
+            float n;
+            if (sr) {
+                const float f = floorf(r);
+                n = f + (float)(uniform(k1, k2, (uint64_t)j) < r - f);
+            } else {
+                n = nearbyintf(r);
+            }
+            q = n * sp;
+            ((uint8_t *)a->codes)[j] = encode_fp8(q, man, bias);
+        }
+        if (has_m) {
+            float m = mf[i];
+            if (inject) {
+                const float err = w - q * s;
+                if (adam) m = fmaf(coef * err, dn[i], m); /* addcmul_(e, denom, value=coef) */
+                else m = fmaf(coef, err, m);              /* add_(e, alpha=coef) */
+            }
+            if (sbf) ((uint16_t *)a->m)[j] = f32_to_bf16(m);
+            else ((float *)a->m)[j] = m;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Dispatch on the compile-time flags so that each combination gets its own vectorised loop.             */
+static float sweep_a(const eco_args *a, int64_t b, int64_t lo, int64_t hi, float *wt, float *dn, float *mf) {
+#define A_CASE(G, S, F)                                                                  \
+    if (a->grad_bf16 == G && a->state_bf16 == S && a->fmt == F)                          \
+        return a->optimizer == 0 ? adamw_sweep_a(a, b, lo, hi, wt, dn, mf, G, S, F)      \
+                                 : sgd_sweep_a(a, b, lo, hi, wt, mf, G, S, F);
+#define A_FMTS(G, S) A_CASE(G, S, FMT_E4M3) A_CASE(G, S, FMT_E5M2) A_CASE(G, S, FMT_INT8)
+    A_FMTS(0, 0) A_FMTS(0, 1) A_FMTS(1, 0) A_FMTS(1, 1)
+    return NAN;
+#undef A_FMTS
+#undef A_CASE
+}
+
+static void sweep_b_any(const eco_args *a, int64_t b, int64_t lo, int64_t hi, float s, const float *wt,
+                        const float *dn, float *mf) {
+    const int adam = a->optimizer == 0;
+#define B_CASE(S, F, R)                                                                          \
+    if (a->state_bf16 == S && a->fmt == F && a->stochastic == R) {                               \
+        if (adam) sweep_b(a, b, lo, hi, s, wt, dn, mf, S, F, R, 1);                              \
+        else sweep_b(a, b, lo, hi, s, wt, dn, mf, S, F, R, 0);                                   \
+        return;                                                                                  \
+    }
+#define B_FMTS(S, R) B_CASE(S, FMT_E4M3, R) B_CASE(S, FMT_E5M2, R) B_CASE(S, FMT_INT8, R)
+    B_FMTS(0, 0) B_FMTS(0, 1) B_FMTS(1, 0) B_FMTS(1, 1)
+#undef B_FMTS
+#undef B_CASE
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Threading: blocks are dealt out in contiguous ranges; a block larger than SPLIT is swept by all threads  */
+/* (two phases, with a join in between to combine the absmax).                                            */
+#define SPLIT 65536
+
+typedef struct {
+    eco_args *a;
+    int64_t lo, hi;     /* block range (small blocks) or element range (one large block) */
+    int64_t block;      /* large block index, or -1 */
+    int phase;          /* 0: A, 1: B (large blocks) */
+    float amax, s;
+    float *wt, *dn, *mf; /* scratch */
+    int64_t nonfinite;
+} work;
+
+static void *run_small_blocks(void *p) {
+    work *w = (work *)p;
+    eco_args *a = w->a;
+    for (int64_t b = w->lo; b < w->hi; b++) {
+        float amax = sweep_a(a, b, 0, a->bs, w->wt, w->dn, w->mf);
+        if (!isfinite(amax)) { w->nonfinite++; continue; }
+        float s = block_scale(a, amax);
+        a->scale[b] = s;
+        sweep_b_any(a, b, 0, a->bs, s, w->wt, w->dn, w->mf);
+    }
+    return NULL;
+}
+
+static void *run_large_phase(void *p) {
+    work *w = (work *)p;
+    /* the scratch spans the whole block and is indexed by the element index, like the small-block case */
+    if (w->phase == 0) w->amax = sweep_a(w->a, w->block, w->lo, w->hi, w->wt, w->dn, w->mf);
+    else sweep_b_any(w->a, w->block, w->lo, w->hi, w->s, w->wt, w->dn, w->mf);
+    return NULL;
+}
+
+/* fn(items[0]) .. fn(items[n-1]) concurrently (item t at base + t*size); the caller runs item 0 */
+static void run_parallel(void *(*fn)(void *), void *base, size_t size, int n) {
+    pthread_t th[64];
+    int started[64] = {0};
+    char *items = (char *)base;
+    for (int t = 1; t < n; t++) started[t] = pthread_create(&th[t], NULL, fn, items + t * size) == 0;
+    for (int t = 1; t < n; t++) if (!started[t]) fn(items + t * size); /* no thread: do it here */
+    fn(items);
+    for (int t = 1; t < n; t++) if (started[t]) pthread_join(th[t], NULL);
+}
+
+/* returns 0 on success, -1 if scratch memory could not be allocated (nothing was modified then) */
+int eco_step(eco_args *a) {
+    int nt = a->nthreads < 1 ? 1 : (a->nthreads > 64 ? 64 : a->nthreads);
+    a->nonfinite = 0;
+    if (a->nb <= 0 || a->bs <= 0) return 0;
+    work ws[64];
+    memset(ws, 0, sizeof(ws));
+    if (a->bs <= SPLIT) {
+        int64_t per = (a->nb + nt - 1) / nt;
+        int n = (int)((a->nb + per - 1) / per);
+        float *scratch = (float *)malloc(sizeof(float) * 3 * (size_t)a->bs * (size_t)n);
+        if (!scratch) return -1;
+        for (int t = 0; t < n; t++) {
+            ws[t].a = a;
+            ws[t].lo = t * per;
+            ws[t].hi = (t + 1) * per < a->nb ? (t + 1) * per : a->nb;
+            ws[t].wt = scratch + (size_t)3 * a->bs * t;
+            ws[t].dn = ws[t].wt + a->bs;
+            ws[t].mf = ws[t].dn + a->bs;
+        }
+        run_parallel(run_small_blocks, ws, sizeof(work), n);
+        for (int t = 0; t < n; t++) a->nonfinite += ws[t].nonfinite;
+        free(scratch);
+        return 0;
+    }
+    float *scratch = (float *)malloc(sizeof(float) * 3 * (size_t)a->bs);
+    if (!scratch) return -1;
+    int64_t per = (a->bs + nt - 1) / nt;
+    per = (per + 63) / 64 * 64;
+    int n = (int)((a->bs + per - 1) / per);
+    for (int64_t b = 0; b < a->nb; b++) {
+        for (int t = 0; t < n; t++) {
+            ws[t].a = a;
+            ws[t].block = b;
+            ws[t].phase = 0;
+            ws[t].lo = t * per;
+            ws[t].hi = (t + 1) * per < a->bs ? (t + 1) * per : a->bs;
+            ws[t].wt = scratch;
+            ws[t].dn = scratch + a->bs;
+            ws[t].mf = scratch + 2 * a->bs;
+        }
+        run_parallel(run_large_phase, ws, sizeof(work), n);
+        float amax = 0.0f;
+        int bad = 0;
+        for (int t = 0; t < n; t++) {
+            bad |= !isfinite(ws[t].amax);
+            amax = ws[t].amax > amax ? ws[t].amax : amax;
+        }
+        if (bad) { a->nonfinite++; continue; }
+        float s = block_scale(a, amax);
+        a->scale[b] = s;
+        for (int t = 0; t < n; t++) { ws[t].phase = 1; ws[t].s = s; }
+        run_parallel(run_large_phase, ws, sizeof(work), n);
+    }
+    free(scratch);
+    return 0;
+}
+
+/* the stochastic-rounding uniforms, for tests and for the reference path's cross-check */
+void eco_uniform(uint32_t k1, uint32_t k2, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = uniform(k1, k2, (uint64_t)i);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* All gradients finite? One threaded read pass (the optimizer must decide to skip a step before touching  */
+/* anything). dtypes: 0 fp32, 1 bf16.                                                                     */
+typedef struct {
+    void *const *ptrs;
+    const int64_t *numels;
+    const int32_t *dtypes;
+    int32_t n, part, parts;
+    int bad;
+} finite_work;
+
+static int finite_range(const void *p, int64_t lo, int64_t hi, int bf) {
+    if (bf) {
+        const uint16_t *h = (const uint16_t *)p;
+        int bad = 0;
+        for (int64_t i = lo; i < hi; i++) bad |= (h[i] & 0x7F80) == 0x7F80;
+        return bad;
+    }
+    const uint32_t *u = (const uint32_t *)p;
+    int64_t i = lo;
+    int bad = 0;
+#if ECO_AVX2
+    const __m256i em = _mm256_set1_epi32(0x7F800000);
+    __m256i acc = _mm256_setzero_si256();
+    for (; i + 32 <= hi; i += 32) {
+        for (int k = 0; k < 4; k++) {
+            __m256i x = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(u + i + 8 * k)), em);
+            acc = _mm256_or_si256(acc, _mm256_cmpeq_epi32(x, em));
+        }
+    }
+    bad = !_mm256_testz_si256(acc, acc);
+#endif
+    for (; i < hi; i++) bad |= (u[i] & 0x7F800000u) == 0x7F800000u;
+    return bad;
+}
+
+static void *finite_worker(void *p) {
+    finite_work *w = (finite_work *)p;
+    for (int32_t t = 0; t < w->n && !w->bad; t++) {
+        int64_t n = w->numels[t];
+        int64_t per = (n + w->parts - 1) / w->parts;
+        int64_t lo = per * w->part, hi = lo + per < n ? lo + per : n;
+        if (lo < hi) w->bad |= finite_range(w->ptrs[t], lo, hi, w->dtypes[t]);
+    }
+    return NULL;
+}
+
+/* 1 if every element of every tensor is finite, else 0 */
+int eco_all_finite(void *const *ptrs, const int64_t *numels, const int32_t *dtypes, int32_t n, int32_t nthreads) {
+    int nt = nthreads < 1 ? 1 : (nthreads > 64 ? 64 : nthreads);
+    finite_work ws[64];
+    for (int t = 0; t < nt; t++) {
+        ws[t].ptrs = ptrs; ws[t].numels = numels; ws[t].dtypes = dtypes; ws[t].n = n;
+        ws[t].part = t; ws[t].parts = nt; ws[t].bad = 0;
+    }
+    run_parallel(finite_worker, ws, sizeof(finite_work), nt);
+    int bad = 0;
+    for (int t = 0; t < nt; t++) bad |= ws[t].bad;
+    return !bad;
+}
+
+int eco_abi_version(void) { return 2; }

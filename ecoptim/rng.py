@@ -1,0 +1,54 @@
+"""Counter-based uniforms for stochastic rounding: u_i = H(key, i), reproducible by any implementation.
+
+Stochastic rounding needs one U[0, 1) number per element. Drawing them with ``torch.rand`` costs more than
+the whole optimizer step (a serial Mersenne-Twister stream, ~4 ns/element here) and cannot be reproduced
+inside a fused kernel. Instead each quantization draws one 64-bit *key* from the caller's
+``torch.Generator`` (so seeding, ``get_state``/``set_state``, checkpoints and DDP replica sync work exactly as
+before) and the uniform for flat element index i is a hash of (key, i):
+
+    h   = mix32(lo32(i) XOR k1)
+    h   = mix32(h XOR (k2 + hi32(i)) mod 2^32)
+    u_i = (h >> 8) * 2^-24                        (24 bits, the resolution of torch.rand for fp32)
+
+with ``mix32`` the "lowbias32" integer hash (xor-shift / multiply, a bijection on 32 bits with full avalanche).
+The fused CPU kernel (``ecoptim/csrc/eco_cpu.c``) computes the same function, so the reference and fast paths
+round every element with the same number. ``tests/test_rng.py`` checks uniformity and independence.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["draw_key", "uniform"]
+
+_M1 = 0x7FEB352D
+_M2 = 0x846CA68B
+_MASK = 0xFFFFFFFF
+
+
+def draw_key(generator: torch.Generator | None = None) -> tuple[int, int]:
+    """One stochastic-rounding key (two 32-bit words) from ``generator`` (the global RNG if None)."""
+    device = generator.device if generator is not None else "cpu"
+    k = torch.randint(0, 2 ** 32, (2,), generator=generator, device=device, dtype=torch.int64).tolist()
+    return int(k[0]), int(k[1])
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2^32 without int64 overflow: split c into 16-bit halves (every product stays < 2^48).
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, _M1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _M2)
+    return x ^ (x >> 16)
+
+
+def uniform(key: tuple[int, int], n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``n`` uniforms u_0 .. u_{n-1} of ``key`` (fp32, multiples of 2^-24 in [0, 1))."""
+    k1, k2 = int(key[0]) & _MASK, int(key[1]) & _MASK
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    h = _mix32((i & _MASK) ^ k1)
+    h = _mix32(h ^ ((k2 + (i >> 32)) & _MASK))
+    return (h >> 8).to(torch.float32) * 2.0 ** -24

@@ -1,0 +1,202 @@
+"""The fused C kernels against the reference path, bit for bit, and their building blocks.
+
+The fused step (``ecoptim/optim/fused.py`` + ``ecoptim/csrc/eco_cpu.c``) must give *identical* codes, scales
+and optimizer states to the per-tensor reference path, for round-to-nearest and stochastic rounding alike.
+Every test feeds both paths the same gradients and compares with ``torch.equal`` after every step.
+"""
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import ecoptim
+from ecoptim import kernels, rng
+from ecoptim.optim import fused
+from ecoptim.optim.adamw import sqrt_rn
+from ecoptim.qtensor import QuantizedTensor
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler")  # CI machines have gcc
+
+
+def _pair(shape, fmt, gran, opt_cls, **kw):
+    """Two identical quantized single-layer models with a reference (fused=False) and a fused optimizer."""
+    torch.manual_seed(0)
+    lin = nn.Linear(shape[1], shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.mul_(torch.logspace(-3, 0, shape[0])[:, None])  # rows of very different magnitudes
+    m = ecoptim.quantize_(nn.Sequential(lin), fmt, gran, filter_fn=lambda mod, n: isinstance(mod, nn.Linear))
+    ref, fast = copy.deepcopy(m), copy.deepcopy(m)
+    return ref, fast, opt_cls(ref.parameters(), fused=False, **kw), opt_cls(fast.parameters(), **kw)
+
+
+def _assert_same(o_ref, o_fast, ref, fast, where):
+    for a, b in zip(ref.parameters(), fast.parameters()):
+        assert isinstance(b, QuantizedTensor)
+        assert torch.equal(a.codes.view(torch.uint8), b.codes.view(torch.uint8)), f"codes differ {where}"
+        assert torch.equal(a.scale, b.scale), f"scales differ {where}"
+        sa, sb = o_ref.state[a], o_fast.state[b]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if isinstance(sa[k], torch.Tensor):
+                assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), f"state {k!r} differs {where}"
+
+
+def _run(ref, fast, o_ref, o_fast, shape, steps, grad_dtype=torch.float32, seed=1, scales=(1e-3, 1e-1, 1e-5)):
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        grad = torch.randn(shape, generator=g) * scales[step % len(scales)]
+        if step == 1:
+            grad[: shape[0] // 3] = 0  # zero gradients: m = v = 0 rows, w_til = decayed w
+        for p in (*ref.parameters(), *fast.parameters()):
+            if grad_dtype != torch.float32:
+                p.grad_dtype = None
+            p.grad = grad.to(grad_dtype).clone()
+        o_ref.step()
+        o_fast.step()
+        _assert_same(o_ref, o_fast, ref, fast, f"at step {step}")
+
+
+ADAMW = dict(lr=3e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1)
+CASES = {
+    "adamw": (ecoptim.AdamW, ADAMW),
+    "adamw-bf16-states": (ecoptim.AdamW, dict(ADAMW, state_dtype=torch.bfloat16)),
+    "sgd": (ecoptim.SGD, dict(lr=3e-2, momentum=0.9, weight_decay=0.01)),
+    "sgd-nesterov": (ecoptim.SGD, dict(lr=3e-2, momentum=0.9, nesterov=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("fmt,gran", list(itertools.product(["fp8_e4m3", "fp8_e5m2", "int8"],
+                                                            ["row", "group32", "tensor"])))
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("mode", ["eco", "naive"])
+def test_fused_step_is_bit_identical_to_reference(case, fmt, gran, rounding, mode):
+    opt_cls, kw = CASES[case]
+    shape = (37, 96)
+    ref, fast, o_ref, o_fast = _pair(shape, fmt, gran, opt_cls, mode=mode, rounding=rounding, seed=3, **kw)
+    _run(ref, fast, o_ref, o_fast, shape, steps=4)
+
+
+@pytest.mark.parametrize("shape,gran", [((13, 45), "row"), ((5, 7), "tensor"), ((300, 301), "tensor"),
+                                        ((3, 40000), "row")])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_fused_tails_and_whole_tensor_blocks(shape, gran, rounding):
+    """Row lengths that are not multiples of the vector width (scalar tails), and blocks larger than the
+    kernel's in-cache limit (a per-tensor scale over 90k elements: two threaded phases)."""
+    ref, fast, o_ref, o_fast = _pair(shape, "fp8_e4m3", gran, ecoptim.AdamW, rounding=rounding, **ADAMW)
+    _run(ref, fast, o_ref, o_fast, shape, steps=3)
+
+
+def test_fused_bf16_gradients():
+    shape = (24, 64)
+    ref, fast, o_ref, o_fast = _pair(shape, "fp8_e4m3", "row", ecoptim.AdamW, **ADAMW)
+    _run(ref, fast, o_ref, o_fast, shape, steps=3, grad_dtype=torch.bfloat16)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 20), cols=st.integers(1, 70), fmt=st.sampled_from(["fp8_e4m3", "fp8_e5m2", "int8"]),
+       lr=st.floats(1e-5, 1.0), b1=st.floats(0.05, 0.999), b2=st.floats(0.0, 0.9999),
+       eps=st.sampled_from([1e-12, 1e-8, 1e-3]), wd=st.sampled_from([0.0, 0.1, 2.0]),
+       gscale=st.sampled_from([1e-30, 1e-6, 1.0, 1e6]), rounding=st.sampled_from(["nearest", "stochastic"]),
+       seed=st.integers(0, 2 ** 31))
+def test_fused_adamw_matches_reference_for_any_hyperparameters(rows, cols, fmt, lr, b1, b2, eps, wd, gscale,
+                                                              rounding, seed):
+    """Includes b1 < 0.5 (lerp's other branch), tiny/huge gradients and weight decay > 1/lr."""
+    shape = (rows, cols)
+    ref, fast, o_ref, o_fast = _pair(shape, fmt, "row", ecoptim.AdamW, lr=lr, betas=(b1, b2), eps=eps,
+                                     weight_decay=wd, rounding=rounding, seed=seed % 1000)
+    try:
+        _run(ref, fast, o_ref, o_fast, shape, steps=2, seed=seed, scales=(gscale,))
+    except ValueError as e:  # the update overflowed to inf: both paths must refuse it the same way
+        assert "non-finite" in str(e)
+
+
+def test_update_that_overflows_is_refused_by_the_fused_path():
+    shape = (4, 16)
+    _, fast, _, o_fast = _pair(shape, "fp8_e4m3", "row", ecoptim.AdamW, lr=1e38, betas=(0.9, 0.98), eps=1e-30,
+                               weight_decay=0.0)
+    p = next(fast.parameters())
+    p.grad = torch.full(shape, 1e-30)
+    with pytest.raises(ValueError, match="non-finite"):
+        o_fast.step()
+
+
+def test_fused_path_is_taken_and_can_be_turned_off(monkeypatch):
+    shape = (8, 32)
+    ref, fast, o_ref, o_fast = _pair(shape, "fp8_e4m3", "row", ecoptim.AdamW, **ADAMW)
+    p = next(fast.parameters())
+    assert not fused.applies(p, ecoptim.convert.spec_of(p), o_fast.param_groups[0])  # no gradient yet
+    p.grad = torch.zeros(shape)
+    assert fused.applies(p, ecoptim.convert.spec_of(p), o_fast.param_groups[0])
+    assert not fused.applies(p, ecoptim.convert.spec_of(p), o_ref.param_groups[0])  # fused=False
+    calls = []
+    real = fused.adamw_step_
+    monkeypatch.setattr(fused, "adamw_step_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _run(ref, fast, o_ref, o_fast, shape, steps=2)
+    assert len(calls) == 2
+
+
+def test_without_compiler_the_reference_path_runs(monkeypatch):
+    """No kernels (no compiler, or ECOPTIM_DISABLE_KERNELS=1): same results, from the reference path."""
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", True)
+    assert not kernels.available() and kernels.all_finite([torch.ones(3)]) is None
+    shape = (8, 32)
+    ref, fast, o_ref, o_fast = _pair(shape, "fp8_e4m3", "row", ecoptim.AdamW, **ADAMW)
+    _run(ref, fast, o_ref, o_fast, shape, steps=2)
+    monkeypatch.setenv("ECOPTIM_DISABLE_KERNELS", "1")
+    monkeypatch.setattr(kernels, "_tried", False)
+    assert kernels.load() is None
+
+
+def test_stochastic_rounding_uniforms_c_equals_torch():
+    for key in [(0, 0), (1, 2), (0xFFFFFFFF, 0xDEADBEEF), (12345, 67890)]:
+        for n in (1, 7, 8, 1000, 100003):
+            assert torch.equal(kernels.uniform(key, n), rng.uniform(key, n))
+
+
+def test_stochastic_rounding_uniforms_are_uniform_and_independent():
+    n = 1 << 20
+    u = rng.uniform((7, 11), n).double()
+    assert ((u >= 0) & (u < 1)).all()
+    assert torch.equal(u * 2 ** 24, torch.floor(u * 2 ** 24))  # 24-bit resolution, as torch.rand
+    counts = torch.histc(u, bins=64, min=0, max=1)
+    chi2 = float(((counts - n / 64) ** 2 / (n / 64)).sum())
+    assert chi2 < 120  # 63 degrees of freedom: P(chi2 > 120) ~ 1e-5
+    sd = (1 / 12 / n) ** 0.5
+    assert abs(float(u.mean()) - 0.5) < 5 * sd
+    for lag in (1, 2, 8, 1024):  # neighbouring elements
+        c = float(torch.corrcoef(torch.stack([u[:-lag], u[lag:]]))[0, 1])
+        assert abs(c) < 5 / n ** 0.5
+    v = rng.uniform((8, 11), n).double()  # the next key (e.g. the next step)
+    assert abs(float(torch.corrcoef(torch.stack([u, v]))[0, 1])) < 5 / n ** 0.5
+
+
+def test_keys_come_from_the_generator():
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert rng.draw_key(g1) == rng.draw_key(g2)
+    assert rng.draw_key(g1) != rng.draw_key(torch.Generator().manual_seed(6))
+
+
+def test_sqrt_rn_is_correctly_rounded_on_two_full_binades():
+    """Every fp32 in [1, 4): sqrt(4x) = 2 sqrt(x) exactly, so these cover all normal inputs."""
+    x = torch.arange(0x3F800000, 0x40800000, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    assert np.array_equal(sqrt_rn(x).numpy(), np.sqrt(x.numpy()))  # numpy: the IEEE (hardware) sqrt
+
+
+def test_all_finite_kernel_agrees_with_torch():
+    a, b = torch.randn(100003), torch.randn(77).bfloat16()
+    assert kernels.all_finite([a, b]) is True
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i in (0, 31, 50000, 100002):
+            c = a.clone()
+            c[i] = bad
+            assert kernels.all_finite([b, c]) is False
+        d = b.clone()
+        d[76] = bad
+        assert kernels.all_finite([a, d]) is False
+    assert kernels.all_finite([a[::2]]) is None  # not contiguous: the caller falls back to torch
