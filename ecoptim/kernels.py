@@ -3,7 +3,7 @@
 The source is compiled once per machine with the system C compiler (``$CC`` or ``cc``/``gcc``) into a cache
 directory (``$ECOPTIM_CACHE_DIR``, default ``~/.cache/ecoptim``), keyed by a hash of the source, the flags
 and the CPU, and loaded with ctypes: no torch headers, no Python extension ABI, a one-second build. Flags:
-``-O3 -march=native`` (AVX2/FMA paths where the CPU has them) and ``-ffp-contract=off`` (the compiler may
+``-O3 -march=native`` (AVX2/FMA/F16C paths where the CPU has them; ``$ECOPTIM_KERNEL_MARCH`` overrides) and ``-ffp-contract=off`` (the compiler may
 not fuse multiply-adds the reference path does not fuse; see the C file's header).
 
 If no compiler is found or the build fails, ``load()`` returns None (and warns once); the optimizers then use
@@ -27,7 +27,12 @@ __all__ = ["load", "available", "all_finite", "uniform", "EcoArgs", "FMT_E4M3", 
 
 FMT_E4M3, FMT_E5M2, FMT_INT8 = 0, 1, 2
 _SOURCE = Path(__file__).with_name("csrc") / "eco_cpu.c"
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
+_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
+
+
+def _flags() -> list[str]:
+    # ECOPTIM_KERNEL_MARCH=x86-64 builds the portable scalar code (the tests check it is bit-identical too)
+    return [f"-march={os.environ.get('ECOPTIM_KERNEL_MARCH', 'native')}", *_FLAGS]
 
 
 class EcoArgs(ctypes.Structure):
@@ -52,7 +57,7 @@ class EcoArgs(ctypes.Structure):
 
 _lib: ctypes.CDLL | None = None
 _tried = False
-_ABI = 2
+_ABI = 3
 
 
 def _cache_dir() -> Path:
@@ -69,7 +74,8 @@ def _cpu_id() -> str:
 
 def _build(cc: str) -> Path:
     src = _SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join([cc] + _FLAGS).encode() + _cpu_id().encode()
+    flags = _flags()
+    tag = hashlib.sha256(src + " ".join([cc] + flags).encode() + _cpu_id().encode()
                          + platform.machine().encode()).hexdigest()[:16]
     out = _cache_dir() / f"eco_cpu-{tag}.so"
     if out.exists():
@@ -78,7 +84,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:  # build to a temporary name and rename: concurrent processes never load a half-written file
-        subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], check=True, capture_output=True, text=True)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -107,8 +113,8 @@ def load() -> ctypes.CDLL | None:
         detail = getattr(e, "stderr", "") or e
         warnings.warn(f"ecoptim: building the fused CPU kernels failed ({detail}); using the reference path")
         return None
-    lib.eco_step.argtypes = [ctypes.POINTER(EcoArgs)]
-    lib.eco_step.restype = ctypes.c_int
+    lib.eco_step_many.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+    lib.eco_step_many.restype = ctypes.c_int
     lib.eco_uniform.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64, ctypes.c_void_p]
     lib.eco_uniform.restype = None
     lib.eco_all_finite.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,

@@ -134,10 +134,10 @@ def test_fused_path_is_taken_and_can_be_turned_off(monkeypatch):
     assert fused.applies(p, ecoptim.convert.spec_of(p), o_fast.param_groups[0])
     assert not fused.applies(p, ecoptim.convert.spec_of(p), o_ref.param_groups[0])  # fused=False
     calls = []
-    real = fused.adamw_step_
-    monkeypatch.setattr(fused, "adamw_step_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fused.run
+    monkeypatch.setattr(fused, "run", lambda jobs: calls.append(len(jobs)) or real(jobs))
     _run(ref, fast, o_ref, o_fast, shape, steps=2)
-    assert len(calls) == 2
+    assert calls == [1, 1]  # one job per step from the fused optimizer, none from the reference one
 
 
 def test_without_compiler_the_reference_path_runs(monkeypatch):
@@ -153,15 +153,38 @@ def test_without_compiler_the_reference_path_runs(monkeypatch):
     assert kernels.load() is None
 
 
+def test_portable_scalar_build_is_bit_identical_too(tmp_path):
+    """The kernel built without AVX2 (-march=x86-64: the scalar code every other CPU runs) in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    script = (
+        "import torch, test_kernels as t\n"
+        "from ecoptim import kernels\n"
+        "assert kernels.available()\n"
+        "for case in t.CASES:\n"
+        "    for fmt in ('fp8_e4m3', 'fp8_e5m2', 'int8'):\n"
+        "        for rnd in ('nearest', 'stochastic'):\n"
+        "            cls, kw = t.CASES[case]\n"
+        "            r, f, o_r, o_f = t._pair((13, 45), fmt, 'row', cls, rounding=rnd, **kw)\n"
+        "            t._run(r, f, o_r, o_f, (13, 45), steps=2)\n"
+        "print('ok')\n")
+    env = dict(os.environ, ECOPTIM_KERNEL_MARCH="x86-64", ECOPTIM_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    assert list(tmp_path.glob("eco_cpu-*.so"))  # built with the portable flags, in its own cache
+
+
 def test_stochastic_rounding_uniforms_c_equals_torch():
     for key in [(0, 0), (1, 2), (0xFFFFFFFF, 0xDEADBEEF), (12345, 67890)]:
         for n in (1, 7, 8, 1000, 100003):
-            assert torch.equal(kernels.uniform(key, n), rng.uniform(key, n))
+            assert torch.equal(kernels.uniform(key, n), rng.uniform_torch(key, n))
 
 
 def test_stochastic_rounding_uniforms_are_uniform_and_independent():
     n = 1 << 20
-    u = rng.uniform((7, 11), n).double()
+    u = rng.uniform_torch((7, 11), n).double()
     assert ((u >= 0) & (u < 1)).all()
     assert torch.equal(u * 2 ** 24, torch.floor(u * 2 ** 24))  # 24-bit resolution, as torch.rand
     counts = torch.histc(u, bins=64, min=0, max=1)
@@ -172,7 +195,7 @@ def test_stochastic_rounding_uniforms_are_uniform_and_independent():
     for lag in (1, 2, 8, 1024):  # neighbouring elements
         c = float(torch.corrcoef(torch.stack([u[:-lag], u[lag:]]))[0, 1])
         assert abs(c) < 5 / n ** 0.5
-    v = rng.uniform((8, 11), n).double()  # the next key (e.g. the next step)
+    v = rng.uniform_torch((8, 11), n).double()  # the next key (e.g. the next step)
     assert abs(float(torch.corrcoef(torch.stack([u, v]))[0, 1])) < 5 / n ** 0.5
 
 

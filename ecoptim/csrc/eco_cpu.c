@@ -8,8 +8,14 @@
  * Numerics: every operation is the IEEE operation ATen's CPU kernels perform for the reference path
  * (ecoptim/optim/adamw.py, sgd.py, codec.py, rounding.py), in the same order, with fused multiply-adds
  * exactly where ATen's vectorised kernels use them (lerp, addcmul), and none elsewhere: the file is built
- * with -ffp-contract=off so the compiler cannot add any. tests/test_kernels.py checks bit equality.
+ * with -ffp-contract=off so the compiler cannot add any. Square roots are IEEE (the reference uses
+ * adamw.sqrt_rn for quantized weights because torch.sqrt on fp32 is not correctly rounded). Divisions by a
+ * per-block constant use a reciprocal and one fma correction that provably gives the IEEE quotient (see
+ * v_div_rn). tests/test_kernels.py checks bit equality of codes, scales and states.
  * Stochastic rounding uses the counter-based uniforms of ecoptim/rng.py (same hash, same element index).
+ *
+ * Layout: scalar helpers; AVX2/FMA/F16C helpers (8 lanes; the scalar code handles tails and other CPUs);
+ * sweep A (AdamW, SGD); sweep B; dispatch on dtypes/format; the thread team; the gradient finiteness check.
  */
 #include <math.h>
 #include <pthread.h>
@@ -374,9 +380,22 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
         const __m256 vs = _mm256_set1_ps(s), vrs = _mm256_set1_ps(1.0f / s), vhi = _mm256_set1_ps(fmax), vlo = _mm256_set1_ps(-fmax),
                      vcoef = _mm256_set1_ps(coef), one = _mm256_set1_ps(1.0f);
         const __m256i vminexp = _mm256_set1_epi32((emin + 127) << 23), vmanexp = _mm256_set1_epi32(man << 23);
+        /* Sweep B touches only in-cache data, so memory would idle: prefetch the next block's inputs now
+         * (the arrays are contiguous, so that is one block ahead of j). */
+        const char *pf_codes = (const char *)a->codes, *pf_g = (const char *)a->grad, *pf_m = (const char *)a->m,
+                   *pf_v = (const char *)a->v;
+        const int esz_g = a->grad_bf16 ? 2 : 4, esz_s = sbf ? 2 : 4;
+        const int64_t ahead = a->bs;
         for (; i + 8 <= hi; i += 8) {
             const int64_t j = base + i;
             if (sr && (uint32_t)j > 0xFFFFFFF8u) break; /* the counter's low word wraps inside this vector */
+            if ((i & 15) == 0) {
+                const int64_t n = j + ahead;
+                _mm_prefetch(pf_g + n * esz_g, _MM_HINT_T0);
+                if (pf_m) _mm_prefetch(pf_m + n * esz_s, _MM_HINT_T0);
+                if (pf_v) _mm_prefetch(pf_v + n * esz_s, _MM_HINT_T0);
+                if ((i & 63) == 0) _mm_prefetch(pf_codes + n, _MM_HINT_T0);
+            }
             const __m256 w = _mm256_loadu_ps(wt + i);
             const __m256 y = _mm256_min_ps(_mm256_max_ps(v_div_rn(w, vs, vrs), vlo), vhi);
             __m256 q;
@@ -494,40 +513,11 @@ static void sweep_b_any(const eco_args *a, int64_t b, int64_t lo, int64_t hi, fl
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* Threading: blocks are dealt out in contiguous ranges; a block larger than SPLIT is swept by all threads  */
-/* (two phases, with a join in between to combine the absmax).                                            */
+/* Threading: one team of threads steps every tensor of the call (one thread creation per optimizer step,  */
+/* not per tensor). Blocks of up to SPLIT elements are dealt out in contiguous ranges, each thread sweeping */
+/* its blocks in its own in-cache scratch; a larger block (a per-tensor scale) is swept by all threads in   */
+/* two phases, with a barrier in between to combine the absmax.                                           */
 #define SPLIT 65536
-
-typedef struct {
-    eco_args *a;
-    int64_t lo, hi;     /* block range (small blocks) or element range (one large block) */
-    int64_t block;      /* large block index, or -1 */
-    int phase;          /* 0: A, 1: B (large blocks) */
-    float amax, s;
-    float *wt, *dn, *mf; /* scratch */
-    int64_t nonfinite;
-} work;
-
-static void *run_small_blocks(void *p) {
-    work *w = (work *)p;
-    eco_args *a = w->a;
-    for (int64_t b = w->lo; b < w->hi; b++) {
-        float amax = sweep_a(a, b, 0, a->bs, w->wt, w->dn, w->mf);
-        if (!isfinite(amax)) { w->nonfinite++; continue; }
-        float s = block_scale(a, amax);
-        a->scale[b] = s;
-        sweep_b_any(a, b, 0, a->bs, s, w->wt, w->dn, w->mf);
-    }
-    return NULL;
-}
-
-static void *run_large_phase(void *p) {
-    work *w = (work *)p;
-    /* the scratch spans the whole block and is indexed by the element index, like the small-block case */
-    if (w->phase == 0) w->amax = sweep_a(w->a, w->block, w->lo, w->hi, w->wt, w->dn, w->mf);
-    else sweep_b_any(w->a, w->block, w->lo, w->hi, w->s, w->wt, w->dn, w->mf);
-    return NULL;
-}
 
 /* fn(items[0]) .. fn(items[n-1]) concurrently (item t at base + t*size); the caller runs item 0 */
 static void run_parallel(void *(*fn)(void *), void *base, size_t size, int n) {
@@ -540,63 +530,139 @@ static void run_parallel(void *(*fn)(void *), void *base, size_t size, int n) {
     for (int t = 1; t < n; t++) if (started[t]) pthread_join(th[t], NULL);
 }
 
-/* returns 0 on success, -1 if scratch memory could not be allocated (nothing was modified then) */
-int eco_step(eco_args *a) {
-    int nt = a->nthreads < 1 ? 1 : (a->nthreads > 64 ? 64 : a->nthreads);
-    a->nonfinite = 0;
-    if (a->nb <= 0 || a->bs <= 0) return 0;
-    work ws[64];
-    memset(ws, 0, sizeof(ws));
-    if (a->bs <= SPLIT) {
-        int64_t per = (a->nb + nt - 1) / nt;
-        int n = (int)((a->nb + per - 1) / per);
-        float *scratch = (float *)malloc(sizeof(float) * 3 * (size_t)a->bs * (size_t)n);
-        if (!scratch) return -1;
-        for (int t = 0; t < n; t++) {
-            ws[t].a = a;
-            ws[t].lo = t * per;
-            ws[t].hi = (t + 1) * per < a->nb ? (t + 1) * per : a->nb;
-            ws[t].wt = scratch + (size_t)3 * a->bs * t;
-            ws[t].dn = ws[t].wt + a->bs;
-            ws[t].mf = ws[t].dn + a->bs;
+typedef struct {
+    eco_args *const *args;
+    int n, nt, tid;
+    pthread_barrier_t *bar;
+    float *scratch;       /* this thread's: 3 x the largest small block */
+    float *big;           /* shared: 3 x the largest large block */
+    float *partial;       /* shared: one absmax per thread */
+} team;
+
+static void *team_run(void *p) {
+    team *tm = (team *)p;
+    const int nt = tm->nt, tid = tm->tid;
+    for (int k = 0; k < tm->n; k++) {
+        eco_args *a = tm->args[k];
+        if (a->nb <= 0 || a->bs <= 0) continue;
+        const int64_t bs = a->bs;
+        if (bs <= SPLIT) {
+            const int64_t per = (a->nb + nt - 1) / nt;
+            const int64_t lo = tid * per, hi = lo + per < a->nb ? lo + per : a->nb;
+            int64_t bad = 0;
+            float *wt = tm->scratch, *dn = wt + bs, *mf = dn + bs;
+            for (int64_t b = lo; b < hi; b++) {
+                float amax = sweep_a(a, b, 0, bs, wt, dn, mf);
+                if (!isfinite(amax)) { bad++; continue; }
+                float s = block_scale(a, amax);
+                a->scale[b] = s;
+                sweep_b_any(a, b, 0, bs, s, wt, dn, mf);
+            }
+            if (bad) __atomic_fetch_add(&a->nonfinite, bad, __ATOMIC_RELAXED);
+            continue;
         }
-        run_parallel(run_small_blocks, ws, sizeof(work), n);
-        for (int t = 0; t < n; t++) a->nonfinite += ws[t].nonfinite;
-        free(scratch);
-        return 0;
+        int64_t per = (bs + nt - 1) / nt;
+        per = (per + 63) / 64 * 64;
+        const int64_t lo = tid * per < bs ? tid * per : bs, hi = lo + per < bs ? lo + per : bs;
+        float *wt = tm->big, *dn = wt + bs, *mf = dn + bs;
+        for (int64_t b = 0; b < a->nb; b++) {
+            tm->partial[tid] = lo < hi ? sweep_a(a, b, lo, hi, wt, dn, mf) : 0.0f;
+            pthread_barrier_wait(tm->bar);
+            float amax = 0.0f;
+            int bad = 0;
+            for (int t = 0; t < nt; t++) { /* every thread combines the same partials: the same scale */
+                bad |= !isfinite(tm->partial[t]);
+                amax = tm->partial[t] > amax ? tm->partial[t] : amax;
+            }
+            if (!bad) {
+                float s = block_scale(a, amax);
+                if (tid == 0) a->scale[b] = s;
+                if (lo < hi) sweep_b_any(a, b, lo, hi, s, wt, dn, mf);
+            } else if (tid == 0) {
+                a->nonfinite++;
+            }
+            pthread_barrier_wait(tm->bar); /* partials and scratch are reused by the next block */
+        }
     }
-    float *scratch = (float *)malloc(sizeof(float) * 3 * (size_t)a->bs);
+    return NULL;
+}
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int state; /* 0 wait, 1 go, 2 abort */
+} gate;
+
+typedef struct {
+    gate *g;
+    team *tm;
+} gated;
+
+static void *gated_run(void *p) {
+    gated *x = (gated *)p;
+    pthread_mutex_lock(&x->g->mu);
+    while (x->g->state == 0) pthread_cond_wait(&x->g->cv, &x->g->mu);
+    int go = x->g->state == 1;
+    pthread_mutex_unlock(&x->g->mu);
+    if (go) team_run(x->tm);
+    return NULL;
+}
+
+/* Step n tensors with up to nthreads threads. Returns 0, or -1 if scratch memory could not be allocated
+ * (then nothing was modified). Each args->nonfinite counts the blocks left unquantized (NaN/Inf w_til). */
+int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
+    int64_t small = 0, big = 0, total = 0;
+    for (int k = 0; k < n; k++) {
+        args[k]->nonfinite = 0;
+        if (args[k]->nb <= 0 || args[k]->bs <= 0) continue;
+        total += args[k]->nb * args[k]->bs;
+        if (args[k]->bs <= SPLIT) small = args[k]->bs > small ? args[k]->bs : small;
+        else big = args[k]->bs > big ? args[k]->bs : big;
+    }
+    int nt = nthreads < 1 ? 1 : (nthreads > 64 ? 64 : nthreads);
+    if (total < 32768) nt = 1; /* starting a thread costs more than sweeping this little */
+    float *scratch = (float *)malloc(sizeof(float) * (3 * (size_t)small * nt + 3 * (size_t)big + nt) + 64);
     if (!scratch) return -1;
-    int64_t per = (a->bs + nt - 1) / nt;
-    per = (per + 63) / 64 * 64;
-    int n = (int)((a->bs + per - 1) / per);
-    for (int64_t b = 0; b < a->nb; b++) {
-        for (int t = 0; t < n; t++) {
-            ws[t].a = a;
-            ws[t].block = b;
-            ws[t].phase = 0;
-            ws[t].lo = t * per;
-            ws[t].hi = (t + 1) * per < a->bs ? (t + 1) * per : a->bs;
-            ws[t].wt = scratch;
-            ws[t].dn = scratch + a->bs;
-            ws[t].mf = scratch + 2 * a->bs;
+    pthread_barrier_t bar;
+    if (big && pthread_barrier_init(&bar, NULL, (unsigned)nt) != 0) { free(scratch); return -1; }
+    team tm[64];
+    for (int t = 0; t < nt; t++) {
+        tm[t].args = args; tm[t].n = n; tm[t].nt = nt; tm[t].tid = t; tm[t].bar = &bar;
+        tm[t].scratch = scratch + 3 * (size_t)small * t;
+        tm[t].big = scratch + 3 * (size_t)small * nt;
+        tm[t].partial = tm[t].big + 3 * (size_t)big;
+    }
+    if (big) {
+        /* Barriers need every member running at once, so the team is started behind a gate: if a thread
+         * cannot be created, the ones already waiting are sent home and the step runs on one thread. */
+        gate g = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
+        gated tg[64];
+        pthread_t th[64];
+        int started = 1;
+        for (; started < nt; started++) {
+            tg[started].g = &g;
+            tg[started].tm = &tm[started];
+            if (pthread_create(&th[started], NULL, gated_run, &tg[started]) != 0) break;
         }
-        run_parallel(run_large_phase, ws, sizeof(work), n);
-        float amax = 0.0f;
-        int bad = 0;
-        for (int t = 0; t < n; t++) {
-            bad |= !isfinite(ws[t].amax);
-            amax = ws[t].amax > amax ? ws[t].amax : amax;
+        pthread_mutex_lock(&g.mu);
+        g.state = started == nt ? 1 : 2;
+        pthread_cond_broadcast(&g.cv);
+        pthread_mutex_unlock(&g.mu);
+        if (started == nt) team_run(&tm[0]);
+        for (int t = 1; t < started; t++) pthread_join(th[t], NULL);
+        pthread_barrier_destroy(&bar);
+        if (started != nt) {
+            free(scratch);
+            return eco_step_many(args, n, 1);
         }
-        if (bad) { a->nonfinite++; continue; }
-        float s = block_scale(a, amax);
-        a->scale[b] = s;
-        for (int t = 0; t < n; t++) { ws[t].phase = 1; ws[t].s = s; }
-        run_parallel(run_large_phase, ws, sizeof(work), n);
+    } else {
+        run_parallel(team_run, tm, sizeof(team), nt);
     }
     free(scratch);
     return 0;
 }
+
+int eco_step(eco_args *a) { return eco_step_many(&a, 1, a->nthreads); }
 
 /* the stochastic-rounding uniforms, for tests and for the reference path's cross-check */
 void eco_uniform(uint32_t k1, uint32_t k2, int64_t n, float *out) {
@@ -653,6 +719,9 @@ static void *finite_worker(void *p) {
 /* 1 if every element of every tensor is finite, else 0 */
 int eco_all_finite(void *const *ptrs, const int64_t *numels, const int32_t *dtypes, int32_t n, int32_t nthreads) {
     int nt = nthreads < 1 ? 1 : (nthreads > 64 ? 64 : nthreads);
+    int64_t total = 0;
+    for (int32_t t = 0; t < n; t++) total += numels[t];
+    if (total < 262144) nt = 1; /* one core reads this much faster than a thread starts */
     finite_work ws[64];
     for (int t = 0; t < nt; t++) {
         ws[t].ptrs = ptrs; ws[t].numels = numels; ws[t].dtypes = dtypes; ws[t].n = n;
@@ -664,4 +733,4 @@ int eco_all_finite(void *const *ptrs, const int64_t *numels, const int32_t *dtyp
     return !bad;
 }
 
-int eco_abi_version(void) { return 2; }
+int eco_abi_version(void) { return 3; }

@@ -94,13 +94,13 @@ class AdamW(QuantOptimizer):
             raise ValueError("mode='eco' injects the rounding error into the first moment and divides by beta1, "
                              "so beta1 must be > 0; use betas=(0.9, ...) or mode='naive'")
 
-    def _fused_step_(self, p: QuantizedTensor, spec: Any, state: dict, group: dict,
-                     generator: torch.Generator | None) -> None:
+    def _fused_job_(self, p: QuantizedTensor, spec: Any, state: dict, group: dict,
+                    generator: torch.Generator | None) -> _fused.Job:
         b1, b2 = group["betas"]
         step, lr, wd = state["step"].item(), group["lr"], group["weight_decay"]
-        _fused.adamw_step_(p, p.grad, spec, state["exp_avg"], state["exp_avg_sq"], generator, step=step, lr=lr,
-                           beta1=b1, beta2=b2, eps=group["eps"], weight_decay=wd,
-                           coef=eco_adamw_coef(step, lr, b1, wd), inject=group["mode"] == "eco")
+        return _fused.adamw_job(p, p.grad, spec, state["exp_avg"], state["exp_avg_sq"], generator, step=step,
+                                lr=lr, beta1=b1, beta2=b2, eps=group["eps"], weight_decay=wd,
+                                coef=eco_adamw_coef(step, lr, b1, wd), inject=group["mode"] == "eco")
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
         # Quantized weights: moments in fp32 (or bf16 by option, upcast for the maths); dense: the param dtype.

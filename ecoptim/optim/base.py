@@ -115,10 +115,10 @@ class QuantOptimizer(Optimizer):
     def _finish_(self, state: dict, group: dict, aux: Any) -> None:
         """End of a quantized parameter's step (e.g. write fp32 working copies back to low-precision state)."""
 
-    def _fused_step_(self, p: QuantizedTensor, spec: QuantSpec, state: dict, group: dict,
-                     generator: torch.Generator | None) -> None:
-        """The whole quantized step (update, re-quantize, inject) in one fused kernel call; see ``fused.py``.
-        Called only where ``fused.applies``; must give bit-identical results to the reference path."""
+    def _fused_job_(self, p: QuantizedTensor, spec: QuantSpec, state: dict, group: dict,
+                    generator: torch.Generator | None) -> _fused.Job:
+        """The whole quantized step (update, re-quantize, inject) as arguments for the fused kernel; see
+        ``fused.py``. Called only where ``fused.applies``; must give bit-identical results to the reference."""
         raise NotImplementedError
 
     # -- RNG ----------------------------------------------------------------------------------------
@@ -154,10 +154,31 @@ class QuantOptimizer(Optimizer):
             self.skipped_steps += 1
             return loss
         for group in self.param_groups:
+            jobs = []
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is None:
+                    continue
+                job = self._fused_begin(p, group)
+                if job is None:
                     self._step_param(p, group)
+                else:  # stepped below, all together: one kernel call, one thread team per group
+                    jobs.append(job)
+            if jobs:
+                _fused.run(jobs)
         return loss
+
+    def _fused_begin(self, p: torch.Tensor, group: dict) -> _fused.Job | None:
+        """If the fused kernel applies to ``p``, advance its step count and return its kernel job (the
+        stochastic-rounding key is drawn here, in parameter order, as the reference path draws it)."""
+        spec = spec_of(p)
+        if not _fused.applies(p, spec, group):
+            return None
+        state = self.state[p]
+        if not state:
+            self._init_state(p, state, group, True)
+        state["step"] += 1
+        gen = self.generator(p.device) if group["rounding"] == "stochastic" else None
+        return self._fused_job_(p, spec, state, group, gen)
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
@@ -180,7 +201,7 @@ class QuantOptimizer(Optimizer):
         mode, lr = group["mode"], group["lr"]
         if _fused.applies(p, spec, group):
             gen = self.generator(p.device) if group["rounding"] == "stochastic" else None
-            self._fused_step_(p, spec, state, group, gen)
+            _fused.run([self._fused_job_(p, spec, state, group, gen)])
             return
         grad = p.grad.to(torch.float32)  # fp32 maths for quantized weights whatever the compute dtype
         if mode == "master":

@@ -21,6 +21,7 @@ machine without a C compiler, takes the reference path.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +30,7 @@ from ..formats import FP8_E4M3, FP8_E5M2, INT8, Format, QuantSpec
 from ..qtensor import QuantizedTensor
 from ..rng import draw_key
 
-__all__ = ["applies", "adamw_step_", "sgd_step_"]
+__all__ = ["applies", "Job", "run", "adamw_job", "sgd_job"]
 
 _FMT = {FP8_E4M3: kernels.FMT_E4M3, FP8_E5M2: kernels.FMT_E5M2, INT8: kernels.FMT_INT8}
 _LUT: dict[torch.dtype, torch.Tensor] = {}
@@ -81,21 +82,35 @@ def _args(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tens
     return a, keep
 
 
-def _run(a: kernels.EcoArgs, numel: int) -> None:
+@dataclass
+class Job:
+    """One tensor's kernel arguments, and the tensors that must stay alive until the kernel has run."""
+
+    args: kernels.EcoArgs
+    keep: list[torch.Tensor]
+    numel: int
+
+
+def run(jobs: list[Job]) -> None:
+    """Step every job's tensor in one kernel call (one thread team for all of them)."""
+    if not jobs:
+        return
     lib = kernels.load()
-    if lib.eco_step(ctypes.byref(a)) != 0:
-        raise MemoryError("ecoptim fused step: could not allocate its block scratch")
-    if a.nonfinite:
-        raise ValueError(f"cannot quantize a weight holding non-finite values ({a.nonfinite} blocks of the "
-                         f"updated weight, {numel} elements in all, hold NaN/Inf): the update overflowed; find "
-                         "where training diverged (e.g. a too large learning rate)")
+    arr = (ctypes.POINTER(kernels.EcoArgs) * len(jobs))(*[ctypes.pointer(j.args) for j in jobs])
+    if lib.eco_step_many(arr, len(jobs), torch.get_num_threads()) != 0:
+        raise MemoryError("ecoptim fused step: could not allocate its block scratch; nothing was modified")
+    bad = [j for j in jobs if j.args.nonfinite]
+    if bad:
+        raise ValueError(f"cannot quantize a weight holding non-finite values ({bad[0].args.nonfinite} blocks of "
+                         f"an updated weight of {bad[0].numel} elements hold NaN/Inf): the update overflowed; "
+                         "find where training diverged (e.g. a too large learning rate)")
 
 
-def adamw_step_(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tensor, v: torch.Tensor,
-                generator: torch.Generator | None, *, step: float, lr: float, beta1: float, beta2: float,
-                eps: float, weight_decay: float, coef: float, inject: bool) -> None:
-    """One AdamW step of ``p`` in place (see ``adamw.py`` for the equations; the scalars below are the ones
-    the reference passes to ATen, rounded to fp32 the same way)."""
+def adamw_job(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tensor, v: torch.Tensor,
+              generator: torch.Generator | None, *, step: float, lr: float, beta1: float, beta2: float,
+              eps: float, weight_decay: float, coef: float, inject: bool) -> Job:
+    """One AdamW step of ``p`` (see ``adamw.py`` for the equations; the scalars below are the ones the
+    reference passes to ATen, rounded to fp32 the same way). Draws the SR key now, in parameter order."""
     a, keep = _args(p, grad, spec, m, v, generator, inject)
     a.optimizer = 0
     a.decay = 1 - lr * weight_decay
@@ -104,16 +119,16 @@ def adamw_step_(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torc
     a.eps = eps
     a.neg_step = -(lr / (1 - beta1 ** step))
     a.coef = coef
-    _run(a, p.numel())
+    return Job(a, keep, p.numel())
 
 
-def sgd_step_(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, buf: torch.Tensor | None,
-              generator: torch.Generator | None, *, lr: float, momentum: float, dampening: float, nesterov: bool,
-              weight_decay: float, coef: float, first: bool, inject: bool) -> None:
-    """One SGD step of ``p`` in place; ``buf`` (fp32) is written whole when ``first`` (torch's buf = g)."""
+def sgd_job(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, buf: torch.Tensor | None,
+            generator: torch.Generator | None, *, lr: float, momentum: float, dampening: float, nesterov: bool,
+            weight_decay: float, coef: float, first: bool, inject: bool) -> Job:
+    """One SGD step of ``p``; ``buf`` (fp32) is written whole when ``first`` (torch's buf = g)."""
     a, keep = _args(p, grad, spec, buf, None, generator, inject)
     a.optimizer = 1
     a.wd, a.mom, a.omd, a.neg_lr = weight_decay, momentum, 1 - dampening, -lr
     a.nesterov, a.first_step = int(nesterov), int(first)
     a.coef = coef
-    _run(a, p.numel())
+    return Job(a, keep, p.numel())
