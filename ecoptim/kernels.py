@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "available", "all_finite", "uniform", "EcoArgs", "FMT_E4M3", "FMT_E5M2", "FMT_INT8"]
+__all__ = ["load", "available", "all_finite", "uniform", "EcoArgs", "FMT_E4M3", "FMT_E5M2", "FMT_INT8", "FMT_BF16", "FMT_INT4"]
 
-FMT_E4M3, FMT_E5M2, FMT_INT8 = 0, 1, 2
+FMT_E4M3, FMT_E5M2, FMT_INT8, FMT_BF16, FMT_INT4 = 0, 1, 2, 3, 4
 _SOURCE = Path(__file__).with_name("csrc") / "eco_cpu.c"
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread"]
 
@@ -57,7 +57,7 @@ class EcoArgs(ctypes.Structure):
 
 _lib: ctypes.CDLL | None = None
 _tried = False
-_ABI = 3
+_ABI = 5
 
 
 def _cache_dir() -> Path:

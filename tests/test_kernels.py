@@ -37,7 +37,7 @@ def _assert_same(o_ref, o_fast, ref, fast, where):
     for a, b in zip(ref.parameters(), fast.parameters()):
         assert isinstance(b, QuantizedTensor)
         assert torch.equal(a.codes.view(torch.uint8), b.codes.view(torch.uint8)), f"codes differ {where}"
-        assert torch.equal(a.scale, b.scale), f"scales differ {where}"
+        assert (a.scale is None and b.scale is None) or torch.equal(a.scale, b.scale), f"scales differ {where}"
         sa, sb = o_ref.state[a], o_fast.state[b]
         assert sa.keys() == sb.keys()
         for k in sa:
@@ -70,7 +70,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("fmt,gran", list(itertools.product(["fp8_e4m3", "fp8_e5m2", "int8"],
+@pytest.mark.parametrize("fmt,gran", list(itertools.product(["fp8_e4m3", "fp8_e5m2", "int8", "int4"],
                                                             ["row", "group32", "tensor"])))
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("mode", ["eco", "naive"])
@@ -84,11 +84,34 @@ def test_fused_step_is_bit_identical_to_reference(case, fmt, gran, rounding, mod
 @pytest.mark.parametrize("shape,gran", [((13, 45), "row"), ((5, 7), "tensor"), ((300, 301), "tensor"),
                                         ((3, 40000), "row")])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_fused_tails_and_whole_tensor_blocks(shape, gran, rounding):
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4"])
+def test_fused_tails_and_whole_tensor_blocks(shape, gran, rounding, fmt):
     """Row lengths that are not multiples of the vector width (scalar tails), and blocks larger than the
-    kernel's in-cache limit (a per-tensor scale over 90k elements: two threaded phases)."""
-    ref, fast, o_ref, o_fast = _pair(shape, "fp8_e4m3", gran, ecoptim.AdamW, rounding=rounding, **ADAMW)
+    kernel's in-cache limit (a per-tensor scale over 90k elements: two threaded phases). INT4 rows of odd
+    length start mid-byte: the reference path takes them (asserted), odd per-tensor sizes go to the kernel."""
+    ref, fast, o_ref, o_fast = _pair(shape, fmt, gran, ecoptim.AdamW, rounding=rounding, **ADAMW)
+    p = next(fast.parameters())
+    p.grad = torch.zeros(shape)
+    odd_int4_rows = fmt == "int4" and gran == "row" and shape[1] % 2
+    assert fused.applies(p, ecoptim.convert.spec_of(p), o_fast.param_groups[0]) != odd_int4_rows
     _run(ref, fast, o_ref, o_fast, shape, steps=3)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("mode", ["eco", "naive"])
+def test_fused_bf16_weights_bit_identical(case, rounding, mode):
+    """BF16 storage (unscaled): rounding on the bit pattern must equal the reference's grid rounding,
+    including bf16 subnormals (the middle rows are scaled to ~1e-39) and the sign of zero."""
+    opt_cls, kw = CASES[case]
+    shape = (21, 40)
+    ref, fast, o_ref, o_fast = _pair(shape, "bf16", None, opt_cls, mode=mode, rounding=rounding, seed=4, **kw)
+    for m in (ref, fast):
+        w = next(m.parameters())
+        w.requantize_(torch.cat([w.dequantize()[:7], w.dequantize()[7:14] * 1e-37, w.dequantize()[14:] * 0]))
+    _run(ref, fast, o_ref, o_fast, shape, steps=4, scales=(1e-3, 1e-38, 1.0))
+    p = next(fast.parameters())
+    assert fused.applies(p, ecoptim.convert.spec_of(p), o_fast.param_groups[0])  # the kernel did run
 
 
 def test_fused_bf16_gradients():
@@ -98,7 +121,8 @@ def test_fused_bf16_gradients():
 
 
 @settings(max_examples=25, deadline=None)
-@given(rows=st.integers(1, 20), cols=st.integers(1, 70), fmt=st.sampled_from(["fp8_e4m3", "fp8_e5m2", "int8"]),
+@given(rows=st.integers(1, 20), cols=st.integers(1, 70),
+       fmt=st.sampled_from(["fp8_e4m3", "fp8_e5m2", "int8", "int4", "bf16"]),
        lr=st.floats(1e-5, 1.0), b1=st.floats(0.05, 0.999), b2=st.floats(0.0, 0.9999),
        eps=st.sampled_from([1e-12, 1e-8, 1e-3]), wd=st.sampled_from([0.0, 0.1, 2.0]),
        gscale=st.sampled_from([1e-30, 1e-6, 1.0, 1e6]), rounding=st.sampled_from(["nearest", "stochastic"]),
@@ -107,7 +131,8 @@ def test_fused_adamw_matches_reference_for_any_hyperparameters(rows, cols, fmt, 
                                                               rounding, seed):
     """Includes b1 < 0.5 (lerp's other branch), tiny/huge gradients and weight decay > 1/lr."""
     shape = (rows, cols)
-    ref, fast, o_ref, o_fast = _pair(shape, fmt, "row", ecoptim.AdamW, lr=lr, betas=(b1, b2), eps=eps,
+    ref, fast, o_ref, o_fast = _pair(shape, fmt, None if fmt == "bf16" else "row", ecoptim.AdamW, lr=lr,
+                                     betas=(b1, b2), eps=eps,
                                      weight_decay=wd, rounding=rounding, seed=seed % 1000)
     try:
         _run(ref, fast, o_ref, o_fast, shape, steps=2, seed=seed, scales=(gscale,))
@@ -163,11 +188,12 @@ def test_portable_scalar_build_is_bit_identical_too(tmp_path):
         "from ecoptim import kernels\n"
         "assert kernels.available()\n"
         "for case in t.CASES:\n"
-        "    for fmt in ('fp8_e4m3', 'fp8_e5m2', 'int8'):\n"
+        "    for fmt in ('fp8_e4m3', 'fp8_e5m2', 'int8', 'bf16', 'int4'):\n"
         "        for rnd in ('nearest', 'stochastic'):\n"
         "            cls, kw = t.CASES[case]\n"
-        "            r, f, o_r, o_f = t._pair((13, 45), fmt, 'row', cls, rounding=rnd, **kw)\n"
-        "            t._run(r, f, o_r, o_f, (13, 45), steps=2)\n"
+        "            gran = None if fmt == 'bf16' else 'row'\n"
+        "            r, f, o_r, o_f = t._pair((13, 46), fmt, gran, cls, rounding=rnd, **kw)\n"
+        "            t._run(r, f, o_r, o_f, (13, 46), steps=2)\n"
         "print('ok')\n")
     env = dict(os.environ, ECOPTIM_KERNEL_MARCH="x86-64", ECOPTIM_CACHE_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__), env=env,

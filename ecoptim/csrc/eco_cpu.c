@@ -32,10 +32,12 @@
 #define FMT_E4M3 0
 #define FMT_E5M2 1
 #define FMT_INT8 2
+#define FMT_BF16 3 /* unscaled bf16 weights: codes are the bf16 bits, scale is NULL */
+#define FMT_INT4 4 /* two codes per byte, q + 8, element 2i in the low nibble (blocks start at even indices) */
 
 typedef struct {
-    void *codes;          /* fp8 (uint8 bits) or int8, numel elements */
-    float *scale;         /* nb scales, updated in place */
+    void *codes;          /* fp8 (uint8 bits), int8 or bf16 (uint16 bits), numel elements */
+    float *scale;         /* nb scales, updated in place; NULL for bf16 (unscaled) */
     const void *grad;     /* fp32 or bf16 */
     void *m;              /* first moment / momentum buffer: fp32 or bf16 */
     void *v;              /* AdamW second moment: fp32 or bf16 (unused by SGD) */
@@ -117,6 +119,14 @@ static inline void v_st(void *p, int64_t j, __m256 x, const int bf) {
  * e5m2 is the top byte of an fp16; e4m3 moved into fp16's bit positions (sign to bit 15, the rest shifted
  * by 7) is the fp16 whose value is the e4m3 value / 256, subnormals included, so F16C converts both. */
 static inline __m256 v_decode_p(const void *codes, int64_t j, const int fmt) {
+    if (fmt == FMT_BF16) return v_ld(codes, j, 1);
+    if (fmt == FMT_INT4) { /* j is even: 8 codes in 4 bytes */
+        uint32_t packed;
+        memcpy(&packed, (const uint8_t *)codes + j / 2, 4);
+        const __m128i x = _mm_cvtsi32_si128((int)packed), m4 = _mm_set1_epi8(0x0F);
+        const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(x, m4), _mm_and_si128(_mm_srli_epi16(x, 4), m4));
+        return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), _mm256_set1_epi32(8)));
+    }
     __m128i c8 = _mm_loadl_epi64((const __m128i *)((const uint8_t *)codes + j));
     if (fmt == FMT_INT8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c8));
     __m128i c16 = _mm_cvtepu8_epi16(c8);
@@ -171,6 +181,23 @@ static inline __m256 v_uniform(uint32_t k1, uint32_t k2, uint64_t j) {
 
 static inline void v_store_codes(const eco_args *a, int64_t j, __m256 q, const int fmt, int man, int bias) {
     __m256i code;
+    if (fmt == FMT_BF16) { /* q is on the bf16 grid: its top 16 bits are the code */
+        __m256i c = _mm256_srli_epi32(_mm256_castps_si256(q), 16);
+        _mm_storeu_si128((__m128i *)((uint16_t *)a->codes + j),
+                         _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)));
+        return;
+    }
+    if (fmt == FMT_INT4) {
+        __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(q), _mm256_set1_epi32(8)); /* 1 .. 15 */
+        __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        __m128i p8 = _mm_packus_epi16(p16, p16); /* one code per byte */
+        /* 16-bit lanes now hold (code 2i, code 2i+1): low | high << 4 gives the packed byte */
+        __m128i pair = _mm_or_si128(_mm_and_si128(p8, _mm_set1_epi16(0x0F)),
+                                    _mm_slli_epi16(_mm_srli_epi16(p8, 8), 4));
+        const uint32_t packed = (uint32_t)_mm_cvtsi128_si32(_mm_packus_epi16(pair, pair));
+        memcpy((uint8_t *)a->codes + j / 2, &packed, 4);
+        return;
+    }
     if (fmt == FMT_INT8) {
         __m256i c = _mm256_cvtps_epi32(q); /* q is an integer in [-127, 127] */
         __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
@@ -210,7 +237,7 @@ static inline __attribute__((always_inline)) float adamw_sweep_a(const eco_args 
                                                                   int64_t hi, float *wt, float *dn, float *mf,
                                                                   const int gbf, const int sbf, const int fmt) {
     const int64_t base = b * a->bs;
-    const float sc = a->scale[b];
+    const float sc = a->scale ? a->scale[b] : 1.0f; /* unscaled: x * 1 is exact, as no multiply at all */
     const float decay = a->decay, w1 = a->w1, b2 = a->b2, omb2 = a->omb2, bc2s = a->bc2s, eps = a->eps,
                 ns = a->neg_step;
     const int small = w1 < 0.5f;
@@ -258,6 +285,8 @@ static inline __attribute__((always_inline)) float adamw_sweep_a(const eco_args 
         const int64_t j = base + i;
         float w;
         if (fmt == FMT_INT8) w = (float)((const int8_t *)a->codes)[j];
+        else if (fmt == FMT_BF16) w = bf16_to_f32(((const uint16_t *)a->codes)[j]);
+        else if (fmt == FMT_INT4) w = (float)((int)((((const uint8_t *)a->codes)[j >> 1] >> (4 * (j & 1))) & 0xF) - 8);
         else w = a->lut[((const uint8_t *)a->codes)[j]];
         w = w * sc;
         w = w * decay;
@@ -291,7 +320,7 @@ static inline __attribute__((always_inline)) float sgd_sweep_a(const eco_args *a
                                                                 int64_t hi, float *wt, float *mf,
                                                                 const int gbf, const int sbf, const int fmt) {
     const int64_t base = b * a->bs;
-    const float sc = a->scale[b];
+    const float sc = a->scale ? a->scale[b] : 1.0f; /* unscaled: x * 1 is exact, as no multiply at all */
     const float wd = a->wd, mom = a->mom, omd = a->omd, nl = a->neg_lr;
     const int first = a->first_step, nest = a->nesterov, has_mom = mom != 0.0f;
     float amax = 0.0f;
@@ -331,6 +360,8 @@ static inline __attribute__((always_inline)) float sgd_sweep_a(const eco_args *a
         const int64_t j = base + i;
         float w;
         if (fmt == FMT_INT8) w = (float)((const int8_t *)a->codes)[j];
+        else if (fmt == FMT_BF16) w = bf16_to_f32(((const uint16_t *)a->codes)[j]);
+        else if (fmt == FMT_INT4) w = (float)((int)((((const uint8_t *)a->codes)[j >> 1] >> (4 * (j & 1))) & 0xF) - 8);
         else w = a->lut[((const uint8_t *)a->codes)[j]];
         w = w * sc;
         float g = gbf ? bf16_to_f32(((const uint16_t *)a->grad)[j]) : ((const float *)a->grad)[j];
@@ -358,6 +389,7 @@ static inline __attribute__((always_inline)) float sgd_sweep_a(const eco_args *a
 
 /* codec.compute_scale for one block */
 static inline float block_scale(const eco_args *a, float amax) {
+    if (a->scale == NULL) return 1.0f; /* unscaled (bf16): the absmax only served the finiteness check */
     float s = amax / a->fmax;
     if (s < 0x1p-126f) s = 0x1p-126f;
     if (isinf(s * a->fmax) && !isinf(s)) s = nextafterf(s, 0.0f);
@@ -372,7 +404,7 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
     const int64_t base = b * a->bs;
     const float fmax = a->fmax, coef = a->coef;
     const int man = a->man_bits, emin = a->emin, bias = fmt == FMT_E4M3 ? 7 : 15;
-    const int inject = a->inject, has_m = a->m != NULL;
+    const int inject = a->inject, has_m = a->m != NULL, unscaled = a->scale == NULL;
     const uint32_t k1 = a->k1, k2 = a->k2;
     int64_t i = lo;
 #if ECO_AVX2
@@ -394,12 +426,33 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
                 _mm_prefetch(pf_g + n * esz_g, _MM_HINT_T0);
                 if (pf_m) _mm_prefetch(pf_m + n * esz_s, _MM_HINT_T0);
                 if (pf_v) _mm_prefetch(pf_v + n * esz_s, _MM_HINT_T0);
-                if ((i & 63) == 0) _mm_prefetch(pf_codes + n, _MM_HINT_T0);
+                if ((i & 31) == 0) _mm_prefetch(pf_codes + (fmt == FMT_BF16 ? 2 * n : fmt == FMT_INT4 ? n / 2 : n), _MM_HINT_T0);
             }
             const __m256 w = _mm256_loadu_ps(wt + i);
-            const __m256 y = _mm256_min_ps(_mm256_max_ps(v_div_rn(w, vs, vrs), vlo), vhi);
+            const __m256 y = _mm256_min_ps(_mm256_max_ps(unscaled ? w : v_div_rn(w, vs, vrs), vlo), vhi);
             __m256 q;
-            if (fmt == FMT_INT8) {
+            if (fmt == FMT_BF16) {
+                const __m256i u = _mm256_castps_si256(y);
+                if (sr) {
+                    /* the bf16 grid spacing is the unit of bit 16 (subnormals included), so floor/frac come
+                     * from the bit pattern: frac = L/2^16 above zero, 1 - L/2^16 below (L = low 16 bits) */
+                    const __m256i L = _mm256_and_si256(u, _mm256_set1_epi32(0xFFFF));
+                    const __m256i T = _mm256_andnot_si256(_mm256_set1_epi32(0xFFFF), u);
+                    const __m256 fl = _mm256_mul_ps(_mm256_cvtepi32_ps(L), _mm256_set1_ps(0x1p-16f));
+                    const __m256 neg = _mm256_castsi256_ps(_mm256_srai_epi32(u, 31));
+                    const __m256 frac = _mm256_blendv_ps(fl, _mm256_sub_ps(one, fl), neg);
+                    const __m256 up = _mm256_cmp_ps(v_uniform(k1, k2, (uint64_t)j), frac, _CMP_LT_OQ);
+                    /* above zero "up" adds one grid step to the magnitude, below zero "not up" does */
+                    const __m256 grow = _mm256_xor_ps(up, neg);
+                    __m256i qb = _mm256_add_epi32(T, _mm256_and_si256(_mm256_castps_si256(grow), _mm256_set1_epi32(0x10000)));
+                    const __m256i exact = _mm256_cmpeq_epi32(L, _mm256_setzero_si256());
+                    q = _mm256_castsi256_ps(_mm256_blendv_epi8(qb, u, exact));
+                } else { /* round to nearest even on the bit pattern (c10::BFloat16's rounding) */
+                    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                        _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+                    q = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_set1_epi32(0xFFFF), r));
+                }
+            } else if (fmt == FMT_INT8 || fmt == FMT_INT4) {
                 if (sr) {
                     const __m256 f = _mm256_floor_ps(y);
                     const __m256 up = _mm256_cmp_ps(v_uniform(k1, k2, (uint64_t)j), _mm256_sub_ps(y, f), _CMP_LT_OQ);
@@ -444,17 +497,36 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
     for (; i < hi; i++) {
         const int64_t j = base + i;
         const float w = wt[i];
-        float y = w / s;
+        float y = unscaled ? w : w / s;
         y = y < -fmax ? -fmax : (y > fmax ? fmax : y);
         float q;
-        if (fmt == FMT_INT8) {
+        if (fmt == FMT_BF16) {
+            const uint32_t u = f_bits(y), L = u & 0xFFFFu, T = u & 0xFFFF0000u;
+            uint32_t qb;
+            if (sr) {
+                const int neg = (u >> 31) != 0;
+                const float fl = (float)L * 0x1p-16f;
+                const int up = uniform(k1, k2, (uint64_t)j) < (neg ? 1.0f - fl : fl);
+                qb = L == 0 ? u : T + ((up != neg) ? 0x10000u : 0u);
+            } else {
+                qb = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+            }
+            q = bits_f(qb);
+            ((uint16_t *)a->codes)[j] = (uint16_t)(qb >> 16);
+        } else if (fmt == FMT_INT8 || fmt == FMT_INT4) {
             if (sr) {
                 const float f = floorf(y);
                 q = f + (float)(uniform(k1, k2, (uint64_t)j) < y - f);
             } else {
                 q = nearbyintf(y);
             }
-            ((int8_t *)a->codes)[j] = (int8_t)q;
+            if (fmt == FMT_INT8) {
+                ((int8_t *)a->codes)[j] = (int8_t)q;
+            } else { /* one nibble: blocks and thread ranges start at even indices, so no byte is shared */
+                uint8_t *byte = (uint8_t *)a->codes + (j >> 1);
+                const int sh = 4 * (int)(j & 1);
+                *byte = (uint8_t)((*byte & ~(0xF << sh)) | (((int)q + 8) << sh));
+            }
         } else {
             int32_t e = (int32_t)((f_bits(y) >> 23) & 0xFFu) - 127;
             const int32_t k = (e < emin ? emin : e) - man;
@@ -490,7 +562,8 @@ static float sweep_a(const eco_args *a, int64_t b, int64_t lo, int64_t hi, float
     if (a->grad_bf16 == G && a->state_bf16 == S && a->fmt == F)                          \
         return a->optimizer == 0 ? adamw_sweep_a(a, b, lo, hi, wt, dn, mf, G, S, F)      \
                                  : sgd_sweep_a(a, b, lo, hi, wt, mf, G, S, F);
-#define A_FMTS(G, S) A_CASE(G, S, FMT_E4M3) A_CASE(G, S, FMT_E5M2) A_CASE(G, S, FMT_INT8)
+#define A_FMTS(G, S) A_CASE(G, S, FMT_E4M3) A_CASE(G, S, FMT_E5M2) A_CASE(G, S, FMT_INT8) A_CASE(G, S, FMT_BF16) \
+    A_CASE(G, S, FMT_INT4)
     A_FMTS(0, 0) A_FMTS(0, 1) A_FMTS(1, 0) A_FMTS(1, 1)
     return NAN;
 #undef A_FMTS
@@ -506,7 +579,8 @@ static void sweep_b_any(const eco_args *a, int64_t b, int64_t lo, int64_t hi, fl
         else sweep_b(a, b, lo, hi, s, wt, dn, mf, S, F, R, 0);                                   \
         return;                                                                                  \
     }
-#define B_FMTS(S, R) B_CASE(S, FMT_E4M3, R) B_CASE(S, FMT_E5M2, R) B_CASE(S, FMT_INT8, R)
+#define B_FMTS(S, R) B_CASE(S, FMT_E4M3, R) B_CASE(S, FMT_E5M2, R) B_CASE(S, FMT_INT8, R) B_CASE(S, FMT_BF16, R) \
+    B_CASE(S, FMT_INT4, R)
     B_FMTS(0, 0) B_FMTS(0, 1) B_FMTS(1, 0) B_FMTS(1, 1)
 #undef B_FMTS
 #undef B_CASE
@@ -555,7 +629,7 @@ static void *team_run(void *p) {
                 float amax = sweep_a(a, b, 0, bs, wt, dn, mf);
                 if (!isfinite(amax)) { bad++; continue; }
                 float s = block_scale(a, amax);
-                a->scale[b] = s;
+                if (a->scale) a->scale[b] = s;
                 sweep_b_any(a, b, 0, bs, s, wt, dn, mf);
             }
             if (bad) __atomic_fetch_add(&a->nonfinite, bad, __ATOMIC_RELAXED);
@@ -576,7 +650,7 @@ static void *team_run(void *p) {
             }
             if (!bad) {
                 float s = block_scale(a, amax);
-                if (tid == 0) a->scale[b] = s;
+                if (tid == 0 && a->scale) a->scale[b] = s;
                 if (lo < hi) sweep_b_any(a, b, lo, hi, s, wt, dn, mf);
             } else if (tid == 0) {
                 a->nonfinite++;
@@ -733,4 +807,4 @@ int eco_all_finite(void *const *ptrs, const int64_t *numels, const int32_t *dtyp
     return !bad;
 }
 
-int eco_abi_version(void) { return 3; }
+int eco_abi_version(void) { return 5; }

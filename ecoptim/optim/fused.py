@@ -14,8 +14,8 @@ kernels use them), and both paths draw the stochastic-rounding uniforms from ``e
 per tensor from the optimizer's generator. ``tests/test_kernels.py`` checks codes, scales and moments for
 equality.
 
-Applies to: CPU tensors stored as ``QuantizedTensor`` with FP8 (E4M3, E5M2) or INT8 codes and an absmax scale
-(per row / group / tensor), modes 'eco' and 'naive', lr > 0, fp32 or bf16 gradients. Anything else, or a
+Applies to: CPU tensors stored as ``QuantizedTensor`` with FP8 (E4M3, E5M2), INT8 or packed INT4 codes and an
+absmax scale (per row / group / tensor; INT4 blocks of even size) or BF16 codes (unscaled), modes 'eco' and 'naive', lr > 0, fp32 or bf16 gradients. Anything else, or a
 machine without a C compiler, takes the reference path.
 """
 from __future__ import annotations
@@ -26,13 +26,14 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from ..formats import FP8_E4M3, FP8_E5M2, INT8, Format, QuantSpec
+from ..formats import BF16, FP8_E4M3, FP8_E5M2, INT4, INT8, Format, QuantSpec, _rows_cols
 from ..qtensor import QuantizedTensor
 from ..rng import draw_key
 
 __all__ = ["applies", "Job", "run", "adamw_job", "sgd_job"]
 
-_FMT = {FP8_E4M3: kernels.FMT_E4M3, FP8_E5M2: kernels.FMT_E5M2, INT8: kernels.FMT_INT8}
+_FMT = {FP8_E4M3: kernels.FMT_E4M3, FP8_E5M2: kernels.FMT_E5M2, INT8: kernels.FMT_INT8, BF16: kernels.FMT_BF16,
+        INT4: kernels.FMT_INT4}
 _LUT: dict[torch.dtype, torch.Tensor] = {}
 
 
@@ -42,9 +43,15 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
         return False
     f = spec.format
     return (f in _FMT and type(f).round is Format.round  # a custom rounding override needs the reference
-            and spec.scaled and p.device.type == "cpu" and group["mode"] in ("eco", "naive") and group["lr"] > 0
+            and spec.scaled == (f is not BF16) and p.device.type == "cpu" and group["mode"] in ("eco", "naive") and group["lr"] > 0
             and p.grad is not None and p.grad.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and p.codes.is_contiguous() and kernels.available())
+            and p.codes.is_contiguous() and (f is not INT4 or _int4_blocks_aligned(p, spec)) and kernels.available())
+
+
+def _int4_blocks_aligned(p: torch.Tensor, spec: QuantSpec) -> bool:
+    # packed INT4: a block must start on a byte (even element index) so that threads never share a byte
+    nb, bs = spec.granularity.blocks(p.shape)
+    return nb == 1 or bs % 2 == 0
 
 
 def _lut(dtype: torch.dtype) -> torch.Tensor:
@@ -60,12 +67,14 @@ def _args(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tens
     if grad.dtype == torch.float16:
         grad = grad.to(torch.float32)  # exact; the kernel reads fp32 or bf16
     keep = [grad.contiguous()]  # tensors that must outlive the call
-    nb, bs = spec.granularity.blocks(p.shape)
+    # unscaled (bf16): no absmax, so any split works; rows keep the blocks in cache like the scaled case
+    nb, bs = spec.granularity.blocks(p.shape) if spec.scaled else _rows_cols(p.shape)
     a = kernels.EcoArgs()
-    a.codes, a.scale, a.grad = p.codes.data_ptr(), p.scale.data_ptr(), keep[0].data_ptr()
+    a.codes, a.grad = p.codes.data_ptr(), keep[0].data_ptr()
+    a.scale = p.scale.data_ptr() if spec.scaled else None
     a.m = m.data_ptr() if m is not None else None
     a.v = v.data_ptr() if v is not None else None
-    if f is not INT8:
+    if f in (FP8_E4M3, FP8_E5M2):
         keep.append(_lut(f.storage_dtype))
         a.lut = keep[-1].data_ptr()
     a.nb, a.bs = nb, bs
