@@ -2,9 +2,10 @@
 
 The source is compiled once per machine with the system C compiler (``$CC`` or ``cc``/``gcc``) into a cache
 directory (``$ECOPTIM_CACHE_DIR``, default ``~/.cache/ecoptim``), keyed by a hash of the source, the flags
-and the CPU, and loaded with ctypes: no torch headers, no Python extension ABI, a one-second build. Flags:
-``-O3 -march=native`` (AVX2/FMA/F16C paths where the CPU has them; ``$ECOPTIM_KERNEL_MARCH`` overrides) and ``-ffp-contract=off`` (the compiler may
-not fuse multiply-adds the reference path does not fuse; see the C file's header).
+and the CPU, and loaded with ctypes: no torch headers, no Python extension ABI, a one-second build. Flags: ``-O3
+-march=native`` (AVX2/FMA/F16C paths where the CPU has them; ``$ECOPTIM_KERNEL_MARCH`` overrides) and
+``-ffp-contract=off`` (the compiler may not fuse multiply-adds the reference path does not fuse; see the C
+file's header).
 
 If no compiler is found or the build fails, ``load()`` returns None (and warns once); the optimizers then use
 the reference path. ``ECOPTIM_DISABLE_KERNELS=1`` forces that.
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "available", "all_finite", "uniform", "EcoArgs", "FMT_E4M3", "FMT_E5M2", "FMT_INT8", "FMT_BF16", "FMT_INT4"]
+__all__ = ["load", "available", "all_finite", "uniform", "EcoArgs", "FMT_E4M3", "FMT_E5M2", "FMT_INT8", "FMT_BF16",
+           "FMT_INT4"]
 
 FMT_E4M3, FMT_E5M2, FMT_INT8, FMT_BF16, FMT_INT4 = 0, 1, 2, 3, 4
 _SOURCE = Path(__file__).with_name("csrc") / "eco_cpu.c"

@@ -248,7 +248,8 @@ static inline __attribute__((always_inline)) float adamw_sweep_a(const eco_args 
 #if ECO_AVX2
     {
         /* (code/256) * (256*sc) == code * sc exactly: both round the same real product once */
-        const __m256 vsc = _mm256_set1_ps(fmt == FMT_E4M3 ? sc * 256.0f : sc), vdecay = _mm256_set1_ps(decay), vcoeff = _mm256_set1_ps(coeff),
+        const __m256 vsc = _mm256_set1_ps(fmt == FMT_E4M3 ? sc * 256.0f : sc), vdecay = _mm256_set1_ps(decay),
+                     vcoeff = _mm256_set1_ps(coeff),
                      vb2 = _mm256_set1_ps(b2), vomb2 = _mm256_set1_ps(omb2), vbc2s = _mm256_set1_ps(bc2s),
                      veps = _mm256_set1_ps(eps), vns = _mm256_set1_ps(ns), vrbc2s = _mm256_set1_ps(1.0f / bc2s),
                      absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -409,7 +410,8 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
     int64_t i = lo;
 #if ECO_AVX2
     {
-        const __m256 vs = _mm256_set1_ps(s), vrs = _mm256_set1_ps(1.0f / s), vhi = _mm256_set1_ps(fmax), vlo = _mm256_set1_ps(-fmax),
+        const __m256 vs = _mm256_set1_ps(s), vrs = _mm256_set1_ps(1.0f / s), vhi = _mm256_set1_ps(fmax),
+                     vlo = _mm256_set1_ps(-fmax),
                      vcoef = _mm256_set1_ps(coef), one = _mm256_set1_ps(1.0f);
         const __m256i vminexp = _mm256_set1_epi32((emin + 127) << 23), vmanexp = _mm256_set1_epi32(man << 23);
         /* Sweep B touches only in-cache data, so memory would idle: prefetch the next block's inputs now
@@ -426,7 +428,8 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
                 _mm_prefetch(pf_g + n * esz_g, _MM_HINT_T0);
                 if (pf_m) _mm_prefetch(pf_m + n * esz_s, _MM_HINT_T0);
                 if (pf_v) _mm_prefetch(pf_v + n * esz_s, _MM_HINT_T0);
-                if ((i & 31) == 0) _mm_prefetch(pf_codes + (fmt == FMT_BF16 ? 2 * n : fmt == FMT_INT4 ? n / 2 : n), _MM_HINT_T0);
+                if ((i & 31) == 0)
+                    _mm_prefetch(pf_codes + (fmt == FMT_BF16 ? 2 * n : fmt == FMT_INT4 ? n / 2 : n), _MM_HINT_T0);
             }
             const __m256 w = _mm256_loadu_ps(wt + i);
             const __m256 y = _mm256_min_ps(_mm256_max_ps(unscaled ? w : v_div_rn(w, vs, vrs), vlo), vhi);
@@ -444,7 +447,8 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
                     const __m256 up = _mm256_cmp_ps(v_uniform(k1, k2, (uint64_t)j), frac, _CMP_LT_OQ);
                     /* above zero "up" adds one grid step to the magnitude, below zero "not up" does */
                     const __m256 grow = _mm256_xor_ps(up, neg);
-                    __m256i qb = _mm256_add_epi32(T, _mm256_and_si256(_mm256_castps_si256(grow), _mm256_set1_epi32(0x10000)));
+                    __m256i qb = _mm256_add_epi32(
+                        T, _mm256_and_si256(_mm256_castps_si256(grow), _mm256_set1_epi32(0x10000)));
                     const __m256i exact = _mm256_cmpeq_epi32(L, _mm256_setzero_si256());
                     q = _mm256_castsi256_ps(_mm256_blendv_epi8(qb, u, exact));
                 } else { /* round to nearest even on the bit pattern (c10::BFloat16's rounding) */
@@ -468,14 +472,16 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
                 const __m256 sp = _mm256_castsi256_ps(spb);
                 if (sr) {
                     /* y / sp is exact (sp is a power of two), so multiplying by 1/sp (also exact) is the same */
-                    const __m256 r = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(254 << 23), spb)));
+                    const __m256 r = _mm256_mul_ps(
+                        y, _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(254 << 23), spb)));
                     const __m256 f = _mm256_floor_ps(r);
                     const __m256 up = _mm256_cmp_ps(v_uniform(k1, k2, (uint64_t)j), _mm256_sub_ps(r, f), _CMP_LT_OQ);
                     q = _mm256_mul_ps(_mm256_add_ps(f, _mm256_and_ps(up, one)), sp);
                 } else {
                     /* round y to a multiple of sp, ties to even: (y + M) - M with M = 1.5 * 2^23 * sp (|y| < 2^22 sp)
                      * is exactly sp * round_half_even(y / sp) */
-                    const __m256 magic = _mm256_castsi256_ps(_mm256_add_epi32(spb, _mm256_set1_epi32((23 << 23) | 0x400000)));
+                    const __m256 magic =
+                        _mm256_castsi256_ps(_mm256_add_epi32(spb, _mm256_set1_epi32((23 << 23) | 0x400000)));
                     q = _mm256_sub_ps(_mm256_add_ps(y, magic), magic);
                     /* a y that rounds to zero keeps its sign, as round() does (-0 has its own fp8 code) */
                     q = _mm256_or_ps(q, _mm256_and_ps(y, _mm256_set1_ps(-0.0f)));

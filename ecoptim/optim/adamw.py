@@ -120,7 +120,8 @@ class AdamW(QuantOptimizer):
         if w.dtype == torch.float32 and m.dtype != torch.float32:  # low-precision state: fp32 working copies
             m, v = m.float(), v.float()
         denom = adamw_update_(w, grad, m, v, step=state["step"].item(), lr=group["lr"], beta1=b1, beta2=b2,
-                              eps=group["eps"], weight_decay=group["weight_decay"], sqrt=sqrt_rn if exact else torch.sqrt)
+                              eps=group["eps"], weight_decay=group["weight_decay"],
+                              sqrt=sqrt_rn if exact else torch.sqrt)
         return denom, m, v
 
     def _inject_(self, e: torch.Tensor, state: dict, group: dict, aux: Any) -> None:

@@ -1,4 +1,4 @@
-"""Fast path: one fused C kernel call per quantized tensor (``ecoptim/csrc/eco_cpu.c``), for AdamW and SGD.
+"""Fast path: the fused C kernel (``ecoptim/csrc/eco_cpu.c``) for AdamW and SGD, one call per param group.
 
 The reference path (``base.QuantOptimizer._step_param``) makes ~20 passes over fp32 temporaries:
 dequantize, the optimizer ops, absmax, scale, round, encode, dequantize again, error, injection. The kernel
@@ -15,8 +15,9 @@ per tensor from the optimizer's generator. ``tests/test_kernels.py`` checks code
 equality.
 
 Applies to: CPU tensors stored as ``QuantizedTensor`` with FP8 (E4M3, E5M2), INT8 or packed INT4 codes and an
-absmax scale (per row / group / tensor; INT4 blocks of even size) or BF16 codes (unscaled), modes 'eco' and 'naive', lr > 0, fp32 or bf16 gradients. Anything else, or a
-machine without a C compiler, takes the reference path.
+absmax scale (per row / group / tensor; INT4 blocks of even size) or BF16 codes (unscaled); modes 'eco' and
+'naive'; lr > 0; fp32, bf16 or fp16 gradients. Anything else (modes master/exact/kahan, FP16 storage, a custom
+``Format.round``, CUDA tensors), or a machine without a C compiler, takes the reference path.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from ..formats import BF16, FP8_E4M3, FP8_E5M2, INT4, INT8, Format, QuantSpec, _rows_cols
+from ..formats import BF16, FP8_E4M3, FP8_E5M2, INT4, INT8, Format, PerRow, QuantSpec
 from ..qtensor import QuantizedTensor
 from ..rng import draw_key
 
@@ -43,9 +44,11 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
         return False
     f = spec.format
     return (f in _FMT and type(f).round is Format.round  # a custom rounding override needs the reference
-            and spec.scaled == (f is not BF16) and p.device.type == "cpu" and group["mode"] in ("eco", "naive") and group["lr"] > 0
+            and spec.scaled == (f is not BF16) and p.device.type == "cpu"
+            and group["mode"] in ("eco", "naive") and group["lr"] > 0
             and p.grad is not None and p.grad.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and p.codes.is_contiguous() and (f is not INT4 or _int4_blocks_aligned(p, spec)) and kernels.available())
+            and p.codes.is_contiguous() and (f is not INT4 or _int4_blocks_aligned(p, spec))
+            and kernels.available())
 
 
 def _int4_blocks_aligned(p: torch.Tensor, spec: QuantSpec) -> bool:
@@ -68,7 +71,7 @@ def _args(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tens
         grad = grad.to(torch.float32)  # exact; the kernel reads fp32 or bf16
     keep = [grad.contiguous()]  # tensors that must outlive the call
     # unscaled (bf16): no absmax, so any split works; rows keep the blocks in cache like the scaled case
-    nb, bs = spec.granularity.blocks(p.shape) if spec.scaled else _rows_cols(p.shape)
+    nb, bs = spec.granularity.blocks(p.shape) if spec.scaled else PerRow().blocks(p.shape)
     a = kernels.EcoArgs()
     a.codes, a.grad = p.codes.data_ptr(), keep[0].data_ptr()
     a.scale = p.scale.data_ptr() if spec.scaled else None
