@@ -109,6 +109,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float, methods:
                    help="scale granularity: row, tensor, group<G> or G (default: per-row for FP8/INT8, "
                         "per-tensor for INT4, as in the paper)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batch order and SR (default 0)")
+    g.add_argument("--state-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="AdamW moments of the quantized weights: fp32 (default) or bf16 (-4 B/param)")
     g.add_argument("--eval-every", type=_positive_int, default=EVAL_EVERY,
                    help=f"steps between validation-loss points (default {EVAL_EVERY})")
     g.add_argument("--eval-batches", type=_positive_int, default=8,
@@ -389,7 +391,8 @@ def _run_config(args: argparse.Namespace, cfg: LlamaConfig, methods: Sequence[Me
             "format": next((m.format for m in methods if not m.dense), None),
             "granularity": next((m.granularity for m in methods if not m.dense), None),
             "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "peak_lr": args.lr,
-            "seed": args.seed, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
+            "seed": args.seed, "state_dtype": args.state_dtype, "eval_every": args.eval_every,
+            "eval_batches": args.eval_batches,
             "final_eval_batches": 4 * args.eval_batches, "corpus": args.corpus,
             "optimizer": {"betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP,
                           "schedule": "10% linear warm-up from 0.01x peak, cosine to 0.1x peak"}}
@@ -397,7 +400,8 @@ def _run_config(args: argparse.Namespace, cfg: LlamaConfig, methods: Sequence[Me
 
 def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"eval_every": args.eval_every, "eval_batches_n": args.eval_batches,
-            "final_eval_batches_n": 4 * args.eval_batches, "threads": args.threads}
+            "final_eval_batches_n": 4 * args.eval_batches, "threads": args.threads,
+            "state_dtype": torch.bfloat16 if args.state_dtype == "bf16" else torch.float32}
 
 
 def cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -426,7 +430,8 @@ def cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     rows = summarize(results)
     fmt = config["format"] or "-"
     title = (f"{config['params'] / 1e6:.2f}M-param Llama, {args.corpus}, {args.steps} steps x "
-             f"{args.batch_size}x{args.seq_len} bytes, {fmt}/{config['granularity']}, peak lr {args.lr:g}")
+             f"{args.batch_size}x{args.seq_len} bytes, {fmt}/{config['granularity']}, peak lr {args.lr:g}"
+             + (", bf16 AdamW states" if args.state_dtype == "bf16" else ""))
     paths = write_outputs(args.out, "compare", config, results, rows, title, extra={"wall_s": wall})
     print(title)
     print(format_table(rows))
@@ -478,7 +483,7 @@ def cmd_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     rows = summarize(results)
     title = (f"fine-tune {config['params'] / 1e6:.2f}M-param Llama on {args.corpus}: {config['format']}/"
              f"{config['granularity']}, {args.steps} steps x {args.batch_size}x{args.seq_len} bytes, "
-             f"peak lr {args.lr:g}")
+             f"peak lr {args.lr:g}" + (", bf16 AdamW states" if args.state_dtype == "bf16" else ""))
     paths = write_outputs(args.out, "finetune", config, results, rows, title, before=True, extra={"wall_s": wall})
     print(title)
     print(format_table(rows, before=True))

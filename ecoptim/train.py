@@ -244,7 +244,8 @@ def _finite(x: float) -> float | None:
 
 
 def _build(method: Method, cfg: LlamaConfig, seed: int, lr: float,
-           init_state: dict[str, torch.Tensor] | None) -> tuple[LlamaLM, AdamW]:
+           init_state: dict[str, torch.Tensor] | None,
+           state_dtype: torch.dtype = torch.float32) -> tuple[LlamaLM, AdamW]:
     """Model (same init for every method: seeded here) and its optimizer."""
     torch.manual_seed(seed)
     model = LlamaLM(cfg)
@@ -259,7 +260,7 @@ def _build(method: Method, cfg: LlamaConfig, seed: int, lr: float,
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
     opt = AdamW(groups, lr=lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                 mode="master" if method.dense else method.mode, rounding=method.rounding, seed=seed,
-                nonfinite="skip")
+                nonfinite="skip", state_dtype=state_dtype)
     return model, opt
 
 
@@ -306,12 +307,13 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
               data: Corpus, progress: bool = True, *, eval_every: int = 50, eval_batches_n: int = 8,
               final_eval_batches_n: int = 32, init_state: dict[str, torch.Tensor] | None = None,
               diverge_loss: float | None = None, max_nonfinite: int = 10, threads: int | None = None,
-              keep_state: bool = False) -> RunResult:
+              keep_state: bool = False, state_dtype: torch.dtype = torch.float32) -> RunResult:
     """Train ``method`` for ``steps`` steps and measure it (see ``RunResult``).
 
     Same ``seed`` => same initial weights (before quantization), same batch order (a ``torch.Generator``
     seeded with ``seed``) and same stochastic-rounding stream, whatever the method.
-    ``init_state``: a dense state_dict loaded before quantizing (fine-tuning).
+    ``init_state``: a dense state_dict loaded before quantizing (fine-tuning). ``state_dtype``: AdamW moments
+    of the quantized weights (fp32, or bf16 to save 4 B/param; dense parameters keep fp32).
     Divergence (the run stops, status "diverged", no exception): the EMA of the training loss exceeds
     ``diverge_loss`` (default ln(vocab) + 1, i.e. clearly worse than a uniform guess), a validation loss
     is non-finite, or ``max_nonfinite`` consecutive training losses are non-finite.
@@ -327,7 +329,7 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
     if diverge_loss is None:
         diverge_loss = math.log(cfg.vocab_size) + 1.0
     t_start = time.perf_counter()
-    model, opt = _build(method, cfg, seed, lr, init_state)
+    model, opt = _build(method, cfg, seed, lr, init_state, state_dtype)
     sched = LambdaLR(opt, lr_lambda(steps))
     gen = torch.Generator().manual_seed(seed)
     val_small = list(eval_batches(data.val, batch_size, seq_len, eval_batches_n))

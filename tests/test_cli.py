@@ -159,3 +159,23 @@ def test_same_seed_same_run() -> None:
     assert a.final_val_loss == b.final_val_loss and a.final_train_loss == b.final_train_loss
     assert a.threads == 1 and torch.get_num_threads() == 1
     assert 1 <= default_threads() <= usable_cores()
+
+
+def test_bf16_optimizer_states_save_4_bytes_per_quantized_param(tmp_path: Path) -> None:
+    """--state-dtype bf16: measured memory drops by 4 B per quantized weight; dense rows keep fp32 states."""
+    res = {}
+    for dt in ("fp32", "bf16"):
+        rc = main(["compare", *FAST, "--steps", "3", "--methods", "fp32_mw,fp8_eco_sr", "--state-dtype", dt,
+                   "--out", str(tmp_path / dt)])
+        assert rc == 0
+        data = json.loads((tmp_path / dt / "results.json").read_text())
+        assert data["config"]["state_dtype"] == dt
+        res[dt] = {r["method"]: r for r in data["results"]}
+    assert res["bf16"]["fp32_mw"]["bytes_per_param"] == res["fp32"]["fp32_mw"]["bytes_per_param"]
+    eco32, eco16 = res["fp32"]["fp8_eco_sr"], res["bf16"]["fp8_eco_sr"]
+    assert eco32["total_bytes"] - eco16["total_bytes"] > 0
+    model = LlamaConfig.preset("tiny")
+    from ecoptim.model import LlamaLM, is_block_linear
+    n_quantized = sum(m.weight.numel() for n, m in LlamaLM(model).named_modules() if is_block_linear(m, n))
+    assert eco32["total_bytes"] - eco16["total_bytes"] == 4 * n_quantized
+    assert math.isfinite(eco16["final_val_loss"])
