@@ -165,6 +165,14 @@ def test_fused_path_is_taken_and_can_be_turned_off(monkeypatch):
     assert calls == [1, 1]  # one job per step from the fused optimizer, none from the reference one
 
 
+def test_bad_fused_argument_is_refused_at_construction():
+    p = nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="fused must be"):
+        ecoptim.AdamW([p], fused="yes")
+    with pytest.raises(ValueError, match="fused must be"):
+        ecoptim.SGD([p], lr=0.1, fused=1.5)
+
+
 def test_without_compiler_the_reference_path_runs(monkeypatch):
     """No kernels (no compiler, or ECOPTIM_DISABLE_KERNELS=1): same results, from the reference path."""
     monkeypatch.setattr(kernels, "_lib", None)

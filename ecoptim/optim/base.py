@@ -89,6 +89,9 @@ class QuantOptimizer(Optimizer):
         if group["mode"] not in MODES:
             raise ValueError(f"unknown mode {group['mode']!r}; choose one of {MODES}")
         check_rounding(group["rounding"])
+        if group.get("fused") not in (None, True, False):
+            raise ValueError(f"fused must be None (use the fused kernel where it applies), True (same) or False "
+                             f"(always the reference path), got {group['fused']!r}")
         lr = group["lr"]
         if not isinstance(lr, (int, float)) or lr < 0:
             raise ValueError(f"invalid learning rate {lr!r}: must be a float >= 0")

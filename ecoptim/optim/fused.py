@@ -47,7 +47,8 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
             and spec.scaled == (f is not BF16) and p.device.type == "cpu"
             and group["mode"] in ("eco", "naive") and group["lr"] > 0
             and p.grad is not None and p.grad.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and p.codes.is_contiguous() and (f is not INT4 or _int4_blocks_aligned(p, spec))
+            and p.grad.layout == torch.strided and p.codes.is_contiguous()
+            and (p.scale is None or p.scale.is_contiguous()) and (f is not INT4 or _int4_blocks_aligned(p, spec))
             and kernels.available())
 
 
