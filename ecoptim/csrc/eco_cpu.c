@@ -115,9 +115,10 @@ static inline void v_st(void *p, int64_t j, __m256 x, const int bf) {
     _mm256_storeu_ps((float *)p + j, x);
 }
 
-/* codes j .. j+7 as exact fp32 values times ``post`` (a power of two folded into the scale by the caller):
+/* codes j .. j+7 as fp32, exactly; e4m3 comes out divided by 256 (the caller folds 256 into the scale):
  * e5m2 is the top byte of an fp16; e4m3 moved into fp16's bit positions (sign to bit 15, the rest shifted
- * by 7) is the fp16 whose value is the e4m3 value / 256, subnormals included, so F16C converts both. */
+ * by 7) is the fp16 whose value is the e4m3 value / 256, subnormals included, so F16C converts both.
+ * bf16 is the top half of an fp32; int8/int4 convert through int32. */
 static inline __m256 v_decode_p(const void *codes, int64_t j, const int fmt) {
     if (fmt == FMT_BF16) return v_ld(codes, j, 1);
     if (fmt == FMT_INT4) { /* j is even: 8 codes in 4 bytes */
@@ -744,7 +745,7 @@ int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
 
 int eco_step(eco_args *a) { return eco_step_many(&a, 1, a->nthreads); }
 
-/* the stochastic-rounding uniforms, for tests and for the reference path's cross-check */
+/* the stochastic-rounding uniforms u_0 .. u_{n-1} of a key: rng.uniform on CPU (the reference path's SR) */
 void eco_uniform(uint32_t k1, uint32_t k2, int64_t n, float *out) {
     for (int64_t i = 0; i < n; i++) out[i] = uniform(k1, k2, (uint64_t)i);
 }
