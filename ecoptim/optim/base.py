@@ -18,6 +18,10 @@ How a quantized weight is updated (``mode``), with q(.) the re-quantizer and w_h
           a compensation buffer c stored in the weight's own format (own scales), as torch-optimi does
           for bf16 weights (+1 B/param for FP8).
 Parameters that are not quantized get the plain update in their own dtype, exactly as torch.optim does.
+
+Fast path: where ``fused.applies`` (modes eco/naive on CPU codes the C kernel knows), ``step`` collects the
+parameters of a group as kernel jobs (``_fused_job_``, drawing SR keys in parameter order like the reference)
+and steps them in one call; the results are bit-identical to ``_step_param``'s reference path.
 """
 from __future__ import annotations
 
