@@ -43,7 +43,7 @@ typedef struct {
     void *v;              /* AdamW second moment: fp32 or bf16 (unused by SGD) */
     const float *lut;     /* 256-entry code -> fp32 table for fp8 formats (torch's own decode) */
     int64_t nb, bs;       /* blocks and block size: numel = nb * bs */
-    int32_t fmt, grad_bf16, state_bf16, inject, stochastic, nthreads;
+    int32_t fmt, grad_bf16, state_bf16, inject, stochastic;
     int32_t man_bits, emin, optimizer; /* optimizer: 0 AdamW, 1 SGD (momentum, dampening, nesterov below) */
     int32_t nesterov, first_step;
     float fmax;
@@ -86,6 +86,20 @@ static inline float uniform(uint32_t k1, uint32_t k2, uint64_t idx) {
 }
 
 static inline float bits_f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* element j of an fp32 (bf == 0) or bf16 (bf == 1) array, as fp32 */
+static inline float ld_scalar(const void *p, int64_t j, const int bf) {
+    return bf ? bf16_to_f32(((const uint16_t *)p)[j]) : ((const float *)p)[j];
+}
+
+/* code j as its exact fp32 value (fp8 through torch's own decode table) */
+static inline float decode_scalar(const eco_args *a, int64_t j, const int fmt) {
+    const uint8_t *c = (const uint8_t *)a->codes;
+    if (fmt == FMT_INT8) return (float)((const int8_t *)c)[j];
+    if (fmt == FMT_BF16) return bf16_to_f32(((const uint16_t *)c)[j]);
+    if (fmt == FMT_INT4) return (float)((int)((c[j >> 1] >> (4 * (j & 1))) & 0xF) - 8);
+    return a->lut[c[j]];
+}
 static inline uint32_t f_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
 
@@ -144,6 +158,14 @@ static inline __m256i v_mix32(__m256i x) {
     x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846ca68bU));
     x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
     return x;
+}
+
+/* the largest of the 8 lanes (the lanes hold |w| >= 0, NaN tracked separately) */
+static inline float v_hmax(__m256 x) {
+    float tmp[8], mx = 0.0f;
+    _mm256_storeu_ps(tmp, x);
+    for (int t = 0; t < 8; t++) mx = tmp[t] > mx ? tmp[t] : mx;
+    return mx;
 }
 
 /* a / b, correctly rounded, for a divisor b shared by the whole block (rinv = 1/b, correctly rounded):
@@ -277,24 +299,17 @@ static inline __attribute__((always_inline)) float adamw_sweep_a(const eco_args 
             vmax = _mm256_max_ps(vmax, _mm256_and_ps(w, absmask));
             vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(w, w, _CMP_UNORD_Q));
         }
-        float tmp[8];
-        _mm256_storeu_ps(tmp, vmax);
-        for (int t = 0; t < 8; t++) amax = tmp[t] > amax ? tmp[t] : amax;
+        amax = v_hmax(vmax);
         bad |= _mm256_movemask_ps(vbad) != 0;
     }
 #endif
     for (; i < hi; i++) {
         const int64_t j = base + i;
-        float w;
-        if (fmt == FMT_INT8) w = (float)((const int8_t *)a->codes)[j];
-        else if (fmt == FMT_BF16) w = bf16_to_f32(((const uint16_t *)a->codes)[j]);
-        else if (fmt == FMT_INT4) w = (float)((int)((((const uint8_t *)a->codes)[j >> 1] >> (4 * (j & 1))) & 0xF) - 8);
-        else w = a->lut[((const uint8_t *)a->codes)[j]];
-        w = w * sc;
+        float w = decode_scalar(a, j, fmt) * sc;
         w = w * decay;
-        const float g = gbf ? bf16_to_f32(((const uint16_t *)a->grad)[j]) : ((const float *)a->grad)[j];
-        float m = sbf ? bf16_to_f32(((const uint16_t *)a->m)[j]) : ((float *)a->m)[j];
-        float v = sbf ? bf16_to_f32(((const uint16_t *)a->v)[j]) : ((float *)a->v)[j];
+        const float g = ld_scalar(a->grad, j, gbf);
+        float m = ld_scalar(a->m, j, sbf);
+        float v = ld_scalar(a->v, j, sbf);
         /* lerp_(g, w1): ATen's lerp_vec = fmadd(coeff, end - self, base) */
         m = fmaf(coeff, g - m, small ? m : g);
         /* mul_(b2).addcmul_(g, g, value=1-b2) */
@@ -352,28 +367,21 @@ static inline __attribute__((always_inline)) float sgd_sweep_a(const eco_args *a
             vmax = _mm256_max_ps(vmax, _mm256_and_ps(w, absmask));
             vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(w, w, _CMP_UNORD_Q));
         }
-        float tmp[8];
-        _mm256_storeu_ps(tmp, vmax);
-        for (int t = 0; t < 8; t++) amax = tmp[t] > amax ? tmp[t] : amax;
+        amax = v_hmax(vmax);
         bad |= _mm256_movemask_ps(vbad) != 0;
     }
 #endif
     for (; i < hi; i++) {
         const int64_t j = base + i;
-        float w;
-        if (fmt == FMT_INT8) w = (float)((const int8_t *)a->codes)[j];
-        else if (fmt == FMT_BF16) w = bf16_to_f32(((const uint16_t *)a->codes)[j]);
-        else if (fmt == FMT_INT4) w = (float)((int)((((const uint8_t *)a->codes)[j >> 1] >> (4 * (j & 1))) & 0xF) - 8);
-        else w = a->lut[((const uint8_t *)a->codes)[j]];
-        w = w * sc;
-        float g = gbf ? bf16_to_f32(((const uint16_t *)a->grad)[j]) : ((const float *)a->grad)[j];
+        float w = decode_scalar(a, j, fmt) * sc;
+        float g = ld_scalar(a->grad, j, gbf);
         if (wd != 0.0f) g = fmaf(wd, w, g);
         float d = g;
         if (has_mom) {
             float m;
             if (first) m = g;
             else {
-                m = sbf ? bf16_to_f32(((const uint16_t *)a->m)[j]) : ((float *)a->m)[j];
+                m = ld_scalar(a->m, j, sbf);
                 m = m * mom;
                 m = fmaf(omd, g, m);
             }
@@ -743,7 +751,6 @@ int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
     return 0;
 }
 
-int eco_step(eco_args *a) { return eco_step_many(&a, 1, a->nthreads); }
 
 /* the stochastic-rounding uniforms u_0 .. u_{n-1} of a key: rng.uniform on CPU (the reference path's SR) */
 void eco_uniform(uint32_t k1, uint32_t k2, int64_t n, float *out) {
@@ -814,4 +821,4 @@ int eco_all_finite(void *const *ptrs, const int64_t *numels, const int32_t *dtyp
     return !bad;
 }
 
-int eco_abi_version(void) { return 5; }
+int eco_abi_version(void) { return 6; }

@@ -89,7 +89,6 @@ def _args(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tens
     a.stochastic = int(generator is not None)
     if generator is not None:
         a.k1, a.k2 = draw_key(generator)
-    a.nthreads = torch.get_num_threads()
     a.man_bits, a.emin = getattr(f, "man_bits", 0), getattr(f, "emin", 0)
     a.fmax = f.max
     return a, keep
