@@ -188,6 +188,11 @@ class QuantOptimizer(Optimizer):
         return self._fused_job_(p, spec, state, group, gen)
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
+        # step() batches the fused parameters itself; this covers direct calls (e.g. FSDP's local shards)
+        job = self._fused_begin(p, group)
+        if job is not None:
+            _fused.run([job])
+            return
         state = self.state[p]
         spec = spec_of(p)
         if not state:
@@ -206,10 +211,6 @@ class QuantOptimizer(Optimizer):
             self._update_(p, p.grad, state, group)
             return
         mode, lr = group["mode"], group["lr"]
-        if _fused.applies(p, spec, group):
-            gen = self.generator(p.device) if group["rounding"] == "stochastic" else None
-            _fused.run([self._fused_job_(p, spec, state, group, gen)])
-            return
         grad = p.grad.to(torch.float32)  # fp32 maths for quantized weights whatever the compute dtype
         if mode == "master":
             w = state["master"]
