@@ -17,9 +17,7 @@ Results go to ``<out>/optim_step.json`` and ``<out>/optim_step.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -31,6 +29,7 @@ from torch import nn
 
 import ecoptim
 from ecoptim.optim import QuantOptimizer
+from report import run_meta, write_report
 
 
 @dataclass
@@ -186,13 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:  # each optimizer against torch's fused implementation of the same optimizer
         b = base_sgd if "SGD" in r["name"] else base
         r["time_vs_torch_fused"] = r["step_s"] / b if b else None
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(torch=torch.__version__, cpus=os.cpu_count(), threads=args.threads, platform=platform.platform(),
-                processor=platform.processor(), numel=numel, tensors=args.tensors, shape=[args.rows, args.cols],
-                copy_bandwidth_gbs=bw_copy / 1e9, repeats=args.repeats, warmup=args.warmup,
-                command="python benchmarks/optim_step.py " + " ".join(argv if argv is not None else os.sys.argv[1:]))
-    with open(os.path.join(args.out, "optim_step.json"), "w") as f:
-        json.dump(dict(meta=meta, results=rows), f, indent=2)
+    meta = run_meta("optim_step.py", argv, args.threads, numel=numel, tensors=args.tensors,
+                    shape=[args.rows, args.cols], copy_bandwidth_gbs=bw_copy / 1e9, repeats=args.repeats,
+                    warmup=args.warmup)
     lines = [f"Measured on {meta['platform']} ({meta['cpus']} CPUs, {args.threads} threads), torch {meta['torch']}; "
              f"{numel / 1e6:.1f}M params in {args.tensors} tensors of {args.rows}x{args.cols}; plain copy "
              f"{bw_copy / 1e9:.2f} GB/s. Command: `{meta['command']}`", "",
@@ -204,9 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         check = "-" if r["nonfinite_check_s"] is None else f"{r['nonfinite_check_s'] * 1e3:.1f}"
         lines.append(f"| {r['name']} | {r['step_s'] * 1e3:.1f} | {check} | {ratio} | "
                      f"{r['bandwidth_gbs']:.2f} | {r['copy_fraction']:.0%} | {r['static_bytes_per_param']:.3f} |")
-    with open(os.path.join(args.out, "optim_step.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "optim_step", meta, rows, lines)
 
 
 if __name__ == "__main__":

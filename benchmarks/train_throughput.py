@@ -12,9 +12,7 @@ the step spent in ``optimizer.step()``. Results go to ``<out>/train_throughput.{
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from ecoptim import train
+from report import run_meta, write_report
 from ecoptim.corpus import get_batch
 from ecoptim.model import LlamaConfig, LlamaLM
 
@@ -89,14 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         r["vs_torch_fused"] = r["tokens_per_s"] / base
     n_params = sum(p.numel() for p in dense.parameters())
-    meta = dict(torch=torch.__version__, cpus=os.cpu_count(), threads=args.threads, platform=platform.platform(),
-                params=n_params, preset=args.preset, batch=[args.batch_size, args.seq_len], rounds=args.rounds,
-                steps_per_round=args.steps_per_round,
-                command="python benchmarks/train_throughput.py " + " ".join(argv if argv is not None
-                                                                            else os.sys.argv[1:]))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "train_throughput.json"), "w") as f:
-        json.dump(dict(meta=meta, results=rows), f, indent=2)
+    meta = run_meta("train_throughput.py", argv, args.threads, params=n_params, preset=args.preset,
+                    batch=[args.batch_size, args.seq_len], rounds=args.rounds, steps_per_round=args.steps_per_round)
     lines = [f"Measured on {meta['platform']} ({meta['cpus']} CPUs, {args.threads} threads), torch {meta['torch']}; "
              f"{n_params / 1e6:.2f}M-param compare model ({args.preset}), {args.batch_size}x{args.seq_len} bytes per "
              f"step, median of {args.rounds} round-robin rounds of {args.steps_per_round} steps. "
@@ -106,9 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         lines.append(f"| {r['name']} | {r['tokens_per_s']:.0f} | {r['vs_torch_fused']:.2f}x | "
                      f"{r['optimizer_share']:.0%} |")
-    with open(os.path.join(args.out, "train_throughput.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "train_throughput", meta, rows, lines)
 
 
 if __name__ == "__main__":
