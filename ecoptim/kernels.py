@@ -46,7 +46,7 @@ class EcoArgs(ctypes.Structure):
         ("nb", ctypes.c_int64), ("bs", ctypes.c_int64),
         ("fmt", ctypes.c_int32), ("grad_bf16", ctypes.c_int32), ("state_bf16", ctypes.c_int32),
         ("inject", ctypes.c_int32), ("stochastic", ctypes.c_int32),
-        ("man_bits", ctypes.c_int32), ("emin", ctypes.c_int32), ("optimizer", ctypes.c_int32),
+        ("optimizer", ctypes.c_int32),
         ("nesterov", ctypes.c_int32), ("first_step", ctypes.c_int32),
         ("fmax", ctypes.c_float),
         ("decay", ctypes.c_float), ("w1", ctypes.c_float), ("b2", ctypes.c_float), ("omb2", ctypes.c_float),
@@ -59,7 +59,7 @@ class EcoArgs(ctypes.Structure):
 
 _lib: ctypes.CDLL | None = None
 _tried = False
-_ABI = 6
+_ABI = 7
 
 
 def _cache_dir() -> Path:

@@ -140,14 +140,46 @@ def test_fused_adamw_matches_reference_for_any_hyperparameters(rows, cols, fmt, 
         assert "non-finite" in str(e)
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_fused_exact_fallbacks_match_reference(rounding):
+    """The kernel's shortcuts have preconditions, and blocks that break them take exact code: rows of weights
+    below 2^-90 (outside the reciprocal division's proven range: a true division), and gradients whose square
+    overflows (v = Inf makes the sqrt(v)/sqrt(bc2) shortcut NaN: the block is re-run exactly; without the
+    re-run this test fails). Both must still give the reference's bits, Inf/NaN moments included."""
+    shape = (12, 40)
+    ref, fast, o_ref, o_fast = _pair(shape, "fp8_e4m3", "row", ecoptim.AdamW, rounding=rounding, **ADAMW)
+    for m in (ref, fast):
+        w = next(m.parameters())
+        w.requantize_(torch.cat([w.dequantize()[:4] * 1e-28, w.dequantize()[4:]]))
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 1e-3
+    grad[:4] = 0  # the tiny rows stay tiny (decay only)
+    grad[8, :5] = 3e20  # (1 - b2) * g^2 overflows fp32: v = Inf
+    for p in (*ref.parameters(), *fast.parameters()):
+        p.grad = grad.clone()
+    o_ref.step()
+    o_fast.step()
+    a, b = next(ref.parameters()), next(fast.parameters())
+    assert b.dequantize()[:4].abs().max() < 2 ** -90
+    assert torch.equal(a.codes.view(torch.uint8), b.codes.view(torch.uint8)) and torch.equal(a.scale, b.scale)
+    for k in ("exp_avg", "exp_avg_sq"):  # bit patterns: NaN == NaN
+        assert torch.equal(o_ref.state[a][k].view(torch.int32), o_fast.state[b][k].view(torch.int32))
+    assert torch.isinf(o_fast.state[b]["exp_avg_sq"][8, :5]).all()
+
+
 def test_update_that_overflows_is_refused_by_the_fused_path():
     shape = (4, 16)
     _, fast, _, o_fast = _pair(shape, "fp8_e4m3", "row", ecoptim.AdamW, lr=1e38, betas=(0.9, 0.98), eps=1e-30,
                                weight_decay=0.0)
     p = next(fast.parameters())
     p.grad = torch.full(shape, 1e-30)
+    o_fast.param_groups[0]["lr"] = 1e-3
+    o_fast.step()  # a first, ordinary step, so that the moments are not zero
+    o_fast.param_groups[0]["lr"] = 1e38
+    before = [t.clone() for t in (p.codes, p.scale, o_fast.state[p]["exp_avg"], o_fast.state[p]["exp_avg_sq"])]
     with pytest.raises(ValueError, match="non-finite"):
         o_fast.step()
+    after = (p.codes, p.scale, o_fast.state[p]["exp_avg"], o_fast.state[p]["exp_avg_sq"])
+    assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(before, after))  # untouched
 
 
 def test_fused_path_is_taken_and_can_be_turned_off(monkeypatch):
@@ -160,7 +192,7 @@ def test_fused_path_is_taken_and_can_be_turned_off(monkeypatch):
     assert not fused.applies(p, ecoptim.convert.spec_of(p), o_ref.param_groups[0])  # fused=False
     calls = []
     real = fused.run
-    monkeypatch.setattr(fused, "run", lambda jobs: calls.append(len(jobs)) or real(jobs))
+    monkeypatch.setattr(fused, "run", lambda jobs, **kw: calls.append(len(jobs)) or real(jobs, **kw))
     _run(ref, fast, o_ref, o_fast, shape, steps=2)
     assert calls == [1, 1]  # one job per step from the fused optimizer, none from the reference one
 

@@ -234,6 +234,53 @@ def test_nonfinite_gradients_never_touch_weights_or_state(policy):
             assert torch.equal(v, st1["state"][k][name])
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_skip_blocks_leaves_exactly_the_bad_rows_and_params_untouched(rounding):
+    """nonfinite='skip_blocks': a row with a NaN (or Inf) gradient keeps its codes, scale and moments, every other
+    row gets exactly the update it would have had (rows are independent under per-row scales), a dense
+    parameter with a NaN gradient is skipped whole, and the count and a warning say so."""
+    torch.manual_seed(0)
+    m = ecoptim.quantize_(TinyLM(), "fp8", "row")
+    opt = ecoptim.AdamW(m.parameters(), lr=1e-3, nonfinite="skip_blocks", rounding=rounding)
+    train(m, opt, batches(2))
+    m2 = copy.deepcopy(m)
+    opt2 = ecoptim.AdamW(m2.parameters(), lr=1e-3, nonfinite="skip_blocks", rounding=rounding)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # (torch's load keeps the very same state tensors)
+    for model in (m, m2):
+        model.zero_grad()
+        lm_loss(model, batches(1)[0]).backward()
+    up, head, norm = m.blocks[1].up.weight, m.lm_head.weight, m.norm.weight
+    before = {k: v.clone() for k, v in opt.state[up].items()}
+    rows = lambda c: c.reshape(up.shape[0], -1)  # noqa: E731  (codes are stored flat)
+    codes0, scale0, norm0 = rows(up.codes).clone(), up.scale.clone(), norm.detach().clone()
+    up.grad[5, 3], head.grad[2, 0], norm.grad[0] = float("nan"), float("inf"), float("nan")
+    m2.blocks[1].up.weight.grad[5, 3] = m2.lm_head.weight.grad[2, 0] = 0.0
+    m2.norm.weight.grad[0] = 0.0
+    with pytest.warns(RuntimeWarning, match="3 blocks"):
+        opt.step()
+    opt2.step()
+    assert opt.skipped_blocks == 3 and opt.skipped_steps == 0
+    up2 = m2.blocks[1].up.weight
+    keep = torch.arange(up.shape[0]) != 5
+    assert torch.equal(rows(up.codes)[5], codes0[5]) and up.scale[5] == scale0[5]
+    assert torch.equal(rows(up.codes)[keep], rows(up2.codes)[keep]) and torch.equal(up.scale[keep], up2.scale[keep])
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt.state[up][k][5], before[k][5])
+        assert torch.equal(opt.state[up][k][keep], opt2.state[up2][k][keep])
+    assert opt.state[up]["step"] == before["step"] + 1  # other rows moved: its step happened
+    assert torch.equal(norm.detach(), norm0) and opt.state[norm]["step"] == opt2.state[m2.norm.weight]["step"] - 1
+    for w in weights(m):
+        assert torch.isfinite(w).all()
+
+
+def test_skip_blocks_is_refused_where_ranks_must_agree():
+    from ecoptim.distributed.onebit import OneBitAdamW
+    with pytest.raises(ValueError, match="skip_blocks"):
+        OneBitAdamW(TinyLM().parameters(), nonfinite="skip_blocks")
+    with pytest.raises(ValueError, match="skip_blocks"):
+        ecoptim.AdamW(TinyLM().parameters(), nonfinite="sometimes")
+
+
 @pytest.mark.parametrize("mode", ["eco", "master", "exact", "kahan"])
 def test_state_dict_round_trip_resumes_identically(mode):
     torch.manual_seed(0)

@@ -1,9 +1,12 @@
 /* ecoptim CPU kernels: one fused pass per block (row / group / tensor) for quantized-weight AdamW and SGD.
  *
  * Each block is processed in two sweeps over data that stays in L1/L2:
- *   sweep A  dequantize -> optimizer update -> w_til (kept in a block-sized fp32 scratch) + block absmax
- *   sweep B  new scale -> round (RTN or SR) -> codes; e = w_til - w_hat; ECO injection into the momentum
- * so memory sees every stored byte read once and written once.
+ *   sweep A  dequantize -> optimizer update -> w_til and the new moments (kept in a block-sized fp32 scratch;
+ *            nothing in memory is written) + block absmax and finiteness
+ *   sweep B  new scale -> round (RTN or SR) -> codes; e = w_til - w_hat; ECO injection into the momentum;
+ *            the moments written back
+ * so memory sees every stored byte read once and written once, and a block whose update is NaN/Inf is left
+ * exactly as it was.
  *
  * Numerics: every operation is the IEEE operation ATen's CPU kernels perform for the reference path
  * (ecoptim/optim/adamw.py, sgd.py, codec.py, rounding.py), in the same order, with fused multiply-adds
@@ -11,7 +14,7 @@
  * with -ffp-contract=off so the compiler cannot add any. Square roots are IEEE (the reference uses
  * adamw.sqrt_rn for quantized weights because torch.sqrt on fp32 is not correctly rounded). Divisions by a
  * per-block constant use a reciprocal and one fma correction that provably gives the IEEE quotient (see
- * v_div_rn). tests/test_kernels.py checks bit equality of codes, scales and states.
+ * v_div_mk) where the block's values meet the theorem's conditions, and a true division elsewhere. tests/test_kernels.py checks bit equality of codes, scales and states.
  * Stochastic rounding uses the counter-based uniforms of ecoptim/rng.py (same hash, same element index).
  *
  * Layout: scalar helpers; AVX2/FMA/F16C helpers (8 lanes; the scalar code handles tails and other CPUs);
@@ -44,7 +47,7 @@ typedef struct {
     const float *lut;     /* 256-entry code -> fp32 table for fp8 formats (torch's own decode) */
     int64_t nb, bs;       /* blocks and block size: numel = nb * bs */
     int32_t fmt, grad_bf16, state_bf16, inject, stochastic;
-    int32_t man_bits, emin, optimizer; /* optimizer: 0 AdamW, 1 SGD (momentum, dampening, nesterov below) */
+    int32_t optimizer;    /* 0 AdamW, 1 SGD (momentum, dampening, nesterov below) */
     int32_t nesterov, first_step;
     float fmax;
     /* AdamW scalars (already rounded to fp32, as ATen does with Python scalars) */
@@ -129,10 +132,11 @@ static inline void v_st(void *p, int64_t j, __m256 x, const int bf) {
     _mm256_storeu_ps((float *)p + j, x);
 }
 
-/* codes j .. j+7 as fp32, exactly; e4m3 comes out divided by 256 (the caller folds 256 into the scale):
- * e5m2 is the top byte of an fp16; e4m3 moved into fp16's bit positions (sign to bit 15, the rest shifted
- * by 7) is the fp16 whose value is the e4m3 value / 256, subnormals included, so F16C converts both.
- * bf16 is the top half of an fp32; int8/int4 convert through int32. */
+/* codes j .. j+7 as fp32, exactly. e4m3: the sign-extended code shifted left by 20 and masked is the fp32
+ * whose exponent and mantissa fields are the e4m3 fields (sign at bit 31): its value is the e4m3 value * 2^-120,
+ * e4m3 subnormals landing on fp32 subnormals, so one multiply by 2^120 (exact) finishes the decode.
+ * e5m2 is the top byte of an fp16 (F16C converts it, inf/NaN included); bf16 is the top half of an fp32;
+ * int8/int4 convert through int32. */
 static inline __m256 v_decode_p(const void *codes, int64_t j, const int fmt) {
     if (fmt == FMT_BF16) return v_ld(codes, j, 1);
     if (fmt == FMT_INT4) { /* j is even: 8 codes in 4 bytes */
@@ -144,11 +148,10 @@ static inline __m256 v_decode_p(const void *codes, int64_t j, const int fmt) {
     }
     __m128i c8 = _mm_loadl_epi64((const __m128i *)((const uint8_t *)codes + j));
     if (fmt == FMT_INT8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c8));
-    __m128i c16 = _mm_cvtepu8_epi16(c8);
-    if (fmt == FMT_E5M2) return _mm256_cvtph_ps(_mm_slli_epi16(c16, 8));
-    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c16, _mm_set1_epi16(0x80)), 8),
-                             _mm_slli_epi16(_mm_and_si128(c16, _mm_set1_epi16(0x7F)), 7));
-    return _mm256_cvtph_ps(h);
+    if (fmt == FMT_E5M2) return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(c8), 8));
+    const __m256i f = _mm256_and_si256(_mm256_slli_epi32(_mm256_cvtepi8_epi32(c8), 20),
+                                       _mm256_set1_epi32((int)0x87F00000u));
+    return _mm256_mul_ps(_mm256_castsi256_ps(f), _mm256_set1_ps(0x1p120f));
 }
 
 static inline __m256i v_mix32(__m256i x) {
@@ -160,53 +163,45 @@ static inline __m256i v_mix32(__m256i x) {
     return x;
 }
 
-/* the largest of the 8 lanes (the lanes hold |w| >= 0, NaN tracked separately) */
-static inline float v_hmax(__m256 x) {
-    float tmp[8], mx = 0.0f;
-    _mm256_storeu_ps(tmp, x);
-    for (int t = 0; t < 8; t++) mx = tmp[t] > mx ? tmp[t] : mx;
-    return mx;
+/* Lane reductions over |w| bit patterns: non-negative floats order like their bit patterns as integers, with
+ * Inf above every finite value and NaN above Inf, so one integer max gives the absmax and the non-finite flag. */
+static inline uint32_t v_hmax_u(__m256i x) {
+    uint32_t t[8], m = 0;
+    _mm256_storeu_si256((__m256i *)t, x);
+    for (int k = 0; k < 8; k++) m = t[k] > m ? t[k] : m;
+    return m;
+}
+static inline uint32_t v_hmin_u(__m256i x) {
+    uint32_t t[8], m = 0xFFFFFFFFu;
+    _mm256_storeu_si256((__m256i *)t, x);
+    for (int k = 0; k < 8; k++) m = t[k] < m ? t[k] : m;
+    return m;
 }
 
-/* a / b, correctly rounded, for a divisor b shared by the whole block (rinv = 1/b, correctly rounded):
- * q0 = a*rinv is within one ulp of a/b, the residual a - b*q0 is exact in an fma, and one correction
- * q0 + r*rinv rounds to exactly RN(a/b) (Markstein's theorem). The theorem needs no underflow/overflow,
- * so lanes with |a| outside [2^-90, 2^90] (zeros, to keep the sign of -0, and NaN/Inf) take a true division.
- * Two fmas and a multiply instead of a divide: the divider is the bottleneck of this kernel. */
-static inline __m256 v_div_rn(__m256 a, __m256 b, __m256 rinv) {
+/* a / b, correctly rounded, for a divisor b shared by the whole block (rinv = RN(1/b)): q0 = a*rinv is within
+ * one ulp of a/b, the residual a - b*q0 is exact in an fma, and one correction q0 + r*rinv rounds to exactly
+ * RN(a/b) (Markstein's theorem). Two fmas and a multiply instead of a divide: the divider is the bottleneck.
+ * The theorem needs a normal quotient and an exact (normal) residual; callers establish that for the whole
+ * block beforehand (markstein_ok, and AdamW's sqrt(v)/sqrt(bc2) below) or use a true division. A zero a gives
+ * +0 (the sign of -0 is lost; callers that need it take it from a). */
+static inline __m256 v_div_mk(__m256 a, __m256 b, __m256 rinv) {
     const __m256 q0 = _mm256_mul_ps(a, rinv);
-    const __m256 r = _mm256_fnmadd_ps(q0, b, a);
-    __m256 q = _mm256_fmadd_ps(r, rinv, q0);
-    const __m256 aa = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a);
-    const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(aa, _mm256_set1_ps(0x1p-90f), _CMP_GE_OQ),
-                                    _mm256_cmp_ps(aa, _mm256_set1_ps(0x1p90f), _CMP_LE_OQ));
-    if (_mm256_movemask_ps(ok) != 0xFF) q = _mm256_blendv_ps(_mm256_div_ps(a, b), q, ok);
-    return q;
+    return _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, b, a), rinv, q0);
 }
 
-/* sqrt(v) / b for the AdamW denominator: a = sqrt(v) is +0 (for which the correction is exact too) or at
- * least 2^-75, so only a huge (or infinite) a needs the true division. */
-static inline __m256 v_div_sqrt_rn(__m256 a, __m256 b, __m256 rinv) {
-    const __m256 q0 = _mm256_mul_ps(a, rinv);
-    __m256 q = _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, b, a), rinv, q0);
-    const __m256 big = _mm256_cmp_ps(a, _mm256_set1_ps(0x1p90f), _CMP_GT_OQ);
-    if (_mm256_movemask_ps(big)) q = _mm256_blendv_ps(q, _mm256_div_ps(a, b), big);
-    return q;
-}
-
-/* uniforms for indices j .. j+7 (the caller guarantees the low 32 bits do not wrap inside the vector) */
-static inline __m256 v_uniform(uint32_t k1, uint32_t k2, uint64_t j) {
-    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    __m256i h = v_mix32(_mm256_xor_si256(idx, _mm256_set1_epi32((int)k1)));
-    h = v_mix32(_mm256_xor_si256(h, _mm256_set1_epi32((int)(k2 + (uint32_t)(j >> 32)))));
+/* the uniforms of 8 consecutive indices: idx holds their low 32-bit words, hi_k2 = k2 + their (common) high
+ * word, as in uniform() */
+static inline __m256 v_uniform(__m256i idx, __m256i vk1, __m256i hi_k2) {
+    __m256i h = v_mix32(_mm256_xor_si256(idx, vk1));
+    h = v_mix32(_mm256_xor_si256(h, hi_k2));
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0x1p-24f));
 }
 
-static inline void v_store_codes(const eco_args *a, int64_t j, __m256 q, const int fmt, int man, int bias) {
+static inline void v_store_codes(void *codes, int64_t j, __m256 q, const int fmt, const int bias) {
     __m256i code;
     if (fmt == FMT_BF16) { /* q is on the bf16 grid: its top 16 bits are the code */
         __m256i c = _mm256_srli_epi32(_mm256_castps_si256(q), 16);
-        _mm_storeu_si128((__m128i *)((uint16_t *)a->codes + j),
+        _mm_storeu_si128((__m128i *)((uint16_t *)codes + j),
                          _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)));
         return;
     }
@@ -218,24 +213,25 @@ static inline void v_store_codes(const eco_args *a, int64_t j, __m256 q, const i
         __m128i pair = _mm_or_si128(_mm_and_si128(p8, _mm_set1_epi16(0x0F)),
                                     _mm_slli_epi16(_mm_srli_epi16(p8, 8), 4));
         const uint32_t packed = (uint32_t)_mm_cvtsi128_si32(_mm_packus_epi16(pair, pair));
-        memcpy((uint8_t *)a->codes + j / 2, &packed, 4);
+        memcpy((uint8_t *)codes + j / 2, &packed, 4);
         return;
     }
     if (fmt == FMT_INT8) {
         __m256i c = _mm256_cvtps_epi32(q); /* q is an integer in [-127, 127] */
         __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-        _mm_storel_epi64((__m128i *)((int8_t *)a->codes + j), _mm_packs_epi16(p16, p16));
+        _mm_storel_epi64((__m128i *)((int8_t *)codes + j), _mm_packs_epi16(p16, p16));
         return;
     }
     /* |q| * 2^(bias - 127) moves the fp8 grid onto fp32's bit layout (fp8 subnormals become fp32 subnormals,
      * exactly), so the top bits of the product are the fp8 exponent and mantissa fields. */
     const __m256 absq = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), q);
     const __m256 shift = _mm256_castsi256_ps(_mm256_set1_epi32(bias << 23));
-    __m256i mag = _mm256_srl_epi32(_mm256_castps_si256(_mm256_mul_ps(absq, shift)), _mm_cvtsi32_si128(23 - man));
-    __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(q), 24), _mm256_set1_epi32(0x80));
+    const __m256i mag = fmt == FMT_E4M3 ? _mm256_srli_epi32(_mm256_castps_si256(_mm256_mul_ps(absq, shift)), 20)
+                                        : _mm256_srli_epi32(_mm256_castps_si256(_mm256_mul_ps(absq, shift)), 21);
+    const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(_mm256_castps_si256(q), 31), 7);
     code = _mm256_or_si256(sign, mag);
     __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
-    _mm_storel_epi64((__m128i *)((uint8_t *)a->codes + j), _mm_packus_epi16(p16, p16));
+    _mm_storel_epi64((__m128i *)((uint8_t *)codes + j), _mm_packus_epi16(p16, p16));
 }
 #endif
 
@@ -255,33 +251,70 @@ static inline uint8_t encode_fp8(float q, int man, int bias) {
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* sweep A for AdamW over elements [lo, hi) of block b; returns absmax of w_til (NaN if any is NaN)      */
-static inline __attribute__((always_inline)) float adamw_sweep_a(const eco_args *a, int64_t b, int64_t lo,
+/* What sweep A learns about a block of w_til: its absmax, its smallest nonzero magnitude (for the division */
+/* shortcut in sweep B) and whether any element is NaN/Inf.                                                */
+typedef struct {
+    float amax, minnz; /* minnz: INFINITY if every element is zero */
+    int bad;
+} astat;
+
+static inline void astat_scalar(astat *st, float w) {
+    const float aw = fabsf(w);
+    st->amax = aw > st->amax ? aw : st->amax;
+    if (aw > 0.0f && aw < st->minnz) st->minnz = aw;
+    st->bad |= !(aw <= 3.40282347e38f); /* NaN or Inf */
+}
+
+static inline void astat_merge(astat *st, astat o) {
+    st->amax = o.amax > st->amax ? o.amax : st->amax;
+    st->minnz = o.minnz < st->minnz ? o.minnz : st->minnz;
+    st->bad |= o.bad;
+}
+
+#if ECO_AVX2
+/* fold the vector accumulators (max of |w| bits; min of |w| bits - 1, which puts zeros last) into st */
+static inline void astat_vec(astat *st, __m256i vmax, __m256i vmin) {
+    const uint32_t mx = v_hmax_u(vmax), mn = v_hmin_u(vmin) + 1u;
+    astat o = {bits_f(mx), mn == 0u ? INFINITY : bits_f(mn), mx >= 0x7F800000u};
+    if (o.bad) o.amax = 0.0f;
+    astat_merge(st, o);
+}
+#define ASTAT_VEC_UPDATE(w)                                                                        \
+    do {                                                                                           \
+        const __m256i wb_ = _mm256_and_si256(_mm256_castps_si256(w), _mm256_set1_epi32(0x7fffffff)); \
+        vmax = _mm256_max_epi32(vmax, wb_);                                                        \
+        vmin = _mm256_min_epu32(vmin, _mm256_sub_epi32(wb_, _mm256_set1_epi32(1)));                \
+    } while (0)
+#endif
+
+/* sweep A for AdamW over elements [lo, hi) of block b: w_til, the denominator, the new moments into the
+ * scratch (nothing in memory is written: a block that turns out non-finite is left as it was). vec = 0 takes
+ * the scalar path only (the exact re-run of a block whose fast sweep saw a NaN/Inf, see team_run). */
+static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args *a, int64_t b, int64_t lo,
                                                                   int64_t hi, float *wt, float *dn, float *mf,
-                                                                  const int gbf, const int sbf, const int fmt) {
+                                                                  float *vn, int vec, const int gbf,
+                                                                  const int sbf, const int fmt) {
     const int64_t base = b * a->bs;
     const float sc = a->scale ? a->scale[b] : 1.0f; /* unscaled: x * 1 is exact, as no multiply at all */
     const float decay = a->decay, w1 = a->w1, b2 = a->b2, omb2 = a->omb2, bc2s = a->bc2s, eps = a->eps,
                 ns = a->neg_step;
     const int small = w1 < 0.5f;
     const float coeff = small ? w1 : w1 - 1.0f;
-    float amax = 0.0f;
-    int bad = 0;
+    astat st = {0.0f, INFINITY, 0};
     int64_t i = lo;
+    /* sqrt(v) / bc2s by Markstein: sqrt of a finite v is +0 or in [2^-75, 2^64], so with bc2s in [2^-40, 1]
+     * the quotient and residual are normal. v = Inf gives NaN here: the block is re-run exactly. */
+    if (!(bc2s >= 0x1p-40f && bc2s <= 1.0f)) vec = 0;
 #if ECO_AVX2
-    {
-        /* (code/256) * (256*sc) == code * sc exactly: both round the same real product once */
-        const __m256 vsc = _mm256_set1_ps(fmt == FMT_E4M3 ? sc * 256.0f : sc), vdecay = _mm256_set1_ps(decay),
-                     vcoeff = _mm256_set1_ps(coeff),
+    if (vec) {
+        const __m256 vsc = _mm256_set1_ps(sc), vdecay = _mm256_set1_ps(decay), vcoeff = _mm256_set1_ps(coeff),
                      vb2 = _mm256_set1_ps(b2), vomb2 = _mm256_set1_ps(omb2), vbc2s = _mm256_set1_ps(bc2s),
-                     veps = _mm256_set1_ps(eps), vns = _mm256_set1_ps(ns), vrbc2s = _mm256_set1_ps(1.0f / bc2s),
-                     absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-        __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+                     veps = _mm256_set1_ps(eps), vns = _mm256_set1_ps(ns), vrbc2s = _mm256_set1_ps(1.0f / bc2s);
+        __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1);
         const __m256 vsmall = small ? _mm256_castsi256_ps(_mm256_set1_epi32(-1)) : _mm256_setzero_ps();
         /* local copies: stores through float pointers could alias the struct, which would force a reload
          * of every pointer in every iteration */
-        const void *codes = a->codes, *grad = a->grad;
-        void *mp = a->m, *vp = a->v;
+        const void *codes = a->codes, *grad = a->grad, *mp = a->m, *vp = a->v;
         for (; i + 8 <= hi; i += 8) {
             const int64_t j = base + i;
             __m256 w = _mm256_mul_ps(_mm256_mul_ps(v_decode_p(codes, j, fmt), vsc), vdecay);
@@ -290,19 +323,18 @@ static inline __attribute__((always_inline)) float adamw_sweep_a(const eco_args 
             __m256 v = v_ld(vp, j, sbf);
             m = _mm256_fmadd_ps(vcoeff, _mm256_sub_ps(g, m), _mm256_blendv_ps(g, m, vsmall));
             v = _mm256_fmadd_ps(_mm256_mul_ps(vomb2, g), g, _mm256_mul_ps(v, vb2));
-            const __m256 d = _mm256_add_ps(v_div_sqrt_rn(_mm256_sqrt_ps(v), vbc2s, vrbc2s), veps);
+            const __m256 d = _mm256_add_ps(v_div_mk(_mm256_sqrt_ps(v), vbc2s, vrbc2s), veps);
             w = _mm256_add_ps(w, _mm256_div_ps(_mm256_mul_ps(vns, m), d));
             _mm256_storeu_ps(wt + i, w);
             _mm256_storeu_ps(dn + i, d);
-            _mm256_storeu_ps(mf + i, m); /* the state is written once, by sweep B, after the injection */
-            v_st(vp, j, v, sbf);
-            vmax = _mm256_max_ps(vmax, _mm256_and_ps(w, absmask));
-            vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(w, w, _CMP_UNORD_Q));
+            _mm256_storeu_ps(mf + i, m); /* the moments are written once, by sweep B (after the injection) */
+            _mm256_storeu_ps(vn + i, v);
+            ASTAT_VEC_UPDATE(w);
         }
-        amax = v_hmax(vmax);
-        bad |= _mm256_movemask_ps(vbad) != 0;
+        astat_vec(&st, vmax, vmin);
     }
 #endif
+    (void)vec;
     for (; i < hi; i++) {
         const int64_t j = base + i;
         float w = decode_scalar(a, j, fmt) * sc;
@@ -322,35 +354,29 @@ static inline __attribute__((always_inline)) float adamw_sweep_a(const eco_args 
         wt[i] = w;
         dn[i] = d;
         mf[i] = m;
-        if (sbf) ((uint16_t *)a->v)[j] = f32_to_bf16(v);
-        else ((float *)a->v)[j] = v;
-        const float aw = fabsf(w);
-        amax = aw > amax ? aw : amax;
-        bad |= (w != w);
+        vn[i] = v;
+        astat_scalar(&st, w);
     }
-    return bad ? NAN : amax;
+    return st;
 }
 
 /* SGD sweep A: torch.optim.SGD single-tensor ops (grad.add(w, alpha=wd); buf.mul_(mom).add_(g, alpha=1-d);
  * nesterov: g.add(buf, alpha=mom); w.add_(d, alpha=-lr)). ATen's add with alpha is a + alpha*b via fmadd. */
-static inline __attribute__((always_inline)) float sgd_sweep_a(const eco_args *a, int64_t b, int64_t lo,
-                                                                int64_t hi, float *wt, float *mf,
+static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a, int64_t b, int64_t lo,
+                                                                int64_t hi, float *wt, float *mf, int vec,
                                                                 const int gbf, const int sbf, const int fmt) {
     const int64_t base = b * a->bs;
     const float sc = a->scale ? a->scale[b] : 1.0f; /* unscaled: x * 1 is exact, as no multiply at all */
     const float wd = a->wd, mom = a->mom, omd = a->omd, nl = a->neg_lr;
     const int first = a->first_step, nest = a->nesterov, has_mom = mom != 0.0f;
-    float amax = 0.0f;
-    int bad = 0;
+    astat st = {0.0f, INFINITY, 0};
     int64_t i = lo;
 #if ECO_AVX2
-    {
-        const __m256 vsc = _mm256_set1_ps(fmt == FMT_E4M3 ? sc * 256.0f : sc), vwd = _mm256_set1_ps(wd),
-                     vmom = _mm256_set1_ps(mom), vomd = _mm256_set1_ps(omd), vnl = _mm256_set1_ps(nl),
-                     absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-        __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
-        const void *codes = a->codes, *grad = a->grad;
-        const void *mp = a->m;
+    if (vec) {
+        const __m256 vsc = _mm256_set1_ps(sc), vwd = _mm256_set1_ps(wd), vmom = _mm256_set1_ps(mom),
+                     vomd = _mm256_set1_ps(omd), vnl = _mm256_set1_ps(nl);
+        __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1);
+        const void *codes = a->codes, *grad = a->grad, *mp = a->m;
         for (; i + 8 <= hi; i += 8) {
             const int64_t j = base + i;
             __m256 w = _mm256_mul_ps(v_decode_p(codes, j, fmt), vsc);
@@ -364,13 +390,12 @@ static inline __attribute__((always_inline)) float sgd_sweep_a(const eco_args *a
             }
             w = _mm256_fmadd_ps(vnl, d, w);
             _mm256_storeu_ps(wt + i, w);
-            vmax = _mm256_max_ps(vmax, _mm256_and_ps(w, absmask));
-            vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(w, w, _CMP_UNORD_Q));
+            ASTAT_VEC_UPDATE(w);
         }
-        amax = v_hmax(vmax);
-        bad |= _mm256_movemask_ps(vbad) != 0;
+        astat_vec(&st, vmax, vmin);
     }
 #endif
+    (void)vec;
     for (; i < hi; i++) {
         const int64_t j = base + i;
         float w = decode_scalar(a, j, fmt) * sc;
@@ -390,11 +415,9 @@ static inline __attribute__((always_inline)) float sgd_sweep_a(const eco_args *a
         }
         w = fmaf(nl, d, w);
         wt[i] = w;
-        const float aw = fabsf(w);
-        amax = aw > amax ? aw : amax;
-        bad |= (w != w);
+        astat_scalar(&st, w);
     }
-    return bad ? NAN : amax;
+    return st;
 }
 
 /* codec.compute_scale for one block */
@@ -406,109 +429,151 @@ static inline float block_scale(const eco_args *a, float amax) {
     return s;
 }
 
-/* sweep B: quantize w_til with scale s, write codes, inject s-scaled error into the momentum */
+/* May sweep B divide the block by s with v_div_mk? Every nonzero |w| <= amax ~ s*fmax, so the quotient cannot
+ * overflow; it must not be subnormal (|w|/s >= 2^-124) and the residual must be normal (|w| >= 2^-90). */
+static inline int markstein_ok(float s, astat st) {
+    return st.minnz == INFINITY || (st.minnz >= 0x1p-90f && (double)st.minnz >= (double)s * 0x1p-124);
+}
+
+/* sweep B: quantize w_til with scale s, write codes, inject s-scaled error into the momentum, write the
+ * moments (mk: divide by s with v_div_mk, see markstein_ok) */
 static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int64_t b, int64_t lo, int64_t hi,
-                                                          float s, const float *wt, const float *dn, float *mf,
-                                                          const int sbf, const int fmt, const int sr,
-                                                          const int adam) {
+                                                          float s, int mk, const float *wt, const float *dn,
+                                                          const float *mf, const float *vn, const int sbf,
+                                                          const int fmt, const int sr, const int adam) {
     const int64_t base = b * a->bs;
     const float fmax = a->fmax, coef = a->coef;
-    const int man = a->man_bits, emin = a->emin, bias = fmt == FMT_E4M3 ? 7 : 15;
-    const int inject = a->inject, has_m = a->m != NULL, unscaled = a->scale == NULL;
+    /* the fp8 grid parameters are the format's constants (FP8_E4M3/E5M2 in formats.py), known at compile time */
+    const int man = fmt == FMT_E4M3 ? 3 : 2, emin = fmt == FMT_E4M3 ? -6 : -14, bias = fmt == FMT_E4M3 ? 7 : 15;
+    const int inject = a->inject, has_m = a->m != NULL, unscaled = fmt == FMT_BF16;
     const uint32_t k1 = a->k1, k2 = a->k2;
+    void *const codes = a->codes, *const mp = a->m, *const vp = a->v;
     int64_t i = lo;
 #if ECO_AVX2
+    int64_t vhi = hi;
+    /* the SR counter's low word must not wrap inside a vector: leave such a (>4G-element) range to the scalars */
+    if (sr && ((uint64_t)(base + lo) >> 32) != ((uint64_t)(base + hi + 8) >> 32)) vhi = lo;
     {
-        const __m256 vs = _mm256_set1_ps(s), vrs = _mm256_set1_ps(1.0f / s), vhi = _mm256_set1_ps(fmax),
-                     vlo = _mm256_set1_ps(-fmax),
-                     vcoef = _mm256_set1_ps(coef), one = _mm256_set1_ps(1.0f);
-        const __m256i vminexp = _mm256_set1_epi32((emin + 127) << 23), vmanexp = _mm256_set1_epi32(man << 23);
+        const __m256 vs = _mm256_set1_ps(s), vrs = _mm256_set1_ps(1.0f / s), vhi_ = _mm256_set1_ps(fmax),
+                     vlo = _mm256_set1_ps(-fmax), vcoef = _mm256_set1_ps(coef), one = _mm256_set1_ps(1.0f),
+                     sgn = _mm256_set1_ps(-0.0f);
+        /* the constants live in registers: made opaque, so that the compiler cannot rebuild them inside the
+         * loop (GCC does, at four instructions each, when it thinks a register is better used elsewhere) */
+        /* SR counters: the low words of this vector's indices (advanced by 8 per vector); the high word is
+         * the same for the whole range (checked above) */
+        __m256i vidx = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(base + i)),
+                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256i vk1 = _mm256_set1_epi32((int)k1),
+                      vk2 = _mm256_set1_epi32((int)(k2 + (uint32_t)((uint64_t)(base + i) >> 32)));
+        __m256i vminexp = _mm256_set1_epi32((emin + 127) << 23), vexpmask = _mm256_set1_epi32(0x7F800000),
+                vmagic = _mm256_set1_epi32(((23 - man) << 23) | 0x400000);
+        __asm__("" : "+x"(vminexp), "+x"(vexpmask), "+x"(vmagic));
         /* Sweep B touches only in-cache data, so memory would idle: prefetch the next block's inputs now
          * (the arrays are contiguous, so that is one block ahead of j). */
-        const char *pf_codes = (const char *)a->codes, *pf_g = (const char *)a->grad, *pf_m = (const char *)a->m,
-                   *pf_v = (const char *)a->v;
+        const char *pf_codes = (const char *)codes, *pf_g = (const char *)a->grad, *pf_m = (const char *)mp,
+                   *pf_v = (const char *)vp;
         const int esz_g = a->grad_bf16 ? 2 : 4, esz_s = sbf ? 2 : 4;
         const int64_t ahead = a->bs;
-        for (; i + 8 <= hi; i += 8) {
-            const int64_t j = base + i;
-            if (sr && (uint32_t)j > 0xFFFFFFF8u) break; /* the counter's low word wraps inside this vector */
-            if ((i & 15) == 0) {
-                const int64_t n = j + ahead;
-                _mm_prefetch(pf_g + n * esz_g, _MM_HINT_T0);
-                if (pf_m) _mm_prefetch(pf_m + n * esz_s, _MM_HINT_T0);
-                if (pf_v) _mm_prefetch(pf_v + n * esz_s, _MM_HINT_T0);
-                if ((i & 31) == 0)
-                    _mm_prefetch(pf_codes + (fmt == FMT_BF16 ? 2 * n : fmt == FMT_INT4 ? n / 2 : n), _MM_HINT_T0);
-            }
-            const __m256 w = _mm256_loadu_ps(wt + i);
-            const __m256 y = _mm256_min_ps(_mm256_max_ps(unscaled ? w : v_div_rn(w, vs, vrs), vlo), vhi);
-            __m256 q;
-            if (fmt == FMT_BF16) {
-                const __m256i u = _mm256_castps_si256(y);
-                if (sr) {
-                    /* the bf16 grid spacing is the unit of bit 16 (subnormals included), so floor/frac come
-                     * from the bit pattern: frac = L/2^16 above zero, 1 - L/2^16 below (L = low 16 bits) */
-                    const __m256i L = _mm256_and_si256(u, _mm256_set1_epi32(0xFFFF));
-                    const __m256i T = _mm256_andnot_si256(_mm256_set1_epi32(0xFFFF), u);
-                    const __m256 fl = _mm256_mul_ps(_mm256_cvtepi32_ps(L), _mm256_set1_ps(0x1p-16f));
-                    const __m256 neg = _mm256_castsi256_ps(_mm256_srai_epi32(u, 31));
-                    const __m256 frac = _mm256_blendv_ps(fl, _mm256_sub_ps(one, fl), neg);
-                    const __m256 up = _mm256_cmp_ps(v_uniform(k1, k2, (uint64_t)j), frac, _CMP_LT_OQ);
-                    /* above zero "up" adds one grid step to the magnitude, below zero "not up" does */
-                    const __m256 grow = _mm256_xor_ps(up, neg);
-                    __m256i qb = _mm256_add_epi32(
-                        T, _mm256_and_si256(_mm256_castps_si256(grow), _mm256_set1_epi32(0x10000)));
-                    const __m256i exact = _mm256_cmpeq_epi32(L, _mm256_setzero_si256());
-                    q = _mm256_castsi256_ps(_mm256_blendv_epi8(qb, u, exact));
-                } else { /* round to nearest even on the bit pattern (c10::BFloat16's rounding) */
-                    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
-                        _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
-                    q = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_set1_epi32(0xFFFF), r));
-                }
-            } else if (fmt == FMT_INT8 || fmt == FMT_INT4) {
-                if (sr) {
-                    const __m256 f = _mm256_floor_ps(y);
-                    const __m256 up = _mm256_cmp_ps(v_uniform(k1, k2, (uint64_t)j), _mm256_sub_ps(y, f), _CMP_LT_OQ);
-                    q = _mm256_add_ps(f, _mm256_and_ps(up, one));
-                } else {
-                    q = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                }
-            } else {
-                /* grid spacing sp = 2^(max(floor(log2|y|), emin) - man), built directly in the exponent field */
-                const __m256i spb = _mm256_sub_epi32(
-                    _mm256_max_epi32(_mm256_and_si256(_mm256_castps_si256(y), _mm256_set1_epi32(0x7F800000)), vminexp),
-                    vmanexp);
-                const __m256 sp = _mm256_castsi256_ps(spb);
-                if (sr) {
-                    /* y / sp is exact (sp is a power of two), so multiplying by 1/sp (also exact) is the same */
-                    const __m256 r = _mm256_mul_ps(
-                        y, _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(254 << 23), spb)));
-                    const __m256 f = _mm256_floor_ps(r);
-                    const __m256 up = _mm256_cmp_ps(v_uniform(k1, k2, (uint64_t)j), _mm256_sub_ps(r, f), _CMP_LT_OQ);
-                    q = _mm256_mul_ps(_mm256_add_ps(f, _mm256_and_ps(up, one)), sp);
-                } else {
-                    /* round y to a multiple of sp, ties to even: (y + M) - M with M = 1.5 * 2^23 * sp (|y| < 2^22 sp)
-                     * is exactly sp * round_half_even(y / sp) */
-                    const __m256 magic =
-                        _mm256_castsi256_ps(_mm256_add_epi32(spb, _mm256_set1_epi32((23 << 23) | 0x400000)));
-                    q = _mm256_sub_ps(_mm256_add_ps(y, magic), magic);
-                    /* a y that rounds to zero keeps its sign, as round() does (-0 has its own fp8 code) */
-                    q = _mm256_or_ps(q, _mm256_and_ps(y, _mm256_set1_ps(-0.0f)));
-                }
-            }
-            v_store_codes(a, j, q, fmt, man, bias);
-            if (has_m) {
-                __m256 m = _mm256_loadu_ps(mf + i);
-                if (inject) {
-                    const __m256 err = _mm256_sub_ps(w, _mm256_mul_ps(q, vs));
-                    if (adam) m = _mm256_fmadd_ps(_mm256_mul_ps(vcoef, err), _mm256_loadu_ps(dn + i), m);
-                    else m = _mm256_fmadd_ps(vcoef, err, m);
-                }
-                v_st(a->m, j, m, sbf);
-            }
+#define B_VEC(ii, HM, INJ) /* HM: there is a momentum; INJ: inject the error into it */                \
+    do {                                                                                                      \
+        const int64_t i_ = (ii), j = base + i_;                                                               \
+        const __m256 w = _mm256_loadu_ps(wt + i_);                                                            \
+        __m256 y = w;                                                                                         \
+        if (!unscaled) y = mk ? v_div_mk(w, vs, vrs) : _mm256_div_ps(w, vs);                                  \
+        y = _mm256_min_ps(_mm256_max_ps(y, vlo), vhi_);                                                       \
+        __m256 q;                                                                                             \
+        if (fmt == FMT_BF16) {                                                                                \
+            const __m256i u = _mm256_castps_si256(y);                                                         \
+            if (sr) {                                                                                         \
+                /* the bf16 grid spacing is the unit of bit 16 (subnormals included), so floor/frac come     \
+                 * from the bit pattern: frac = L/2^16 above zero, 1 - L/2^16 below (L = low 16 bits) */      \
+                const __m256i L = _mm256_and_si256(u, _mm256_set1_epi32(0xFFFF));                             \
+                const __m256i T = _mm256_andnot_si256(_mm256_set1_epi32(0xFFFF), u);                          \
+                const __m256 fl = _mm256_mul_ps(_mm256_cvtepi32_ps(L), _mm256_set1_ps(0x1p-16f));             \
+                const __m256 neg = _mm256_castsi256_ps(_mm256_srai_epi32(u, 31));                             \
+                const __m256 frac = _mm256_blendv_ps(fl, _mm256_sub_ps(one, fl), neg);                        \
+                const __m256 up = _mm256_cmp_ps(v_uniform(vidx, vk1, vk2), frac, _CMP_LT_OQ);           \
+                /* above zero "up" adds one grid step to the magnitude, below zero "not up" does */           \
+                const __m256 grow = _mm256_xor_ps(up, neg);                                                   \
+                __m256i qb = _mm256_add_epi32(                                                                \
+                    T, _mm256_and_si256(_mm256_castps_si256(grow), _mm256_set1_epi32(0x10000)));             \
+                const __m256i exact = _mm256_cmpeq_epi32(L, _mm256_setzero_si256());                          \
+                q = _mm256_castsi256_ps(_mm256_blendv_epi8(qb, u, exact));                                    \
+            } else { /* round to nearest even on the bit pattern (c10::BFloat16's rounding) */                \
+                const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),            \
+                    _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));                       \
+                q = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_set1_epi32(0xFFFF), r));                   \
+            }                                                                                                 \
+        } else if (fmt == FMT_INT8 || fmt == FMT_INT4) {                                                      \
+            if (sr) {                                                                                         \
+                const __m256 f = _mm256_floor_ps(y);                                                          \
+                const __m256 up = _mm256_cmp_ps(v_uniform(vidx, vk1, vk2), _mm256_sub_ps(y, f), _CMP_LT_OQ); \
+                q = _mm256_add_ps(f, _mm256_and_ps(up, one));                                                 \
+            } else {                                                                                          \
+                q = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);                        \
+            }                                                                                                 \
+        } else {                                                                                              \
+            /* grid spacing sp = 2^(max(floor(log2|y|), emin) - man), built directly in the exponent field */  \
+            const __m256i ebits = _mm256_max_epi32(                                                           \
+                _mm256_and_si256(_mm256_castps_si256(y), vexpmask), vminexp);                                 \
+            if (sr) {                                                                                         \
+                const __m256i spb = _mm256_sub_epi32(ebits, _mm256_set1_epi32(man << 23));                    \
+                /* y / sp is exact (sp is a power of two), so multiplying by 1/sp (also exact) is the same */ \
+                const __m256 r = _mm256_mul_ps(                                                               \
+                    y, _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(254 << 23), spb)));            \
+                const __m256 f = _mm256_floor_ps(r);                                                          \
+                const __m256 up = _mm256_cmp_ps(v_uniform(vidx, vk1, vk2), _mm256_sub_ps(r, f), _CMP_LT_OQ); \
+                q = _mm256_mul_ps(_mm256_add_ps(f, _mm256_and_ps(up, one)), _mm256_castsi256_ps(spb));       \
+            } else {                                                                                          \
+                /* round y to a multiple of sp, ties to even: (y + M) - M with M = 1.5 * 2^23 * sp            \
+                 * (|y| < 2^22 sp) is exactly sp * round_half_even(y / sp) */                                 \
+                const __m256 magic = _mm256_castsi256_ps(                                                     \
+                    _mm256_add_epi32(ebits, vmagic));                                                         \
+                q = _mm256_sub_ps(_mm256_add_ps(y, magic), magic);                                            \
+                /* a y that rounds to zero keeps its sign, as round() does (-0 has its own fp8 code); the     \
+                 * sign is w's, which v_div_mk may have dropped from a -0 */                                  \
+                q = _mm256_or_ps(q, _mm256_and_ps(w, sgn));                                                   \
+            }                                                                                                 \
+        }                                                                                                     \
+        v_store_codes(codes, j, q, fmt, bias);                                                           \
+        if (adam) v_st(vp, j, _mm256_loadu_ps(vn + i_), sbf);                                                 \
+        if (HM) {                                                                                             \
+            __m256 m = _mm256_loadu_ps(mf + i_);                                                              \
+            if (INJ) {                                                                                     \
+                const __m256 err = _mm256_sub_ps(w, _mm256_mul_ps(q, vs));                                    \
+                if (adam) m = _mm256_fmadd_ps(_mm256_mul_ps(vcoef, err), _mm256_loadu_ps(dn + i_), m);        \
+                else m = _mm256_fmadd_ps(vcoef, err, m);                                                      \
+            }                                                                                                 \
+            v_st(mp, j, m, sbf);                                                                              \
+        }                                                                                                     \
+        if (sr) vidx = _mm256_add_epi32(vidx, _mm256_set1_epi32(8));                                         \
+    } while (0)
+#define B_LOOP(HM, INJ)                                                                                       \
+    do {                                                                                                      \
+        for (; i + 16 <= vhi; i += 16) {                                                                      \
+            const int64_t n = base + i + ahead;                                                               \
+            _mm_prefetch(pf_g + n * esz_g, _MM_HINT_T0);                                                      \
+            if (HM) _mm_prefetch(pf_m + n * esz_s, _MM_HINT_T0);                                              \
+            if (adam) _mm_prefetch(pf_v + n * esz_s, _MM_HINT_T0);                                            \
+            if ((i & 63) == 0)                                                                                \
+                _mm_prefetch(pf_codes + (fmt == FMT_BF16 ? 2 * n : fmt == FMT_INT4 ? n / 2 : n), _MM_HINT_T0); \
+            B_VEC(i, HM, INJ);                                                                                \
+            B_VEC(i + 8, HM, INJ);                                                                            \
+        }                                                                                                     \
+        for (; i + 8 <= vhi; i += 8) B_VEC(i, HM, INJ);                                                       \
+    } while (0)
+        /* one loop per momentum/injection case, so that the loop body has no branches */
+        if (adam || has_m) {
+            if (inject) B_LOOP(1, 1);
+            else B_LOOP(1, 0);
+        } else {
+            B_LOOP(0, 0);
         }
+#undef B_LOOP
+#undef B_VEC
     }
 #endif
+    (void)mk;
     for (; i < hi; i++) {
         const int64_t j = base + i;
         const float w = wt[i];
@@ -527,7 +592,7 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
                 qb = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
             }
             q = bits_f(qb);
-            ((uint16_t *)a->codes)[j] = (uint16_t)(qb >> 16);
+            ((uint16_t *)codes)[j] = (uint16_t)(qb >> 16);
         } else if (fmt == FMT_INT8 || fmt == FMT_INT4) {
             if (sr) {
                 const float f = floorf(y);
@@ -536,9 +601,9 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
                 q = nearbyintf(y);
             }
             if (fmt == FMT_INT8) {
-                ((int8_t *)a->codes)[j] = (int8_t)q;
+                ((int8_t *)codes)[j] = (int8_t)q;
             } else { /* one nibble: blocks and thread ranges start at even indices, so no byte is shared */
-                uint8_t *byte = (uint8_t *)a->codes + (j >> 1);
+                uint8_t *byte = (uint8_t *)codes + (j >> 1);
                 const int sh = 4 * (int)(j & 1);
                 *byte = (uint8_t)((*byte & ~(0xF << sh)) | (((int)q + 8) << sh));
             }
@@ -555,7 +620,11 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
                 n = nearbyintf(r);
             }
             q = n * sp;
-            ((uint8_t *)a->codes)[j] = encode_fp8(q, man, bias);
+            ((uint8_t *)codes)[j] = encode_fp8(q, man, bias);
+        }
+        if (adam) {
+            if (sbf) ((uint16_t *)vp)[j] = f32_to_bf16(vn[i]);
+            else ((float *)vp)[j] = vn[i];
         }
         if (has_m) {
             float m = mf[i];
@@ -564,34 +633,46 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
                 if (adam) m = fmaf(coef * err, dn[i], m); /* addcmul_(e, denom, value=coef) */
                 else m = fmaf(coef, err, m);              /* add_(e, alpha=coef) */
             }
-            if (sbf) ((uint16_t *)a->m)[j] = f32_to_bf16(m);
-            else ((float *)a->m)[j] = m;
+            if (sbf) ((uint16_t *)mp)[j] = f32_to_bf16(m);
+            else ((float *)mp)[j] = m;
         }
     }
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* Dispatch on the compile-time flags so that each combination gets its own vectorised loop.             */
-static float sweep_a(const eco_args *a, int64_t b, int64_t lo, int64_t hi, float *wt, float *dn, float *mf) {
-#define A_CASE(G, S, F)                                                                  \
-    if (a->grad_bf16 == G && a->state_bf16 == S && a->fmt == F)                          \
-        return a->optimizer == 0 ? adamw_sweep_a(a, b, lo, hi, wt, dn, mf, G, S, F)      \
-                                 : sgd_sweep_a(a, b, lo, hi, wt, mf, G, S, F);
+static astat sweep_a(const eco_args *a, int64_t b, int64_t lo, int64_t hi, float *wt, float *dn, float *mf,
+                     float *vn, int vec) {
+#define A_CASE(G, S, F)                                                                       \
+    if (a->grad_bf16 == G && a->state_bf16 == S && a->fmt == F)                               \
+        return a->optimizer == 0 ? adamw_sweep_a(a, b, lo, hi, wt, dn, mf, vn, vec, G, S, F)  \
+                                 : sgd_sweep_a(a, b, lo, hi, wt, mf, vec, G, S, F);
 #define A_FMTS(G, S) A_CASE(G, S, FMT_E4M3) A_CASE(G, S, FMT_E5M2) A_CASE(G, S, FMT_INT8) A_CASE(G, S, FMT_BF16) \
     A_CASE(G, S, FMT_INT4)
     A_FMTS(0, 0) A_FMTS(0, 1) A_FMTS(1, 0) A_FMTS(1, 1)
-    return NAN;
+    astat bad = {0.0f, INFINITY, 1};
+    return bad;
 #undef A_FMTS
 #undef A_CASE
 }
 
-static void sweep_b_any(const eco_args *a, int64_t b, int64_t lo, int64_t hi, float s, const float *wt,
-                        const float *dn, float *mf) {
+/* sweep A, re-run exactly (scalar code: true divisions) if the fast sweep saw a NaN/Inf, which is also how
+ * the fast path's shortcuts fail (an Inf second moment); the block is then non-finite only if the exact
+ * sweep says so */
+static astat sweep_a_checked(const eco_args *a, int64_t b, int64_t lo, int64_t hi, float *wt, float *dn,
+                             float *mf, float *vn) {
+    astat st = sweep_a(a, b, lo, hi, wt, dn, mf, vn, 1);
+    if (st.bad) st = sweep_a(a, b, lo, hi, wt, dn, mf, vn, 0);
+    return st;
+}
+
+static void sweep_b_any(const eco_args *a, int64_t b, int64_t lo, int64_t hi, float s, int mk, const float *wt,
+                        const float *dn, const float *mf, const float *vn) {
     const int adam = a->optimizer == 0;
 #define B_CASE(S, F, R)                                                                          \
     if (a->state_bf16 == S && a->fmt == F && a->stochastic == R) {                               \
-        if (adam) sweep_b(a, b, lo, hi, s, wt, dn, mf, S, F, R, 1);                              \
-        else sweep_b(a, b, lo, hi, s, wt, dn, mf, S, F, R, 0);                                   \
+        if (adam) sweep_b(a, b, lo, hi, s, mk, wt, dn, mf, vn, S, F, R, 1);                      \
+        else sweep_b(a, b, lo, hi, s, mk, wt, dn, mf, vn, S, F, R, 0);                           \
         return;                                                                                  \
     }
 #define B_FMTS(S, R) B_CASE(S, FMT_E4M3, R) B_CASE(S, FMT_E5M2, R) B_CASE(S, FMT_INT8, R) B_CASE(S, FMT_BF16, R) \
@@ -603,10 +684,12 @@ static void sweep_b_any(const eco_args *a, int64_t b, int64_t lo, int64_t hi, fl
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* Threading: one team of threads steps every tensor of the call (one thread creation per optimizer step,  */
-/* not per tensor). Blocks of up to SPLIT elements are dealt out in contiguous ranges, each thread sweeping */
-/* its blocks in its own in-cache scratch; a larger block (a per-tensor scale) is swept by all threads in   */
-/* two phases, with a barrier in between to combine the absmax.                                           */
+/* not per tensor). Blocks of up to SPLIT elements are taken in chunks from a shared counter, each thread   */
+/* sweeping its blocks in its own in-cache scratch; a larger block (a per-tensor scale) is swept by all     */
+/* threads in two phases, with a barrier in between to combine the block statistics.                      */
 #define SPLIT 65536
+#define NSCRATCH 4 /* w_til, denominator, momentum, second moment */
+#define CHUNK 16384 /* elements of small blocks per unit of work */
 
 /* fn(items[0]) .. fn(items[n-1]) concurrently (item t at base + t*size); the caller runs item 0 */
 static void run_parallel(void *(*fn)(void *), void *base, size_t size, int n) {
@@ -623,50 +706,57 @@ typedef struct {
     eco_args *const *args;
     int n, nt, tid;
     pthread_barrier_t *bar;
-    float *scratch;       /* this thread's: 3 x the largest small block */
-    float *big;           /* shared: 3 x the largest large block */
-    float *partial;       /* shared: one absmax per thread */
+    float *scratch;       /* this thread's: NSCRATCH x the largest small block */
+    float *big;           /* shared: NSCRATCH x the largest large block */
+    astat *partial;       /* shared: one per thread */
+    int64_t *next;        /* shared: the next chunk of small blocks to take */
+    const int64_t *cend;  /* per tensor: one past its last chunk (chunks of all tensors numbered in order) */
+    const int64_t *cblk;  /* per tensor: blocks per chunk */
 } team;
 
 static void *team_run(void *p) {
     team *tm = (team *)p;
     const int nt = tm->nt, tid = tm->tid;
+    /* Small blocks: chunks are taken from a shared counter rather than dealt out in equal shares, so a thread
+     * whose core is busier (a noisy neighbour, an interrupt) takes fewer and nobody waits for it at the end. */
+    float *wt = tm->scratch;
+    for (int k = 0;;) {
+        const int64_t c = __atomic_fetch_add(tm->next, 1, __ATOMIC_RELAXED);
+        if (k >= tm->n || c >= tm->cend[tm->n - 1]) break;
+        while (c >= tm->cend[k]) k++; /* a thread's chunks come in increasing order */
+        eco_args *a = tm->args[k];
+        const int64_t bs = a->bs, first = (c - (k ? tm->cend[k - 1] : 0)) * tm->cblk[k];
+        const int64_t last = first + tm->cblk[k] < a->nb ? first + tm->cblk[k] : a->nb;
+        float *dn = wt + bs, *mf = dn + bs, *vn = mf + bs;
+        int64_t bad = 0;
+        for (int64_t b = first; b < last; b++) {
+            const astat st = sweep_a_checked(a, b, 0, bs, wt, dn, mf, vn);
+            if (st.bad) { bad++; continue; } /* nothing of this block was written */
+            const float s = block_scale(a, st.amax);
+            if (a->scale) a->scale[b] = s;
+            sweep_b_any(a, b, 0, bs, s, markstein_ok(s, st), wt, dn, mf, vn);
+        }
+        if (bad) __atomic_fetch_add(&a->nonfinite, bad, __ATOMIC_RELAXED);
+    }
+    /* Large blocks (a per-tensor scale): every thread sweeps its share, the statistics meet at a barrier. */
     for (int k = 0; k < tm->n; k++) {
         eco_args *a = tm->args[k];
-        if (a->nb <= 0 || a->bs <= 0) continue;
         const int64_t bs = a->bs;
-        if (bs <= SPLIT) {
-            const int64_t per = (a->nb + nt - 1) / nt;
-            const int64_t lo = tid * per, hi = lo + per < a->nb ? lo + per : a->nb;
-            int64_t bad = 0;
-            float *wt = tm->scratch, *dn = wt + bs, *mf = dn + bs;
-            for (int64_t b = lo; b < hi; b++) {
-                float amax = sweep_a(a, b, 0, bs, wt, dn, mf);
-                if (!isfinite(amax)) { bad++; continue; }
-                float s = block_scale(a, amax);
-                if (a->scale) a->scale[b] = s;
-                sweep_b_any(a, b, 0, bs, s, wt, dn, mf);
-            }
-            if (bad) __atomic_fetch_add(&a->nonfinite, bad, __ATOMIC_RELAXED);
-            continue;
-        }
+        if (a->nb <= 0 || bs <= SPLIT) continue;
         int64_t per = (bs + nt - 1) / nt;
         per = (per + 63) / 64 * 64;
         const int64_t lo = tid * per < bs ? tid * per : bs, hi = lo + per < bs ? lo + per : bs;
-        float *wt = tm->big, *dn = wt + bs, *mf = dn + bs;
+        float *bwt = tm->big, *dn = bwt + bs, *mf = dn + bs, *vn = mf + bs;
         for (int64_t b = 0; b < a->nb; b++) {
-            tm->partial[tid] = lo < hi ? sweep_a(a, b, lo, hi, wt, dn, mf) : 0.0f;
+            const astat none = {0.0f, INFINITY, 0};
+            tm->partial[tid] = lo < hi ? sweep_a_checked(a, b, lo, hi, bwt, dn, mf, vn) : none;
             pthread_barrier_wait(tm->bar);
-            float amax = 0.0f;
-            int bad = 0;
-            for (int t = 0; t < nt; t++) { /* every thread combines the same partials: the same scale */
-                bad |= !isfinite(tm->partial[t]);
-                amax = tm->partial[t] > amax ? tm->partial[t] : amax;
-            }
-            if (!bad) {
-                float s = block_scale(a, amax);
+            astat st = none;
+            for (int t = 0; t < nt; t++) astat_merge(&st, tm->partial[t]); /* every thread gets the same */
+            if (!st.bad) {
+                const float s = block_scale(a, st.amax);
                 if (tid == 0 && a->scale) a->scale[b] = s;
-                if (lo < hi) sweep_b_any(a, b, lo, hi, s, wt, dn, mf);
+                if (lo < hi) sweep_b_any(a, b, lo, hi, s, markstein_ok(s, st), bwt, dn, mf, vn);
             } else if (tid == 0) {
                 a->nonfinite++;
             }
@@ -698,7 +788,8 @@ static void *gated_run(void *p) {
 }
 
 /* Step n tensors with up to nthreads threads. Returns 0, or -1 if scratch memory could not be allocated
- * (then nothing was modified). Each args->nonfinite counts the blocks left unquantized (NaN/Inf w_til). */
+ * (then nothing was modified). Each args->nonfinite counts the blocks whose update came out NaN/Inf: those
+ * blocks are left exactly as they were (codes, scale, moments). */
 int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
     int64_t small = 0, big = 0, total = 0;
     for (int k = 0; k < n; k++) {
@@ -710,16 +801,27 @@ int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
     }
     int nt = nthreads < 1 ? 1 : (nthreads > 64 ? 64 : nthreads);
     if (total < 32768) nt = 1; /* starting a thread costs more than sweeping this little */
-    float *scratch = (float *)malloc(sizeof(float) * (3 * (size_t)small * nt + 3 * (size_t)big + nt) + 64);
-    if (!scratch) return -1;
+    /* chunks of about CHUNK elements of small blocks, numbered tensor after tensor */
+    int64_t *cend = (int64_t *)malloc(sizeof(int64_t) * 2 * (size_t)(n > 0 ? n : 1)), *cblk = cend + n, next = 0;
+    if (!cend) return -1;
+    for (int k = 0; k < n; k++) {
+        const eco_args *a = args[k];
+        const int small_blocks = a->nb > 0 && a->bs > 0 && a->bs <= SPLIT;
+        cblk[k] = small_blocks ? (CHUNK / a->bs > 1 ? CHUNK / a->bs : 1) : 1;
+        cend[k] = (k ? cend[k - 1] : 0) + (small_blocks ? (a->nb + cblk[k] - 1) / cblk[k] : 0);
+    }
+    float *scratch = (float *)malloc(sizeof(float) * (NSCRATCH * (size_t)small * nt + NSCRATCH * (size_t)big) +
+                                     sizeof(astat) * (size_t)nt + 64);
+    if (!scratch) { free(cend); return -1; }
     pthread_barrier_t bar;
-    if (big && pthread_barrier_init(&bar, NULL, (unsigned)nt) != 0) { free(scratch); return -1; }
+    if (big && pthread_barrier_init(&bar, NULL, (unsigned)nt) != 0) { free(scratch); free(cend); return -1; }
     team tm[64];
     for (int t = 0; t < nt; t++) {
         tm[t].args = args; tm[t].n = n; tm[t].nt = nt; tm[t].tid = t; tm[t].bar = &bar;
-        tm[t].scratch = scratch + 3 * (size_t)small * t;
-        tm[t].big = scratch + 3 * (size_t)small * nt;
-        tm[t].partial = tm[t].big + 3 * (size_t)big;
+        tm[t].scratch = scratch + NSCRATCH * (size_t)small * t;
+        tm[t].big = scratch + NSCRATCH * (size_t)small * nt;
+        tm[t].partial = (astat *)(tm[t].big + NSCRATCH * (size_t)big);
+        tm[t].next = &next; tm[t].cend = cend; tm[t].cblk = cblk;
     }
     if (big) {
         /* Barriers need every member running at once, so the team is started behind a gate: if a thread
@@ -742,12 +844,14 @@ int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
         pthread_barrier_destroy(&bar);
         if (started != nt) {
             free(scratch);
+            free(cend);
             return eco_step_many(args, n, 1);
         }
     } else {
         run_parallel(team_run, tm, sizeof(team), nt);
     }
     free(scratch);
+    free(cend);
     return 0;
 }
 
@@ -821,4 +925,4 @@ int eco_all_finite(void *const *ptrs, const int64_t *numels, const int32_t *dtyp
     return !bad;
 }
 
-int eco_abi_version(void) { return 6; }
+int eco_abi_version(void) { return 7; }

@@ -282,6 +282,8 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
 class _ShardedMixin:
     """Runs an ecoptim optimizer's per-parameter update on the local shard of each DTensor parameter."""
 
+    _block_skip_ok = False  # the skip decision is taken rank-wide (_grads_finite below)
+
     def _grads_finite(self) -> bool:  # type: ignore[override]
         flags = [torch.isfinite(local_shard(p.grad)).all() for g in self.param_groups for p in g["params"]
                  if p.grad is not None]

@@ -25,6 +25,7 @@ and steps them in one call; the results are bit-identical to ``_step_param``'s r
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -41,7 +42,7 @@ from . import fused as _fused
 __all__ = ["QuantOptimizer", "MODES", "NonFiniteGradientError"]
 
 MODES = ("eco", "master", "naive", "exact", "kahan")
-NONFINITE = ("skip", "raise")
+NONFINITE = ("skip", "raise", "skip_blocks")
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -69,8 +70,36 @@ def _store_(p: torch.Tensor, spec: QuantSpec, w_til: torch.Tensor, rounding: str
     return w_new
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    fast = kernels.all_finite(tensors)
+    if fast is not None:
+        return fast
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _num_blocks(p: torch.Tensor) -> int:
+    """Blocks sharing a scale in ``p`` (1 for a dense or unscaled parameter)."""
+    spec = spec_of(p)
+    return spec.granularity.blocks(p.shape)[0] if spec is not None and spec.scaled else 1
+
+
 class QuantOptimizer(Optimizer):
-    """Base class; see the module docstring for the modes."""
+    """Base class; see the module docstring for the modes.
+
+    Non-finite gradients (``nonfinite``):
+      * 'skip' (default): one read of every gradient before the step; a step with any NaN/Inf is skipped whole
+        (nothing is touched; ``skipped_steps`` counts them).
+      * 'raise': the same check, raising ``NonFiniteGradientError``.
+      * 'skip_blocks': no separate pass over the gradients (torch.optim's cost, which checks nothing). The
+        fused kernel checks every block (a row, group or tensor sharing a scale) as it updates it and leaves
+        a block whose update comes out NaN/Inf exactly as it was (codes, scale, moments); parameters outside
+        the kernel are checked one by one and skipped whole. ``skipped_blocks`` counts the blocks left alone
+        and a warning says so. A parameter's step count advances if any of its blocks was updated.
+    Either way, non-finite values never reach the stored weights.
+    """
+
+    _block_skip_ok = True  # False where every rank must take the same skip decision (see distributed/)
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, mode: str = "eco",
                  rounding: str = "stochastic", seed: int = 0, nonfinite: str = "skip") -> None:
@@ -78,12 +107,16 @@ class QuantOptimizer(Optimizer):
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         check_rounding(rounding)
         if nonfinite not in NONFINITE:
-            raise ValueError(f"unknown nonfinite policy {nonfinite!r}; use 'skip' or 'raise'")
+            raise ValueError(f"unknown nonfinite policy {nonfinite!r}; use 'skip', 'raise' or 'skip_blocks'")
+        if nonfinite == "skip_blocks" and not self._block_skip_ok:
+            raise ValueError(f"{type(self).__name__} must take the same skip decision on every rank: use "
+                             "nonfinite='skip' or 'raise' (not 'skip_blocks')")
         defaults = dict(defaults, mode=mode, rounding=rounding)
         super().__init__(params, defaults)
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.skipped_steps = 0
+        self.skipped_blocks = 0
         self._generators: dict[str, torch.Generator] = {}
         for group in self.param_groups:
             self._validate_group(group)
@@ -140,12 +173,7 @@ class QuantOptimizer(Optimizer):
 
     # -- the loop -----------------------------------------------------------------------------------
     def _grads_finite(self) -> bool:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        fast = kernels.all_finite(grads)
-        if fast is not None:
-            return fast
-        flags = [torch.isfinite(g).all() for g in grads]
-        return bool(torch.stack(flags).all()) if flags else True
+        return _all_finite([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -154,24 +182,37 @@ class QuantOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._grads_finite():
+        blocks = self.nonfinite == "skip_blocks"
+        if not blocks and not self._grads_finite():
             if self.nonfinite == "raise":
                 raise NonFiniteGradientError("a gradient holds NaN/Inf; weights and optimizer state were left "
                                              "untouched (use nonfinite='skip' to skip such steps)")
             self.skipped_steps += 1
             return loss
+        skipped = 0
         for group in self.param_groups:
-            jobs = []
+            jobs, owners = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 job = self._fused_begin(p, group)
-                if job is None:
-                    self._step_param(p, group)
-                else:  # stepped below, all together: one kernel call, one thread team per group
+                if job is not None:  # stepped below, all together: one kernel call, one thread team per group
                     jobs.append(job)
+                    owners.append(p)
+                elif blocks and not _all_finite([p.grad]):
+                    skipped += _num_blocks(p)
+                else:
+                    self._step_param(p, group)
             if jobs:
-                _fused.run(jobs)
+                bad = _fused.run(jobs, skip_nonfinite=blocks)
+                for p, job, n_bad in zip(owners, jobs, bad):
+                    skipped += n_bad
+                    if n_bad == job.args.nb:  # nothing of it was updated: its step did not happen
+                        self.state[p]["step"] -= 1
+        if skipped:
+            self.skipped_blocks += skipped
+            warnings.warn(f"ecoptim: {skipped} blocks (rows/groups/tensors) had NaN/Inf updates this step and were "
+                          "left unchanged (nonfinite='skip_blocks')", RuntimeWarning, stacklevel=2)
         return loss
 
     def _fused_begin(self, p: torch.Tensor, group: dict) -> _fused.Job | None:

@@ -33,6 +33,8 @@ from ..rng import draw_key
 
 __all__ = ["applies", "Job", "run", "adamw_job", "sgd_job"]
 
+# the kernel knows these formats' grids by heart (e.g. E4M3: 3 mantissa bits, emin -6, max 448); others take the
+# reference path
 _FMT = {FP8_E4M3: kernels.FMT_E4M3, FP8_E5M2: kernels.FMT_E5M2, INT8: kernels.FMT_INT8, BF16: kernels.FMT_BF16,
         INT4: kernels.FMT_INT4}
 _LUT: dict[torch.dtype, torch.Tensor] = {}
@@ -89,7 +91,6 @@ def _args(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tens
     a.stochastic = int(generator is not None)
     if generator is not None:
         a.k1, a.k2 = draw_key(generator)
-    a.man_bits, a.emin = getattr(f, "man_bits", 0), getattr(f, "emin", 0)
     a.fmax = f.max
     return a, keep
 
@@ -103,19 +104,23 @@ class Job:
     numel: int
 
 
-def run(jobs: list[Job]) -> None:
-    """Step every job's tensor in one kernel call (one thread team for all of them)."""
+def run(jobs: list[Job], skip_nonfinite: bool = False) -> list[int]:
+    """Step every job's tensor in one kernel call (one thread team for all of them). A block whose update
+    comes out NaN/Inf is left exactly as it was; returns how many there were per job if ``skip_nonfinite``,
+    else raises ValueError if there were any (after the whole call: the other blocks are stepped)."""
     if not jobs:
-        return
+        return []
     lib = kernels.load()
     arr = (ctypes.POINTER(kernels.EcoArgs) * len(jobs))(*[ctypes.pointer(j.args) for j in jobs])
     if lib.eco_step_many(arr, len(jobs), torch.get_num_threads()) != 0:
         raise MemoryError("ecoptim fused step: could not allocate its block scratch; nothing was modified")
-    bad = [j for j in jobs if j.args.nonfinite]
-    if bad:
-        raise ValueError(f"cannot quantize a weight holding non-finite values ({bad[0].args.nonfinite} blocks of "
-                         f"an updated weight of {bad[0].numel} elements hold NaN/Inf): the update overflowed; "
-                         "find where training diverged (e.g. a too large learning rate)")
+    bad = [j.args.nonfinite for j in jobs]
+    if any(bad) and not skip_nonfinite:
+        j = next(j for j in jobs if j.args.nonfinite)
+        raise ValueError(f"cannot quantize a weight holding non-finite values ({j.args.nonfinite} blocks of "
+                         f"an updated weight of {j.numel} elements hold NaN/Inf; they were left unchanged): the "
+                         "update overflowed; find where training diverged (e.g. a too large learning rate)")
+    return bad
 
 
 def adamw_job(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tensor, v: torch.Tensor,

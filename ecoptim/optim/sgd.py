@@ -56,7 +56,7 @@ class SGD(QuantOptimizer):
 
     Args: params, lr, momentum, dampening, weight_decay, nesterov as torch.optim.SGD; ``mode`` in
     {'eco', 'master', 'naive', 'exact', 'kahan'}; ``rounding`` in {'nearest', 'stochastic'}; ``seed`` of the
-    stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise'}; ``fused``: None (default) uses the fused
+    stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise', 'skip_blocks'} (see ``QuantOptimizer``); ``fused``: None (default) uses the fused
     CPU kernel where it applies (bit-identical to the reference path), False never.
     """
 
