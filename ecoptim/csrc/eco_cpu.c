@@ -311,26 +311,38 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
                      vb2 = _mm256_set1_ps(b2), vomb2 = _mm256_set1_ps(omb2), vbc2s = _mm256_set1_ps(bc2s),
                      veps = _mm256_set1_ps(eps), vns = _mm256_set1_ps(ns), vrbc2s = _mm256_set1_ps(1.0f / bc2s);
         __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1);
-        const __m256 vsmall = small ? _mm256_castsi256_ps(_mm256_set1_epi32(-1)) : _mm256_setzero_ps();
         /* local copies: stores through float pointers could alias the struct, which would force a reload
          * of every pointer in every iteration */
         const void *codes = a->codes, *grad = a->grad, *mp = a->m, *vp = a->v;
-        for (; i + 8 <= hi; i += 8) {
-            const int64_t j = base + i;
-            __m256 w = _mm256_mul_ps(_mm256_mul_ps(v_decode_p(codes, j, fmt), vsc), vdecay);
-            const __m256 g = v_ld(grad, j, gbf);
-            __m256 m = v_ld(mp, j, sbf);
-            __m256 v = v_ld(vp, j, sbf);
-            m = _mm256_fmadd_ps(vcoeff, _mm256_sub_ps(g, m), _mm256_blendv_ps(g, m, vsmall));
-            v = _mm256_fmadd_ps(_mm256_mul_ps(vomb2, g), g, _mm256_mul_ps(v, vb2));
-            const __m256 d = _mm256_add_ps(v_div_mk(_mm256_sqrt_ps(v), vbc2s, vrbc2s), veps);
-            w = _mm256_add_ps(w, _mm256_div_ps(_mm256_mul_ps(vns, m), d));
-            _mm256_storeu_ps(wt + i, w);
-            _mm256_storeu_ps(dn + i, d);
-            _mm256_storeu_ps(mf + i, m); /* the moments are written once, by sweep B (after the injection) */
-            _mm256_storeu_ps(vn + i, v);
-            ASTAT_VEC_UPDATE(w);
-        }
+#define A_VEC(ii, SMALL) /* SMALL: lerp's weight < 0.5 (its base is m, else g) */                           \
+    do {                                                                                                \
+        const int64_t i_ = (ii), j = base + i_;                                                         \
+        __m256 w = _mm256_mul_ps(_mm256_mul_ps(v_decode_p(codes, j, fmt), vsc), vdecay);                 \
+        const __m256 g = v_ld(grad, j, gbf);                                                            \
+        __m256 m = v_ld(mp, j, sbf);                                                                    \
+        __m256 v = v_ld(vp, j, sbf);                                                                    \
+        m = _mm256_fmadd_ps(vcoeff, _mm256_sub_ps(g, m), (SMALL) ? m : g);                              \
+        v = _mm256_fmadd_ps(_mm256_mul_ps(vomb2, g), g, _mm256_mul_ps(v, vb2));                         \
+        const __m256 d = _mm256_add_ps(v_div_mk(_mm256_sqrt_ps(v), vbc2s, vrbc2s), veps);               \
+        w = _mm256_add_ps(w, _mm256_div_ps(_mm256_mul_ps(vns, m), d));                                  \
+        _mm256_storeu_ps(wt + i_, w);                                                                   \
+        _mm256_storeu_ps(dn + i_, d);                                                                   \
+        _mm256_storeu_ps(mf + i_, m); /* the moments are written once, by sweep B (after the injection) */ \
+        _mm256_storeu_ps(vn + i_, v);                                                                   \
+        ASTAT_VEC_UPDATE(w);                                                                            \
+    } while (0)
+#define A_LOOP(SMALL)                                                                                   \
+    do {                                                                                                \
+        for (; i + 16 <= hi; i += 16) {                                                                 \
+            A_VEC(i, SMALL);                                                                            \
+            A_VEC(i + 8, SMALL);                                                                        \
+        }                                                                                               \
+        for (; i + 8 <= hi; i += 8) A_VEC(i, SMALL);                                                    \
+    } while (0)
+        if (small) A_LOOP(1);
+        else A_LOOP(0);
+#undef A_LOOP
+#undef A_VEC
         astat_vec(&st, vmax, vmin);
     }
 #endif
