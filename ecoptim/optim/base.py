@@ -78,12 +78,6 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def _num_blocks(p: torch.Tensor) -> int:
-    """Blocks sharing a scale in ``p`` (1 for a dense or unscaled parameter)."""
-    spec = spec_of(p)
-    return spec.granularity.blocks(p.shape)[0] if spec is not None and spec.scaled else 1
-
-
 class QuantOptimizer(Optimizer):
     """Base class; see the module docstring for the modes.
 
@@ -95,7 +89,7 @@ class QuantOptimizer(Optimizer):
         fused kernel checks every block (a row, group or tensor sharing a scale) as it updates it and leaves
         a block whose update comes out NaN/Inf exactly as it was (codes, scale, moments); parameters outside
         the kernel are checked one by one and skipped whole. ``skipped_blocks`` counts the blocks left alone
-        and a warning says so. A parameter's step count advances if any of its blocks was updated.
+        (such a parameter counts as one) and a warning says so. A parameter's step count advances if any of its blocks was updated.
     Either way, non-finite values never reach the stored weights.
     """
 
@@ -177,7 +171,7 @@ class QuantOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step. Skips (or raises on) non-finite gradients before touching anything."""
+        """One optimizer step; non-finite gradients are handled per ``nonfinite`` (see the class docstring)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -200,7 +194,7 @@ class QuantOptimizer(Optimizer):
                     jobs.append(job)
                     owners.append(p)
                 elif blocks and not _all_finite([p.grad]):
-                    skipped += _num_blocks(p)
+                    skipped += 1  # outside the kernel: the whole parameter is one block
                 else:
                     self._step_param(p, group)
             if jobs:
@@ -282,7 +276,8 @@ class QuantOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["ecoptim"] = {"rng": {k: g.get_state() for k, g in self._generators.items()},
-                         "skipped_steps": self.skipped_steps, "seed": self.seed}
+                         "skipped_steps": self.skipped_steps, "skipped_blocks": self.skipped_blocks,
+                         "seed": self.seed}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -305,6 +300,7 @@ class QuantOptimizer(Optimizer):
         if extra is not None:
             self.seed = extra.get("seed", self.seed)
             self.skipped_steps = extra.get("skipped_steps", 0)
+            self.skipped_blocks = extra.get("skipped_blocks", 0)
             self._generators = {}
             for k, s in extra.get("rng", {}).items():
                 g = torch.Generator(device=k)

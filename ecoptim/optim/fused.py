@@ -2,11 +2,13 @@
 
 The reference path (``base.QuantOptimizer._step_param``) makes ~20 passes over fp32 temporaries:
 dequantize, the optimizer ops, absmax, scale, round, encode, dequantize again, error, injection. The kernel
-does the same maths block by block (a row, a group or the tensor): sweep A dequantizes, updates the moments
-and keeps w_til and the AdamW denominator in a block-sized scratch while taking the block absmax; sweep B
-computes the new scale, rounds, writes the codes and injects the error into the momentum. Memory sees
-codes + grad + moments read once and codes + moments + scales written once; no full-size temporary exists
-(a per-tensor scale is the one exception: its block is the whole tensor, so the scratch is too).
+does the same maths block by block (a row, a group or the tensor): sweep A dequantizes and updates the moments,
+keeping w_til, the AdamW denominator and the new moments in a block-sized scratch while taking the block
+absmax; sweep B computes the new scale, rounds, writes the codes, injects the error into the momentum and
+writes the moments. Memory sees codes + grad + moments read once and codes + moments + scales written once;
+no full-size temporary exists (a per-tensor scale is the one exception: its block is the whole tensor, so the
+scratch is too). Nothing is written before a block's update is known to be finite, so a block whose update
+is NaN/Inf is left exactly as it was (``run`` reports it; ``nonfinite='skip_blocks'`` relies on this).
 
 Agreement with the reference is *bit for bit*, for round-to-nearest and stochastic rounding alike: the kernel
 performs the IEEE operations ATen performs (fused multiply-adds exactly where ATen's lerp/addcmul/add-alpha
