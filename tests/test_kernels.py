@@ -140,6 +140,21 @@ def test_fused_adamw_matches_reference_for_any_hyperparameters(rows, cols, fmt, 
         assert "non-finite" in str(e)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("shape,gran", [((300, 301), "tensor"), ((64, 1030), "row"), ((2, 70000), "row")])
+def test_fused_threads_give_the_same_bits(threads, shape, gran):
+    """The kernel's thread team (the suite otherwise runs single-threaded): rows shared out in chunks from a
+    counter, a per-tensor block split among the threads with its absmax met at a barrier (two passes), rows
+    longer than one in-cache block; 3 threads split unevenly."""
+    ref, fast, o_ref, o_fast = _pair(shape, "fp8_e4m3", gran, ecoptim.AdamW, rounding="stochastic", **ADAMW)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _run(ref, fast, o_ref, o_fast, shape, steps=3)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_fused_exact_fallbacks_match_reference(rounding):
     """The kernel's shortcuts have preconditions, and blocks that break them take exact code: rows of weights

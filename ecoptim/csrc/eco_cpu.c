@@ -325,10 +325,10 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
         v = _mm256_fmadd_ps(_mm256_mul_ps(vomb2, g), g, _mm256_mul_ps(v, vb2));                         \
         const __m256 d = _mm256_add_ps(v_div_mk(_mm256_sqrt_ps(v), vbc2s, vrbc2s), veps);               \
         w = _mm256_add_ps(w, _mm256_div_ps(_mm256_mul_ps(vns, m), d));                                  \
-        _mm256_storeu_ps(wt + i_, w);                                                                   \
-        _mm256_storeu_ps(dn + i_, d);                                                                   \
-        _mm256_storeu_ps(mf + i_, m); /* the moments are written once, by sweep B (after the injection) */ \
-        _mm256_storeu_ps(vn + i_, v);                                                                   \
+        _mm256_storeu_ps(wt + (i_ - lo), w);                                                                   \
+        _mm256_storeu_ps(dn + (i_ - lo), d);                                                                   \
+        _mm256_storeu_ps(mf + (i_ - lo), m); /* the moments are written once, by sweep B (after the injection) */ \
+        _mm256_storeu_ps(vn + (i_ - lo), v);                                                                   \
         ASTAT_VEC_UPDATE(w);                                                                            \
     } while (0)
 #define A_LOOP(SMALL)                                                                                   \
@@ -363,10 +363,10 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
         const float d = sqrtf(v) / bc2s + eps;
         /* addcdiv_(m, d, value=-step_size) */
         w = w + ns * m / d;
-        wt[i] = w;
-        dn[i] = d;
-        mf[i] = m;
-        vn[i] = v;
+        wt[i - lo] = w;
+        dn[i - lo] = d;
+        mf[i - lo] = m;
+        vn[i - lo] = v;
         astat_scalar(&st, w);
     }
     return st;
@@ -398,10 +398,10 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
             if (has_mom) {
                 __m256 m = first ? g : _mm256_fmadd_ps(vomd, g, _mm256_mul_ps(v_ld(mp, j, sbf), vmom));
                 d = nest ? _mm256_fmadd_ps(vmom, m, g) : m;
-                _mm256_storeu_ps(mf + i, m);
+                _mm256_storeu_ps(mf + (i - lo), m);
             }
             w = _mm256_fmadd_ps(vnl, d, w);
-            _mm256_storeu_ps(wt + i, w);
+            _mm256_storeu_ps(wt + (i - lo), w);
             ASTAT_VEC_UPDATE(w);
         }
         astat_vec(&st, vmax, vmin);
@@ -423,10 +423,10 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
                 m = fmaf(omd, g, m);
             }
             d = nest ? fmaf(mom, m, g) : m;
-            mf[i] = m;
+            mf[i - lo] = m;
         }
         w = fmaf(nl, d, w);
-        wt[i] = w;
+        wt[i - lo] = w;
         astat_scalar(&st, w);
     }
     return st;
@@ -485,11 +485,11 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
         const char *pf_codes = (const char *)codes, *pf_g = (const char *)a->grad, *pf_m = (const char *)mp,
                    *pf_v = (const char *)vp;
         const int esz_g = a->grad_bf16 ? 2 : 4, esz_s = sbf ? 2 : 4;
-        const int64_t ahead = a->bs;
+        const int64_t ahead = hi - lo; /* the next block, or the next range of a large one */
 #define B_VEC(ii, HM, INJ) /* HM: there is a momentum; INJ: inject the error into it */                \
     do {                                                                                                      \
         const int64_t i_ = (ii), j = base + i_;                                                               \
-        const __m256 w = _mm256_loadu_ps(wt + i_);                                                            \
+        const __m256 w = _mm256_loadu_ps(wt + (i_ - lo));                                                            \
         __m256 y = w;                                                                                         \
         if (!unscaled) y = mk ? v_div_mk(w, vs, vrs) : _mm256_div_ps(w, vs);                                  \
         y = _mm256_min_ps(_mm256_max_ps(y, vlo), vhi_);                                                       \
@@ -548,12 +548,12 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
             }                                                                                                 \
         }                                                                                                     \
         v_store_codes(codes, j, q, fmt, bias);                                                           \
-        if (adam) v_st(vp, j, _mm256_loadu_ps(vn + i_), sbf);                                                 \
+        if (adam) v_st(vp, j, _mm256_loadu_ps(vn + (i_ - lo)), sbf);                                                 \
         if (HM) {                                                                                             \
-            __m256 m = _mm256_loadu_ps(mf + i_);                                                              \
+            __m256 m = _mm256_loadu_ps(mf + (i_ - lo));                                                              \
             if (INJ) {                                                                                     \
                 const __m256 err = _mm256_sub_ps(w, _mm256_mul_ps(q, vs));                                    \
-                if (adam) m = _mm256_fmadd_ps(_mm256_mul_ps(vcoef, err), _mm256_loadu_ps(dn + i_), m);        \
+                if (adam) m = _mm256_fmadd_ps(_mm256_mul_ps(vcoef, err), _mm256_loadu_ps(dn + (i_ - lo)), m);        \
                 else m = _mm256_fmadd_ps(vcoef, err, m);                                                      \
             }                                                                                                 \
             v_st(mp, j, m, sbf);                                                                              \
@@ -588,7 +588,7 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
     (void)mk;
     for (; i < hi; i++) {
         const int64_t j = base + i;
-        const float w = wt[i];
+        const float w = wt[i - lo];
         float y = unscaled ? w : w / s;
         y = y < -fmax ? -fmax : (y > fmax ? fmax : y);
         float q;
@@ -635,14 +635,14 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
             ((uint8_t *)codes)[j] = encode_fp8(q, man, bias);
         }
         if (adam) {
-            if (sbf) ((uint16_t *)vp)[j] = f32_to_bf16(vn[i]);
-            else ((float *)vp)[j] = vn[i];
+            if (sbf) ((uint16_t *)vp)[j] = f32_to_bf16(vn[i - lo]);
+            else ((float *)vp)[j] = vn[i - lo];
         }
         if (has_m) {
-            float m = mf[i];
+            float m = mf[i - lo];
             if (inject) {
                 const float err = w - q * s;
-                if (adam) m = fmaf(coef * err, dn[i], m); /* addcmul_(e, denom, value=coef) */
+                if (adam) m = fmaf(coef * err, dn[i - lo], m); /* addcmul_(e, denom, value=coef) */
                 else m = fmaf(coef, err, m);              /* add_(e, alpha=coef) */
             }
             if (sbf) ((uint16_t *)mp)[j] = f32_to_bf16(m);
@@ -697,8 +697,8 @@ static void sweep_b_any(const eco_args *a, int64_t b, int64_t lo, int64_t hi, fl
 /* ---------------------------------------------------------------------------------------------------- */
 /* Threading: one team of threads steps every tensor of the call (one thread creation per optimizer step,  */
 /* not per tensor). Blocks of up to SPLIT elements are taken in chunks from a shared counter, each thread   */
-/* sweeping its blocks in its own in-cache scratch; a larger block (a per-tensor scale) is swept by all     */
-/* threads in two phases, with a barrier in between to combine the block statistics.                      */
+/* sweeping its blocks in its own in-cache scratch; a larger block (a per-tensor scale) is shared out among */
+/* the threads and swept in two passes, with a barrier in between to combine the block statistics.        */
 #define SPLIT 65536
 #define NSCRATCH 4 /* w_til, denominator, momentum, second moment */
 #define CHUNK 16384 /* elements of small blocks per unit of work */
@@ -718,8 +718,7 @@ typedef struct {
     eco_args *const *args;
     int n, nt, tid;
     pthread_barrier_t *bar;
-    float *scratch;       /* this thread's: NSCRATCH x the largest small block */
-    float *big;           /* shared: NSCRATCH x the largest large block */
+    float *scratch;       /* this thread's: NSCRATCH x the largest small block (or SPLIT) */
     astat *partial;       /* shared: one per thread */
     int64_t *next;        /* shared: the next chunk of small blocks to take */
     const int64_t *cend;  /* per tensor: one past its last chunk (chunks of all tensors numbered in order) */
@@ -750,7 +749,11 @@ static void *team_run(void *p) {
         }
         if (bad) __atomic_fetch_add(&a->nonfinite, bad, __ATOMIC_RELAXED);
     }
-    /* Large blocks (a per-tensor scale): every thread sweeps its share, the statistics meet at a barrier. */
+    /* Large blocks (a per-tensor scale): every thread takes an even share of the block, in ranges of up to
+     * SPLIT elements. Pass 1 runs sweep A over the share for the statistics only (nothing is kept: a
+     * block-sized scratch would not fit any cache); the statistics meet at a barrier; pass 2 runs sweep A again
+     * range by range, now followed by sweep B while the range is in cache. Sweep A is deterministic, so both
+     * passes see the same w_til. */
     for (int k = 0; k < tm->n; k++) {
         eco_args *a = tm->args[k];
         const int64_t bs = a->bs;
@@ -758,21 +761,29 @@ static void *team_run(void *p) {
         int64_t per = (bs + nt - 1) / nt;
         per = (per + 63) / 64 * 64;
         const int64_t lo = tid * per < bs ? tid * per : bs, hi = lo + per < bs ? lo + per : bs;
-        float *bwt = tm->big, *dn = bwt + bs, *mf = dn + bs, *vn = mf + bs;
+        float *dn = wt + SPLIT, *mf = dn + SPLIT, *vn = mf + SPLIT;
         for (int64_t b = 0; b < a->nb; b++) {
-            const astat none = {0.0f, INFINITY, 0};
-            tm->partial[tid] = lo < hi ? sweep_a_checked(a, b, lo, hi, bwt, dn, mf, vn) : none;
+            astat st = {0.0f, INFINITY, 0};
+            for (int64_t r = lo; r < hi; r += SPLIT)
+                astat_merge(&st, sweep_a_checked(a, b, r, r + SPLIT < hi ? r + SPLIT : hi, wt, dn, mf, vn));
+            tm->partial[tid] = st;
             pthread_barrier_wait(tm->bar);
-            astat st = none;
-            for (int t = 0; t < nt; t++) astat_merge(&st, tm->partial[t]); /* every thread gets the same */
+            st = tm->partial[0];
+            for (int t = 1; t < nt; t++) astat_merge(&st, tm->partial[t]); /* every thread gets the same */
+            const float s = st.bad ? 0.0f : block_scale(a, st.amax);
             if (!st.bad) {
-                const float s = block_scale(a, st.amax);
-                if (tid == 0 && a->scale) a->scale[b] = s;
-                if (lo < hi) sweep_b_any(a, b, lo, hi, s, markstein_ok(s, st), bwt, dn, mf, vn);
-            } else if (tid == 0) {
-                a->nonfinite++;
+                const int mk = markstein_ok(s, st);
+                for (int64_t r = lo; r < hi; r += SPLIT) {
+                    const int64_t r1 = r + SPLIT < hi ? r + SPLIT : hi;
+                    sweep_a_checked(a, b, r, r1, wt, dn, mf, vn);
+                    sweep_b_any(a, b, r, r1, s, mk, wt, dn, mf, vn);
+                }
             }
-            pthread_barrier_wait(tm->bar); /* partials and scratch are reused by the next block */
+            pthread_barrier_wait(tm->bar); /* every pass-2 sweep A has read the old scale; partials are reused */
+            if (tid == 0) {
+                if (st.bad) a->nonfinite++;
+                else if (a->scale) a->scale[b] = s;
+            }
         }
     }
     return NULL;
@@ -822,17 +833,16 @@ int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
         cblk[k] = small_blocks ? (CHUNK / a->bs > 1 ? CHUNK / a->bs : 1) : 1;
         cend[k] = (k ? cend[k - 1] : 0) + (small_blocks ? (a->nb + cblk[k] - 1) / cblk[k] : 0);
     }
-    float *scratch = (float *)malloc(sizeof(float) * (NSCRATCH * (size_t)small * nt + NSCRATCH * (size_t)big) +
-                                     sizeof(astat) * (size_t)nt + 64);
+    const size_t per_thread = NSCRATCH * (size_t)(big ? SPLIT : small); /* small <= SPLIT */
+    float *scratch = (float *)malloc(sizeof(float) * per_thread * nt + sizeof(astat) * (size_t)nt + 64);
     if (!scratch) { free(cend); return -1; }
     pthread_barrier_t bar;
     if (big && pthread_barrier_init(&bar, NULL, (unsigned)nt) != 0) { free(scratch); free(cend); return -1; }
     team tm[64];
     for (int t = 0; t < nt; t++) {
         tm[t].args = args; tm[t].n = n; tm[t].nt = nt; tm[t].tid = t; tm[t].bar = &bar;
-        tm[t].scratch = scratch + NSCRATCH * (size_t)small * t;
-        tm[t].big = scratch + NSCRATCH * (size_t)small * nt;
-        tm[t].partial = (astat *)(tm[t].big + NSCRATCH * (size_t)big);
+        tm[t].scratch = scratch + per_thread * t;
+        tm[t].partial = (astat *)(scratch + per_thread * nt);
         tm[t].next = &next; tm[t].cend = cend; tm[t].cblk = cblk;
     }
     if (big) {
