@@ -102,7 +102,7 @@ def load() -> ctypes.CDLL | None:
     _tried = True
     if os.environ.get("ECOPTIM_DISABLE_KERNELS", "") not in ("", "0"):
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = compiler()
     if cc is None:
         warnings.warn("ecoptim: no C compiler found, the fused CPU optimizer step is unavailable; "
                       "install gcc (or set CC) for a ~20x faster step. Using the reference path.")
@@ -115,6 +115,17 @@ def load() -> ctypes.CDLL | None:
         detail = getattr(e, "stderr", "") or e
         warnings.warn(f"ecoptim: building the fused CPU kernels failed ({detail}); using the reference path")
         return None
+    _lib = declare(lib)
+    return lib
+
+
+def compiler() -> str | None:
+    """The C compiler the kernels are built with (``$CC``, else ``cc`` or ``gcc`` on the PATH)."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Set the argument and result types of the kernel library's entry points."""
     lib.eco_step_many.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
     lib.eco_step_many.restype = ctypes.c_int
     lib.eco_uniform.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64, ctypes.c_void_p]
@@ -122,7 +133,6 @@ def load() -> ctypes.CDLL | None:
     lib.eco_all_finite.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
                                    ctypes.c_int32]
     lib.eco_all_finite.restype = ctypes.c_int
-    _lib = lib
     return lib
 
 
