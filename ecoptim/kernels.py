@@ -2,8 +2,8 @@
 
 The source is compiled once per machine with the system C compiler (``$CC`` or ``cc``/``gcc``) into a cache
 directory (``$ECOPTIM_CACHE_DIR``, default ``~/.cache/ecoptim``), keyed by a hash of the source, the flags
-and the CPU, and loaded with ctypes: no torch headers, no Python extension ABI; the build takes ~20 s, once. Flags: ``-O3
--march=native`` (AVX2/FMA/F16C paths where the CPU has them; ``$ECOPTIM_KERNEL_MARCH`` overrides) and
+and the CPU, and loaded with ctypes: no torch headers, no Python extension ABI; the build takes ~20 s, once.
+Flags: ``-O3 -march=native`` (AVX2/FMA/F16C paths where the CPU has them; ``$ECOPTIM_KERNEL_MARCH`` overrides) and
 ``-ffp-contract=off`` (the compiler may not fuse multiply-adds the reference path does not fuse; see the C
 file's header).
 

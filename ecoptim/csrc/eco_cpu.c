@@ -14,7 +14,8 @@
  * with -ffp-contract=off so the compiler cannot add any. Square roots are IEEE (the reference uses
  * adamw.sqrt_rn for quantized weights because torch.sqrt on fp32 is not correctly rounded). Divisions by a
  * per-block constant use a reciprocal and one fma correction that provably gives the IEEE quotient (see
- * v_div_mk) where the block's values meet the theorem's conditions, and a true division elsewhere. tests/test_kernels.py checks bit equality of codes, scales and states.
+ * v_div_mk) where the block's values meet the theorem's conditions, and a true division elsewhere.
+ * tests/test_kernels.py checks bit equality of codes, scales and states.
  * Stochastic rounding uses the counter-based uniforms of ecoptim/rng.py (same hash, same element index).
  *
  * Layout: scalar helpers; AVX2/FMA/F16C helpers (8 lanes; the scalar code handles tails and other CPUs);

@@ -67,10 +67,10 @@ class AdamW(QuantOptimizer):
 
     Args: params, lr, betas, eps, weight_decay as torch.optim.AdamW; ``mode`` in
     {'eco', 'master', 'naive', 'exact', 'kahan'}; ``rounding`` in {'nearest', 'stochastic'}; ``seed`` of the
-    stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise', 'skip_blocks'} (see ``QuantOptimizer``); ``state_dtype`` of the moments of
-    quantized weights (torch.float32 or torch.bfloat16); ``fused``: None (default) steps every quantized
-    weight it can with the fused CPU kernel (bit-identical to the reference, see ``optim/fused.py``),
-    False always takes the reference path.
+    stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise', 'skip_blocks'} (see ``QuantOptimizer``);
+    ``state_dtype`` of the moments of quantized weights (torch.float32 or torch.bfloat16); ``fused``: None
+    (default) steps every quantized weight it can with the fused CPU kernel (bit-identical to the reference,
+    see ``optim/fused.py``), False always takes the reference path.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

@@ -89,7 +89,8 @@ class QuantOptimizer(Optimizer):
         fused kernel checks every block (a row, group or tensor sharing a scale) as it updates it and leaves
         a block whose update comes out NaN/Inf exactly as it was (codes, scale, moments); parameters outside
         the kernel are checked one by one and skipped whole. ``skipped_blocks`` counts the blocks left alone
-        (such a parameter counts as one) and a warning says so. A parameter's step count advances if any of its blocks was updated.
+        (such a parameter counts as one) and a warning says so. A parameter's step count advances if any of
+        its blocks was updated.
     Either way, non-finite values never reach the stored weights.
     """
 

@@ -7,8 +7,9 @@ keeping w_til, the AdamW denominator and the new moments in a block-sized scratc
 absmax; sweep B computes the new scale, rounds, writes the codes, injects the error into the momentum and
 writes the moments. Memory sees codes + grad + moments read once and codes + moments + scales written once,
 and no temporary is larger than a block of 65536 elements: a block larger than that (a per-tensor scale)
-is swept twice, once for its absmax and once, range by range, to update and quantize it. Nothing is written before a block's update is known to be finite, so a block whose update
-is NaN/Inf is left exactly as it was (``run`` reports it; ``nonfinite='skip_blocks'`` relies on this).
+is swept twice, once for its absmax and once, range by range, to update and quantize it. Nothing is written
+before a block's update is known to be finite, so a block whose update is NaN/Inf is left exactly as it was
+(``run`` reports it; ``nonfinite='skip_blocks'`` relies on this).
 
 Agreement with the reference is *bit for bit*, for round-to-nearest and stochastic rounding alike: the kernel
 performs the IEEE operations ATen performs (fused multiply-adds exactly where ATen's lerp/addcmul/add-alpha

@@ -56,8 +56,9 @@ class SGD(QuantOptimizer):
 
     Args: params, lr, momentum, dampening, weight_decay, nesterov as torch.optim.SGD; ``mode`` in
     {'eco', 'master', 'naive', 'exact', 'kahan'}; ``rounding`` in {'nearest', 'stochastic'}; ``seed`` of the
-    stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise', 'skip_blocks'} (see ``QuantOptimizer``); ``fused``: None (default) uses the fused
-    CPU kernel where it applies (bit-identical to the reference path), False never.
+    stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise', 'skip_blocks'} (see ``QuantOptimizer``);
+    ``fused``: None (default) uses the fused CPU kernel where it applies (bit-identical to the reference path),
+    False never.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.9, dampening: float = 0.0,
