@@ -703,6 +703,7 @@ static void sweep_b_any(const eco_args *a, int64_t b, int64_t lo, int64_t hi, fl
 #define SPLIT 65536
 #define NSCRATCH 4 /* w_til, denominator, momentum, second moment */
 #define CHUNK 16384 /* elements of small blocks per unit of work */
+#define RANGE 4096  /* elements of a large block swept at a time: its scratch stays in L1/L2 */
 
 /* fn(items[0]) .. fn(items[n-1]) concurrently (item t at base + t*size); the caller runs item 0 */
 static void run_parallel(void *(*fn)(void *), void *base, size_t size, int n) {
@@ -719,7 +720,7 @@ typedef struct {
     eco_args *const *args;
     int n, nt, tid;
     pthread_barrier_t *bar;
-    float *scratch;       /* this thread's: NSCRATCH x the largest small block (or SPLIT) */
+    float *scratch;       /* this thread's: NSCRATCH x the largest small block (or RANGE) */
     astat *partial;       /* shared: one per thread */
     int64_t *next;        /* shared: the next chunk of small blocks to take */
     const int64_t *cend;  /* per tensor: one past its last chunk (chunks of all tensors numbered in order) */
@@ -751,7 +752,7 @@ static void *team_run(void *p) {
         if (bad) __atomic_fetch_add(&a->nonfinite, bad, __ATOMIC_RELAXED);
     }
     /* Large blocks (a per-tensor scale): every thread takes an even share of the block, in ranges of up to
-     * SPLIT elements. Pass 1 runs sweep A over the share for the statistics only (nothing is kept: a
+     * RANGE elements. Pass 1 runs sweep A over the share for the statistics only (nothing is kept: a
      * block-sized scratch would not fit any cache); the statistics meet at a barrier; pass 2 runs sweep A again
      * range by range, now followed by sweep B while the range is in cache. Sweep A is deterministic, so both
      * passes see the same w_til. */
@@ -762,11 +763,11 @@ static void *team_run(void *p) {
         int64_t per = (bs + nt - 1) / nt;
         per = (per + 63) / 64 * 64;
         const int64_t lo = tid * per < bs ? tid * per : bs, hi = lo + per < bs ? lo + per : bs;
-        float *dn = wt + SPLIT, *mf = dn + SPLIT, *vn = mf + SPLIT;
+        float *dn = wt + RANGE, *mf = dn + RANGE, *vn = mf + RANGE;
         for (int64_t b = 0; b < a->nb; b++) {
             astat st = {0.0f, INFINITY, 0};
-            for (int64_t r = lo; r < hi; r += SPLIT)
-                astat_merge(&st, sweep_a_checked(a, b, r, r + SPLIT < hi ? r + SPLIT : hi, wt, dn, mf, vn));
+            for (int64_t r = lo; r < hi; r += RANGE)
+                astat_merge(&st, sweep_a_checked(a, b, r, r + RANGE < hi ? r + RANGE : hi, wt, dn, mf, vn));
             tm->partial[tid] = st;
             pthread_barrier_wait(tm->bar);
             st = tm->partial[0];
@@ -774,8 +775,8 @@ static void *team_run(void *p) {
             const float s = st.bad ? 0.0f : block_scale(a, st.amax);
             if (!st.bad) {
                 const int mk = markstein_ok(s, st);
-                for (int64_t r = lo; r < hi; r += SPLIT) {
-                    const int64_t r1 = r + SPLIT < hi ? r + SPLIT : hi;
+                for (int64_t r = lo; r < hi; r += RANGE) {
+                    const int64_t r1 = r + RANGE < hi ? r + RANGE : hi;
                     sweep_a_checked(a, b, r, r1, wt, dn, mf, vn);
                     sweep_b_any(a, b, r, r1, s, mk, wt, dn, mf, vn);
                 }
@@ -834,7 +835,7 @@ int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
         cblk[k] = small_blocks ? (CHUNK / a->bs > 1 ? CHUNK / a->bs : 1) : 1;
         cend[k] = (k ? cend[k - 1] : 0) + (small_blocks ? (a->nb + cblk[k] - 1) / cblk[k] : 0);
     }
-    const size_t per_thread = NSCRATCH * (size_t)(big ? SPLIT : small); /* small <= SPLIT */
+    const size_t per_thread = NSCRATCH * (size_t)(big && RANGE > small ? RANGE : small);
     float *scratch = (float *)malloc(sizeof(float) * per_thread * nt + sizeof(astat) * (size_t)nt + 64);
     if (!scratch) { free(cend); return -1; }
     pthread_barrier_t bar;

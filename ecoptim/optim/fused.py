@@ -7,7 +7,7 @@ keeping w_til, the AdamW denominator and the new moments in a block-sized scratc
 absmax; sweep B computes the new scale, rounds, writes the codes, injects the error into the momentum and
 writes the moments. Memory sees codes + grad + moments read once and codes + moments + scales written once,
 and no temporary is larger than a block of 65536 elements: a block larger than that (a per-tensor scale)
-is swept twice, once for its absmax and once, range by range, to update and quantize it. Nothing is written
+is swept twice, once for its absmax and once, 4096 elements at a time, to update and quantize it. Nothing is written
 before a block's update is known to be finite, so a block whose update is NaN/Inf is left exactly as it was
 (``run`` reports it; ``nonfinite='skip_blocks'`` relies on this).
 
