@@ -56,7 +56,7 @@ typedef struct {
     /* SGD scalars */
     float wd, mom, omd, neg_lr;
     uint32_t k1, k2;      /* stochastic-rounding key (drawn from the optimizer's torch.Generator) */
-    int64_t nonfinite;    /* out: blocks whose w_til held NaN/Inf (left unquantized) */
+    int64_t nonfinite;    /* out: blocks whose w_til held NaN/Inf (left exactly as they were) */
 } eco_args;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -816,13 +816,14 @@ static void *gated_run(void *p) {
  * (then nothing was modified). Each args->nonfinite counts the blocks whose update came out NaN/Inf: those
  * blocks are left exactly as they were (codes, scale, moments). */
 int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
-    int64_t small = 0, big = 0, total = 0;
+    int64_t small = 0, total = 0; /* small: the largest block of at most SPLIT elements */
+    int big = 0;                  /* any larger block (swept RANGE elements at a time, behind barriers)? */
     for (int k = 0; k < n; k++) {
         args[k]->nonfinite = 0;
         if (args[k]->nb <= 0 || args[k]->bs <= 0) continue;
         total += args[k]->nb * args[k]->bs;
         if (args[k]->bs <= SPLIT) small = args[k]->bs > small ? args[k]->bs : small;
-        else big = args[k]->bs > big ? args[k]->bs : big;
+        else big = 1;
     }
     int nt = nthreads < 1 ? 1 : (nthreads > 64 ? 64 : nthreads);
     if (total < 32768) nt = 1; /* starting a thread costs more than sweeping this little */
