@@ -69,6 +69,12 @@ def configs(args: argparse.Namespace) -> list[Config]:
     except Exception as e:  # noqa: BLE001 - optional peer
         print(f"torchao unavailable: {e}")
     try:
+        from torchao.optim import AdamW8bit as AoAdamW8bit
+        out.append(Config("torchao AdamW8bit (fp32 w, 8-bit states)", lambda w: (lambda m: (m, AoAdamW8bit(
+            m.parameters(), **hp)))(_model(w, torch.float32)), 4 + 4 + 4 + 4 * (1 + 4 / 256)))
+    except Exception as e:  # noqa: BLE001 - optional peer
+        print(f"torchao AdamW8bit unavailable: {e}")
+    try:
         import optimi
         out.append(Config("torch-optimi AdamW kahan (bf16 w, bf16 states)", lambda w: (lambda m: (m, optimi.AdamW(
             m.parameters(), kahan_sum=True, lr=1e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1,
@@ -83,10 +89,13 @@ def configs(args: argparse.Namespace) -> list[Config]:
             return m, ecoptim.AdamW(m.parameters(), mode=mode, rounding=rounding, fused=None if fused else False,
                                     state_dtype=state_dtype, nonfinite=nonfinite, **hp)
         wb = {"fp8_e4m3": 1, "int8": 1, "int4": 0.5, "bf16": 2}[fmt]
-        sb = 2 if state_dtype == torch.bfloat16 else 4
+        eight = isinstance(state_dtype, ecoptim.State8bit)
+        sb = 1 + 4 / state_dtype.block_size if eight else 2 if state_dtype == torch.bfloat16 else 4
         extra = {"master": 8, "exact": 8, "kahan": 2 * wb}.get(mode, 0)
+        states = (f" 8bit-states{'-SR' if state_dtype.rounding == 'stochastic' else ''}" if eight
+                  else " bf16-states" if state_dtype == torch.bfloat16 else "")
         name = (f"ecoptim AdamW {fmt}{'/' + gran if gran else ''} {mode} {'SR' if rounding == 'stochastic' else 'RTN'}"
-                f"{' fused' if fused else ' reference'}{' bf16-states' if state_dtype == torch.bfloat16 else ''}"
+                f"{' fused' if fused else ' reference'}{states}"
                 f"{' skip_blocks' if nonfinite == 'skip_blocks' else ''}")
         return Config(name, build, 2 * wb + 4 + 4 * sb + extra)
 
@@ -106,6 +115,8 @@ def configs(args: argparse.Namespace) -> list[Config]:
         out.append(eco("fp8_e4m3", "row", "eco", rounding, False))
     for mode in ("master", "exact", "kahan"):  # modes the kernel does not cover: the reference path
         out.append(eco("fp8_e4m3", "row", mode, "stochastic", False))
+    for sd in (ecoptim.State8bit(), ecoptim.State8bit(rounding="stochastic")):  # decode, kernel, encode per tensor
+        out.append(eco("fp8_e4m3", "row", "eco", "stochastic", True, sd))
 
     # SGD with momentum: the other optimizer with a fused path
     sgd_hp = dict(lr=1e-2, momentum=0.9, weight_decay=0.0)

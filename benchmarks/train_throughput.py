@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ecoptim import train
+from ecoptim.cli import STATE_DTYPES
 from report import run_meta, write_report
 from ecoptim.corpus import get_batch
 from ecoptim.model import LlamaConfig, LlamaLM
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps-per-round", type=int, default=10)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--methods", default=",".join(train.METHODS))
+    ap.add_argument("--state-dtypes", default="bf16,8bit",
+                    help="extra FP8 ECO + SR rows with these AdamW state precisions (--state-dtype values)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     for m in train.resolve_methods(args.methods.split(",")):
         model, opt = train._build(m, cfg, seed=0, lr=lr, init_state=None)
         runs.append((f"ecoptim {m.name} ({m.label})", model, opt))
+    for st in filter(None, args.state_dtypes.split(",")):
+        m = train.resolve_methods(["fp8_eco_sr"])[0]
+        model, opt = train._build(m, cfg, seed=0, lr=lr, init_state=None, state_dtype=STATE_DTYPES[st])
+        runs.append((f"ecoptim {m.name} ({m.label}), {st} states", model, opt))
 
     gen = torch.Generator().manual_seed(0)
     times = {name: [] for name, _, _ in runs}

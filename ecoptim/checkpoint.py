@@ -189,10 +189,14 @@ def _validate_model_state(where: str, sd: Any, model: nn.Module, strict: bool) -
                          + "\n  ".join(problems[:_MAX_LISTED]) + more)
 
 
-def _expected_state_shape(name: str, p: torch.Tensor) -> tuple[int, ...] | None:
+def _expected_state_shape(name: str, p: torch.Tensor, group: dict) -> tuple[int, ...] | None:
     from .convert import spec_of
+    from .optim.state8 import State8bit
 
     spec = spec_of(p)
+    if name.endswith("_absmax"):  # 8-bit states: one absmax per block of the (saved) group's State8bit
+        cfg = group.get("state_dtype")
+        return (cfg.blocks(p.numel()),) if isinstance(cfg, State8bit) else None
     if name == "comp_codes" and spec is not None:
         return (spec.format.code_numel(p.numel()),)
     if name == "comp_scale" and spec is not None:
@@ -214,13 +218,14 @@ def _validate_optimizer_state(where: str, saved: Any, optimizer: torch.optim.Opt
     if len(sd["param_groups"]) != len(groups):
         raise ValueError(f"{where}: the checkpoint's optimizer has {len(sd['param_groups'])} parameter groups, "
                          f"the given one has {len(groups)}")
-    ids, params = [], []
+    ids, params, saved_group = [], [], {}
     for i, (sg, g) in enumerate(zip(sd["param_groups"], groups)):
         if len(sg["params"]) != len(g["params"]):
             raise ValueError(f"{where}: parameter group {i} has {len(sg['params'])} parameters in the checkpoint "
                              f"and {len(g['params'])} in the given optimizer")
         ids += list(sg["params"])
         params += list(g["params"])
+        saved_group.update({pid: sg for pid in sg["params"]})
     by_id = dict(zip(ids, params))
     problems = []
     for pid, st in sd["state"].items():
@@ -231,7 +236,7 @@ def _validate_optimizer_state(where: str, saved: Any, optimizer: torch.optim.Opt
         pname = names.get(id(p), f"parameter #{ids.index(pid)}")
         for k, v in st.items():
             if isinstance(v, torch.Tensor) and v.dim() > 0:
-                exp = _expected_state_shape(k, p)
+                exp = _expected_state_shape(k, p, saved_group[pid])
                 if exp is not None and tuple(v.shape) != exp:
                     problems.append(f"{pname}: optimizer state '{k}' has shape {tuple(v.shape)}, expected {exp}")
     if problems:

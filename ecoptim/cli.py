@@ -24,6 +24,7 @@ import torch
 
 from . import __version__
 from .formats import QuantSpec
+from .optim.state8 import State8bit
 from .corpus import CORPORA
 from .model import PRESETS, LlamaConfig, LlamaLM, is_block_linear
 from .train import (BETAS, EPS, GRAD_CLIP, METHODS, WEIGHT_DECAY, Method, RunResult, finetune, load_corpus,
@@ -49,6 +50,9 @@ FINETUNE_LR = 5e-4
 PRETRAIN_STEPS = COMPARE_STEPS
 FINETUNE_METHODS = "fp32_mw,mw_rtn,mw_sr,naive_rtn,naive_sr,eco_rtn,eco_sr"
 CHECKPOINT_KIND = "ecoptim-llama-checkpoint-v1"
+# --state-dtype: how AdamW keeps the moments of the quantized weights
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": State8bit(),
+                "8bit-sr": State8bit(rounding="stochastic")}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -109,8 +113,10 @@ def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float, methods:
                    help="scale granularity: row, tensor, group<G> or G (default: per-row for FP8/INT8, "
                         "per-tensor for INT4, as in the paper)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batch order and SR (default 0)")
-    g.add_argument("--state-dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="AdamW moments of the quantized weights: fp32 (default) or bf16 (-4 B/param)")
+    g.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="fp32",
+                   help="AdamW moments of the quantized weights: fp32 (default), bf16 (-4 B/param), 8bit (8-bit "
+                        "block-wise, round to nearest, -5.97 B/param; reference path) or 8bit-sr (the same with "
+                        "stochastic rounding)")
     g.add_argument("--eval-every", type=_positive_int, default=EVAL_EVERY,
                    help=f"steps between validation-loss points (default {EVAL_EVERY})")
     g.add_argument("--eval-batches", type=_positive_int, default=8,
@@ -398,10 +404,14 @@ def _run_config(args: argparse.Namespace, cfg: LlamaConfig, methods: Sequence[Me
                           "schedule": "10% linear warm-up from 0.01x peak, cosine to 0.1x peak"}}
 
 
+def _state_note(args: argparse.Namespace) -> str:
+    return "" if args.state_dtype == "fp32" else f", {args.state_dtype} AdamW states"
+
+
 def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"eval_every": args.eval_every, "eval_batches_n": args.eval_batches,
             "final_eval_batches_n": 4 * args.eval_batches, "threads": args.threads,
-            "state_dtype": torch.bfloat16 if args.state_dtype == "bf16" else torch.float32}
+            "state_dtype": STATE_DTYPES[args.state_dtype]}
 
 
 def cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -431,7 +441,7 @@ def cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     fmt = config["format"] or "-"
     title = (f"{config['params'] / 1e6:.2f}M-param Llama, {args.corpus}, {args.steps} steps x "
              f"{args.batch_size}x{args.seq_len} bytes, {fmt}/{config['granularity']}, peak lr {args.lr:g}"
-             + (", bf16 AdamW states" if args.state_dtype == "bf16" else ""))
+             + _state_note(args))
     paths = write_outputs(args.out, "compare", config, results, rows, title, extra={"wall_s": wall})
     print(title)
     print(format_table(rows))
@@ -483,7 +493,7 @@ def cmd_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     rows = summarize(results)
     title = (f"fine-tune {config['params'] / 1e6:.2f}M-param Llama on {args.corpus}: {config['format']}/"
              f"{config['granularity']}, {args.steps} steps x {args.batch_size}x{args.seq_len} bytes, "
-             f"peak lr {args.lr:g}" + (", bf16 AdamW states" if args.state_dtype == "bf16" else ""))
+             f"peak lr {args.lr:g}" + _state_note(args))
     paths = write_outputs(args.out, "finetune", config, results, rows, title, before=True, extra={"wall_s": wall})
     print(title)
     print(format_table(rows, before=True))

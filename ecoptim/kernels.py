@@ -59,7 +59,7 @@ class EcoArgs(ctypes.Structure):
 
 _lib: ctypes.CDLL | None = None
 _tried = False
-_ABI = 7
+_ABI = 8
 
 
 def _cache_dir() -> Path:
@@ -133,6 +133,13 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.eco_all_finite.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
                                    ctypes.c_int32]
     lib.eco_all_finite.restype = ctypes.c_int
+    if not hasattr(lib, "eco_state8"):  # an older build (benchmarks/kernel_ab.py loads one to compare)
+        return lib
+    lib.eco_state8.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_uint32, ctypes.c_uint32,
+                               ctypes.c_int32, ctypes.c_int32]
+    lib.eco_state8.restype = None
     return lib
 
 

@@ -77,6 +77,9 @@ def _bytes(t: torch.Tensor | None, seen: set) -> int:
         return _bytes(local, seen)
     if isinstance(t, QuantizedTensor):
         return _bytes(t.codes, seen) + _bytes(t.scale, seen)
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):  # another wrapper subclass (e.g.
+        names, _ = t.__tensor_flatten__()                                   # torchao's 8-bit optimizer state)
+        return sum(_bytes(getattr(t, n), seen) for n in names)
     st = t.untyped_storage()
     key = (st.device.type, st.data_ptr())
     if key in seen or st.nbytes() == 0:

@@ -23,7 +23,7 @@ from .corpus import eval_batches, get_batch, load_split
 from .formats import get_format, get_granularity
 from .memory import memory_report
 from .model import LlamaConfig, LlamaLM, is_block_linear
-from .optim import AdamW
+from .optim import AdamW, State8bit
 
 __all__ = ["Method", "METHODS", "ROWS", "FORMAT_TAGS", "DEFAULT_GRANULARITY", "make_methods", "resolve_methods",
            "Corpus", "load_corpus", "RunResult", "train_run", "lr_lambda", "evaluate", "pretrain", "finetune",
@@ -245,7 +245,7 @@ def _finite(x: float) -> float | None:
 
 def _build(method: Method, cfg: LlamaConfig, seed: int, lr: float,
            init_state: dict[str, torch.Tensor] | None,
-           state_dtype: torch.dtype = torch.float32) -> tuple[LlamaLM, AdamW]:
+           state_dtype: torch.dtype | State8bit = torch.float32) -> tuple[LlamaLM, AdamW]:
     """Model (same init for every method: seeded here) and its optimizer."""
     torch.manual_seed(seed)
     model = LlamaLM(cfg)
@@ -307,7 +307,7 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
               data: Corpus, progress: bool = True, *, eval_every: int = 50, eval_batches_n: int = 8,
               final_eval_batches_n: int = 32, init_state: dict[str, torch.Tensor] | None = None,
               diverge_loss: float | None = None, max_nonfinite: int = 10, threads: int | None = None,
-              keep_state: bool = False, state_dtype: torch.dtype = torch.float32) -> RunResult:
+              keep_state: bool = False, state_dtype: torch.dtype | State8bit = torch.float32) -> RunResult:
     """Train ``method`` for ``steps`` steps and measure it (see ``RunResult``).
 
     Same ``seed`` => same initial weights (before quantization), same batch order (a ``torch.Generator``

@@ -161,10 +161,11 @@ def test_same_seed_same_run() -> None:
     assert 1 <= default_threads() <= usable_cores()
 
 
-def test_bf16_optimizer_states_save_4_bytes_per_quantized_param(tmp_path: Path) -> None:
-    """--state-dtype bf16: measured memory drops by 4 B per quantized weight; dense rows keep fp32 states."""
+def test_bf16_and_8bit_optimizer_states_save_measured_bytes_per_quantized_param(tmp_path: Path) -> None:
+    """--state-dtype bf16: measured memory drops by 4 B per quantized weight; 8bit: by 8 - 2 B minus the block
+    absmax (2 x 4 B per 256 elements) and the stream counter; dense rows keep fp32 states."""
     res = {}
-    for dt in ("fp32", "bf16"):
+    for dt in ("fp32", "bf16", "8bit"):
         rc = main(["compare", *FAST, "--steps", "3", "--methods", "fp32_mw,fp8_eco_sr", "--state-dtype", dt,
                    "--out", str(tmp_path / dt)])
         assert rc == 0
@@ -179,3 +180,8 @@ def test_bf16_optimizer_states_save_4_bytes_per_quantized_param(tmp_path: Path) 
     n_quantized = sum(m.weight.numel() for n, m in LlamaLM(model).named_modules() if is_block_linear(m, n))
     assert eco32["total_bytes"] - eco16["total_bytes"] == 4 * n_quantized
     assert math.isfinite(eco16["final_val_loss"])
+    eco8 = res["8bit"]["fp8_eco_sr"]
+    shapes = [m.weight.numel() for n, m in LlamaLM(model).named_modules() if is_block_linear(m, n)]
+    assert eco32["total_bytes"] - eco8["total_bytes"] == sum(6 * k - 8 * -(-k // 256) - 8 for k in shapes)
+    assert math.isfinite(eco8["final_val_loss"]) and res["8bit"]["fp32_mw"]["bytes_per_param"] == \
+        res["fp32"]["fp32_mw"]["bytes_per_param"]

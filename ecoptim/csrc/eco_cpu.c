@@ -950,4 +950,144 @@ int eco_all_finite(void *const *ptrs, const int64_t *numels, const int32_t *dtyp
     return !bad;
 }
 
-int eco_abi_version(void) { return 7; }
+/* ---------------------------------------------------------------------------------------------------- */
+/* 8-bit block-wise optimizer states (ecoptim/optim/state8.py, whose torch code is the definition): encode  */
+/* an fp32 state into codes + per-block absmax, and decode it back, with the same IEEE operations as the    */
+/* torch code (absmax; |x| / absmax; the comparisons torch.bucketize makes; the SR fraction), so the       */
+/* results are identical. table: the ntab magnitudes, mid: the ntab - 1 fp32 midpoints, each padded with    */
+/* +Inf. Searching them: y in [0, 1] falls in a "bucket" named by its top 16 bits (exponent and 7 mantissa  */
+/* bits; below 2^-27 all in bucket 0), and state8.py has checked that no bucket holds more than one table   */
+/* entry or midpoint, and tabulated how many lie below each bucket (brtn: midpoints, bsr: entries). So      */
+/* "how many are < y" is base + (p[base] < y): one lookup and one comparison, no search.                    */
+#define S8_BKT0 0x3200 /* top 16 bits of 2^-27 */
+typedef struct {
+    const float *x;      /* encode: in; decode: out (as float *) */
+    uint8_t *codes;
+    float *absmax;
+    const float *table, *mid;
+    const int32_t *brtn, *bsr;
+    int64_t n, bs;
+    int32_t ntab, nbkt, is_signed, sr;
+    uint32_t k1, k2;
+    int32_t part, parts, decode;
+} s8_work;
+
+static inline int32_t s8_bucket(float y, int32_t nbkt) {
+    const int32_t k = (int32_t)(f_bits(y) >> 16) - S8_BKT0;
+    return k < 0 ? 0 : (k >= nbkt ? nbkt - 1 : k);
+}
+
+static void s8_block(const s8_work *w, int64_t b) {
+    const int64_t lo = b * w->bs, hi = lo + w->bs < w->n ? lo + w->bs : w->n;
+    const int32_t ntab = w->ntab, nbkt = w->nbkt;
+    int64_t i = lo;
+    if (w->decode) {
+        float *out = (float *)w->x;
+        const float a = w->absmax[b];
+#if ECO_AVX2
+        const __m256 va = _mm256_set1_ps(a);
+        const __m256i m7 = _mm256_set1_epi32(w->is_signed ? 0x7F : 0xFF), sb = _mm256_set1_epi32(0x80);
+        for (; i + 8 <= hi; i += 8) {
+            const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w->codes + i)));
+            __m256 v = _mm256_mul_ps(_mm256_i32gather_ps(w->table, _mm256_and_si256(c, m7), 4), va);
+            if (w->is_signed) /* code bit 7 -> the sign bit: -v */
+                v = _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(c, sb), 24)));
+            _mm256_storeu_ps(out + i, v);
+        }
+#endif
+        for (; i < hi; i++) {
+            const uint8_t c = w->codes[i];
+            const float v = w->table[w->is_signed ? (c & 0x7F) : c] * a;
+            out[i] = w->is_signed && c >= 128 ? -v : v;
+        }
+        return;
+    }
+    float amax = 0.0f;
+    for (int64_t k = lo; k < hi; k++) {
+        const float ax = fabsf(w->x[k]);
+        amax = ax > amax ? ax : amax;
+    }
+    w->absmax[b] = amax;
+    const float d = amax > 0.0f ? amax : 1.0f;
+#if ECO_AVX2
+    /* SR uniforms need one high index word for the whole range */
+    if (!w->sr || ((uint64_t)lo >> 32) == ((uint64_t)hi >> 32)) {
+        const __m256 vd = _mm256_set1_ps(d), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)),
+                     zero = _mm256_setzero_ps();
+        const __m256i one = _mm256_set1_epi32(1), top = _mm256_set1_epi32(ntab - 2), b0 = _mm256_set1_epi32(S8_BKT0),
+                      blast = _mm256_set1_epi32(nbkt - 1), sgn = _mm256_set1_epi32(w->is_signed ? 128 : 0),
+                      vk1 = _mm256_set1_epi32((int)w->k1),
+                      vk2 = _mm256_set1_epi32((int)(w->k2 + (uint32_t)((uint64_t)lo >> 32)));
+        __m256i vidx = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (; i + 8 <= hi; i += 8) {
+            const __m256 xv = _mm256_loadu_ps(w->x + i);
+            const __m256 y = _mm256_div_ps(_mm256_and_ps(xv, absm), vd);
+            __m256i bk = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(y), 16), b0);
+            bk = _mm256_min_epi32(_mm256_max_epi32(bk, _mm256_setzero_si256()), blast);
+            __m256i c;
+            if (w->sr) { /* l = (entries <= y) - 1, clamped; up with probability (y - T[l]) / (T[l+1] - T[l]) */
+                const __m256i base = _mm256_i32gather_epi32(w->bsr, bk, 4);
+                const __m256 q = _mm256_i32gather_ps(w->table, base, 4);
+                c = _mm256_sub_epi32(base, _mm256_andnot_si256(_mm256_castps_si256(_mm256_cmp_ps(q, y, _CMP_LE_OQ)), one));
+                c = _mm256_min_epi32(_mm256_max_epi32(c, _mm256_setzero_si256()), top);
+                const __m256 tl = _mm256_i32gather_ps(w->table, c, 4);
+                const __m256 th = _mm256_i32gather_ps(w->table, _mm256_add_epi32(c, one), 4);
+                const __m256 frac = _mm256_div_ps(_mm256_sub_ps(y, tl), _mm256_sub_ps(th, tl));
+                const __m256 up = _mm256_cmp_ps(v_uniform(vidx, vk1, vk2), frac, _CMP_LT_OQ);
+                c = _mm256_add_epi32(c, _mm256_and_si256(_mm256_castps_si256(up), one));
+                vidx = _mm256_add_epi32(vidx, _mm256_set1_epi32(8));
+            } else { /* midpoints < y */
+                const __m256i base = _mm256_i32gather_epi32(w->brtn, bk, 4);
+                const __m256 q = _mm256_i32gather_ps(w->mid, base, 4);
+                c = _mm256_add_epi32(base, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(q, y, _CMP_LT_OQ)), one));
+            }
+            if (!w->is_signed) /* a positive second moment never becomes 0 */
+                c = _mm256_max_epi32(c, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(y, zero, _CMP_GT_OQ)), one));
+            c = _mm256_or_si256(c, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(xv, zero, _CMP_LT_OQ)), sgn));
+            const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+            _mm_storel_epi64((__m128i *)(w->codes + i), _mm_packus_epi16(p16, p16));
+        }
+    }
+#endif
+    for (; i < hi; i++) {
+        const float y = fabsf(w->x[i]) / d;
+        const int32_t bk = s8_bucket(y, nbkt);
+        int32_t idx;
+        if (w->sr) {
+            const int32_t base = w->bsr[bk];
+            int32_t l = base + (w->table[base] <= y) - 1;
+            l = l < 0 ? 0 : (l > ntab - 2 ? ntab - 2 : l);
+            const float tl = w->table[l], th = w->table[l + 1];
+            idx = l + (uniform(w->k1, w->k2, (uint64_t)i) < (y - tl) / (th - tl));
+        } else {
+            const int32_t base = w->brtn[bk];
+            idx = base + (w->mid[base] < y);
+        }
+        if (!w->is_signed && y > 0.0f && idx < 1) idx = 1; /* a positive second moment never becomes 0 */
+        w->codes[i] = (uint8_t)(idx | (w->is_signed && w->x[i] < 0.0f ? 128 : 0));
+    }
+}
+
+static void *s8_worker(void *p) {
+    const s8_work *w = (const s8_work *)p;
+    const int64_t nb = (w->n + w->bs - 1) / w->bs, per = (nb + w->parts - 1) / w->parts;
+    const int64_t b0 = per * w->part, b1 = b0 + per < nb ? b0 + per : nb;
+    for (int64_t b = b0; b < b1; b++) s8_block(w, b);
+    return NULL;
+}
+
+/* decode = 0: x (fp32, n) -> codes + absmax; decode = 1: codes + absmax -> x. Threads share the blocks. */
+void eco_state8(float *x, uint8_t *codes, float *absmax, const float *table, const float *mid, const int32_t *brtn,
+                const int32_t *bsr, int32_t nbkt, int64_t n, int64_t bs, int32_t ntab, int32_t is_signed, int32_t sr,
+                uint32_t k1, uint32_t k2, int32_t decode, int32_t nthreads) {
+    int nt = nthreads < 1 ? 1 : (nthreads > 64 ? 64 : nthreads);
+    if (n < 65536) nt = 1;
+    s8_work ws[64];
+    for (int t = 0; t < nt; t++) {
+        s8_work w = {x, codes, absmax, table, mid, brtn, bsr, n, bs, ntab, nbkt, is_signed, sr, k1, k2, t, nt, decode};
+        ws[t] = w;
+    }
+    run_parallel(s8_worker, ws, sizeof(s8_work), nt);
+}
+
+int eco_abi_version(void) { return 8; }

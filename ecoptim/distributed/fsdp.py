@@ -283,6 +283,7 @@ class _ShardedMixin:
     """Runs an ecoptim optimizer's per-parameter update on the local shard of each DTensor parameter."""
 
     _block_skip_ok = False  # the skip decision is taken rank-wide (_grads_finite below)
+    _state8_ok = False  # an 8-bit state's per-block absmax is not sharded like the parameter
 
     def _grads_finite(self) -> bool:  # type: ignore[override]
         flags = [torch.isfinite(local_shard(p.grad)).all() for g in self.param_groups for p in g["params"]

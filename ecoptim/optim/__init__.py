@@ -2,6 +2,7 @@
 from .adamw import AdamW, adamw_update_, eco_adamw_coef
 from .base import MODES, NonFiniteGradientError, QuantOptimizer
 from .sgd import SGD, eco_sgd_coef, sgd_update_
+from .state8 import State8bit
 
 __all__ = ["AdamW", "SGD", "QuantOptimizer", "MODES", "NonFiniteGradientError", "adamw_update_", "sgd_update_",
-           "eco_adamw_coef", "eco_sgd_coef"]
+           "eco_adamw_coef", "eco_sgd_coef", "State8bit"]

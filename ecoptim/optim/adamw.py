@@ -12,7 +12,9 @@ Why (1 - lr*wd): the appendix's exact form keeps e and re-adds it at the next st
 the next step starts from (1 - lr*wd)*(w_hat + e), so the carried error is (1 - lr*wd)*e; pushing it through
 the momentum as in the SGD derivation (divide by the per-element step size lr/((1-b1^t)*denom) and by b1,
 subtract the part already re-added) scales the whole coefficient by (1 - lr*wd). Without decay it is the
-paper's coefficient. The momentum stays fp32: |coef*e| can be much larger than m itself.
+paper's coefficient. The momentum stays fp32 by default: |coef*e| can be much larger than m itself. The moments
+of quantized weights may be stored in bf16 or in 8 bits per element (``state8.State8bit``); the maths above
+always runs on fp32 working copies, rounded back to the stored form at the end of the step (after injection).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from . import fused as _fused
 from ..qtensor import QuantizedTensor
 from ..rounding import _is_identity
 from .base import QuantOptimizer
+from .state8 import State8bit, dequantize_state, quantize_state, state_key
 
 __all__ = ["AdamW", "adamw_update_", "eco_adamw_coef", "sqrt_rn"]
 
@@ -68,23 +71,34 @@ class AdamW(QuantOptimizer):
     Args: params, lr, betas, eps, weight_decay as torch.optim.AdamW; ``mode`` in
     {'eco', 'master', 'naive', 'exact', 'kahan'}; ``rounding`` in {'nearest', 'stochastic'}; ``seed`` of the
     stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise', 'skip_blocks'} (see ``QuantOptimizer``);
-    ``state_dtype`` of the moments of quantized weights (torch.float32 or torch.bfloat16); ``fused``: None
+    ``state_dtype`` of the moments of quantized weights: torch.float32, torch.bfloat16 or ``State8bit()``
+    (8-bit block-wise; dense parameters keep their own dtype); ``fused``: None
     (default) steps every quantized weight it can with the fused CPU kernel (bit-identical to the reference,
     see ``optim/fused.py``), False always takes the reference path.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, mode: str = "eco", rounding: str = "stochastic",
-                 seed: int = 0, nonfinite: str = "skip", state_dtype: torch.dtype = torch.float32,
+                 seed: int = 0, nonfinite: str = "skip", state_dtype: torch.dtype | State8bit = torch.float32,
                  fused: bool | None = None) -> None:
-        if state_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
                         fused=fused)
+        self._state8_streams = 0  # stream numbers handed out to parameters with 8-bit moments (in init order)
         super().__init__(params, defaults, mode=mode, rounding=rounding, seed=seed, nonfinite=nonfinite)
+
+    _state8_ok = True  # False where states are sharded or exchanged between ranks (see distributed/)
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
+        sd = group["state_dtype"]
+        if not (isinstance(sd, State8bit) or (isinstance(sd, torch.dtype) and sd in (torch.float32, torch.bfloat16))):
+            raise ValueError(f"state_dtype must be torch.float32, torch.bfloat16 or ecoptim.State8bit(), got {sd!r}")
+        if isinstance(sd, State8bit) and self.nonfinite == "skip_blocks":
+            raise ValueError("8-bit states are re-encoded a whole tensor at a time, which nonfinite='skip_blocks' "
+                             "cannot leave partly untouched: use nonfinite='skip' (default) or 'raise'")
+        if isinstance(sd, State8bit) and not self._state8_ok:
+            raise ValueError(f"{type(self).__name__} does not support 8-bit states (State8bit); use "
+                             "state_dtype=torch.bfloat16 for smaller states")
         b1, b2 = group["betas"]
         if not 0.0 <= b1 < 1.0 or not 0.0 <= b2 < 1.0:
             raise ValueError(f"invalid betas {group['betas']!r}: each must be in [0, 1)")
@@ -94,18 +108,52 @@ class AdamW(QuantOptimizer):
             raise ValueError("mode='eco' injects the rounding error into the first moment and divides by beta1, "
                              "so beta1 must be > 0; use betas=(0.9, ...) or mode='naive'")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        streams = [int(st["state8_stream"]) for st in self.state.values() if "state8_stream" in st]
+        self._state8_streams = max(streams, default=-1) + 1  # parameters initialised later get fresh streams
+
     def _fused_job_(self, p: QuantizedTensor, spec: Any, state: dict, group: dict,
                     generator: torch.Generator | None) -> _fused.Job:
         b1, b2 = group["betas"]
         step, lr, wd = state["step"].item(), group["lr"], group["weight_decay"]
-        return _fused.adamw_job(p, p.grad, spec, state["exp_avg"], state["exp_avg_sq"], generator, step=step,
-                                lr=lr, beta1=b1, beta2=b2, eps=group["eps"], weight_decay=wd,
-                                coef=eco_adamw_coef(step, lr, b1, wd), inject=group["mode"] == "eco")
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if m.dtype == torch.uint8:  # 8-bit moments: the kernel steps fp32 working copies, stored back after it
+            m, v = self._load_state8(state, group)
+        job = _fused.adamw_job(p, p.grad, spec, m, v, generator, step=step, lr=lr, beta1=b1, beta2=b2,
+                               eps=group["eps"], weight_decay=wd, coef=eco_adamw_coef(step, lr, b1, wd),
+                               inject=group["mode"] == "eco")
+        if m is not state["exp_avg"]:
+            job.after = lambda: self._store_state8(state, group, m, v)
+        return job
+
+    @staticmethod
+    def _load_state8(state: dict, group: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = group["state_dtype"]
+        return (dequantize_state(state["exp_avg"], state["exp_avg_absmax"], True, cfg),
+                dequantize_state(state["exp_avg_sq"], state["exp_avg_sq_absmax"], False, cfg))
+
+    def _store_state8(self, state: dict, group: dict, m: torch.Tensor, v: torch.Tensor) -> None:
+        cfg = group["state_dtype"]
+        stream, step = int(state["state8_stream"]), int(state["step"].item())
+        for k, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
+            key = state_key(self.seed, stream, signed, step) if cfg.rounding == "stochastic" else None
+            quantize_state(x, signed, cfg, key, out=(state[k], state[k + "_absmax"]))
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
-        # Quantized weights: moments in fp32 (or bf16 by option, upcast for the maths); dense: the param dtype.
+        # Quantized weights: moments in fp32 (or bf16 / 8-bit by option, fp32 for the maths); dense: the param
+        # dtype.
         dt = group["state_dtype"] if quantized else p.dtype
         state["step"] = torch.tensor(0.0)
+        if isinstance(dt, State8bit):  # codes (p's shape) + one fp32 absmax per block; zeros are code 0
+            # the parameter's own stochastic-rounding stream for its moments (kept in the state: a resumed run
+            # rounds them exactly as the uninterrupted one)
+            state["state8_stream"] = torch.tensor(self._state8_streams, dtype=torch.int64)
+            self._state8_streams += 1
+            for k in ("exp_avg", "exp_avg_sq"):
+                state[k] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                state[k + "_absmax"] = torch.zeros(dt.blocks(p.numel()), dtype=torch.float32, device=p.device)
+            return
         state["exp_avg"] = torch.zeros(p.shape, dtype=dt, device=p.device)
         state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dt, device=p.device)
 
@@ -117,7 +165,9 @@ class AdamW(QuantOptimizer):
         # torch.optim.AdamW's exact bits.
         exact = spec is not None and not _is_identity(spec.format)
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        if w.dtype == torch.float32 and m.dtype != torch.float32:  # low-precision state: fp32 working copies
+        if m.dtype == torch.uint8:  # 8-bit states: fp32 working copies
+            m, v = self._load_state8(state, group)
+        elif w.dtype == torch.float32 and m.dtype != torch.float32:  # low-precision state: fp32 working copies
             m, v = m.float(), v.float()
         denom = adamw_update_(w, grad, m, v, step=state["step"].item(), lr=group["lr"], beta1=b1, beta2=b2,
                               eps=group["eps"], weight_decay=group["weight_decay"],
@@ -131,6 +181,8 @@ class AdamW(QuantOptimizer):
 
     def _finish_(self, state: dict, group: dict, aux: Any) -> None:
         _, m, v = aux
-        if m is not state["exp_avg"]:  # round the fp32 working copies back to the stored dtype (RTN)
+        if state["exp_avg"].dtype == torch.uint8:  # back to 8 bits (per State8bit.rounding)
+            self._store_state8(state, group, m, v)
+        elif m is not state["exp_avg"]:  # round the fp32 working copies back to the stored dtype (RTN)
             state["exp_avg"].copy_(m)
             state["exp_avg_sq"].copy_(v)

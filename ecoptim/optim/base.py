@@ -191,7 +191,9 @@ class QuantOptimizer(Optimizer):
                 if p.grad is None:
                     continue
                 job = self._fused_begin(p, group)
-                if job is not None:  # stepped below, all together: one kernel call, one thread team per group
+                if job is not None and job.after is not None:  # fp32 working moments: stepped alone, now, so
+                    _fused.run([job])                            # only one tensor's working copies exist at once
+                elif job is not None:  # stepped below, all together: one kernel call, one thread team per group
                     jobs.append(job)
                     owners.append(p)
                 elif blocks and not _all_finite([p.grad]):

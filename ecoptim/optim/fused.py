@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -105,6 +106,7 @@ class Job:
     args: kernels.EcoArgs
     keep: list[torch.Tensor]
     numel: int
+    after: Callable[[], None] | None = None  # run right after the kernel (e.g. store fp32 working moments)
 
 
 def run(jobs: list[Job], skip_nonfinite: bool = False) -> list[int]:
@@ -117,6 +119,9 @@ def run(jobs: list[Job], skip_nonfinite: bool = False) -> list[int]:
     arr = (ctypes.POINTER(kernels.EcoArgs) * len(jobs))(*[ctypes.pointer(j.args) for j in jobs])
     if lib.eco_step_many(arr, len(jobs), torch.get_num_threads()) != 0:
         raise MemoryError("ecoptim fused step: could not allocate its block scratch; nothing was modified")
+    for j in jobs:
+        if j.after is not None:
+            j.after()
     bad = [j.args.nonfinite for j in jobs]
     if any(bad) and not skip_nonfinite:
         j = next(j for j in jobs if j.args.nonfinite)

@@ -1,0 +1,229 @@
+"""8-bit block-wise optimizer states: AdamW's moments in 1 byte per element plus one fp32 per block.
+
+The scheme of Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (ICLR 2022), as in
+bitsandbytes' and torchao's 8-bit AdamW, with one safety change for the second moment. A state tensor x is
+cut into blocks of ``block_size`` consecutive elements (flat, row-major) and stored as
+
+    absmax_b = max |x| over block b                  (fp32, one per block)
+    code_i   = sign(x_i) * index of round(|x_i| / absmax_b) in T      (uint8)
+    x_i     ~= sign * T[index] * absmax_b
+
+T is a "dynamic tree" magnitude table on [0, 1]: zero, then per decade E = 0, 1, ... (values in
+(10^-(E+1), 10^-E]) 2^F evenly spaced points 10^-E * (0.1 + 0.9 * (k + 1) / 2^F), k < 2^F, with F = bits-1-E
+fraction bits: many points near the block's absmax, ever fewer per decade below it, down to 10^-(bits-1). The
+first moment (signed) uses a sign bit and a 7-bit index (128 magnitudes, smallest nonzero 1e-6); the second
+moment (never negative) all 8 bits (256 magnitudes, smallest nonzero 1e-7). The largest element of a block is
+stored exactly (T ends at 1.0).
+
+Rounding of |x| / absmax onto T: to the nearest entry (a value exactly halfway goes to the smaller one), or
+stochastic between the two neighbours lo <= y <= hi with P(hi) = (y - lo) / (hi - lo), so E[stored] = y (the
+uniforms come from ``ecoptim.rng`` under a key derived from (optimizer seed, parameter, moment, step), see
+``state_key``: no draw from the optimizer's generator, so the weights' own stochastic rounding is the same
+whichever way the moments are stored). Round-to-nearest loses
+an EMA update smaller than half a table step (the moment stops moving); stochastic rounding keeps it in
+expectation.
+
+Safety: a positive second moment is never stored as 0. It would turn AdamW's denominator into eps and the
+step into m / eps (a blow-up); a v below the smallest table entry is stored as that entry instead (a larger v:
+a smaller step), whatever the rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..rng import uniform
+from ..rounding import check_rounding
+
+__all__ = ["State8bit", "magnitude_table", "quantize_state", "dequantize_state", "state_key", "quantize_state_torch",
+           "dequantize_state_torch"]
+
+
+@dataclass(frozen=True)
+class State8bit:
+    """AdamW moments of quantized weights stored in 8 bits per element (see the module docstring).
+
+    ``block_size``: elements per fp32 absmax (256 as in bitsandbytes/torchao: 1 + 4/256 B per element per
+    moment); ``rounding``: 'nearest' or 'stochastic' (unbiased) when a moment is stored back."""
+
+    block_size: int = 256
+    rounding: str = "nearest"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
+            raise ValueError(f"State8bit.block_size must be a positive int, got {self.block_size!r}")
+        check_rounding(self.rounding)
+
+    def blocks(self, numel: int) -> int:
+        """Number of absmax blocks of a state of ``numel`` elements."""
+        return -(-numel // self.block_size)
+
+    def __reduce__(self):  # rebuilt by constructor call, which torch.load(weights_only=True) allows (below)
+        return (State8bit, (self.block_size, self.rounding))
+
+    def __str__(self) -> str:
+        return f"8bit/block{self.block_size}" + ("/sr" if self.rounding == "stochastic" else "")
+
+
+# optimizer state_dicts hold the group's State8bit: let checkpoints load with weights_only=True
+torch.serialization.add_safe_globals([State8bit])
+
+_TABLES: dict[int, torch.Tensor] = {}
+
+
+def magnitude_table(bits: int) -> torch.Tensor:
+    """The 2^bits magnitudes of the dynamic tree table, ascending, fp32 (entry 0 is 0, the last 1.0)."""
+    if bits not in _TABLES:
+        vals = [0.0]
+        for e in range(bits):  # decade (10^-(e+1), 10^-e] with 2^f points
+            f = bits - 1 - e
+            vals += [10.0 ** -e * (0.1 + 0.9 * (k + 1) / 2 ** f) for k in range(2 ** f)]
+        t = torch.tensor(sorted(vals), dtype=torch.float64).to(torch.float32)
+        assert t.numel() == 2 ** bits and bool((t[1:] > t[:-1]).all()) and t[-1].item() == 1.0
+        _TABLES[bits] = t
+    return _TABLES[bits]
+
+
+def _mix(x: int) -> int:  # rng's lowbias32 hash on one Python int
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def state_key(seed: int, stream: int, signed: bool, step: int) -> tuple[int, int]:
+    """The stochastic-rounding key of one moment (``signed``: the first) of the parameter with stream number
+    ``stream`` at step ``step``: a hash, so resuming from a checkpoint reproduces it without any RNG state."""
+    k1 = _mix(_mix(seed ^ (seed >> 32)) ^ _mix(2 * stream + int(signed)) ^ _mix(step + 0x9E3779B9))
+    return k1, _mix(k1 ^ (step & 0xFFFFFFFF))
+
+
+def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Flat view of x as (blocks, block), zero-padded at the end (zeros change no absmax)."""
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % block
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, block)
+
+
+def _tables(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    table = magnitude_table(7 if signed else 8).to(device)
+    return table, (table[:-1] + table[1:]) * 0.5  # the entries and the rounding boundaries (fp32 midpoints)
+
+
+_BKT0, _BKT_END = 0x3200, 0x3F80  # top 16 bits of 2^-27 and of 1.0: the buckets of eco_cpu.c's search
+_SEARCH: dict[int, tuple[torch.Tensor, ...]] = {}
+
+
+def _search_tables(bits: int) -> tuple[torch.Tensor, ...]:
+    """For the C codec: the table and its midpoints padded with +Inf, and per bucket of y values (top 16 bits
+    of y from 2^-27 to 1.0; smaller y in bucket 0) how many midpoints / entries lie below it. Checks that no
+    bucket holds two of them, which is what lets the C code count with one comparison."""
+    if bits not in _SEARCH:
+        table = magnitude_table(bits)
+        mid = (table[:-1] + table[1:]) * 0.5
+        starts = (torch.arange(_BKT0, _BKT_END + 1, dtype=torch.int32) << 16).view(torch.float32)
+        starts[0] = 0.0  # bucket 0 also holds every y below 2^-27
+        ends = torch.cat([starts[1:], torch.tensor([float("inf")])])
+        out = []
+        for p in (mid, table):
+            below = torch.bucketize(starts, p)  # how many p < start
+            inside = torch.bucketize(ends, p) - below  # how many p in [start, end)
+            assert int(inside.max()) <= 1, "two table boundaries in one search bucket"
+            out.append(below.to(torch.int32))
+        inf = torch.tensor([float("inf")])
+        _SEARCH[bits] = (torch.cat([table, inf]), torch.cat([mid, inf]), out[0], out[1])
+    return _SEARCH[bits]
+
+
+def _c_codec(*tensors: torch.Tensor):
+    """The C kernels if they apply to these tensors (contiguous, on CPU), else None."""
+    if all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        from .. import kernels  # late import: builds C code on first use
+        return kernels.load()
+    return None
+
+
+def quantize_state(x: torch.Tensor, signed: bool, cfg: State8bit, key: tuple[int, int] | None = None,
+                   out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 state ``x`` -> (codes uint8 of x's shape, absmax fp32 of shape (blocks,)). ``signed``: the first
+    moment (sign bit + 7-bit index); else the second moment (x >= 0, 8-bit index, positive never -> 0).
+    ``key``: the stochastic-rounding key (``state_key``), needed iff ``cfg.rounding`` is 'stochastic'.
+    ``out``: (codes, absmax) tensors to write into (returned). On CPU a C loop computes it (the same
+    operations, identical results; ``quantize_state_torch`` is the definition, and the tests check the two
+    agree)."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"quantize_state takes an fp32 tensor, got {x.dtype}")
+    sr = cfg.rounding == "stochastic"
+    if sr and key is None:
+        raise ValueError("stochastic rounding of a state needs a key (see state_key)")
+    lib = _c_codec(x, *(out or ()))
+    if lib is None:
+        codes, absmax = quantize_state_torch(x, signed, cfg, key)
+        if out is None:
+            return codes, absmax
+        out[0].copy_(codes)
+        out[1].copy_(absmax)
+        return out
+    codes, absmax = out if out is not None else (torch.empty(x.shape, dtype=torch.uint8),
+                                                 torch.empty(cfg.blocks(x.numel()), dtype=torch.float32))
+    table, mid, brtn, bsr = _search_tables(7 if signed else 8)
+    k1, k2 = key if sr else (0, 0)
+    lib.eco_state8(x.data_ptr(), codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), mid.data_ptr(),
+                   brtn.data_ptr(), bsr.data_ptr(), brtn.numel(), x.numel(), cfg.block_size, table.numel() - 1,
+                   int(signed), int(sr), k1 & 0xFFFFFFFF, k2 & 0xFFFFFFFF, 0, torch.get_num_threads())
+    return codes, absmax
+
+
+def quantize_state_torch(x: torch.Tensor, signed: bool, cfg: State8bit,
+                         key: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_state`` in torch ops (any device): the definition."""
+    n, bs = x.numel(), cfg.block_size
+    xb = _blocked(x, bs)
+    absmax = xb.abs().amax(dim=1)
+    # |x| / absmax per block; an all-zero block divides by 1 (its codes are all 0)
+    y = (xb.abs() / torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(1)).reshape(-1)[:n]
+    table, mid = _tables(signed, x.device)
+    if cfg.rounding == "nearest":
+        idx = torch.bucketize(y, mid)  # y == mid[i] -> i: the smaller entry
+    else:
+        lo = (torch.bucketize(y, table, right=True) - 1).clamp_(0, table.numel() - 2)
+        t_lo, t_hi = table[lo], table[lo + 1]
+        u = uniform(key, n, x.device)
+        idx = lo + (u < (y - t_lo) / (t_hi - t_lo)).to(lo.dtype)  # y = 1 (the absmax): always up, to 1.0
+    if not signed:  # a positive second moment is never stored as zero (see the module docstring)
+        idx = torch.where(y > 0, idx.clamp(min=1), idx)
+    codes = idx.to(torch.uint8)
+    if signed:
+        codes = codes | ((x.reshape(-1) < 0).to(torch.uint8) << 7)
+    return codes.view(x.shape), absmax
+
+
+def dequantize_state(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, cfg: State8bit) -> torch.Tensor:
+    """(codes, absmax) -> a fresh fp32 tensor of codes' shape: sign * T[index] * absmax of its block (on CPU
+    by the C loop, identical to ``dequantize_state_torch``)."""
+    lib = _c_codec(codes, absmax)
+    if lib is None:
+        return dequantize_state_torch(codes, absmax, signed, cfg)
+    table, mid, brtn, bsr = _search_tables(7 if signed else 8)
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    lib.eco_state8(out.data_ptr(), codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), mid.data_ptr(),
+                   brtn.data_ptr(), bsr.data_ptr(), brtn.numel(), codes.numel(), cfg.block_size, table.numel() - 1,
+                   int(signed), 0, 0, 0, 1, torch.get_num_threads())
+    return out
+
+
+def dequantize_state_torch(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, cfg: State8bit) -> torch.Tensor:
+    """``dequantize_state`` in torch ops (any device): the definition."""
+    n, bs = codes.numel(), cfg.block_size
+    c = codes.reshape(-1).to(torch.int64)
+    table = magnitude_table(7 if signed else 8).to(codes.device)
+    mag = table[c & 0x7F] if signed else table[c]
+    val = _blocked(mag, bs).mul_(absmax.unsqueeze(1)).reshape(-1)[:n]
+    if signed:
+        val = torch.where(c >= 128, -val, val)
+    return val.reshape(codes.shape).contiguous()
