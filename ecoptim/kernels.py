@@ -54,12 +54,18 @@ class EcoArgs(ctypes.Structure):
         ("wd", ctypes.c_float), ("mom", ctypes.c_float), ("omd", ctypes.c_float), ("neg_lr", ctypes.c_float),
         ("k1", ctypes.c_uint32), ("k2", ctypes.c_uint32),
         ("nonfinite", ctypes.c_int64),
+        # 8-bit moments (state_bf16 == 2)
+        ("m_absmax", ctypes.c_void_p), ("v_absmax", ctypes.c_void_p),
+        ("t7", ctypes.c_void_p), ("t8", ctypes.c_void_p),
+        ("b7rtn", ctypes.c_void_p), ("b7sr", ctypes.c_void_p), ("b8rtn", ctypes.c_void_p), ("b8sr", ctypes.c_void_p),
+        ("s8bs", ctypes.c_int64), ("nbkt", ctypes.c_int32), ("s8sr", ctypes.c_int32),
+        ("mk1", ctypes.c_uint32), ("mk2", ctypes.c_uint32), ("vk1", ctypes.c_uint32), ("vk2", ctypes.c_uint32),
     ]
 
 
 _lib: ctypes.CDLL | None = None
 _tried = False
-_ABI = 8
+_ABI = 9
 
 
 def _cache_dir() -> Path:
@@ -136,7 +142,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     if not hasattr(lib, "eco_state8"):  # an older build (benchmarks/kernel_ab.py loads one to compare)
         return lib
     lib.eco_state8.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64,
                                ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_uint32, ctypes.c_uint32,
                                ctypes.c_int32, ctypes.c_int32]
     lib.eco_state8.restype = None

@@ -64,6 +64,10 @@ ADAMW = dict(lr=3e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1)
 CASES = {
     "adamw": (ecoptim.AdamW, ADAMW),
     "adamw-bf16-states": (ecoptim.AdamW, dict(ADAMW, state_dtype=torch.bfloat16)),
+    # 8-bit moments read and written by the kernel where their blocks tile the weight's (32 | 96-element rows,
+    # group32, a 3552-element tensor), else decoded around it (bf16 rows of 40)
+    "adamw-8bit-states": (ecoptim.AdamW, dict(ADAMW, state_dtype=ecoptim.State8bit(block_size=32))),
+    "adamw-8bit-sr-states": (ecoptim.AdamW, dict(ADAMW, state_dtype=ecoptim.State8bit(16, "stochastic"))),
     "sgd": (ecoptim.SGD, dict(lr=3e-2, momentum=0.9, weight_decay=0.01)),
     "sgd-nesterov": (ecoptim.SGD, dict(lr=3e-2, momentum=0.9, nesterov=True)),
 }
@@ -147,6 +151,23 @@ def test_fused_threads_give_the_same_bits(threads, shape, gran):
     counter, a per-tensor block split among the threads with its absmax met at a barrier (two passes), rows
     longer than one in-cache block; 3 threads split unevenly."""
     ref, fast, o_ref, o_fast = _pair(shape, "fp8_e4m3", gran, ecoptim.AdamW, rounding="stochastic", **ADAMW)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _run(ref, fast, o_ref, o_fast, shape, steps=3)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape,gran", [((64, 1024), "row"), ((2, 65536), "row"), ((300, 301), "tensor")])
+def test_fused_eight_bit_states_with_threads(threads, shape, gran):
+    """8-bit moments in the kernel (rows of 1024 and of 65536, the largest in-cache block, in state blocks of
+    256) and around it (a per-tensor block beyond the in-cache limit), with the thread team."""
+    ref, fast, o_ref, o_fast = _pair(shape, "fp8_e4m3", gran, ecoptim.AdamW, rounding="stochastic",
+                                     **dict(ADAMW, state_dtype=ecoptim.State8bit(rounding="stochastic")))
+    p = next(fast.parameters())
+    assert fused.state8_fits(p, ecoptim.convert.spec_of(p), 256) == (gran == "row")
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -249,6 +270,10 @@ def test_portable_scalar_build_is_bit_identical_too(tmp_path):
         "            gran = None if fmt == 'bf16' else 'row'\n"
         "            r, f, o_r, o_f = t._pair((13, 46), fmt, gran, cls, rounding=rnd, **kw)\n"
         "            t._run(r, f, o_r, o_f, (13, 46), steps=2)\n"
+        "for case in ('adamw-8bit-states', 'adamw-8bit-sr-states'):\n"  # rows the 8-bit blocks tile: in the kernel
+        "    cls, kw = t.CASES[case]\n"
+        "    r, f, o_r, o_f = t._pair((13, 64), 'fp8_e4m3', 'row', cls, rounding='stochastic', **kw)\n"
+        "    t._run(r, f, o_r, o_f, (13, 64), steps=2)\n"
         "print('ok')\n")
     env = dict(os.environ, ECOPTIM_KERNEL_MARCH="x86-64", ECOPTIM_CACHE_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__), env=env,

@@ -57,6 +57,15 @@ typedef struct {
     float wd, mom, omd, neg_lr;
     uint32_t k1, k2;      /* stochastic-rounding key (drawn from the optimizer's torch.Generator) */
     int64_t nonfinite;    /* out: blocks whose w_til held NaN/Inf (left exactly as they were) */
+    /* 8-bit moments (state_bf16 == 2, AdamW; ecoptim/optim/state8.py): m and v hold codes, with one fp32
+     * absmax per s8bs elements (a power of two >= 8 dividing bs); the codec's tables (see s8_encode: t7 and
+     * the buckets b7 for m, t8/b8 for v); s8sr: stochastic rounding with keys mk*, vk* */
+    float *m_absmax, *v_absmax;
+    const float *t7, *t8;
+    const int32_t *b7rtn, *b7sr, *b8rtn, *b8sr;
+    int64_t s8bs;
+    int32_t nbkt, s8sr;
+    uint32_t mk1, mk2, vk1, vk2;
 } eco_args;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -288,6 +297,156 @@ static inline void astat_vec(astat *st, __m256i vmax, __m256i vmin) {
     } while (0)
 #endif
 
+/* ---------------------------------------------------------------------------------------------------- */
+/* 8-bit block-wise optimizer states (ecoptim/optim/state8.py, whose torch code is the definition): encode  */
+/* an fp32 state into codes + per-block absmax, and decode it back, with the same IEEE operations as the    */
+/* torch code (absmax; |x| / absmax, correctly rounded; the comparisons torch.bucketize makes; the SR       */
+/* fraction), so the results are identical. table: the ntab magnitudes. Searching: y in [0, 1] falls in a   */
+/* "bucket" named by its top 16 bits (exponent and 7 mantissa bits; below 2^-27 all in bucket 0), and       */
+/* state8.py has checked that no bucket holds more than one table entry or midpoint (none in bucket 0) and  */
+/* tabulated per bucket how many lie below it and where the one inside sits (its low 16 bits: within a      */
+/* bucket, floats order like their low bits). So the search is one lookup and one integer comparison.       */
+#define S8_BKT0 0x3200 /* top 16 bits of 2^-27 */
+typedef struct {
+    const float *x;      /* encode: in; decode: out (as float *) */
+    uint8_t *codes;
+    float *absmax;
+    const float *table;
+    const int32_t *brtn, *bsr;
+    int64_t n, bs;
+    int32_t ntab, nbkt, is_signed, sr;
+    uint32_t k1, k2;
+    int32_t part, parts, decode;
+} s8_work;
+
+static inline int32_t s8_bucket(float y, int32_t nbkt) {
+    const int32_t k = (int32_t)(f_bits(y) >> 16) - S8_BKT0;
+    return k < 0 ? 0 : (k >= nbkt ? nbkt - 1 : k);
+}
+
+/* encode the state block x[0 .. hi-lo) (flat elements lo .. hi-1 of its tensor) into codes[lo .. hi) and
+ * *absmax_out; the SR uniforms are those of the flat indices. brtn / bsr: per bucket, (how many midpoints /
+ * entries lie below it) << 17 | k, where y (in that bucket) is above the bucket's one midpoint, or at or above
+ * its one entry, iff the low 16 bits of y are >= k (k = 65536: no boundary in the bucket); see state8.py. */
+static void s8_encode(const float *x, uint8_t *codes, float *absmax_out, int64_t lo, int64_t hi, const float *table,
+                      const int32_t *brtn, const int32_t *bsr, int32_t ntab, int32_t nbkt, int is_signed, int sr,
+                      uint32_t k1, uint32_t k2) {
+    /* the block's absmax and smallest nonzero |x| (as bit patterns: non-negative floats order like them) */
+    uint32_t bmax = 0, bmin = 0xFFFFFFFFu; /* bmin: min of bits - 1, so that zeros drop out */
+    int64_t k = 0;
+#if ECO_AVX2
+    {
+        __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1);
+        const __m256i absi = _mm256_set1_epi32(0x7FFFFFFF), onei = _mm256_set1_epi32(1);
+        for (; k + 8 <= hi - lo; k += 8) {
+            const __m256i b = _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(x + k)), absi);
+            vmax = _mm256_max_epi32(vmax, b);
+            vmin = _mm256_min_epu32(vmin, _mm256_sub_epi32(b, onei));
+        }
+        bmax = v_hmax_u(vmax);
+        bmin = v_hmin_u(vmin);
+    }
+#endif
+    for (; k < hi - lo; k++) {
+        const uint32_t b = f_bits(x[k]) & 0x7FFFFFFFu;
+        bmax = b > bmax ? b : bmax;
+        bmin = b - 1u < bmin ? b - 1u : bmin;
+    }
+    const float amax = bits_f(bmax);
+    *absmax_out = amax;
+    const float d = amax > 0.0f ? amax : 1.0f;
+    /* |x| / d by Markstein (see v_div_mk) when every nonzero |x| >= 2^-90 and quotient >= 2^-124 */
+    const int mk = bmin == 0xFFFFFFFFu || (bits_f(bmin + 1u) >= 0x1p-90f && (double)bits_f(bmin + 1u) >= (double)d * 0x1p-124);
+    int64_t i = lo;
+#if ECO_AVX2
+    /* SR uniforms need one high index word for the whole range */
+    if (!sr || ((uint64_t)lo >> 32) == ((uint64_t)hi >> 32)) {
+        const __m256 vd = _mm256_set1_ps(d), vrd = _mm256_set1_ps(1.0f / d),
+                     absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), zero = _mm256_setzero_ps();
+        const __m256i one = _mm256_set1_epi32(1), top = _mm256_set1_epi32(ntab - 2), b0 = _mm256_set1_epi32(S8_BKT0),
+                      blast = _mm256_set1_epi32(nbkt - 1), sgn = _mm256_set1_epi32(is_signed ? 128 : 0),
+                      low16 = _mm256_set1_epi32(0xFFFF), low17 = _mm256_set1_epi32(0x1FFFF),
+                      vk1 = _mm256_set1_epi32((int)k1), vk2 = _mm256_set1_epi32((int)(k2 + (uint32_t)((uint64_t)lo >> 32)));
+        __m256i vidx = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (; i + 8 <= hi; i += 8) {
+            const __m256 xv = _mm256_loadu_ps(x + (i - lo)), ax = _mm256_and_ps(xv, absm);
+            const __m256 y = mk ? v_div_mk(ax, vd, vrd) : _mm256_div_ps(ax, vd);
+            const __m256i yb = _mm256_castps_si256(y);
+            __m256i bk = _mm256_sub_epi32(_mm256_srli_epi32(yb, 16), b0);
+            bk = _mm256_min_epi32(_mm256_max_epi32(bk, _mm256_setzero_si256()), blast);
+            const __m256i e = _mm256_i32gather_epi32(sr ? bsr : brtn, bk, 4);
+            /* how many midpoints are < y / entries are <= y: the bucket's base, + 1 if y passes its boundary */
+            const __m256i pass = _mm256_cmpgt_epi32(_mm256_add_epi32(_mm256_and_si256(yb, low16), one),
+                                                    _mm256_and_si256(e, low17));
+            __m256i c = _mm256_add_epi32(_mm256_srli_epi32(e, 17), _mm256_and_si256(pass, one));
+            if (sr) { /* l = (entries <= y) - 1, clamped; up with probability (y - T[l]) / (T[l+1] - T[l]) */
+                c = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(c, one), _mm256_setzero_si256()), top);
+                const __m256 tl = _mm256_i32gather_ps(table, c, 4);
+                const __m256 th = _mm256_i32gather_ps(table, _mm256_add_epi32(c, one), 4);
+                const __m256 frac = _mm256_div_ps(_mm256_sub_ps(y, tl), _mm256_sub_ps(th, tl));
+                const __m256 up = _mm256_cmp_ps(v_uniform(vidx, vk1, vk2), frac, _CMP_LT_OQ);
+                c = _mm256_add_epi32(c, _mm256_and_si256(_mm256_castps_si256(up), one));
+                vidx = _mm256_add_epi32(vidx, _mm256_set1_epi32(8));
+            }
+            if (!is_signed) /* a positive second moment never becomes 0 */
+                c = _mm256_max_epi32(c, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(y, zero, _CMP_GT_OQ)), one));
+            c = _mm256_or_si256(c, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(xv, zero, _CMP_LT_OQ)), sgn));
+            const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+            _mm_storel_epi64((__m128i *)(codes + i), _mm_packus_epi16(p16, p16));
+        }
+    }
+#endif
+    for (; i < hi; i++) {
+        const float y = fabsf(x[i - lo]) / d;
+        const uint32_t e = (uint32_t)(sr ? bsr : brtn)[s8_bucket(y, nbkt)];
+        int32_t idx = (int32_t)(e >> 17) + ((f_bits(y) & 0xFFFFu) >= (e & 0x1FFFFu));
+        if (sr) {
+            int32_t l = idx - 1;
+            l = l < 0 ? 0 : (l > ntab - 2 ? ntab - 2 : l);
+            const float tl = table[l], th = table[l + 1];
+            idx = l + (uniform(k1, k2, (uint64_t)i) < (y - tl) / (th - tl));
+        }
+        if (!is_signed && y > 0.0f && idx < 1) idx = 1; /* a positive second moment never becomes 0 */
+        codes[i] = (uint8_t)(idx | (is_signed && x[i - lo] < 0.0f ? 128 : 0));
+    }
+}
+
+/* decode element j (sign bit + 7-bit index if is_signed, else 8-bit index) of a tensor whose state blocks
+ * have bs elements */
+static inline float s8_decode_scalar(const uint8_t *codes, const float *table, const float *absmax, int64_t j,
+                                     int64_t bs, int is_signed) {
+    const uint8_t c = codes[j];
+    const float v = table[is_signed ? (c & 0x7F) : c] * absmax[j / bs];
+    return is_signed && c >= 128 ? -v : v;
+}
+
+#if ECO_AVX2
+/* elements j .. j+7, all in one state block */
+static inline __m256 s8_decode_vec(const uint8_t *codes, const float *table, float absmax, int64_t j, int is_signed) {
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + j)));
+    __m256 v = _mm256_mul_ps(_mm256_i32gather_ps(table, _mm256_and_si256(c, _mm256_set1_epi32(is_signed ? 0x7F : 0xFF)),
+                                                 4), _mm256_set1_ps(absmax));
+    if (is_signed) /* code bit 7 -> the sign bit: -v */
+        v = _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24)));
+    return v;
+}
+#endif
+
+static void s8_block(const s8_work *w, int64_t b) {
+    const int64_t lo = b * w->bs, hi = lo + w->bs < w->n ? lo + w->bs : w->n;
+    if (!w->decode) {
+        s8_encode(w->x + lo, w->codes, &w->absmax[b], lo, hi, w->table, w->brtn, w->bsr, w->ntab, w->nbkt,
+                  w->is_signed, w->sr, w->k1, w->k2);
+        return;
+    }
+    float *out = (float *)w->x;
+    int64_t i = lo;
+#if ECO_AVX2
+    for (; i + 8 <= hi; i += 8) _mm256_storeu_ps(out + i, s8_decode_vec(w->codes, w->table, w->absmax[b], i, w->is_signed));
+#endif
+    for (; i < hi; i++) out[i] = s8_decode_scalar(w->codes, w->table, w->absmax, i, w->bs, w->is_signed);
+}
+
 /* sweep A for AdamW over elements [lo, hi) of block b: w_til, the denominator, the new moments into the
  * scratch (nothing in memory is written: a block that turns out non-finite is left as it was). vec = 0 takes
  * the scalar path only (the exact re-run of a block whose fast sweep saw a NaN/Inf, see team_run). */
@@ -315,13 +474,15 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
         /* local copies: stores through float pointers could alias the struct, which would force a reload
          * of every pointer in every iteration */
         const void *codes = a->codes, *grad = a->grad, *mp = a->m, *vp = a->v;
+        const float *t7 = a->t7, *t8 = a->t8, *mam = a->m_absmax, *vam = a->v_absmax;
+        const int s8sh = sbf == 2 ? __builtin_ctzll((unsigned long long)a->s8bs) : 0; /* s8bs: a power of two */
 #define A_VEC(ii, SMALL) /* SMALL: lerp's weight < 0.5 (its base is m, else g) */                           \
     do {                                                                                                \
         const int64_t i_ = (ii), j = base + i_;                                                         \
         __m256 w = _mm256_mul_ps(_mm256_mul_ps(v_decode_p(codes, j, fmt), vsc), vdecay);                 \
         const __m256 g = v_ld(grad, j, gbf);                                                            \
-        __m256 m = v_ld(mp, j, sbf);                                                                    \
-        __m256 v = v_ld(vp, j, sbf);                                                                    \
+        __m256 m = sbf == 2 ? s8_decode_vec((const uint8_t *)mp, t7, mam[j >> s8sh], j, 1) : v_ld(mp, j, sbf); \
+        __m256 v = sbf == 2 ? s8_decode_vec((const uint8_t *)vp, t8, vam[j >> s8sh], j, 0) : v_ld(vp, j, sbf); \
         m = _mm256_fmadd_ps(vcoeff, _mm256_sub_ps(g, m), (SMALL) ? m : g);                              \
         v = _mm256_fmadd_ps(_mm256_mul_ps(vomb2, g), g, _mm256_mul_ps(v, vb2));                         \
         const __m256 d = _mm256_add_ps(v_div_mk(_mm256_sqrt_ps(v), vbc2s, vrbc2s), veps);               \
@@ -353,8 +514,10 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
         float w = decode_scalar(a, j, fmt) * sc;
         w = w * decay;
         const float g = ld_scalar(a->grad, j, gbf);
-        float m = ld_scalar(a->m, j, sbf);
-        float v = ld_scalar(a->v, j, sbf);
+        float m = sbf == 2 ? s8_decode_scalar((const uint8_t *)a->m, a->t7, a->m_absmax, j, a->s8bs, 1)
+                           : ld_scalar(a->m, j, sbf);
+        float v = sbf == 2 ? s8_decode_scalar((const uint8_t *)a->v, a->t8, a->v_absmax, j, a->s8bs, 0)
+                           : ld_scalar(a->v, j, sbf);
         /* lerp_(g, w1): ATen's lerp_vec = fmadd(coeff, end - self, base) */
         m = fmaf(coeff, g - m, small ? m : g);
         /* mul_(b2).addcmul_(g, g, value=1-b2) */
@@ -461,6 +624,7 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
     const int inject = a->inject, has_m = a->m != NULL, unscaled = fmt == FMT_BF16;
     const uint32_t k1 = a->k1, k2 = a->k2;
     void *const codes = a->codes, *const mp = a->m, *const vp = a->v;
+    float *const m8 = (float *)mf; /* 8-bit moments: the final m goes back to its scratch, to be encoded */
     int64_t i = lo;
 #if ECO_AVX2
     int64_t vhi = hi;
@@ -485,7 +649,7 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
          * (the arrays are contiguous, so that is one block ahead of j). */
         const char *pf_codes = (const char *)codes, *pf_g = (const char *)a->grad, *pf_m = (const char *)mp,
                    *pf_v = (const char *)vp;
-        const int esz_g = a->grad_bf16 ? 2 : 4, esz_s = sbf ? 2 : 4;
+        const int esz_g = a->grad_bf16 ? 2 : 4, esz_s = sbf == 2 ? 1 : sbf ? 2 : 4;
         const int64_t ahead = hi - lo; /* the next block, or the next range of a large one */
 #define B_VEC(ii, HM, INJ) /* HM: there is a momentum; INJ: inject the error into it */                \
     do {                                                                                                      \
@@ -549,7 +713,7 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
             }                                                                                                 \
         }                                                                                                     \
         v_store_codes(codes, j, q, fmt, bias);                                                           \
-        if (adam) v_st(vp, j, _mm256_loadu_ps(vn + (i_ - lo)), sbf);                                                 \
+        if (adam && sbf != 2) v_st(vp, j, _mm256_loadu_ps(vn + (i_ - lo)), sbf);                                     \
         if (HM) {                                                                                             \
             __m256 m = _mm256_loadu_ps(mf + (i_ - lo));                                                              \
             if (INJ) {                                                                                     \
@@ -557,7 +721,8 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
                 if (adam) m = _mm256_fmadd_ps(_mm256_mul_ps(vcoef, err), _mm256_loadu_ps(dn + (i_ - lo)), m);        \
                 else m = _mm256_fmadd_ps(vcoef, err, m);                                                      \
             }                                                                                                 \
-            v_st(mp, j, m, sbf);                                                                              \
+            if (sbf == 2) _mm256_storeu_ps(m8 + (i_ - lo), m); /* encoded below, a state block at a time */     \
+            else v_st(mp, j, m, sbf);                                                                         \
         }                                                                                                     \
         if (sr) vidx = _mm256_add_epi32(vidx, _mm256_set1_epi32(8));                                         \
     } while (0)
@@ -635,7 +800,7 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
             q = n * sp;
             ((uint8_t *)codes)[j] = encode_fp8(q, man, bias);
         }
-        if (adam) {
+        if (adam && sbf != 2) {
             if (sbf) ((uint16_t *)vp)[j] = f32_to_bf16(vn[i - lo]);
             else ((float *)vp)[j] = vn[i - lo];
         }
@@ -646,10 +811,19 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
                 if (adam) m = fmaf(coef * err, dn[i - lo], m); /* addcmul_(e, denom, value=coef) */
                 else m = fmaf(coef, err, m);              /* add_(e, alpha=coef) */
             }
-            if (sbf) ((uint16_t *)mp)[j] = f32_to_bf16(m);
+            if (sbf == 2) m8[i - lo] = m;
+            else if (sbf) ((uint16_t *)mp)[j] = f32_to_bf16(m);
             else ((float *)mp)[j] = m;
         }
     }
+    if (sbf == 2) /* encode both moments, one state block (s8bs elements, aligned with this range) at a time */
+        for (int64_t r = lo; r < hi; r += a->s8bs) {
+            const int64_t r1 = r + a->s8bs < hi ? r + a->s8bs : hi, sb = (base + r) / a->s8bs;
+            s8_encode(m8 + (r - lo), (uint8_t *)mp, a->m_absmax + sb, base + r, base + r1, a->t7, a->b7rtn, a->b7sr,
+                      128, a->nbkt, 1, a->s8sr, a->mk1, a->mk2);
+            s8_encode(vn + (r - lo), (uint8_t *)vp, a->v_absmax + sb, base + r, base + r1, a->t8, a->b8rtn, a->b8sr,
+                      256, a->nbkt, 0, a->s8sr, a->vk1, a->vk2);
+        }
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -658,11 +832,11 @@ static astat sweep_a(const eco_args *a, int64_t b, int64_t lo, int64_t hi, float
                      float *vn, int vec) {
 #define A_CASE(G, S, F)                                                                       \
     if (a->grad_bf16 == G && a->state_bf16 == S && a->fmt == F)                               \
-        return a->optimizer == 0 ? adamw_sweep_a(a, b, lo, hi, wt, dn, mf, vn, vec, G, S, F)  \
-                                 : sgd_sweep_a(a, b, lo, hi, wt, mf, vec, G, S, F);
+        return a->optimizer == 0 || S == 2 ? adamw_sweep_a(a, b, lo, hi, wt, dn, mf, vn, vec, G, S, F) \
+                                           : sgd_sweep_a(a, b, lo, hi, wt, mf, vec, G, S, F);
 #define A_FMTS(G, S) A_CASE(G, S, FMT_E4M3) A_CASE(G, S, FMT_E5M2) A_CASE(G, S, FMT_INT8) A_CASE(G, S, FMT_BF16) \
     A_CASE(G, S, FMT_INT4)
-    A_FMTS(0, 0) A_FMTS(0, 1) A_FMTS(1, 0) A_FMTS(1, 1)
+    A_FMTS(0, 0) A_FMTS(0, 1) A_FMTS(1, 0) A_FMTS(1, 1) A_FMTS(0, 2) A_FMTS(1, 2)
     astat bad = {0.0f, INFINITY, 1};
     return bad;
 #undef A_FMTS
@@ -684,13 +858,13 @@ static void sweep_b_any(const eco_args *a, int64_t b, int64_t lo, int64_t hi, fl
     const int adam = a->optimizer == 0;
 #define B_CASE(S, F, R)                                                                          \
     if (a->state_bf16 == S && a->fmt == F && a->stochastic == R) {                               \
-        if (adam) sweep_b(a, b, lo, hi, s, mk, wt, dn, mf, vn, S, F, R, 1);                      \
+        if (adam || S == 2) sweep_b(a, b, lo, hi, s, mk, wt, dn, mf, vn, S, F, R, 1);            \
         else sweep_b(a, b, lo, hi, s, mk, wt, dn, mf, vn, S, F, R, 0);                           \
         return;                                                                                  \
     }
 #define B_FMTS(S, R) B_CASE(S, FMT_E4M3, R) B_CASE(S, FMT_E5M2, R) B_CASE(S, FMT_INT8, R) B_CASE(S, FMT_BF16, R) \
     B_CASE(S, FMT_INT4, R)
-    B_FMTS(0, 0) B_FMTS(0, 1) B_FMTS(1, 0) B_FMTS(1, 1)
+    B_FMTS(0, 0) B_FMTS(0, 1) B_FMTS(1, 0) B_FMTS(1, 1) B_FMTS(2, 0) B_FMTS(2, 1)
 #undef B_FMTS
 #undef B_CASE
 }
@@ -812,12 +986,18 @@ static void *gated_run(void *p) {
     return NULL;
 }
 
-/* Step n tensors with up to nthreads threads. Returns 0, or -1 if scratch memory could not be allocated
- * (then nothing was modified). Each args->nonfinite counts the blocks whose update came out NaN/Inf: those
- * blocks are left exactly as they were (codes, scale, moments). */
+/* Step n tensors with up to nthreads threads. Returns 0, -1 if scratch memory could not be allocated, or -2
+ * for 8-bit moments whose blocks do not fit (then nothing was modified). Each args->nonfinite counts the
+ * blocks whose update came out NaN/Inf: those blocks are left exactly as they were (codes, scale, moments). */
 int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
     int64_t small = 0, total = 0; /* small: the largest block of at most SPLIT elements */
     int big = 0;                  /* any larger block (swept RANGE elements at a time, behind barriers)? */
+    for (int k = 0; k < n; k++) { /* 8-bit moments: AdamW, state blocks (a power of two >= 8) tiling each block */
+        const eco_args *a = args[k];
+        if (a->state_bf16 == 2 && (a->optimizer != 0 || a->bs > SPLIT || a->s8bs < 8 || (a->s8bs & (a->s8bs - 1))
+                                   || a->bs % a->s8bs))
+            return -2;
+    }
     for (int k = 0; k < n; k++) {
         args[k]->nonfinite = 0;
         if (args[k]->nb <= 0 || args[k]->bs <= 0) continue;
@@ -950,124 +1130,6 @@ int eco_all_finite(void *const *ptrs, const int64_t *numels, const int32_t *dtyp
     return !bad;
 }
 
-/* ---------------------------------------------------------------------------------------------------- */
-/* 8-bit block-wise optimizer states (ecoptim/optim/state8.py, whose torch code is the definition): encode  */
-/* an fp32 state into codes + per-block absmax, and decode it back, with the same IEEE operations as the    */
-/* torch code (absmax; |x| / absmax; the comparisons torch.bucketize makes; the SR fraction), so the       */
-/* results are identical. table: the ntab magnitudes, mid: the ntab - 1 fp32 midpoints, each padded with    */
-/* +Inf. Searching them: y in [0, 1] falls in a "bucket" named by its top 16 bits (exponent and 7 mantissa  */
-/* bits; below 2^-27 all in bucket 0), and state8.py has checked that no bucket holds more than one table   */
-/* entry or midpoint, and tabulated how many lie below each bucket (brtn: midpoints, bsr: entries). So      */
-/* "how many are < y" is base + (p[base] < y): one lookup and one comparison, no search.                    */
-#define S8_BKT0 0x3200 /* top 16 bits of 2^-27 */
-typedef struct {
-    const float *x;      /* encode: in; decode: out (as float *) */
-    uint8_t *codes;
-    float *absmax;
-    const float *table, *mid;
-    const int32_t *brtn, *bsr;
-    int64_t n, bs;
-    int32_t ntab, nbkt, is_signed, sr;
-    uint32_t k1, k2;
-    int32_t part, parts, decode;
-} s8_work;
-
-static inline int32_t s8_bucket(float y, int32_t nbkt) {
-    const int32_t k = (int32_t)(f_bits(y) >> 16) - S8_BKT0;
-    return k < 0 ? 0 : (k >= nbkt ? nbkt - 1 : k);
-}
-
-static void s8_block(const s8_work *w, int64_t b) {
-    const int64_t lo = b * w->bs, hi = lo + w->bs < w->n ? lo + w->bs : w->n;
-    const int32_t ntab = w->ntab, nbkt = w->nbkt;
-    int64_t i = lo;
-    if (w->decode) {
-        float *out = (float *)w->x;
-        const float a = w->absmax[b];
-#if ECO_AVX2
-        const __m256 va = _mm256_set1_ps(a);
-        const __m256i m7 = _mm256_set1_epi32(w->is_signed ? 0x7F : 0xFF), sb = _mm256_set1_epi32(0x80);
-        for (; i + 8 <= hi; i += 8) {
-            const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w->codes + i)));
-            __m256 v = _mm256_mul_ps(_mm256_i32gather_ps(w->table, _mm256_and_si256(c, m7), 4), va);
-            if (w->is_signed) /* code bit 7 -> the sign bit: -v */
-                v = _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(c, sb), 24)));
-            _mm256_storeu_ps(out + i, v);
-        }
-#endif
-        for (; i < hi; i++) {
-            const uint8_t c = w->codes[i];
-            const float v = w->table[w->is_signed ? (c & 0x7F) : c] * a;
-            out[i] = w->is_signed && c >= 128 ? -v : v;
-        }
-        return;
-    }
-    float amax = 0.0f;
-    for (int64_t k = lo; k < hi; k++) {
-        const float ax = fabsf(w->x[k]);
-        amax = ax > amax ? ax : amax;
-    }
-    w->absmax[b] = amax;
-    const float d = amax > 0.0f ? amax : 1.0f;
-#if ECO_AVX2
-    /* SR uniforms need one high index word for the whole range */
-    if (!w->sr || ((uint64_t)lo >> 32) == ((uint64_t)hi >> 32)) {
-        const __m256 vd = _mm256_set1_ps(d), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)),
-                     zero = _mm256_setzero_ps();
-        const __m256i one = _mm256_set1_epi32(1), top = _mm256_set1_epi32(ntab - 2), b0 = _mm256_set1_epi32(S8_BKT0),
-                      blast = _mm256_set1_epi32(nbkt - 1), sgn = _mm256_set1_epi32(w->is_signed ? 128 : 0),
-                      vk1 = _mm256_set1_epi32((int)w->k1),
-                      vk2 = _mm256_set1_epi32((int)(w->k2 + (uint32_t)((uint64_t)lo >> 32)));
-        __m256i vidx = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        for (; i + 8 <= hi; i += 8) {
-            const __m256 xv = _mm256_loadu_ps(w->x + i);
-            const __m256 y = _mm256_div_ps(_mm256_and_ps(xv, absm), vd);
-            __m256i bk = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(y), 16), b0);
-            bk = _mm256_min_epi32(_mm256_max_epi32(bk, _mm256_setzero_si256()), blast);
-            __m256i c;
-            if (w->sr) { /* l = (entries <= y) - 1, clamped; up with probability (y - T[l]) / (T[l+1] - T[l]) */
-                const __m256i base = _mm256_i32gather_epi32(w->bsr, bk, 4);
-                const __m256 q = _mm256_i32gather_ps(w->table, base, 4);
-                c = _mm256_sub_epi32(base, _mm256_andnot_si256(_mm256_castps_si256(_mm256_cmp_ps(q, y, _CMP_LE_OQ)), one));
-                c = _mm256_min_epi32(_mm256_max_epi32(c, _mm256_setzero_si256()), top);
-                const __m256 tl = _mm256_i32gather_ps(w->table, c, 4);
-                const __m256 th = _mm256_i32gather_ps(w->table, _mm256_add_epi32(c, one), 4);
-                const __m256 frac = _mm256_div_ps(_mm256_sub_ps(y, tl), _mm256_sub_ps(th, tl));
-                const __m256 up = _mm256_cmp_ps(v_uniform(vidx, vk1, vk2), frac, _CMP_LT_OQ);
-                c = _mm256_add_epi32(c, _mm256_and_si256(_mm256_castps_si256(up), one));
-                vidx = _mm256_add_epi32(vidx, _mm256_set1_epi32(8));
-            } else { /* midpoints < y */
-                const __m256i base = _mm256_i32gather_epi32(w->brtn, bk, 4);
-                const __m256 q = _mm256_i32gather_ps(w->mid, base, 4);
-                c = _mm256_add_epi32(base, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(q, y, _CMP_LT_OQ)), one));
-            }
-            if (!w->is_signed) /* a positive second moment never becomes 0 */
-                c = _mm256_max_epi32(c, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(y, zero, _CMP_GT_OQ)), one));
-            c = _mm256_or_si256(c, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(xv, zero, _CMP_LT_OQ)), sgn));
-            const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-            _mm_storel_epi64((__m128i *)(w->codes + i), _mm_packus_epi16(p16, p16));
-        }
-    }
-#endif
-    for (; i < hi; i++) {
-        const float y = fabsf(w->x[i]) / d;
-        const int32_t bk = s8_bucket(y, nbkt);
-        int32_t idx;
-        if (w->sr) {
-            const int32_t base = w->bsr[bk];
-            int32_t l = base + (w->table[base] <= y) - 1;
-            l = l < 0 ? 0 : (l > ntab - 2 ? ntab - 2 : l);
-            const float tl = w->table[l], th = w->table[l + 1];
-            idx = l + (uniform(w->k1, w->k2, (uint64_t)i) < (y - tl) / (th - tl));
-        } else {
-            const int32_t base = w->brtn[bk];
-            idx = base + (w->mid[base] < y);
-        }
-        if (!w->is_signed && y > 0.0f && idx < 1) idx = 1; /* a positive second moment never becomes 0 */
-        w->codes[i] = (uint8_t)(idx | (w->is_signed && w->x[i] < 0.0f ? 128 : 0));
-    }
-}
-
 static void *s8_worker(void *p) {
     const s8_work *w = (const s8_work *)p;
     const int64_t nb = (w->n + w->bs - 1) / w->bs, per = (nb + w->parts - 1) / w->parts;
@@ -1077,17 +1139,17 @@ static void *s8_worker(void *p) {
 }
 
 /* decode = 0: x (fp32, n) -> codes + absmax; decode = 1: codes + absmax -> x. Threads share the blocks. */
-void eco_state8(float *x, uint8_t *codes, float *absmax, const float *table, const float *mid, const int32_t *brtn,
+void eco_state8(float *x, uint8_t *codes, float *absmax, const float *table, const int32_t *brtn,
                 const int32_t *bsr, int32_t nbkt, int64_t n, int64_t bs, int32_t ntab, int32_t is_signed, int32_t sr,
                 uint32_t k1, uint32_t k2, int32_t decode, int32_t nthreads) {
     int nt = nthreads < 1 ? 1 : (nthreads > 64 ? 64 : nthreads);
     if (n < 65536) nt = 1;
     s8_work ws[64];
     for (int t = 0; t < nt; t++) {
-        s8_work w = {x, codes, absmax, table, mid, brtn, bsr, n, bs, ntab, nbkt, is_signed, sr, k1, k2, t, nt, decode};
+        s8_work w = {x, codes, absmax, table, brtn, bsr, n, bs, ntab, nbkt, is_signed, sr, k1, k2, t, nt, decode};
         ws[t] = w;
     }
     run_parallel(s8_worker, ws, sizeof(s8_work), nt);
 }
 
-int eco_abi_version(void) { return 8; }
+int eco_abi_version(void) { return 9; }

@@ -118,12 +118,22 @@ class AdamW(QuantOptimizer):
         b1, b2 = group["betas"]
         step, lr, wd = state["step"].item(), group["lr"], group["weight_decay"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        if m.dtype == torch.uint8:  # 8-bit moments: the kernel steps fp32 working copies, stored back after it
-            m, v = self._load_state8(state, group)
+        direct8 = False
+        if m.dtype == torch.uint8:  # 8-bit moments: read and written by the kernel if their blocks tile the
+            cfg = group["state_dtype"]  # weight's, else fp32 working copies around it
+            direct8 = _fused.state8_fits(p, spec, cfg.block_size)
+            if not direct8:
+                m, v = self._load_state8(state, group)
         job = _fused.adamw_job(p, p.grad, spec, m, v, generator, step=step, lr=lr, beta1=b1, beta2=b2,
                                eps=group["eps"], weight_decay=wd, coef=eco_adamw_coef(step, lr, b1, wd),
                                inject=group["mode"] == "eco")
-        if m is not state["exp_avg"]:
+        if direct8:
+            keys = None
+            if cfg.rounding == "stochastic":
+                stream, st = int(state["state8_stream"]), int(state["step"].item())
+                keys = (state_key(self.seed, stream, True, st), state_key(self.seed, stream, False, st))
+            _fused.attach_state8(job, cfg.block_size, state["exp_avg_absmax"], state["exp_avg_sq_absmax"], keys)
+        elif m is not state["exp_avg"]:
             job.after = lambda: self._store_state8(state, group, m, v)
         return job
 

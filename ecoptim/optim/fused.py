@@ -17,6 +17,10 @@ kernels use them), and both paths draw the stochastic-rounding uniforms from ``e
 per tensor from the optimizer's generator. ``tests/test_kernels.py`` checks codes, scales and moments for
 equality.
 
+8-bit moments (``state8.State8bit``) whose blocks tile the weight's blocks are decoded in sweep A and
+encoded in sweep B (after the injection), a state block at a time, with the codec of ``eco_state8``
+(``state8_fits``, ``attach_state8``); other 8-bit moments are decoded to fp32 working copies around the call.
+
 Applies to: CPU tensors stored as ``QuantizedTensor`` with FP8 (E4M3, E5M2), INT8 or packed INT4 codes and an
 absmax scale (per row / group / tensor; INT4 blocks of even size) or BF16 codes (unscaled); modes 'eco' and
 'naive'; lr > 0; fp32, bf16 or fp16 gradients. Anything else (modes master/exact/kahan, FP16 storage, a custom
@@ -35,7 +39,7 @@ from ..formats import BF16, FP8_E4M3, FP8_E5M2, INT4, INT8, Format, PerRow, Quan
 from ..qtensor import QuantizedTensor
 from ..rng import draw_key
 
-__all__ = ["applies", "Job", "run", "adamw_job", "sgd_job"]
+__all__ = ["applies", "Job", "run", "adamw_job", "sgd_job", "state8_fits", "attach_state8"]
 
 # the kernel knows these formats' grids by heart (e.g. E4M3: 3 mantissa bits, emin -6, max 448); others take the
 # reference path
@@ -90,7 +94,7 @@ def _args(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tens
     a.nb, a.bs = nb, bs
     a.fmt = _FMT[f]
     a.grad_bf16 = int(keep[0].dtype == torch.bfloat16)
-    a.state_bf16 = int(m is not None and m.dtype == torch.bfloat16)
+    a.state_bf16 = 2 if m is not None and m.dtype == torch.uint8 else int(m is not None and m.dtype == torch.bfloat16)
     a.inject = int(inject)
     a.stochastic = int(generator is not None)
     if generator is not None:
@@ -117,7 +121,10 @@ def run(jobs: list[Job], skip_nonfinite: bool = False) -> list[int]:
         return []
     lib = kernels.load()
     arr = (ctypes.POINTER(kernels.EcoArgs) * len(jobs))(*[ctypes.pointer(j.args) for j in jobs])
-    if lib.eco_step_many(arr, len(jobs), torch.get_num_threads()) != 0:
+    rc = lib.eco_step_many(arr, len(jobs), torch.get_num_threads())
+    if rc == -2:  # state8_fits keeps this from happening
+        raise ValueError("ecoptim fused step: 8-bit state blocks do not tile the weight blocks; nothing was modified")
+    if rc != 0:
         raise MemoryError("ecoptim fused step: could not allocate its block scratch; nothing was modified")
     for j in jobs:
         if j.after is not None:
@@ -157,3 +164,33 @@ def sgd_job(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, buf: torch.
     a.nesterov, a.first_step = int(nesterov), int(first)
     a.coef = coef
     return Job(a, keep, p.numel())
+
+
+_SPLIT = 65536  # eco_cpu.c's SPLIT: larger blocks are swept in ranges shared by the threads
+
+
+def state8_fits(p: QuantizedTensor, spec: QuantSpec, block_size: int) -> bool:
+    """Whether the kernel can read and write 8-bit moments of ``p`` directly: their blocks (a power of two
+    >= 8) must tile the weight's blocks, of at most 65536 elements. Otherwise the moments are decoded to fp32
+    working copies around the kernel (``AdamW._fused_job_``)."""
+    nb, bs = spec.granularity.blocks(p.shape) if spec.scaled else PerRow().blocks(p.shape)
+    return (block_size >= 8 and block_size & (block_size - 1) == 0 and nb > 0 and bs <= _SPLIT
+            and bs % block_size == 0)
+
+
+def attach_state8(job: Job, block_size: int, m_absmax: torch.Tensor, v_absmax: torch.Tensor,
+                  keys: tuple[tuple[int, int], tuple[int, int]] | None) -> None:
+    """Point ``job`` (whose moments are the 8-bit codes) at their absmax arrays and the codec's tables;
+    ``keys``: the stochastic-rounding keys of m and v (None: round to nearest)."""
+    from .state8 import _search_tables
+    a = job.args
+    t7, b7rtn, b7sr = _search_tables(7)
+    t8, b8rtn, b8sr = _search_tables(8)
+    job.keep += [m_absmax, v_absmax]
+    a.m_absmax, a.v_absmax = m_absmax.data_ptr(), v_absmax.data_ptr()
+    a.t7, a.b7rtn, a.b7sr = t7.data_ptr(), b7rtn.data_ptr(), b7sr.data_ptr()
+    a.t8, a.b8rtn, a.b8sr = t8.data_ptr(), b8rtn.data_ptr(), b8sr.data_ptr()
+    a.s8bs, a.nbkt = block_size, b7rtn.numel()
+    a.s8sr = int(keys is not None)
+    if keys is not None:
+        (a.mk1, a.mk2), (a.vk1, a.vk2) = ((k1 & 0xFFFFFFFF, k2 & 0xFFFFFFFF) for k1, k2 in keys)

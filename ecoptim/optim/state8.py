@@ -120,23 +120,31 @@ _SEARCH: dict[int, tuple[torch.Tensor, ...]] = {}
 
 
 def _search_tables(bits: int) -> tuple[torch.Tensor, ...]:
-    """For the C codec: the table and its midpoints padded with +Inf, and per bucket of y values (top 16 bits
-    of y from 2^-27 to 1.0; smaller y in bucket 0) how many midpoints / entries lie below it. Checks that no
-    bucket holds two of them, which is what lets the C code count with one comparison."""
+    """For the C codec: the table padded with +Inf, and per bucket of y values (the top 16 bits of y, from
+    2^-27 to 1.0; smaller y all in bucket 0) an int32 (below << 17) | k for the midpoints (round to nearest)
+    and for the entries (stochastic rounding): ``below`` of them lie under the bucket, and y in the bucket
+    lies above its one midpoint (at or above its one entry) iff the low 16 bits of y are >= k (65536: none
+    there). Checks that no bucket holds two of them (bucket 0 at most the entry 0.0), which makes that exact."""
     if bits not in _SEARCH:
         table = magnitude_table(bits)
         mid = (table[:-1] + table[1:]) * 0.5
-        starts = (torch.arange(_BKT0, _BKT_END + 1, dtype=torch.int32) << 16).view(torch.float32)
+        top = torch.arange(_BKT0, _BKT_END + 1, dtype=torch.int32)
+        starts = (top << 16).view(torch.float32).clone()
         starts[0] = 0.0  # bucket 0 also holds every y below 2^-27
         ends = torch.cat([starts[1:], torch.tensor([float("inf")])])
         out = []
-        for p in (mid, table):
+        for p, strict in ((mid, True), (table, False)):
             below = torch.bucketize(starts, p)  # how many p < start
             inside = torch.bucketize(ends, p) - below  # how many p in [start, end)
-            assert int(inside.max()) <= 1, "two table boundaries in one search bucket"
-            out.append(below.to(torch.int32))
-        inf = torch.tensor([float("inf")])
-        _SEARCH[bits] = (torch.cat([table, inf]), torch.cat([mid, inf]), out[0], out[1])
+            # bucket 0 spans [0, 2^-27 (1 + 2^-7)), not one top-16-bit value: it may only hold the entry 0.0
+            # (y >= 0.0 always; its k = 0 says so)
+            ok0 = int(inside[0]) == 0 or (not strict and float(p[0]) == 0.0 and int(inside[0]) == 1)
+            assert int(inside.max()) <= 1 and ok0, "table boundaries too close for the search"
+            b = p.view(torch.int32)[below.clamp(max=p.numel() - 1)]  # the one inside (if any)
+            k = (b & 0xFFFF) + int(strict)  # y > mid  <=>  low16(y) >= low16(mid) + 1;  y >= entry: >= low16
+            k = torch.where(inside > 0, k, torch.full_like(k, 65536))
+            out.append(((below.to(torch.int32) << 17) | k).to(torch.int32))
+        _SEARCH[bits] = (torch.cat([table, torch.tensor([float("inf")])]), out[0], out[1])
     return _SEARCH[bits]
 
 
@@ -171,9 +179,9 @@ def quantize_state(x: torch.Tensor, signed: bool, cfg: State8bit, key: tuple[int
         return out
     codes, absmax = out if out is not None else (torch.empty(x.shape, dtype=torch.uint8),
                                                  torch.empty(cfg.blocks(x.numel()), dtype=torch.float32))
-    table, mid, brtn, bsr = _search_tables(7 if signed else 8)
+    table, brtn, bsr = _search_tables(7 if signed else 8)
     k1, k2 = key if sr else (0, 0)
-    lib.eco_state8(x.data_ptr(), codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), mid.data_ptr(),
+    lib.eco_state8(x.data_ptr(), codes.data_ptr(), absmax.data_ptr(), table.data_ptr(),
                    brtn.data_ptr(), bsr.data_ptr(), brtn.numel(), x.numel(), cfg.block_size, table.numel() - 1,
                    int(signed), int(sr), k1 & 0xFFFFFFFF, k2 & 0xFFFFFFFF, 0, torch.get_num_threads())
     return codes, absmax
@@ -209,10 +217,10 @@ def dequantize_state(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, cf
     lib = _c_codec(codes, absmax)
     if lib is None:
         return dequantize_state_torch(codes, absmax, signed, cfg)
-    table, mid, brtn, bsr = _search_tables(7 if signed else 8)
+    table, brtn, bsr = _search_tables(7 if signed else 8)
     out = torch.empty(codes.shape, dtype=torch.float32)
-    lib.eco_state8(out.data_ptr(), codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), mid.data_ptr(),
-                   brtn.data_ptr(), bsr.data_ptr(), brtn.numel(), codes.numel(), cfg.block_size, table.numel() - 1,
+    lib.eco_state8(out.data_ptr(), codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), brtn.data_ptr(),
+                   bsr.data_ptr(), brtn.numel(), codes.numel(), cfg.block_size, table.numel() - 1,
                    int(signed), 0, 0, 0, 1, torch.get_num_threads())
     return out
 
