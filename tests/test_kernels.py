@@ -4,6 +4,7 @@ The fused step (``ecoptim/optim/fused.py`` + ``ecoptim/csrc/eco_cpu.c``) must gi
 and optimizer states to the per-tensor reference path, for round-to-nearest and stochastic rounding alike.
 Every test feeds both paths the same gradients and compares with ``torch.equal`` after every step.
 """
+import contextlib
 import copy
 import itertools
 
@@ -144,6 +145,17 @@ def test_fused_adamw_matches_reference_for_any_hyperparameters(rows, cols, fmt, 
         assert "non-finite" in str(e)
 
 
+@contextlib.contextmanager
+def _threads(n):
+    """torch's (and so the kernel's) thread count set to n inside the block (the suite runs single-threaded)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("shape,gran", [((300, 301), "tensor"), ((64, 1030), "row"), ((2, 70000), "row")])
 def test_fused_threads_give_the_same_bits(threads, shape, gran):
@@ -151,12 +163,8 @@ def test_fused_threads_give_the_same_bits(threads, shape, gran):
     counter, a per-tensor block split among the threads with its absmax met at a barrier (two passes), rows
     longer than one in-cache block; 3 threads split unevenly."""
     ref, fast, o_ref, o_fast = _pair(shape, "fp8_e4m3", gran, ecoptim.AdamW, rounding="stochastic", **ADAMW)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         _run(ref, fast, o_ref, o_fast, shape, steps=3)
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -168,12 +176,8 @@ def test_fused_eight_bit_states_with_threads(threads, shape, gran):
                                      **dict(ADAMW, state_dtype=ecoptim.State8bit(rounding="stochastic")))
     p = next(fast.parameters())
     assert fused.state8_fits(p, ecoptim.convert.spec_of(p), 256) == (gran == "row")
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         _run(ref, fast, o_ref, o_fast, shape, steps=3)
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
