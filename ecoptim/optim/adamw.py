@@ -94,8 +94,9 @@ class AdamW(QuantOptimizer):
         if not (isinstance(sd, State8bit) or (isinstance(sd, torch.dtype) and sd in (torch.float32, torch.bfloat16))):
             raise ValueError(f"state_dtype must be torch.float32, torch.bfloat16 or ecoptim.State8bit(), got {sd!r}")
         if isinstance(sd, State8bit) and self.nonfinite == "skip_blocks":
-            raise ValueError("8-bit states are re-encoded a whole tensor at a time, which nonfinite='skip_blocks' "
-                             "cannot leave partly untouched: use nonfinite='skip' (default) or 'raise'")
+            raise ValueError("8-bit states that the kernel cannot read in place are re-encoded a whole tensor at a "
+                             "time, which nonfinite='skip_blocks' cannot leave partly untouched: use "
+                             "nonfinite='skip' (default) or 'raise'")
         if isinstance(sd, State8bit) and not self._state8_ok:
             raise ValueError(f"{type(self).__name__} does not support 8-bit states (State8bit); use "
                              "state_dtype=torch.bfloat16 for smaller states")
@@ -128,11 +129,8 @@ class AdamW(QuantOptimizer):
                                eps=group["eps"], weight_decay=wd, coef=eco_adamw_coef(step, lr, b1, wd),
                                inject=group["mode"] == "eco")
         if direct8:
-            keys = None
-            if cfg.rounding == "stochastic":
-                stream, st = int(state["state8_stream"]), int(state["step"].item())
-                keys = (state_key(self.seed, stream, True, st), state_key(self.seed, stream, False, st))
-            _fused.attach_state8(job, cfg.block_size, state["exp_avg_absmax"], state["exp_avg_sq_absmax"], keys)
+            _fused.attach_state8(job, cfg.block_size, state["exp_avg_absmax"], state["exp_avg_sq_absmax"],
+                                 self._state8_keys(state, cfg))
         elif m is not state["exp_avg"]:
             job.after = lambda: self._store_state8(state, group, m, v)
         return job
@@ -143,11 +141,17 @@ class AdamW(QuantOptimizer):
         return (dequantize_state(state["exp_avg"], state["exp_avg_absmax"], True, cfg),
                 dequantize_state(state["exp_avg_sq"], state["exp_avg_sq_absmax"], False, cfg))
 
+    def _state8_keys(self, state: dict, cfg: State8bit) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """This step's stochastic-rounding keys of the 8-bit m and v (None: round to nearest)."""
+        if cfg.rounding != "stochastic":
+            return None
+        stream, step = int(state["state8_stream"]), int(state["step"].item())
+        return state_key(self.seed, stream, True, step), state_key(self.seed, stream, False, step)
+
     def _store_state8(self, state: dict, group: dict, m: torch.Tensor, v: torch.Tensor) -> None:
         cfg = group["state_dtype"]
-        stream, step = int(state["state8_stream"]), int(state["step"].item())
-        for k, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
-            key = state_key(self.seed, stream, signed, step) if cfg.rounding == "stochastic" else None
+        keys = self._state8_keys(state, cfg) or (None, None)
+        for k, x, signed, key in (("exp_avg", m, True, keys[0]), ("exp_avg_sq", v, False, keys[1])):
             quantize_state(x, signed, cfg, key, out=(state[k], state[k + "_absmax"]))
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
