@@ -99,6 +99,20 @@ def test_c_codec_equals_the_torch_definition(rounding, signed, n, bs):
     assert torch.equal(dequantize_state(c1, a1, signed, cfg), dequantize_state_torch(c1, a1, signed, cfg))
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_nearest_sends_a_value_on_a_midpoint_to_the_smaller_entry(signed):
+    t = magnitude_table(7 if signed else 8)
+    mid = (t[:-1] + t[1:]) * 0.5  # the rounding boundaries (fp32)
+    x = torch.cat([torch.tensor([1.0]), mid, torch.nextafter(mid, torch.tensor(2.0))])
+    codes, absmax = quantize_state(x if not signed else -x, signed, State8bit(block_size=x.numel()))
+    idx = (codes.long() & 0x7F) if signed else codes.long()
+    n = mid.numel()
+    below = torch.arange(n)
+    if not signed:  # a positive value is never stored as 0
+        below = below.clamp(min=1)
+    assert absmax.item() == 1.0 and torch.equal(idx[1:n + 1], below) and torch.equal(idx[n + 1:], torch.arange(n) + 1)
+
+
 def test_a_positive_second_moment_is_never_stored_as_zero():
     v = torch.tensor([1.0, 1e-9, 1e-20, 0.0, 3e-8], dtype=torch.float32)
     for rounding in ("nearest", "stochastic"):
