@@ -251,13 +251,15 @@ def step_cases(draw):
     return dict(spec=spec, w=w, mode=draw(st.sampled_from(MODES)), opt=draw(st.sampled_from(["sgd", "adamw"])),
                 rounding=draw(st.sampled_from(["nearest", "stochastic"])), lr=draw(st.sampled_from([1e-4, 1e-2, 0.3])),
                 gexp=draw(st.integers(-8, 8)), gseed=draw(st.integers(0, 2 ** 31 - 1)),
-                noncontig_grad=draw(st.booleans()), steps=draw(st.integers(1, 2)))
+                noncontig_grad=draw(st.booleans()), steps=draw(st.integers(1, 2)),
+                states=draw(st.sampled_from([torch.float32, torch.bfloat16, ecoptim.State8bit(16),
+                                             ecoptim.State8bit(8, "stochastic")])))
 
 
-def _make_opt(kind, params, mode, rounding, lr):
+def _make_opt(kind, params, mode, rounding, lr, states=torch.float32):
     if kind == "sgd":
         return ecoptim.SGD(params, lr=lr, momentum=0.9, mode=mode, rounding=rounding, seed=1)
-    return ecoptim.AdamW(params, lr=lr, weight_decay=0.01, mode=mode, rounding=rounding, seed=1)
+    return ecoptim.AdamW(params, lr=lr, weight_decay=0.01, mode=mode, rounding=rounding, seed=1, state_dtype=states)
 
 
 @SETTINGS
@@ -270,8 +272,8 @@ def test_one_optimizer_step_of_every_mode_keeps_weights_finite_and_on_grid(case)
     holder.weight = fake
     ecoptim.quantize_(holder, spec.format, spec.granularity, filter_fn=lambda m, n: True, mode="fake")
     bias = nn.Parameter(torch.randn(3))  # a dense parameter in the same optimizer
-    opts = [_make_opt(case["opt"], [real, bias], case["mode"], case["rounding"], case["lr"]),
-            _make_opt(case["opt"], [fake], case["mode"], case["rounding"], case["lr"])]
+    opts = [_make_opt(case["opt"], [real, bias], case["mode"], case["rounding"], case["lr"], case["states"]),
+            _make_opt(case["opt"], [fake], case["mode"], case["rounding"], case["lr"], case["states"])]
     g = torch.Generator().manual_seed(case["gseed"])
     mag = (w.abs().max().item() if w.numel() else 1.0) or 1.0
     for _ in range(case["steps"]):
