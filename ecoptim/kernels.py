@@ -60,12 +60,14 @@ class EcoArgs(ctypes.Structure):
         ("b7rtn", ctypes.c_void_p), ("b7sr", ctypes.c_void_p), ("b8rtn", ctypes.c_void_p), ("b8sr", ctypes.c_void_p),
         ("s8bs", ctypes.c_int64), ("nbkt", ctypes.c_int32), ("s8sr", ctypes.c_int32),
         ("mk1", ctypes.c_uint32), ("mk2", ctypes.c_uint32), ("vk1", ctypes.c_uint32), ("vk2", ctypes.c_uint32),
+        # modes 'master' / 'exact'
+        ("master", ctypes.c_void_p), ("err", ctypes.c_void_p),
     ]
 
 
 _lib: ctypes.CDLL | None = None
 _tried = False
-_ABI = 9
+_ABI = 10
 
 
 def _cache_dir() -> Path:

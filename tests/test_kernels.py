@@ -78,7 +78,7 @@ CASES = {
 @pytest.mark.parametrize("fmt,gran", list(itertools.product(["fp8_e4m3", "fp8_e5m2", "int8", "int4"],
                                                             ["row", "group32", "tensor"])))
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("mode", ["eco", "naive"])
+@pytest.mark.parametrize("mode", ["eco", "naive", "master", "exact"])
 def test_fused_step_is_bit_identical_to_reference(case, fmt, gran, rounding, mode):
     opt_cls, kw = CASES[case]
     shape = (37, 96)
@@ -104,7 +104,7 @@ def test_fused_tails_and_whole_tensor_blocks(shape, gran, rounding, fmt):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("mode", ["eco", "naive"])
+@pytest.mark.parametrize("mode", ["eco", "naive", "master", "exact"])
 def test_fused_bf16_weights_bit_identical(case, rounding, mode):
     """BF16 storage (unscaled): rounding on the bit pattern must equal the reference's grid rounding,
     including bf16 subnormals (the middle rows are scaled to ~1e-39) and the sign of zero."""
@@ -278,6 +278,10 @@ def test_portable_scalar_build_is_bit_identical_too(tmp_path):
         "    cls, kw = t.CASES[case]\n"
         "    r, f, o_r, o_f = t._pair((13, 64), 'fp8_e4m3', 'row', cls, rounding='stochastic', **kw)\n"
         "    t._run(r, f, o_r, o_f, (13, 64), steps=2)\n"
+        "for mode in ('master', 'exact'):\n"  # the kernel reading master weights / the carried error
+        "    for cls, kw in (t.CASES['adamw'], t.CASES['sgd']):\n"
+        "        r, f, o_r, o_f = t._pair((13, 46), 'fp8_e4m3', 'row', cls, mode=mode, rounding='stochastic', **kw)\n"
+        "        t._run(r, f, o_r, o_f, (13, 46), steps=2)\n"
         "print('ok')\n")
     env = dict(os.environ, ECOPTIM_KERNEL_MARCH="x86-64", ECOPTIM_CACHE_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__), env=env,

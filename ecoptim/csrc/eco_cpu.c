@@ -66,6 +66,9 @@ typedef struct {
     int64_t s8bs;
     int32_t nbkt, s8sr;
     uint32_t mk1, mk2, vk1, vk2;
+    /* mode 'master': the fp32 master weights, read instead of the codes and written with w_til; mode 'exact':
+     * the fp32 carried error, added to the decoded weights and replaced by w_til - w_hat (NULL otherwise) */
+    float *master, *err;
 } eco_args;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -476,10 +479,13 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
         const void *codes = a->codes, *grad = a->grad, *mp = a->m, *vp = a->v;
         const float *t7 = a->t7, *t8 = a->t8, *mam = a->m_absmax, *vam = a->v_absmax;
         const int s8sh = sbf == 2 ? __builtin_ctzll((unsigned long long)a->s8bs) : 0; /* s8bs: a power of two */
+        const float *mst = a->master, *erp = a->err;
 #define A_VEC(ii, SMALL) /* SMALL: lerp's weight < 0.5 (its base is m, else g) */                           \
     do {                                                                                                \
         const int64_t i_ = (ii), j = base + i_;                                                         \
-        __m256 w = _mm256_mul_ps(_mm256_mul_ps(v_decode_p(codes, j, fmt), vsc), vdecay);                 \
+        __m256 w = mst ? _mm256_loadu_ps(mst + j) : _mm256_mul_ps(v_decode_p(codes, j, fmt), vsc);      \
+        if (erp) w = _mm256_add_ps(w, _mm256_loadu_ps(erp + j));                                         \
+        w = _mm256_mul_ps(w, vdecay);                                                                   \
         const __m256 g = v_ld(grad, j, gbf);                                                            \
         __m256 m = sbf == 2 ? s8_decode_vec((const uint8_t *)mp, t7, mam[j >> s8sh], j, 1) : v_ld(mp, j, sbf); \
         __m256 v = sbf == 2 ? s8_decode_vec((const uint8_t *)vp, t8, vam[j >> s8sh], j, 0) : v_ld(vp, j, sbf); \
@@ -511,7 +517,8 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
     (void)vec;
     for (; i < hi; i++) {
         const int64_t j = base + i;
-        float w = decode_scalar(a, j, fmt) * sc;
+        float w = a->master ? a->master[j] : decode_scalar(a, j, fmt) * sc;
+        if (a->err) w = w + a->err[j];
         w = w * decay;
         const float g = ld_scalar(a->grad, j, gbf);
         float m = sbf == 2 ? s8_decode_scalar((const uint8_t *)a->m, a->t7, a->m_absmax, j, a->s8bs, 1)
@@ -553,9 +560,11 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
                      vomd = _mm256_set1_ps(omd), vnl = _mm256_set1_ps(nl);
         __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1);
         const void *codes = a->codes, *grad = a->grad, *mp = a->m;
+        const float *mst = a->master, *erp = a->err;
         for (; i + 8 <= hi; i += 8) {
             const int64_t j = base + i;
-            __m256 w = _mm256_mul_ps(v_decode_p(codes, j, fmt), vsc);
+            __m256 w = mst ? _mm256_loadu_ps(mst + j) : _mm256_mul_ps(v_decode_p(codes, j, fmt), vsc);
+            if (erp) w = _mm256_add_ps(w, _mm256_loadu_ps(erp + j));
             __m256 g = v_ld(grad, j, gbf);
             if (wd != 0.0f) g = _mm256_fmadd_ps(vwd, w, g);
             __m256 d = g;
@@ -574,7 +583,8 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
     (void)vec;
     for (; i < hi; i++) {
         const int64_t j = base + i;
-        float w = decode_scalar(a, j, fmt) * sc;
+        float w = a->master ? a->master[j] : decode_scalar(a, j, fmt) * sc;
+        if (a->err) w = w + a->err[j];
         float g = ld_scalar(a->grad, j, gbf);
         if (wd != 0.0f) g = fmaf(wd, w, g);
         float d = g;
@@ -625,6 +635,7 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
     const uint32_t k1 = a->k1, k2 = a->k2;
     void *const codes = a->codes, *const mp = a->m, *const vp = a->v;
     float *const m8 = (float *)mf; /* 8-bit moments: the final m goes back to its scratch, to be encoded */
+    float *const mst = a->master, *const erp = a->err;
     int64_t i = lo;
 #if ECO_AVX2
     int64_t vhi = hi;
@@ -713,6 +724,8 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
             }                                                                                                 \
         }                                                                                                     \
         v_store_codes(codes, j, q, fmt, bias);                                                           \
+        if (mst) _mm256_storeu_ps(mst + j, w);                                                            \
+        if (erp) _mm256_storeu_ps(erp + j, _mm256_sub_ps(w, _mm256_mul_ps(q, vs)));                       \
         if (adam && sbf != 2) v_st(vp, j, _mm256_loadu_ps(vn + (i_ - lo)), sbf);                                     \
         if (HM) {                                                                                             \
             __m256 m = _mm256_loadu_ps(mf + (i_ - lo));                                                              \
@@ -800,6 +813,8 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
             q = n * sp;
             ((uint8_t *)codes)[j] = encode_fp8(q, man, bias);
         }
+        if (mst) mst[j] = w;
+        if (erp) erp[j] = w - q * s;
         if (adam && sbf != 2) {
             if (sbf) ((uint16_t *)vp)[j] = f32_to_bf16(vn[i - lo]);
             else ((float *)vp)[j] = vn[i - lo];
@@ -1152,4 +1167,4 @@ void eco_state8(float *x, uint8_t *codes, float *absmax, const float *table, con
     run_parallel(s8_worker, ws, sizeof(s8_work), nt);
 }
 
-int eco_abi_version(void) { return 9; }
+int eco_abi_version(void) { return 10; }

@@ -19,7 +19,7 @@ How a quantized weight is updated (``mode``), with q(.) the re-quantizer and w_h
           for bf16 weights (+1 B/param for FP8).
 Parameters that are not quantized get the plain update in their own dtype, exactly as torch.optim does.
 
-Fast path: where ``fused.applies`` (modes eco/naive on CPU codes the C kernel knows), ``step`` collects the
+Fast path: where ``fused.applies`` (modes eco/naive/master/exact on CPU codes the C kernel knows), ``step`` collects the
 parameters of a group as kernel jobs (``_fused_job_``, drawing SR keys in parameter order like the reference)
 and steps them in one call; the results are bit-identical to ``_step_param``'s reference path.
 """
@@ -220,10 +220,27 @@ class QuantOptimizer(Optimizer):
             return None
         state = self.state[p]
         if not state:
-            self._init_state(p, state, group, True)
+            self._init_quantized_state(p, state, group, spec)
         state["step"] += 1
         gen = self.generator(p.device) if group["rounding"] == "stochastic" else None
-        return self._fused_job_(p, spec, state, group, gen)
+        job = self._fused_job_(p, spec, state, group, gen)
+        if group["mode"] in ("master", "exact"):
+            _fused.attach_mode_buffer(job, group["mode"], state["master" if group["mode"] == "master" else "error"])
+        return job
+
+    def _init_quantized_state(self, p: torch.Tensor, state: dict, group: dict, spec: QuantSpec) -> None:
+        """The optimizer's state of a quantized weight, plus what its mode keeps (master copy, error, Kahan
+        buffer)."""
+        self._init_state(p, state, group, True)
+        if group["mode"] == "master":
+            state["master"] = _read(p)
+        elif group["mode"] == "exact":
+            state["error"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        elif group["mode"] == "kahan":
+            codes, scale = quantize(torch.zeros(p.shape, device=p.device), spec)
+            state["comp_codes"] = codes
+            if scale is not None:
+                state["comp_scale"] = scale
 
     def _step_param(self, p: torch.Tensor, group: dict) -> None:
         # step() batches the fused parameters itself; this covers direct calls (e.g. FSDP's local shards)
@@ -234,16 +251,10 @@ class QuantOptimizer(Optimizer):
         state = self.state[p]
         spec = spec_of(p)
         if not state:
-            self._init_state(p, state, group, spec is not None)
-            if spec is not None and group["mode"] == "master":
-                state["master"] = _read(p)
-            elif spec is not None and group["mode"] == "exact":
-                state["error"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            elif spec is not None and group["mode"] == "kahan":
-                codes, scale = quantize(torch.zeros(p.shape, device=p.device), spec)
-                state["comp_codes"] = codes
-                if scale is not None:
-                    state["comp_scale"] = scale
+            if spec is not None:
+                self._init_quantized_state(p, state, group, spec)
+            else:
+                self._init_state(p, state, group, False)
         state["step"] += 1
         if spec is None:  # a plain parameter: the textbook update, in its own dtype, in place
             self._update_(p, p.grad, state, group)

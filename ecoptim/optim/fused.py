@@ -23,7 +23,9 @@ encoded in sweep B (after the injection), a state block at a time, with the code
 
 Applies to: CPU tensors stored as ``QuantizedTensor`` with FP8 (E4M3, E5M2), INT8 or packed INT4 codes and an
 absmax scale (per row / group / tensor; INT4 blocks of even size) or BF16 codes (unscaled); modes 'eco' and
-'naive'; lr > 0; fp32, bf16 or fp16 gradients. Anything else (modes master/exact/kahan, FP16 storage, a custom
+'naive', and 'master' / 'exact' (the kernel then reads the fp32 master weights instead of the codes, or adds
+the carried error to them, and writes them back; ``attach_mode_buffer``); lr > 0; fp32, bf16 or fp16
+gradients. Anything else (mode kahan, FP16 storage, a custom
 ``Format.round``, CUDA tensors), or a machine without a C compiler, takes the reference path.
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ from ..formats import BF16, FP8_E4M3, FP8_E5M2, INT4, INT8, Format, PerRow, Quan
 from ..qtensor import QuantizedTensor
 from ..rng import draw_key
 
-__all__ = ["applies", "Job", "run", "adamw_job", "sgd_job", "state8_fits", "attach_state8"]
+__all__ = ["applies", "Job", "run", "adamw_job", "sgd_job", "state8_fits", "attach_state8", "attach_mode_buffer"]
 
 # the kernel knows these formats' grids by heart (e.g. E4M3: 3 mantissa bits, emin -6, max 448); others take the
 # reference path
@@ -55,7 +57,7 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     f = spec.format
     return (f in _FMT and type(f).round is Format.round  # a custom rounding override needs the reference
             and spec.scaled == (f is not BF16) and p.device.type == "cpu"
-            and group["mode"] in ("eco", "naive") and group["lr"] > 0
+            and group["mode"] in ("eco", "naive", "master", "exact") and group["lr"] > 0
             and p.grad is not None and p.grad.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and p.grad.layout == torch.strided and p.codes.is_contiguous()
             and (p.scale is None or p.scale.is_contiguous()) and (f is not INT4 or _int4_blocks_aligned(p, spec))
@@ -194,3 +196,15 @@ def attach_state8(job: Job, block_size: int, m_absmax: torch.Tensor, v_absmax: t
     a.s8sr = int(keys is not None)
     if keys is not None:
         (a.mk1, a.mk2), (a.vk1, a.vk2) = ((k1 & 0xFFFFFFFF, k2 & 0xFFFFFFFF) for k1, k2 in keys)
+
+
+def attach_mode_buffer(job: Job, mode: str, buf: torch.Tensor) -> None:
+    """Modes 'master' (``buf``: the fp32 master weights, stepped instead of the codes and then quantized) and
+    'exact' (``buf``: the fp32 carried error, added before the step and replaced by w_til - w_hat after it)."""
+    if not (buf.dtype == torch.float32 and buf.is_contiguous() and buf.numel() == job.numel):
+        raise ValueError(f"the {mode} buffer must be a contiguous fp32 tensor of the weight's size")
+    job.keep.append(buf)
+    if mode == "master":
+        job.args.master = buf.data_ptr()
+    else:
+        job.args.err = buf.data_ptr()
