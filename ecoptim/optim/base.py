@@ -19,9 +19,9 @@ How a quantized weight is updated (``mode``), with q(.) the re-quantizer and w_h
           for bf16 weights (+1 B/param for FP8).
 Parameters that are not quantized get the plain update in their own dtype, exactly as torch.optim does.
 
-Fast path: where ``fused.applies`` (modes eco/naive/master/exact on CPU codes the C kernel knows), ``step`` collects the
-parameters of a group as kernel jobs (``_fused_job_``, drawing SR keys in parameter order like the reference)
-and steps them in one call; the results are bit-identical to ``_step_param``'s reference path.
+Fast path: where ``fused.applies`` (modes eco/naive/master/exact on CPU codes the C kernel knows), ``step``
+collects the parameters of a group as kernel jobs (``_fused_job_``, drawing SR keys in parameter order like the
+reference) and steps them in one call; the results are bit-identical to ``_step_param``'s reference path.
 """
 from __future__ import annotations
 
@@ -225,7 +225,10 @@ class QuantOptimizer(Optimizer):
         gen = self.generator(p.device) if group["rounding"] == "stochastic" else None
         job = self._fused_job_(p, spec, state, group, gen)
         if group["mode"] in ("master", "exact"):
-            _fused.attach_mode_buffer(job, group["mode"], state["master" if group["mode"] == "master" else "error"])
+            key = "master" if group["mode"] == "master" else "error"
+            if not state[key].is_contiguous():  # e.g. loaded from a checkpoint as a view: the kernel needs it flat
+                state[key] = state[key].contiguous()
+            _fused.attach_mode_buffer(job, group["mode"], state[key])
         return job
 
     def _init_quantized_state(self, p: torch.Tensor, state: dict, group: dict, spec: QuantSpec) -> None:
