@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["draw_key", "uniform", "uniform_torch"]
+__all__ = ["draw_key", "uniform", "uniform_torch", "mix32"]
 
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B
@@ -35,6 +35,16 @@ def draw_key(generator: torch.Generator | None = None) -> tuple[int, int]:
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     # (x * c) mod 2^32 without int64 overflow: split c into 16-bit halves (every product stays < 2^48).
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK
+
+
+def mix32(x: int) -> int:
+    """``mix32`` on one Python int (its low 32 bits), e.g. to derive keys."""
+    x &= _MASK
+    x ^= x >> 16
+    x = (x * _M1) & _MASK
+    x ^= x >> 15
+    x = (x * _M2) & _MASK
+    return x ^ (x >> 16)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

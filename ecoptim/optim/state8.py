@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..rng import uniform
+from ..rng import mix32, uniform
 from ..rounding import check_rounding
 
 __all__ = ["State8bit", "magnitude_table", "quantize_state", "dequantize_state", "state_key", "quantize_state_torch",
@@ -85,20 +85,11 @@ def magnitude_table(bits: int) -> torch.Tensor:
     return _TABLES[bits]
 
 
-def _mix(x: int) -> int:  # rng's lowbias32 hash on one Python int
-    x &= 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    return x ^ (x >> 16)
-
-
 def state_key(seed: int, stream: int, signed: bool, step: int) -> tuple[int, int]:
     """The stochastic-rounding key of one moment (``signed``: the first) of the parameter with stream number
     ``stream`` at step ``step``: a hash, so resuming from a checkpoint reproduces it without any RNG state."""
-    k1 = _mix(_mix(seed ^ (seed >> 32)) ^ _mix(2 * stream + int(signed)) ^ _mix(step + 0x9E3779B9))
-    return k1, _mix(k1 ^ (step & 0xFFFFFFFF))
+    k1 = mix32(mix32(seed ^ (seed >> 32)) ^ mix32(2 * stream + int(signed)) ^ mix32(step + 0x9E3779B9))
+    return k1, mix32(k1 ^ (step & 0xFFFFFFFF))
 
 
 def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -110,8 +101,8 @@ def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
     return flat.view(-1, block)
 
 
-def _tables(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    table = magnitude_table(7 if signed else 8).to(device)
+def _tables(bits: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    table = magnitude_table(bits).to(device)
     return table, (table[:-1] + table[1:]) * 0.5  # the entries and the rounding boundaries (fp32 midpoints)
 
 
@@ -126,8 +117,7 @@ def _search_tables(bits: int) -> tuple[torch.Tensor, ...]:
     lies above its one midpoint (at or above its one entry) iff the low 16 bits of y are >= k (65536: none
     there). Checks that no bucket holds two of them (bucket 0 at most the entry 0.0), which makes that exact."""
     if bits not in _SEARCH:
-        table = magnitude_table(bits)
-        mid = (table[:-1] + table[1:]) * 0.5
+        table, mid = _tables(bits)
         top = torch.arange(_BKT0, _BKT_END + 1, dtype=torch.int32)
         starts = (top << 16).view(torch.float32).clone()
         starts[0] = 0.0  # bucket 0 also holds every y below 2^-27
@@ -195,7 +185,7 @@ def quantize_state_torch(x: torch.Tensor, signed: bool, cfg: State8bit,
     absmax = xb.abs().amax(dim=1)
     # |x| / absmax per block; an all-zero block divides by 1 (its codes are all 0)
     y = (xb.abs() / torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(1)).reshape(-1)[:n]
-    table, mid = _tables(signed, x.device)
+    table, mid = _tables(7 if signed else 8, x.device)
     if cfg.rounding == "nearest":
         idx = torch.bucketize(y, mid)  # y == mid[i] -> i: the smaller entry
     else:
