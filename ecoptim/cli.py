@@ -115,7 +115,7 @@ def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float, methods:
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batch order and SR (default 0)")
     g.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="fp32",
                    help="AdamW moments of the quantized weights: fp32 (default), bf16 (-4 B/param), 8bit (8-bit "
-                        "block-wise, round to nearest, -5.97 B/param; reference path) or 8bit-sr (the same with "
+                        "block-wise, round to nearest, -5.97 B/param) or 8bit-sr (the same with "
                         "stochastic rounding)")
     g.add_argument("--eval-every", type=_positive_int, default=EVAL_EVERY,
                    help=f"steps between validation-loss points (default {EVAL_EVERY})")
