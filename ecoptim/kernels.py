@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "available", "all_finite", "uniform", "EcoArgs", "FMT_E4M3", "FMT_E5M2", "FMT_INT8", "FMT_BF16",
+__all__ = ["load", "available", "all_finite", "sumsq", "uniform", "EcoArgs", "FMT_E4M3", "FMT_E5M2", "FMT_INT8", "FMT_BF16",
            "FMT_INT4"]
 
 FMT_E4M3, FMT_E5M2, FMT_INT8, FMT_BF16, FMT_INT4 = 0, 1, 2, 3, 4
@@ -62,12 +62,14 @@ class EcoArgs(ctypes.Structure):
         ("mk1", ctypes.c_uint32), ("mk2", ctypes.c_uint32), ("vk1", ctypes.c_uint32), ("vk2", ctypes.c_uint32),
         # modes 'master' / 'exact'
         ("master", ctypes.c_void_p), ("err", ctypes.c_void_p),
+        # gradient scale (clip_grad_norm_ folded into the step; 1.0 = none)
+        ("gscale", ctypes.c_float),
     ]
 
 
 _lib: ctypes.CDLL | None = None
 _tried = False
-_ABI = 10
+_ABI = 11
 
 
 def _cache_dir() -> Path:
@@ -141,6 +143,10 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.eco_all_finite.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
                                    ctypes.c_int32]
     lib.eco_all_finite.restype = ctypes.c_int
+    if hasattr(lib, "eco_sumsq"):
+        lib.eco_sumsq.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
+                                  ctypes.c_void_p]
+        lib.eco_sumsq.restype = ctypes.c_int
     if not hasattr(lib, "eco_state8"):  # an older build (benchmarks/kernel_ab.py loads one to compare)
         return lib
     lib.eco_state8.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -181,3 +187,26 @@ def all_finite(tensors: list[torch.Tensor]) -> bool | None:
     numels = (ctypes.c_int64 * n)(*[t.numel() for t in tensors])
     dtypes = (ctypes.c_int32 * n)(*[int(t.dtype == torch.bfloat16) for t in tensors])
     return bool(lib.eco_all_finite(ptrs, numels, dtypes, n, torch.get_num_threads()))
+
+
+_SUMSQ_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def sumsq(tensors: list[torch.Tensor]) -> list[float] | None:
+    """Per tensor, the sum of the squares of its elements in double precision, in one threaded read pass
+    (NaN/Inf where a tensor holds NaN/Inf: the squares of fp32/bf16/fp16 values cannot overflow a double).
+    Deterministic: the same bits whatever the thread count or build (see ``eco_sumsq``). None if the kernel
+    cannot read them (not all contiguous fp32/bf16/fp16 CPU tensors, or no kernels)."""
+    if any(t.device.type != "cpu" or t.dtype not in _SUMSQ_DTYPES or not t.is_contiguous() for t in tensors):
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    n = len(tensors)
+    ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
+    numels = (ctypes.c_int64 * n)(*[t.numel() for t in tensors])
+    dtypes = (ctypes.c_int32 * n)(*[_SUMSQ_DTYPES[t.dtype] for t in tensors])
+    out = (ctypes.c_double * n)()
+    if lib.eco_sumsq(ptrs, numels, dtypes, n, torch.get_num_threads(), out) != 0:
+        raise MemoryError("ecoptim: could not allocate the gradient-norm pass's chunk sums")
+    return list(out)

@@ -258,6 +258,12 @@ def test_without_compiler_the_reference_path_runs(monkeypatch):
     assert kernels.load() is None
 
 
+def _sumsq_inputs():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(n, generator=g).to(dt) for n, dt in ((70001, torch.float32), (33, torch.bfloat16),
+                                                               (131075, torch.float16))]
+
+
 def test_portable_scalar_build_is_bit_identical_too(tmp_path):
     """The kernel built without AVX2 (-march=x86-64: the scalar code every other CPU runs) in a fresh process."""
     import os
@@ -282,6 +288,11 @@ def test_portable_scalar_build_is_bit_identical_too(tmp_path):
         "    for cls, kw in (t.CASES['adamw'], t.CASES['sgd']):\n"
         "        r, f, o_r, o_f = t._pair((13, 46), 'fp8_e4m3', 'row', cls, mode=mode, rounding='stochastic', **kw)\n"
         "        t._run(r, f, o_r, o_f, (13, 46), steps=2)\n"
+        "import test_clip as c\n"  # clipping folded into the step
+        "for cls, kw in c.CASES:\n"
+        "    c.test_clip_then_step_equals_scaling_the_gradients_first(cls, kw, 'fp8_e4m3', 'row', 'stochastic', None,\n"
+        "                                                             torch.bfloat16)\n"
+        f"assert kernels.sumsq(t._sumsq_inputs()) == {kernels.sumsq(_sumsq_inputs())!r}\n"  # the AVX2 build's bits
         "print('ok')\n")
     env = dict(os.environ, ECOPTIM_KERNEL_MARCH="x86-64", ECOPTIM_CACHE_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__), env=env,

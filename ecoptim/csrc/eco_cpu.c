@@ -69,6 +69,9 @@ typedef struct {
     /* mode 'master': the fp32 master weights, read instead of the codes and written with w_til; mode 'exact':
      * the fp32 carried error, added to the decoded weights and replaced by w_til - w_hat (NULL otherwise) */
     float *master, *err;
+    /* every gradient element is multiplied by gscale as it is read (1: exact, x * 1 == x): the clipping
+     * factor of QuantOptimizer.clip_grad_norm_, folded into the step instead of a pass that rewrites the grads */
+    float gscale;
 } eco_args;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -472,7 +475,8 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
     if (vec) {
         const __m256 vsc = _mm256_set1_ps(sc), vdecay = _mm256_set1_ps(decay), vcoeff = _mm256_set1_ps(coeff),
                      vb2 = _mm256_set1_ps(b2), vomb2 = _mm256_set1_ps(omb2), vbc2s = _mm256_set1_ps(bc2s),
-                     veps = _mm256_set1_ps(eps), vns = _mm256_set1_ps(ns), vrbc2s = _mm256_set1_ps(1.0f / bc2s);
+                     veps = _mm256_set1_ps(eps), vns = _mm256_set1_ps(ns), vrbc2s = _mm256_set1_ps(1.0f / bc2s),
+                     vgs = _mm256_set1_ps(a->gscale);
         __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1);
         /* local copies: stores through float pointers could alias the struct, which would force a reload
          * of every pointer in every iteration */
@@ -486,7 +490,7 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
         __m256 w = mst ? _mm256_loadu_ps(mst + j) : _mm256_mul_ps(v_decode_p(codes, j, fmt), vsc);      \
         if (erp) w = _mm256_add_ps(w, _mm256_loadu_ps(erp + j));                                         \
         w = _mm256_mul_ps(w, vdecay);                                                                   \
-        const __m256 g = v_ld(grad, j, gbf);                                                            \
+        const __m256 g = _mm256_mul_ps(v_ld(grad, j, gbf), vgs);                                        \
         __m256 m = sbf == 2 ? s8_decode_vec((const uint8_t *)mp, t7, mam[j >> s8sh], j, 1) : v_ld(mp, j, sbf); \
         __m256 v = sbf == 2 ? s8_decode_vec((const uint8_t *)vp, t8, vam[j >> s8sh], j, 0) : v_ld(vp, j, sbf); \
         m = _mm256_fmadd_ps(vcoeff, _mm256_sub_ps(g, m), (SMALL) ? m : g);                              \
@@ -520,7 +524,7 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
         float w = a->master ? a->master[j] : decode_scalar(a, j, fmt) * sc;
         if (a->err) w = w + a->err[j];
         w = w * decay;
-        const float g = ld_scalar(a->grad, j, gbf);
+        const float g = ld_scalar(a->grad, j, gbf) * a->gscale;
         float m = sbf == 2 ? s8_decode_scalar((const uint8_t *)a->m, a->t7, a->m_absmax, j, a->s8bs, 1)
                            : ld_scalar(a->m, j, sbf);
         float v = sbf == 2 ? s8_decode_scalar((const uint8_t *)a->v, a->t8, a->v_absmax, j, a->s8bs, 0)
@@ -557,7 +561,7 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
 #if ECO_AVX2
     if (vec) {
         const __m256 vsc = _mm256_set1_ps(sc), vwd = _mm256_set1_ps(wd), vmom = _mm256_set1_ps(mom),
-                     vomd = _mm256_set1_ps(omd), vnl = _mm256_set1_ps(nl);
+                     vomd = _mm256_set1_ps(omd), vnl = _mm256_set1_ps(nl), vgs = _mm256_set1_ps(a->gscale);
         __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1);
         const void *codes = a->codes, *grad = a->grad, *mp = a->m;
         const float *mst = a->master, *erp = a->err;
@@ -565,7 +569,7 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
             const int64_t j = base + i;
             __m256 w = mst ? _mm256_loadu_ps(mst + j) : _mm256_mul_ps(v_decode_p(codes, j, fmt), vsc);
             if (erp) w = _mm256_add_ps(w, _mm256_loadu_ps(erp + j));
-            __m256 g = v_ld(grad, j, gbf);
+            __m256 g = _mm256_mul_ps(v_ld(grad, j, gbf), vgs);
             if (wd != 0.0f) g = _mm256_fmadd_ps(vwd, w, g);
             __m256 d = g;
             if (has_mom) {
@@ -585,7 +589,7 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
         const int64_t j = base + i;
         float w = a->master ? a->master[j] : decode_scalar(a, j, fmt) * sc;
         if (a->err) w = w + a->err[j];
-        float g = ld_scalar(a->grad, j, gbf);
+        float g = ld_scalar(a->grad, j, gbf) * a->gscale;
         if (wd != 0.0f) g = fmaf(wd, w, g);
         float d = g;
         if (has_mom) {
@@ -1145,6 +1149,109 @@ int eco_all_finite(void *const *ptrs, const int64_t *numels, const int32_t *dtyp
     return !bad;
 }
 
+/* ---------------------------------------------------------------------------------------------------- */
+/* Sum of squares of gradients, in double (QuantOptimizer.clip_grad_norm_): one threaded read pass that also */
+/* tells whether every element is finite (x*x is exact in double and cannot overflow for any fp32/bf16/fp16 */
+/* x, so the sum is finite iff every element is). Deterministic whatever the thread count and build: each     */
+/* tensor is cut into chunks of NORM_CHUNK elements; element i of a chunk goes to lane i % 16 (sequential    */
+/* sums, the same in the AVX2 and the scalar code), the lanes are added 0..15, the chunks in order.         */
+#define NORM_CHUNK 65536
+typedef struct {
+    void *const *ptrs;
+    const int64_t *numels, *cfirst; /* cfirst[t]: number of the tensor's first chunk (cfirst[n]: total) */
+    const int32_t *dtypes;          /* 0 fp32, 1 bf16, 2 fp16 */
+    int32_t n;
+    int64_t *next;
+    double *chunk;                  /* out: one sum per chunk */
+} sumsq_work;
+
+static inline float ld_any(const void *p, int64_t i, int dt) {
+    if (dt == 0) return ((const float *)p)[i];
+    if (dt == 1) return bf16_to_f32(((const uint16_t *)p)[i]);
+    /* fp16 -> fp32, exactly (subnormals, inf, NaN) */
+    const uint16_t h = ((const uint16_t *)p)[i];
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1F, mant = h & 0x3FF;
+    if (e == 0x1F) return bits_f(sign | 0x7F800000u | (mant << 13));
+    if (e == 0) { const float f = (float)mant * 0x1p-24f; return sign ? -f : f; }
+    return bits_f(sign | ((e + 112) << 23) | (mant << 13));
+}
+
+static double sumsq_range(const void *p, int64_t lo, int64_t hi, int dt) {
+    double acc[16] = {0};
+    int64_t i = lo;
+#if ECO_AVX2
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 16 <= hi; i += 16) {
+        __m256 x, y;
+        if (dt == 2) {
+            x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+            y = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i + 8)));
+        } else {
+            x = v_ld(p, i, dt);
+            y = v_ld(p, i + 8, dt);
+        }
+        const __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(x)), x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+        const __m256d y0 = _mm256_cvtps_pd(_mm256_castps256_ps128(y)), y1 = _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1));
+        a0 = _mm256_add_pd(a0, _mm256_mul_pd(x0, x0)); /* the product is exact: one rounding, as in the scalar sum */
+        a1 = _mm256_add_pd(a1, _mm256_mul_pd(x1, x1));
+        a2 = _mm256_add_pd(a2, _mm256_mul_pd(y0, y0));
+        a3 = _mm256_add_pd(a3, _mm256_mul_pd(y1, y1));
+    }
+    _mm256_storeu_pd(acc, a0);
+    _mm256_storeu_pd(acc + 4, a1);
+    _mm256_storeu_pd(acc + 8, a2);
+    _mm256_storeu_pd(acc + 12, a3);
+#endif
+    for (; i < hi; i++) {
+        const double x = (double)ld_any(p, i, dt);
+        acc[(i - lo) & 15] += x * x;
+    }
+    double s = 0.0;
+    for (int k = 0; k < 16; k++) s += acc[k];
+    return s;
+}
+
+static void *sumsq_worker(void *p) {
+    sumsq_work *w = (sumsq_work *)p;
+    const int64_t total = w->cfirst[w->n];
+    for (int32_t t = 0;;) {
+        const int64_t c = __atomic_fetch_add(w->next, 1, __ATOMIC_RELAXED);
+        if (c >= total) break;
+        while (c >= w->cfirst[t + 1]) t++; /* a thread's chunks come in increasing order */
+        const int64_t lo = (c - w->cfirst[t]) * NORM_CHUNK, n = w->numels[t];
+        w->chunk[c] = sumsq_range(w->ptrs[t], lo, lo + NORM_CHUNK < n ? lo + NORM_CHUNK : n, w->dtypes[t]);
+    }
+    return NULL;
+}
+
+/* out[t] = sum of the squares of tensor t's elements (NaN/Inf if it holds any). Returns 0, or -1 if memory
+ * could not be allocated. */
+int eco_sumsq(void *const *ptrs, const int64_t *numels, const int32_t *dtypes, int32_t n, int32_t nthreads,
+              double *out) {
+    int64_t *cfirst = (int64_t *)malloc(sizeof(int64_t) * ((size_t)n + 1)), next = 0;
+    if (!cfirst) return -1;
+    cfirst[0] = 0;
+    for (int32_t t = 0; t < n; t++) cfirst[t + 1] = cfirst[t] + (numels[t] + NORM_CHUNK - 1) / NORM_CHUNK;
+    double *chunk = (double *)malloc(sizeof(double) * (size_t)(cfirst[n] > 0 ? cfirst[n] : 1));
+    if (!chunk) { free(cfirst); return -1; }
+    int nt = nthreads < 1 ? 1 : (nthreads > 64 ? 64 : nthreads);
+    if (cfirst[n] < 4) nt = 1; /* one core reads this much faster than a thread starts */
+    sumsq_work ws[64];
+    for (int t = 0; t < nt; t++) {
+        sumsq_work w = {ptrs, numels, cfirst, dtypes, n, &next, chunk};
+        ws[t] = w;
+    }
+    run_parallel(sumsq_worker, ws, sizeof(sumsq_work), nt);
+    for (int32_t t = 0; t < n; t++) {
+        double s = 0.0;
+        for (int64_t c = cfirst[t]; c < cfirst[t + 1]; c++) s += chunk[c];
+        out[t] = s;
+    }
+    free(chunk);
+    free(cfirst);
+    return 0;
+}
+
 static void *s8_worker(void *p) {
     const s8_work *w = (const s8_work *)p;
     const int64_t nb = (w->n + w->bs - 1) / w->bs, per = (nb + w->parts - 1) / w->parts;
@@ -1167,4 +1274,4 @@ void eco_state8(float *x, uint8_t *codes, float *absmax, const float *table, con
     run_parallel(s8_worker, ws, sizeof(s8_work), nt);
 }
 
-int eco_abi_version(void) { return 10; }
+int eco_abi_version(void) { return 11; }

@@ -283,6 +283,7 @@ class _ShardedMixin:
     """Runs an ecoptim optimizer's per-parameter update on the local shard of each DTensor parameter."""
 
     _block_skip_ok = False  # the skip decision is taken rank-wide (_grads_finite below)
+    _clip_ok = False  # gradients are DTensor shards: their norm needs a collective (torch's clip does it)
     _state8_ok = False  # an 8-bit state's per-block absmax is not sharded like the parameter
 
     def _grads_finite(self) -> bool:  # type: ignore[override]

@@ -51,6 +51,7 @@ class OneBitAdamW(AdamW):
     #: state that legitimately differs between ranks (assert_replicas_identical skips it)
     per_rank_state = ("onebit_error",)
     _block_skip_ok = False  # the compressed phase needs one rank-wide skip decision
+    _clip_ok = False  # the compressed phase exchanges momenta, not gradients
     _state8_ok = False  # the compressed phase works on the fp32 momentum directly
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

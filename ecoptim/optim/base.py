@@ -25,7 +25,9 @@ reference) and steps them in one call; the results are bit-identical to ``_step_
 """
 from __future__ import annotations
 
+import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -70,6 +72,36 @@ def _store_(p: torch.Tensor, spec: QuantSpec, w_til: torch.Tensor, rounding: str
     return w_new
 
 
+def total_grad_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """``torch.nn.utils.get_total_norm(grads, norm_type)``, accumulated in fp64 and returned as an fp32 scalar.
+
+    The 2-norm takes one threaded C pass (``kernels.sumsq``: fp64 sums in a fixed order, so the same bits
+    whatever the thread count); other norms and tensors the kernel cannot read use torch in fp64. The
+    result is NaN/Inf exactly when some gradient element is (no overflow: squares of fp32 values fit a double)."""
+    if norm_type == math.inf:
+        norms = [torch.linalg.vector_norm(g, math.inf).to(torch.float64) for g in grads]
+        return (torch.stack(norms).max() if norms else torch.zeros((), dtype=torch.float64)).to(torch.float32)
+    if norm_type == 2.0:
+        sums = kernels.sumsq(grads)
+        if sums is None:
+            sums = [float(torch.linalg.vector_norm(g, 2, dtype=torch.float64)) ** 2 for g in grads]
+        total = math.fsum(sums) if all(map(math.isfinite, sums)) else sum(sums)
+    else:
+        total = sum(float(torch.linalg.vector_norm(g, norm_type, dtype=torch.float64)) ** norm_type for g in grads)
+    return torch.tensor(total ** (1.0 / norm_type) if math.isfinite(total) else total, dtype=torch.float32)
+
+
+@dataclass
+class _PendingClip:
+    """What ``clip_grad_norm_`` measured, for the next ``step``: the gradient factor (None: no clipping was
+    needed), whether every gradient was finite, and the gradients it measured (each with its version counter,
+    so that a gradient changed in between is detected)."""
+
+    scale: float | None
+    finite: bool
+    grads: list[tuple[torch.Tensor, torch.Tensor, int]]
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     fast = kernels.all_finite(tensors)
     if fast is not None:
@@ -92,9 +124,15 @@ class QuantOptimizer(Optimizer):
         (such a parameter counts as one) and a warning says so. A parameter's step count advances if any of
         its blocks was updated.
     Either way, non-finite values never reach the stored weights.
+
+    Gradient clipping: ``opt.clip_grad_norm_(max_norm)`` (instead of ``torch.nn.utils.clip_grad_norm_``) reads
+    every gradient once for the norm, which also tells whether they are all finite, and folds the clipping
+    factor into the next ``step()`` (the kernel scales each gradient as it reads it), so the step needs no
+    separate NaN/Inf pass and the gradients are not rewritten.
     """
 
     _block_skip_ok = True  # False where every rank must take the same skip decision (see distributed/)
+    _clip_ok = True  # False where the gradients are sharded or exchanged inside step (see distributed/)
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, mode: str = "eco",
                  rounding: str = "stochastic", seed: int = 0, nonfinite: str = "skip") -> None:
@@ -113,6 +151,8 @@ class QuantOptimizer(Optimizer):
         self.skipped_steps = 0
         self.skipped_blocks = 0
         self._generators: dict[str, torch.Generator] = {}
+        self._clip: _PendingClip | None = None
+        self._grad_scale: float | None = None  # during step(): the pending clip's factor
         for group in self.param_groups:
             self._validate_group(group)
 
@@ -167,8 +207,63 @@ class QuantOptimizer(Optimizer):
         return self._generators[key]
 
     # -- the loop -----------------------------------------------------------------------------------
+    def _with_grads(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
     def _grads_finite(self) -> bool:
-        return _all_finite([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return _all_finite([p.grad for p in self._with_grads()])
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """Total norm of the gradients of this optimizer's parameters (what ``torch.nn.utils.clip_grad_norm_``
+        returns), with the clipping folded into the next ``step()``.
+
+        The next step multiplies every gradient by ``min(1, max_norm / (norm + 1e-6))`` (torch's factor, in
+        fp32) as it reads it, bit-identical to scaling the gradients first; ``p.grad`` itself is left as it is.
+        The norm is accumulated in fp64 (``total_grad_norm``) and doubles as the step's NaN/Inf check: with a
+        non-finite norm the next step is skipped (``nonfinite='raise'``: raises ``NonFiniteGradientError``)
+        instead of scaling every gradient to NaN as torch's clipping would. Saves, per step, torch clipping's
+        read-and-write of every gradient and the step's own NaN/Inf read. Gradients changed between this call
+        and ``step()`` (another backward, an in-place edit) make ``step()`` raise; ``zero_grad()`` drops it.
+        """
+        if not self._clip_ok:
+            raise NotImplementedError(f"{type(self).__name__} steps sharded or exchanged gradients; use "
+                                      "torch.nn.utils.clip_grad_norm_ on the model's parameters instead")
+        if isinstance(max_norm, bool) or not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm)
+                                              and max_norm > 0):
+            raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
+        norm_type = float(norm_type)
+        if not norm_type > 0:
+            raise ValueError(f"norm_type must be > 0 (or math.inf), got {norm_type!r}")
+        params = self._with_grads()
+        total = total_grad_norm([p.grad for p in params], norm_type)
+        finite = bool(torch.isfinite(total))
+        if error_if_nonfinite and not finite:
+            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite, so it cannot "
+                               "be clipped; nothing was changed (error_if_nonfinite=False skips the next step "
+                               "instead)")
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's factor, in the same fp32 operations
+        scale = float(coef) if finite and float(coef) < 1.0 else None
+        self._clip = _PendingClip(scale, finite, [(p, p.grad, p.grad._version) for p in params])
+        return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._clip = None  # a pending clip belongs to the gradients being dropped
+        super().zero_grad(set_to_none)
+
+    def _take_clip(self) -> _PendingClip | None:
+        """The pending clip, checked against the current gradients (and consumed)."""
+        clip, self._clip = self._clip, None
+        if clip is None:
+            return None
+        params = self._with_grads()
+        if len(params) != len(clip.grads) or any(
+                p is not q or p.grad is not g or p.grad._version != ver for p, (q, g, ver) in zip(params, clip.grads)):
+            raise RuntimeError("the gradients changed after clip_grad_norm_() (another backward pass, a new or "
+                               "edited .grad): call opt.clip_grad_norm_() right before opt.step(); nothing was "
+                               "updated")
+        return clip
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -177,13 +272,27 @@ class QuantOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        blocks = self.nonfinite == "skip_blocks"
-        if not blocks and not self._grads_finite():
+        clip = self._take_clip()
+        blocks = self.nonfinite == "skip_blocks" and clip is None  # a clip has checked every gradient already
+        if not (clip.finite if clip is not None else blocks or self._grads_finite()):
             if self.nonfinite == "raise":
                 raise NonFiniteGradientError("a gradient holds NaN/Inf; weights and optimizer state were left "
                                              "untouched (use nonfinite='skip' to skip such steps)")
             self.skipped_steps += 1
             return loss
+        self._grad_scale = clip.scale if clip is not None else None
+        try:
+            skipped = self._step_groups(blocks)
+        finally:
+            self._grad_scale = None
+        if skipped:
+            self.skipped_blocks += skipped
+            warnings.warn(f"ecoptim: {skipped} blocks (rows/groups/tensors) had NaN/Inf updates this step and were "
+                          "left unchanged (nonfinite='skip_blocks')", RuntimeWarning, stacklevel=2)
+        return loss
+
+    def _step_groups(self, blocks: bool) -> int:
+        """Step every parameter with a gradient; returns the blocks left unchanged (``blocks``: skip_blocks)."""
         skipped = 0
         for group in self.param_groups:
             jobs, owners = [], []
@@ -206,11 +315,12 @@ class QuantOptimizer(Optimizer):
                     skipped += n_bad
                     if n_bad == job.args.nb:  # nothing of it was updated: its step did not happen
                         self.state[p]["step"] -= 1
-        if skipped:
-            self.skipped_blocks += skipped
-            warnings.warn(f"ecoptim: {skipped} blocks (rows/groups/tensors) had NaN/Inf updates this step and were "
-                          "left unchanged (nonfinite='skip_blocks')", RuntimeWarning, stacklevel=2)
-        return loss
+        return skipped
+
+    def _grad_of(self, p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``p.grad`` (in ``dtype``) times the pending clip's factor: a new tensor if scaled, ``p.grad`` unchanged."""
+        g = p.grad if dtype is None else p.grad.to(dtype)
+        return g if self._grad_scale is None else g * self._grad_scale
 
     def _fused_begin(self, p: torch.Tensor, group: dict) -> _fused.Job | None:
         """If the fused kernel applies to ``p``, advance its step count and return its kernel job (the
@@ -224,6 +334,8 @@ class QuantOptimizer(Optimizer):
         state["step"] += 1
         gen = self.generator(p.device) if group["rounding"] == "stochastic" else None
         job = self._fused_job_(p, spec, state, group, gen)
+        if self._grad_scale is not None:
+            job.args.gscale = self._grad_scale  # fp32 in the kernel, as the reference's g * scale
         if group["mode"] in ("master", "exact"):
             key = "master" if group["mode"] == "master" else "error"
             if not state[key].is_contiguous():  # e.g. loaded from a checkpoint as a view: the kernel needs it flat
@@ -260,10 +372,10 @@ class QuantOptimizer(Optimizer):
                 self._init_state(p, state, group, False)
         state["step"] += 1
         if spec is None:  # a plain parameter: the textbook update, in its own dtype, in place
-            self._update_(p, p.grad, state, group)
+            self._update_(p, self._grad_of(p), state, group)
             return
         mode, lr = group["mode"], group["lr"]
-        grad = p.grad.to(torch.float32)  # fp32 maths for quantized weights whatever the compute dtype
+        grad = self._grad_of(p, torch.float32)  # fp32 maths for quantized weights whatever the compute dtype
         if mode == "master":
             w = state["master"]
         elif mode == "exact":

@@ -102,6 +102,7 @@ def _args(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tens
     if generator is not None:
         a.k1, a.k2 = draw_key(generator)
     a.fmax = f.max
+    a.gscale = 1.0  # no gradient scaling unless the optimizer has a pending clip (QuantOptimizer.clip_grad_norm_)
     return a, keep
 
 
