@@ -12,6 +12,10 @@ of ``--repeats`` steps after ``--warmup`` steps, round-robin over the configurat
     what the update must touch once: weights (stored dtype), grads, states, scales; a multi-pass
     implementation moves more, which is exactly what the fraction exposes;
   * static bytes/param from ecoptim.memory_report (weights + scales + optimizer state, real storage).
+Rows marked "+ clip" time gradient clipping (max norm 1.0, which these gradients exceed) and the step together,
+as a training loop runs them: torch.nn.utils.clip_grad_norm_ (a norm pass, then every gradient rewritten) before
+torch's step, ecoptim's ``opt.clip_grad_norm_`` (one norm pass that is also the NaN/Inf check; the factor is
+applied inside the step) before ecoptim's; their ratio is to "torch AdamW fused (fp32) + clip".
 Results go to ``<out>/optim_step.json`` and ``<out>/optim_step.md``.
 """
 from __future__ import annotations
@@ -37,6 +41,18 @@ class Config:
     name: str
     build: Callable[[list[torch.Tensor]], tuple[nn.Module, torch.optim.Optimizer]]
     bytes_per_param: float  # algorithmic bytes read + written per parameter per step
+    clip: bool = False  # time gradient clipping + step (see the module docstring)
+
+
+MAX_NORM = 1.0
+
+
+def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, clip: bool) -> None:
+    if clip and isinstance(opt, QuantOptimizer):
+        opt.clip_grad_norm_(MAX_NORM)
+    elif clip:
+        nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+    opt.step()
 
 
 def _model(weights: list[torch.Tensor], dtype: torch.dtype) -> nn.Module:
@@ -83,7 +99,7 @@ def configs(args: argparse.Namespace) -> list[Config]:
         print(f"torch-optimi unavailable: {e}")
 
     def eco(fmt: str, gran: str | None, mode: str, rounding: str, fused: bool, state_dtype=torch.float32,
-            nonfinite: str = "skip"):
+            nonfinite: str = "skip", clip: bool = False):
         def build(w):
             m = ecoptim.quantize_(_model(w, torch.float32), fmt, gran, filter_fn=lambda mod, n: isinstance(mod, nn.Linear))
             return m, ecoptim.AdamW(m.parameters(), mode=mode, rounding=rounding, fused=None if fused else False,
@@ -96,13 +112,18 @@ def configs(args: argparse.Namespace) -> list[Config]:
                   else " bf16-states" if state_dtype == torch.bfloat16 else "")
         name = (f"ecoptim AdamW {fmt}{'/' + gran if gran else ''} {mode} {'SR' if rounding == 'stochastic' else 'RTN'}"
                 f"{' fused' if fused else ' reference'}{states}"
-                f"{' skip_blocks' if nonfinite == 'skip_blocks' else ''}")
-        return Config(name, build, 2 * wb + 4 + 4 * sb + extra)
+                f"{' skip_blocks' if nonfinite == 'skip_blocks' else ''}{' + clip' if clip else ''}")
+        # + clip: the norm pass reads every gradient once more
+        return Config(name, build, 2 * wb + 4 + 4 * sb + extra + 4 * clip, clip)
 
     for rounding in ("nearest", "stochastic"):
         out.append(eco("fp8_e4m3", "row", "eco", rounding, True))
     for rounding in ("nearest", "stochastic"):  # no separate NaN/Inf pass: torch.optim's cost model
         out.append(eco("fp8_e4m3", "row", "eco", rounding, True, nonfinite="skip_blocks"))
+    # gradient clipping + step, as training loops run them
+    out.append(Config("torch AdamW fused (fp32) + clip", out[0].build, 28 + 4 + 8, clip=True))
+    for rounding in ("nearest", "stochastic"):
+        out.append(eco("fp8_e4m3", "row", "eco", rounding, True, clip=True))
     for rounding in ("nearest", "stochastic"):
         out.append(eco("fp8_e4m3", "row", "eco", rounding, True, torch.bfloat16))
     out.append(eco("fp8_e4m3", "tensor", "eco", "stochastic", True))
@@ -172,15 +193,15 @@ def main(argv: list[str] | None = None) -> None:
         model, opt = cfg.build(weights)
         _set_grads(model, grads)
         for _ in range(args.warmup):
-            opt.step()
+            clip_and_step(model, opt, cfg.clip)
         built.append((cfg, model, opt, []))
     check_times: dict[str, list[float]] = {cfg.name: [] for cfg, *_ in built}
     for _ in range(args.repeats):
         for cfg, model, opt, times in built:
             t = time.perf_counter()
-            opt.step()
+            clip_and_step(model, opt, cfg.clip)
             times.append(time.perf_counter() - t)
-            if isinstance(opt, QuantOptimizer) and opt.nonfinite != "skip_blocks":  # its NaN/Inf pre-pass, alone
+            if isinstance(opt, QuantOptimizer) and opt.nonfinite != "skip_blocks" and not cfg.clip:  # its NaN/Inf pass
                 t = time.perf_counter()
                 opt._grads_finite()
                 check_times[cfg.name].append(time.perf_counter() - t)
@@ -197,10 +218,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{cfg.name:60s} {dt * 1e3:9.1f} ms  {row['bandwidth_gbs']:6.2f} GB/s ({row['copy_fraction']:.0%} of copy)"
               f"  {row['static_bytes_per_param']:.3f} B/param")
     del built
-    base = next((r["step_s"] for r in rows if r["name"].startswith("torch AdamW fused")), None)
+    base = next((r["step_s"] for r in rows if r["name"] == "torch AdamW fused (fp32)"), None)
+    base_clip = next((r["step_s"] for r in rows if r["name"] == "torch AdamW fused (fp32) + clip"), None)
     base_sgd = next((r["step_s"] for r in rows if r["name"].startswith("torch SGD")), None)
-    for r in rows:  # each optimizer against torch's fused implementation of the same optimizer
-        b = base_sgd if "SGD" in r["name"] else base
+    for r in rows:  # each optimizer against torch's fused implementation of the same optimizer (and clipping)
+        b = base_sgd if "SGD" in r["name"] else base_clip if r["name"].endswith("+ clip") else base
         r["time_vs_torch_fused"] = r["step_s"] / b if b else None
     meta = run_meta("optim_step.py", argv, args.threads, numel=numel, tensors=args.tensors,
                     shape=[args.rows, args.cols], copy_bandwidth_gbs=bw_copy / 1e9, repeats=args.repeats,

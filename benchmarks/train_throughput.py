@@ -7,7 +7,10 @@ Every method (the compare rows, plus dense fp32 with torch.optim.AdamW(fused=Tru
 same model on the same batches. Steps are timed round-robin: each round gives every method ``--steps-per-round``
 steps, so machine noise spreads over all rows; a step is forward + backward + clip + optimizer step + zero_grad,
 as in `ecoptim compare`. Reported: median tokens/s over the rounds, its ratio to the baseline, and the share of
-the step spent in ``optimizer.step()``. Results go to ``<out>/train_throughput.{json,md}``.
+the step spent in ``optimizer.step()``. Rows marked "opt.clip_grad_norm_" clip with ecoptim's fused clipping
+(one norm pass that is also the NaN/Inf check; the factor applied inside the step) instead of
+torch.nn.utils.clip_grad_norm_; their optimizer share includes the clip. Results go to
+``<out>/train_throughput.{json,md}``.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default=",".join(train.METHODS))
     ap.add_argument("--state-dtypes", default="bf16,8bit",
                     help="extra FP8 ECO + SR rows with these AdamW state precisions (--state-dtype values)")
+    ap.add_argument("--fused-clip", default="fp8_eco_rtn,fp8_eco_sr",
+                    help="extra rows of these methods clipping with opt.clip_grad_norm_ instead of torch's")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     lr = 1e-3
 
     runs = []
+    fused_clip = set()  # names of the rows clipping with opt.clip_grad_norm_
     torch.manual_seed(0)
     dense = LlamaLM(cfg)
     runs.append(("torch AdamW fused (dense fp32)", dense, torch.optim.AdamW(
@@ -56,20 +62,28 @@ def main(argv: list[str] | None = None) -> None:
         m = train.resolve_methods(["fp8_eco_sr"])[0]
         model, opt = train._build(m, cfg, seed=0, lr=lr, init_state=None, state_dtype=STATE_DTYPES[st])
         runs.append((f"ecoptim {m.name} ({m.label}), {st} states", model, opt))
+    for m in train.resolve_methods(list(filter(None, args.fused_clip.split(",")))):
+        model, opt = train._build(m, cfg, seed=0, lr=lr, init_state=None)
+        runs.append((f"ecoptim {m.name} ({m.label}), opt.clip_grad_norm_", model, opt))
+        fused_clip.add(runs[-1][0])
 
     gen = torch.Generator().manual_seed(0)
     times = {name: [] for name, _, _ in runs}
     opt_times = {name: [] for name, _, _ in runs}
 
-    def steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> tuple[float, float]:
+    def steps(name: str, model: nn.Module, opt: torch.optim.Optimizer, n: int) -> tuple[float, float]:
         total = in_opt = 0.0
         for _ in range(n):
             x, y = get_batch(data.train, args.batch_size, args.seq_len, gen)
             t0 = time.perf_counter()
             _, loss = model(x, y)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), train.GRAD_CLIP)
-            t1 = time.perf_counter()
+            if name in fused_clip:
+                t1 = time.perf_counter()
+                opt.clip_grad_norm_(train.GRAD_CLIP)
+            else:
+                nn.utils.clip_grad_norm_(model.parameters(), train.GRAD_CLIP)
+                t1 = time.perf_counter()
             opt.step()
             t2 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -77,11 +91,11 @@ def main(argv: list[str] | None = None) -> None:
             in_opt += t2 - t1
         return total, in_opt
 
-    for _, model, opt in runs:  # warm-up: first-step allocations, kernel build
-        steps(model, opt, 2)
+    for name, model, opt in runs:  # warm-up: first-step allocations, kernel build
+        steps(name, model, opt, 2)
     for _ in range(args.rounds):
         for name, model, opt in runs:
-            t, t_opt = steps(model, opt, args.steps_per_round)
+            t, t_opt = steps(name, model, opt, args.steps_per_round)
             times[name].append(t)
             opt_times[name].append(t_opt)
 
