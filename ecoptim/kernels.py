@@ -172,21 +172,26 @@ def uniform(key: tuple[int, int], n: int) -> torch.Tensor:
     return out
 
 
+def _tensor_arrays(tensors: list[torch.Tensor], dtype_codes: dict[torch.dtype, int]):
+    """The C arrays (pointers, element counts, dtype codes) describing ``tensors`` for a kernel that reads
+    contiguous CPU tensors of the dtypes in ``dtype_codes``; None if it cannot read them all."""
+    if any(t.device.type != "cpu" or t.dtype not in dtype_codes or not t.is_contiguous() for t in tensors):
+        return None
+    n = len(tensors)
+    return ((ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors]),
+            (ctypes.c_int64 * n)(*[t.numel() for t in tensors]),
+            (ctypes.c_int32 * n)(*[dtype_codes[t.dtype] for t in tensors]))
+
+
 def all_finite(tensors: list[torch.Tensor]) -> bool | None:
     """Whether every element of ``tensors`` is finite, in one threaded read pass (about 4x faster here than
     ``torch.isfinite(t).all()``, which materializes a bool tensor). None if the kernel cannot check them
     (not all contiguous fp32/bf16 CPU tensors, or no kernels): the caller then uses torch."""
-    if not tensors or any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16)
-                          or not t.is_contiguous() for t in tensors):
-        return None
-    lib = load()
+    arrays = _tensor_arrays(tensors, {torch.float32: 0, torch.bfloat16: 1}) if tensors else None
+    lib = load() if arrays is not None else None
     if lib is None:
         return None
-    n = len(tensors)
-    ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
-    numels = (ctypes.c_int64 * n)(*[t.numel() for t in tensors])
-    dtypes = (ctypes.c_int32 * n)(*[int(t.dtype == torch.bfloat16) for t in tensors])
-    return bool(lib.eco_all_finite(ptrs, numels, dtypes, n, torch.get_num_threads()))
+    return bool(lib.eco_all_finite(*arrays, len(tensors), torch.get_num_threads()))
 
 
 _SUMSQ_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -197,16 +202,11 @@ def sumsq(tensors: list[torch.Tensor]) -> list[float] | None:
     (NaN/Inf where a tensor holds NaN/Inf: the squares of fp32/bf16/fp16 values cannot overflow a double).
     Deterministic: the same bits whatever the thread count or build (see ``eco_sumsq``). None if the kernel
     cannot read them (not all contiguous fp32/bf16/fp16 CPU tensors, or no kernels)."""
-    if any(t.device.type != "cpu" or t.dtype not in _SUMSQ_DTYPES or not t.is_contiguous() for t in tensors):
-        return None
-    lib = load()
+    arrays = _tensor_arrays(tensors, _SUMSQ_DTYPES)
+    lib = load() if arrays is not None else None
     if lib is None:
         return None
-    n = len(tensors)
-    ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
-    numels = (ctypes.c_int64 * n)(*[t.numel() for t in tensors])
-    dtypes = (ctypes.c_int32 * n)(*[_SUMSQ_DTYPES[t.dtype] for t in tensors])
-    out = (ctypes.c_double * n)()
-    if lib.eco_sumsq(ptrs, numels, dtypes, n, torch.get_num_threads(), out) != 0:
+    out = (ctypes.c_double * len(tensors))()
+    if lib.eco_sumsq(*arrays, len(tensors), torch.get_num_threads(), out) != 0:
         raise MemoryError("ecoptim: could not allocate the gradient-norm pass's chunk sums")
     return list(out)
