@@ -77,7 +77,8 @@ def total_grad_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.
 
     The 2-norm takes one threaded C pass (``kernels.sumsq``: fp64 sums in a fixed order, so the same bits
     whatever the thread count); other norms and tensors the kernel cannot read use torch in fp64. The
-    result is NaN/Inf exactly when some gradient element is (no overflow: squares of fp32 values fit a double)."""
+    result is NaN/Inf exactly when some gradient element is (squares of fp32 values cannot overflow a double), or
+    when the norm itself exceeds the fp32 range (> 3.4e38), as torch's fp32 norm would."""
     if norm_type == math.inf:
         norms = [torch.linalg.vector_norm(g, math.inf).to(torch.float64) for g in grads]
         return (torch.stack(norms).max() if norms else torch.zeros((), dtype=torch.float64)).to(torch.float32)
