@@ -1166,8 +1166,7 @@ typedef struct {
 } sumsq_work;
 
 static inline float ld_any(const void *p, int64_t i, int dt) {
-    if (dt == 0) return ((const float *)p)[i];
-    if (dt == 1) return bf16_to_f32(((const uint16_t *)p)[i]);
+    if (dt != 2) return ld_scalar(p, i, dt);
     /* fp16 -> fp32, exactly (subnormals, inf, NaN) */
     const uint16_t h = ((const uint16_t *)p)[i];
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1F, mant = h & 0x3FF;
