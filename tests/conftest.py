@@ -1,6 +1,9 @@
+import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from ecoptim import NonFiniteGradientError
 
 # Tests use small tensors: one thread is as fast, and stays fast when another job shares the 2 cores
 # (OpenMP spin-waiting of two multi-threaded processes made the suite 30x slower here).
@@ -63,3 +66,14 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.Tensor]
         opt.step()
         if sched is not None:
             sched.step()
+
+
+def step_expecting_skip(opt, policy: str) -> None:
+    """Step ``opt`` on gradients known to hold NaN/Inf: 'raise' must raise, the skipping policies must count
+    one skipped step."""
+    if policy == "raise":
+        with pytest.raises(NonFiniteGradientError):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.skipped_steps == 1
