@@ -274,8 +274,12 @@ class QuantOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         clip = self._take_clip()
-        blocks = self.nonfinite == "skip_blocks" and clip is None  # a clip has checked every gradient already
-        if not (clip.finite if clip is not None else blocks or self._grads_finite()):
+        if clip is not None:  # its norm pass has checked every gradient already
+            blocks, finite = False, clip.finite
+        else:
+            blocks = self.nonfinite == "skip_blocks"  # checked block by block in the kernel instead
+            finite = blocks or self._grads_finite()
+        if not finite:
             if self.nonfinite == "raise":
                 raise NonFiniteGradientError("a gradient holds NaN/Inf; weights and optimizer state were left "
                                              "untouched (use nonfinite='skip' to skip such steps)")
