@@ -72,9 +72,12 @@ def _set_grads(model: nn.Module, grads: list[torch.Tensor]) -> None:
 
 def configs(args: argparse.Namespace) -> list[Config]:
     hp = dict(lr=1e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1)
+    def torch_fused(w):
+        m = _model(w, torch.float32)
+        return m, torch.optim.AdamW(m.parameters(), fused=True, **hp)
+
     out = [
-        Config("torch AdamW fused (fp32)", lambda w: (lambda m: (m, torch.optim.AdamW(m.parameters(), fused=True, **hp)))(
-            _model(w, torch.float32)), 28),
+        Config("torch AdamW fused (fp32)", torch_fused, 28),
         Config("torch AdamW foreach (fp32)", lambda w: (lambda m: (m, torch.optim.AdamW(m.parameters(), foreach=True, **hp)))(
             _model(w, torch.float32)), 28),
     ]
@@ -121,7 +124,7 @@ def configs(args: argparse.Namespace) -> list[Config]:
     for rounding in ("nearest", "stochastic"):  # no separate NaN/Inf pass: torch.optim's cost model
         out.append(eco("fp8_e4m3", "row", "eco", rounding, True, nonfinite="skip_blocks"))
     # gradient clipping + step, as training loops run them
-    out.append(Config("torch AdamW fused (fp32) + clip", out[0].build, 28 + 4 + 8, clip=True))
+    out.append(Config("torch AdamW fused (fp32) + clip", torch_fused, 28 + 4 + 8, clip=True))
     for rounding in ("nearest", "stochastic"):
         out.append(eco("fp8_e4m3", "row", "eco", rounding, True, clip=True))
     for rounding in ("nearest", "stochastic"):
