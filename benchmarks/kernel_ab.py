@@ -2,17 +2,24 @@
 
     python benchmarks/kernel_ab.py --rev 0aea8c8                 # the kernel at a git revision vs the working tree
     python benchmarks/kernel_ab.py --rev 0aea8c8 --gran tensor --rounding stochastic
+    python benchmarks/kernel_ab.py --rev HEAD --a-threads pthreads --after backward   # threads of its own vs
+                                                                                  # torch's OpenMP pool
 
 Both sources are compiled with the flags ecoptim uses and loaded side by side; one optimizer (FP8 ECO AdamW on
 20 weights of 1024x1280 by default) is stepped round-robin with each library in turn, plus torch's fused
 AdamW on the same shapes, so that machine noise hits every row alike. The NaN/Inf pre-check is switched off
 (nonfinite='skip_blocks') so that the rows time the kernel itself. A revision with kernel ABI 6 (before
 0.1's struct lost its fp8 grid fields, e.g. 0aea8c8) is driven through its own argument struct.
+``--a-threads`` / ``--b-threads`` build a row with threads of its own (``pthreads``) or on torch's OpenMP pool
+(``openmp``, the package's default where torch runs on libgomp); ``--after backward`` runs a forward/backward
+pass of a small torch MLP before every timed step, as a training loop does (torch's pool is then still
+spinning); the rows are taken in a fresh random order every round.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import random
 import statistics
 import subprocess
 import sys
@@ -64,10 +71,17 @@ def _stepper(lib: ctypes.CDLL):
 real_run = fused.run
 
 
-def build(source: str, out: Path) -> ctypes.CDLL:
+def build(source: str, out: Path, threads: str) -> ctypes.CDLL:
     src = out.with_suffix(".c")
     src.write_text(source)
-    subprocess.run([kernels.compiler(), *kernels._flags(), "-o", str(out), str(src), "-lm"], check=True)
+    omp = kernels.openmp_runtime() if threads == "openmp" else None
+    if threads == "openmp" and omp is None:
+        sys.exit("--*-threads openmp: torch's OpenMP runtime (libgomp) is not loaded in this process")
+    kernels._SOURCE, saved = src, kernels._SOURCE
+    try:
+        kernels._compile(kernels.compiler(), kernels._flags(), omp, str(out))
+    finally:
+        kernels._SOURCE = saved
     return kernels.declare(ctypes.CDLL(str(out)))
 
 
@@ -81,14 +95,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cols", type=int, default=1280)
     ap.add_argument("--tensors", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=21)
+    default_threads = "openmp" if kernels.openmp_runtime() else "pthreads"
+    ap.add_argument("--a-threads", choices=["openmp", "pthreads"], default=default_threads)
+    ap.add_argument("--b-threads", choices=["openmp", "pthreads"], default=default_threads)
+    ap.add_argument("--after", choices=["nothing", "backward"], default="nothing",
+                    help="what runs right before each timed step")
     args = ap.parse_args(argv)
     old_src = subprocess.run(["git", "show", f"{args.rev}:ecoptim/csrc/eco_cpu.c"], cwd=ROOT, check=True,
                              capture_output=True, text=True).stdout
     new_src = (ROOT / "ecoptim" / "csrc" / "eco_cpu.c").read_text()
     kernels.load()  # the package's own build, so that fused.run finds a library to replace
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {f"kernel at {args.rev}": _stepper(build(old_src, Path(tmp) / "a.so")),
-                "kernel in working tree": _stepper(build(new_src, Path(tmp) / "b.so"))}
+        libs = {f"kernel at {args.rev} ({args.a_threads})": _stepper(build(old_src, Path(tmp) / "a.so", args.a_threads)),
+                f"working tree ({args.b_threads})": _stepper(build(new_src, Path(tmp) / "b.so", args.b_threads))}
         g = torch.Generator().manual_seed(0)
         shape = (args.rows, args.cols)
         mods = nn.ModuleList([nn.Linear(args.cols, args.rows, bias=False) for _ in range(args.tensors)])
@@ -100,27 +119,39 @@ def main(argv: list[str] | None = None) -> None:
         for p in dense:
             p.grad = torch.randn(shape, generator=g) * 1e-3
         torch_opt = torch.optim.AdamW(dense, lr=1e-3, fused=True)
-        times: dict[str, list[float]] = {"torch AdamW fused (fp32)": [], **{k: [] for k in libs}}
+        mlp = nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 512))
+        x = torch.randn(256, 512, generator=g)
+
+        def before() -> None:
+            if args.after == "backward":
+                mlp(x).square().mean().backward()
+
+        def torch_step() -> None:
+            torch_opt.step()
+
+        steppers = {"torch AdamW fused (fp32)": torch_step}
+        for name, step_with in libs.items():
+            steppers[name] = (lambda f: lambda: (setattr(fused, "run", f), opt.step()))(step_with)
+        times: dict[str, list[float]] = {k: [] for k in steppers}
+        order = list(steppers)
+        rnd = random.Random(0)
         for _ in range(2):  # warm-up
-            torch_opt.step()
-            for step_with in libs.values():
-                fused.run = step_with
-                opt.step()
+            for f in steppers.values():
+                f()
         for _ in range(args.repeats):
-            t = time.perf_counter()
-            torch_opt.step()
-            times["torch AdamW fused (fp32)"].append(time.perf_counter() - t)
-            for name, step_with in libs.items():
-                fused.run = step_with
+            rnd.shuffle(order)  # no row always follows the same one
+            for name in order:
+                before()
                 t = time.perf_counter()
-                opt.step()
+                steppers[name]()
                 times[name].append(time.perf_counter() - t)
+        fused.run = real_run
     base = statistics.median(times["torch AdamW fused (fp32)"])
     print(f"{args.fmt}/{args.gran} {args.rounding}, {args.tensors} x {args.rows}x{args.cols}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} round-robin rounds")
+          f"{torch.get_num_threads()} threads, median of {args.repeats} rounds in random order, after {args.after}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:28s} {med * 1e3:7.1f} ms  {med / base:5.2f}x torch")
+        print(f"{name:36s} {med * 1e3:7.1f} ms  {med / base:5.2f}x torch")
 
 
 if __name__ == "__main__":

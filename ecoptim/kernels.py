@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "available", "all_finite", "sumsq", "uniform", "EcoArgs", "FMT_E4M3", "FMT_E5M2", "FMT_INT8", "FMT_BF16",
+__all__ = ["load", "available", "threading_model", "openmp_runtime", "all_finite", "sumsq", "uniform", "EcoArgs", "FMT_E4M3", "FMT_E5M2", "FMT_INT8", "FMT_BF16",
            "FMT_INT4"]
 
 FMT_E4M3, FMT_E5M2, FMT_INT8, FMT_BF16, FMT_INT4 = 0, 1, 2, 3, 4
@@ -69,6 +69,7 @@ class EcoArgs(ctypes.Structure):
 
 _lib: ctypes.CDLL | None = None
 _tried = False
+_threads_on: str | None = None
 _ABI = 11
 
 
@@ -84,29 +85,69 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _build(cc: str) -> Path:
+def openmp_runtime() -> str | None:
+    """The GNU OpenMP runtime (libgomp) torch runs its CPU ops on, as mapped in this process; None if there is
+    none (another runtime, no /proc) or ``ECOPTIM_KERNEL_OPENMP=0``. The kernels are built to run their threads
+    on it: torch's pool keeps its workers spinning for a while after each parallel op (a backward pass), and
+    threads of the kernel's own would have to compete with them for the cores."""
+    if os.environ.get("ECOPTIM_KERNEL_OPENMP", "1") == "0":
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {ln.split()[-1] for ln in f if "/libgomp" in ln}
+    except OSError:
+        return None
+    found = sorted(q for q in paths if os.path.basename(q).startswith("libgomp") and os.path.isfile(q))
+    return found[0] if len(found) == 1 else None  # two runtimes in one process: use neither
+
+
+def _compile(cc: str, flags: list[str], omp: str | None, out: str) -> None:
+    if omp is None:
+        subprocess.run([cc, *flags, "-o", out, str(_SOURCE), "-lm"], check=True, capture_output=True, text=True)
+        return
+    # compiled with -fopenmp but linked to the very file torch loaded (not the compiler's own libgomp): the
+    # library then names torch's runtime by its soname, and the loader hands it the copy already in memory
+    obj = out + ".o"
+    try:
+        subprocess.run([cc, *flags, "-fopenmp", "-c", "-o", obj, str(_SOURCE)], check=True, capture_output=True,
+                       text=True)
+        subprocess.run([cc, *flags, "-o", out, obj, omp, "-lm"], check=True, capture_output=True, text=True)
+    finally:
+        if os.path.exists(obj):
+            os.unlink(obj)
+
+
+def _build(cc: str) -> tuple[Path, str | None]:
+    """The cached library for this source, compiler, flags and CPU (built if missing), and the OpenMP runtime
+    it runs its threads on (None: threads of its own)."""
     src = _SOURCE.read_bytes()
     flags = _flags()
-    tag = hashlib.sha256(src + " ".join([cc] + flags).encode() + _cpu_id().encode()
-                         + platform.machine().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"eco_cpu-{tag}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:  # build to a temporary name and rename: concurrent processes never load a half-written file
-        subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], check=True, capture_output=True, text=True)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    omp = openmp_runtime()
+    for runtime in ([omp] if omp is None else [omp, None]):  # an OpenMP build that fails: threads of its own
+        tag = hashlib.sha256(src + " ".join([cc] + flags + [f"openmp={runtime}"]).encode() + _cpu_id().encode()
+                             + platform.machine().encode()).hexdigest()[:16]
+        out = _cache_dir() / f"eco_cpu-{tag}.so"
+        if out.exists():
+            return out, runtime
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:  # build to a temporary name and rename: concurrent processes never load a half-written file
+            _compile(cc, flags, runtime, tmp)
+            os.replace(tmp, out)
+            return out, runtime
+        except subprocess.CalledProcessError:
+            if runtime is None:
+                raise
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise AssertionError("unreachable")
 
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, building it on first use; None if it cannot be built here."""
-    global _lib, _tried
+    global _lib, _tried, _threads_on
     if _tried:
         return _lib
     _tried = True
@@ -118,7 +159,8 @@ def load() -> ctypes.CDLL | None:
                       "install gcc (or set CC) for a ~20x faster step. Using the reference path.")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        path, runtime = _build(cc)
+        lib = ctypes.CDLL(str(path))
         if lib.eco_abi_version() != _ABI:
             raise RuntimeError("stale kernel binary")
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
@@ -126,7 +168,14 @@ def load() -> ctypes.CDLL | None:
         warnings.warn(f"ecoptim: building the fused CPU kernels failed ({detail}); using the reference path")
         return None
     _lib = declare(lib)
+    _threads_on = "openmp" if runtime else "pthreads"
     return lib
+
+
+def threading_model() -> str | None:
+    """How the loaded kernels run their threads: 'openmp' (torch's OpenMP pool, ``openmp_runtime``) or
+    'pthreads' (threads of their own, started per call); None if the kernels are not available."""
+    return _threads_on if load() is not None else None
 
 
 def compiler() -> str | None:

@@ -264,15 +264,42 @@ def _sumsq_inputs():
                                                                (131075, torch.float16))]
 
 
+def test_kernel_threads_run_on_torchs_openmp_pool():
+    """Where torch runs on GNU libgomp (its Linux CPU builds), the kernels are linked to that very runtime: one
+    libgomp in the process, and the kernel's threads are its pool's."""
+    rt = kernels.openmp_runtime()
+    if rt is None:  # another OpenMP runtime: the kernels start threads of their own (checked by the next test)
+        assert kernels.threading_model() == "pthreads"
+        return
+    assert kernels.threading_model() == "openmp"
+    with open("/proc/self/maps") as f:
+        gomps = {ln.split()[-1] for ln in f if "/libgomp" in ln}
+    assert gomps == {rt}
+
+
+def test_openmp_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("ECOPTIM_KERNEL_OPENMP", "0")
+    assert kernels.openmp_runtime() is None
+
+
 def test_portable_scalar_build_is_bit_identical_too(tmp_path):
-    """The kernel built without AVX2 (-march=x86-64: the scalar code every other CPU runs) in a fresh process."""
+    """The kernel built without AVX2 (-march=x86-64: the scalar code every other CPU runs) by a compiler without
+    OpenMP (so with threads of its own: the thread team and its barriers, with 2 and 3 threads) in a fresh
+    process."""
     import os
     import subprocess
     import sys
     script = (
         "import torch, test_kernels as t\n"
         "from ecoptim import kernels\n"
-        "assert kernels.available()\n"
+        "assert kernels.available() and kernels.threading_model() == 'pthreads'\n"
+        "for threads in (2, 3):\n"
+        "    for shape, gran in (((300, 301), 'tensor'), ((64, 1030), 'row'), ((2, 70000), 'row')):\n"
+        "        t.test_fused_threads_give_the_same_bits(threads, shape, gran)\n"
+        "    t.test_fused_eight_bit_states_with_threads(threads, (64, 1024), 'row')\n"
+        "    t.test_all_finite_kernel_agrees_with_torch(threads)\n"
+        "    with t._threads(threads):\n"
+        f"        assert kernels.sumsq(t._sumsq_inputs()) == {kernels.sumsq(_sumsq_inputs())!r}\n"
         "for case in t.CASES:\n"
         "    for fmt in ('fp8_e4m3', 'fp8_e5m2', 'int8', 'bf16', 'int4'):\n"
         "        for rnd in ('nearest', 'stochastic'):\n"
@@ -294,7 +321,11 @@ def test_portable_scalar_build_is_bit_identical_too(tmp_path):
         "                                                             torch.bfloat16)\n"
         f"assert kernels.sumsq(t._sumsq_inputs()) == {kernels.sumsq(_sumsq_inputs())!r}\n"  # the AVX2 build's bits
         "print('ok')\n")
-    env = dict(os.environ, ECOPTIM_KERNEL_MARCH="x86-64", ECOPTIM_CACHE_DIR=str(tmp_path))
+    cc = tmp_path / "cc-without-openmp"  # a compiler that refuses -fopenmp (e.g. clang without libomp)
+    cc.write_text(f"#!/bin/sh\ncase \"$*\" in *-fopenmp*) echo 'no OpenMP here' >&2; exit 1;; esac\n"
+                  f"exec {kernels.compiler()} \"$@\"\n")
+    cc.chmod(0o755)
+    env = dict(os.environ, ECOPTIM_KERNEL_MARCH="x86-64", CC=str(cc), ECOPTIM_CACHE_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__), env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
@@ -336,11 +367,17 @@ def test_sqrt_rn_is_correctly_rounded_on_two_full_binades():
     assert np.array_equal(sqrt_rn(x).numpy(), np.sqrt(x.numpy()))  # numpy: the IEEE (hardware) sqrt
 
 
-def test_all_finite_kernel_agrees_with_torch():
-    a, b = torch.randn(100003), torch.randn(77).bfloat16()
+@pytest.mark.parametrize("threads", [1, 3])
+def test_all_finite_kernel_agrees_with_torch(threads):
+    a, b = torch.randn(300007), torch.randn(77).bfloat16()  # enough elements for the thread team
+    with _threads(threads):
+        _all_finite_cases(a, b)
+
+
+def _all_finite_cases(a, b):
     assert kernels.all_finite([a, b]) is True
     for bad in (float("nan"), float("inf"), -float("inf")):
-        for i in (0, 31, 50000, 100002):
+        for i in (0, 31, 100001, 300006):
             c = a.clone()
             c[i] = bad
             assert kernels.all_finite([b, c]) is False

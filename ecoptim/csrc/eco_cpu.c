@@ -26,6 +26,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define ECO_AVX2 1
@@ -898,27 +901,51 @@ static void sweep_b_any(const eco_args *a, int64_t b, int64_t lo, int64_t hi, fl
 #define CHUNK 16384 /* elements of small blocks per unit of work */
 #define RANGE 4096  /* elements of a large block swept at a time: its scratch stays in L1/L2 */
 
-/* fn(items[0]) .. fn(items[n-1]) concurrently (item t at base + t*size); the caller runs item 0 */
+/* fn(items[0]) .. fn(items[n-1]) concurrently (item t at base + t*size); the caller runs item 0.
+ * Built with OpenMP (kernels.py does where the compiler can), the items run on the OpenMP thread pool, which
+ * is torch's own (the library links libgomp.so.1, the soname torch's CPU build has already loaded): its
+ * workers are already running, and still spinning after torch's last parallel op (backward), so the step
+ * does not have to compete with them for the cores, as threads of its own would. */
 static void run_parallel(void *(*fn)(void *), void *base, size_t size, int n) {
+    char *items = (char *)base;
+#ifdef _OPENMP
+    if (n > 1) {
+#pragma omp parallel num_threads(n)
+        { /* a smaller team than asked for (OMP_THREAD_LIMIT, nesting) runs the remaining items in turn */
+            const int got = omp_get_num_threads();
+            for (int t = omp_get_thread_num(); t < n; t += got) fn(items + t * size);
+        }
+        return;
+    }
+#else
     pthread_t th[64];
     int started[64] = {0};
-    char *items = (char *)base;
     for (int t = 1; t < n; t++) started[t] = pthread_create(&th[t], NULL, fn, items + t * size) == 0;
     for (int t = 1; t < n; t++) if (!started[t]) fn(items + t * size); /* no thread: do it here */
-    fn(items);
     for (int t = 1; t < n; t++) if (started[t]) pthread_join(th[t], NULL);
+#endif
+    fn(items);
 }
 
 typedef struct {
     eco_args *const *args;
     int n, nt, tid;
-    pthread_barrier_t *bar;
+    pthread_barrier_t *bar; /* unused with OpenMP (its team barrier) */
     float *scratch;       /* this thread's: NSCRATCH x the largest small block (or RANGE) */
     astat *partial;       /* shared: one per thread */
     int64_t *next;        /* shared: the next chunk of small blocks to take */
     const int64_t *cend;  /* per tensor: one past its last chunk (chunks of all tensors numbered in order) */
     const int64_t *cblk;  /* per tensor: blocks per chunk */
 } team;
+
+static void team_barrier(team *tm) {
+#ifdef _OPENMP
+    (void)tm;
+#pragma omp barrier
+#else
+    pthread_barrier_wait(tm->bar);
+#endif
+}
 
 static void *team_run(void *p) {
     team *tm = (team *)p;
@@ -962,7 +989,7 @@ static void *team_run(void *p) {
             for (int64_t r = lo; r < hi; r += RANGE)
                 astat_merge(&st, sweep_a_checked(a, b, r, r + RANGE < hi ? r + RANGE : hi, wt, dn, mf, vn));
             tm->partial[tid] = st;
-            pthread_barrier_wait(tm->bar);
+            team_barrier(tm);
             st = tm->partial[0];
             for (int t = 1; t < nt; t++) astat_merge(&st, tm->partial[t]); /* every thread gets the same */
             const float s = st.bad ? 0.0f : block_scale(a, st.amax);
@@ -974,7 +1001,7 @@ static void *team_run(void *p) {
                     sweep_b_any(a, b, r, r1, s, mk, wt, dn, mf, vn);
                 }
             }
-            pthread_barrier_wait(tm->bar); /* every pass-2 sweep A has read the old scale; partials are reused */
+            team_barrier(tm); /* every pass-2 sweep A has read the old scale; partials are reused */
             if (tid == 0) {
                 if (st.bad) a->nonfinite++;
                 else if (a->scale) a->scale[b] = s;
@@ -984,6 +1011,7 @@ static void *team_run(void *p) {
     return NULL;
 }
 
+#ifndef _OPENMP /* threads of its own: the team is started behind a gate (see eco_step_many) */
 typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -1004,6 +1032,7 @@ static void *gated_run(void *p) {
     if (go) team_run(x->tm);
     return NULL;
 }
+#endif
 
 /* Step n tensors with up to nthreads threads. Returns 0, -1 if scratch memory could not be allocated, or -2
  * for 8-bit moments whose blocks do not fit (then nothing was modified). Each args->nonfinite counts the
@@ -1038,15 +1067,30 @@ int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
     const size_t per_thread = NSCRATCH * (size_t)(big && RANGE > small ? RANGE : small);
     float *scratch = (float *)malloc(sizeof(float) * per_thread * nt + sizeof(astat) * (size_t)nt + 64);
     if (!scratch) { free(cend); return -1; }
-    pthread_barrier_t bar;
-    if (big && pthread_barrier_init(&bar, NULL, (unsigned)nt) != 0) { free(scratch); free(cend); return -1; }
     team tm[64];
     for (int t = 0; t < nt; t++) {
-        tm[t].args = args; tm[t].n = n; tm[t].nt = nt; tm[t].tid = t; tm[t].bar = &bar;
+        tm[t].args = args; tm[t].n = n; tm[t].nt = nt; tm[t].tid = t; tm[t].bar = NULL;
         tm[t].scratch = scratch + per_thread * t;
         tm[t].partial = (astat *)(scratch + per_thread * nt);
         tm[t].next = &next; tm[t].cend = cend; tm[t].cblk = cblk;
     }
+#ifdef _OPENMP
+    if (nt > 1) {
+        /* one member per thread of the team OpenMP gives (it may be smaller than asked for): the large blocks'
+         * shares and barriers are sized by the team actually running */
+#pragma omp parallel num_threads(nt)
+        {
+            const int tid = omp_get_thread_num();
+            tm[tid].nt = omp_get_num_threads();
+            team_run(&tm[tid]);
+        }
+    } else {
+        team_run(&tm[0]);
+    }
+#else
+    pthread_barrier_t bar;
+    if (big && pthread_barrier_init(&bar, NULL, (unsigned)nt) != 0) { free(scratch); free(cend); return -1; }
+    for (int t = 0; t < nt; t++) tm[t].bar = &bar;
     if (big) {
         /* Barriers need every member running at once, so the team is started behind a gate: if a thread
          * cannot be created, the ones already waiting are sent home and the step runs on one thread. */
@@ -1074,6 +1118,7 @@ int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
     } else {
         run_parallel(team_run, tm, sizeof(team), nt);
     }
+#endif
     free(scratch);
     free(cend);
     return 0;
