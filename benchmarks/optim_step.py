@@ -21,6 +21,7 @@ Results go to ``<out>/optim_step.json`` and ``<out>/optim_step.md``.
 from __future__ import annotations
 
 import argparse
+import random
 import os
 import statistics
 import time
@@ -187,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     bw_copy = copy_bandwidth(args.rows * args.cols * args.tensors, args.repeats)
     print(f"{numel / 1e6:.1f}M parameters in {args.tensors} tensors; copy bandwidth {bw_copy / 1e9:.2f} GB/s; "
           f"{args.threads} threads")
-    # Build every configuration first, then time them round-robin (one step of each per round), so that
-    # machine noise (other processes, frequency changes) is spread over all rows instead of hitting one.
+    # Build every configuration first, then time them round-robin (one step of each per round, in a fresh
+    # random order), so that machine noise (other processes, frequency changes, torch's OpenMP workers still
+    # spinning after the previous row) is spread over all rows instead of hitting one.
     built = []
     for cfg in configs(args):
         if args.only and not any(s in cfg.name for s in args.only.split(",")):
@@ -199,7 +201,10 @@ def main(argv: list[str] | None = None) -> None:
             clip_and_step(model, opt, cfg.clip)
         built.append((cfg, model, opt, []))
     check_times: dict[str, list[float]] = {cfg.name: [] for cfg, *_ in built}
+    order = [cfg.name for cfg, *_ in built]
+    rnd = random.Random(0)
     for _ in range(args.repeats):
+        rnd.shuffle(built)  # a fresh order every round: no row always runs right after the same one
         for cfg, model, opt, times in built:
             t = time.perf_counter()
             clip_and_step(model, opt, cfg.clip)
@@ -208,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                 t = time.perf_counter()
                 opt._grads_finite()
                 check_times[cfg.name].append(time.perf_counter() - t)
+    built.sort(key=lambda b: order.index(b[0].name))
     rows = []
     for cfg, model, opt, times in built:
         dt = statistics.median(times)
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = run_meta("optim_step.py", argv, args.threads, numel=numel, tensors=args.tensors,
                     shape=[args.rows, args.cols], copy_bandwidth_gbs=bw_copy / 1e9, repeats=args.repeats,
                     warmup=args.warmup)
-    lines = [f"Measured on {meta['platform']} ({meta['cpus']} CPUs, {args.threads} threads), torch {meta['torch']}; "
+    lines = [f"Measured on {meta['platform']} ({meta['cpus']} CPUs, {args.threads} threads, kernel threads: {meta['kernel_threads']}), torch {meta['torch']}; "
              f"{numel / 1e6:.1f}M params in {args.tensors} tensors of {args.rows}x{args.cols}; plain copy "
              f"{bw_copy / 1e9:.2f} GB/s. Command: `{meta['command']}`", "",
              "| optimizer | step (ms) | of which NaN/Inf check (ms) | time vs torch fused | GB/s | % of copy | "

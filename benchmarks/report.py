@@ -12,9 +12,10 @@ import torch
 
 def run_meta(script: str, argv: list[str] | None, threads: int, **extra: Any) -> dict[str, Any]:
     """The machine, torch and the command line that reproduces the run (``extra`` adds the run's settings)."""
+    from ecoptim import kernels
     args = argv if argv is not None else sys.argv[1:]
     return dict(torch=torch.__version__, cpus=os.cpu_count(), threads=threads, platform=platform.platform(),
-                processor=platform.processor(), **extra, command=f"python benchmarks/{script} " + " ".join(args))
+                processor=platform.processor(), kernel_threads=kernels.threading_model(), **extra, command=f"python benchmarks/{script} " + " ".join(args))
 
 
 def write_report(out: str, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]], lines: list[str]) -> None:

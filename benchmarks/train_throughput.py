@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in dense.parameters())
     meta = run_meta("train_throughput.py", argv, args.threads, params=n_params, preset=args.preset,
                     batch=[args.batch_size, args.seq_len], rounds=args.rounds, steps_per_round=args.steps_per_round)
-    lines = [f"Measured on {meta['platform']} ({meta['cpus']} CPUs, {args.threads} threads), torch {meta['torch']}; "
+    lines = [f"Measured on {meta['platform']} ({meta['cpus']} CPUs, {args.threads} threads, kernel threads: {meta['kernel_threads']}), torch {meta['torch']}; "
              f"{n_params / 1e6:.2f}M-param compare model ({args.preset}), {args.batch_size}x{args.seq_len} bytes per "
              f"step, median of {args.rounds} round-robin rounds of {args.steps_per_round} steps. "
              f"Command: `{meta['command']}`", "",

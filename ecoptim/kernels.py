@@ -7,6 +7,10 @@ Flags: ``-O3 -march=native`` (AVX2/FMA/F16C paths where the CPU has them; ``$ECO
 ``-ffp-contract=off`` (the compiler may not fuse multiply-adds the reference path does not fuse; see the C
 file's header).
 
+Threads: where torch runs on GNU libgomp (``openmp_runtime``), the source is compiled with ``-fopenmp`` and
+linked to the file torch loaded, so the kernel's parallel regions run on torch's own thread pool; otherwise (or
+if that build fails) it starts threads of its own per call (``threading_model`` says which).
+
 If no compiler is found or the build fails, ``load()`` returns None (and warns once); the optimizers then use
 the reference path. ``ECOPTIM_DISABLE_KERNELS=1`` forces that.
 """
