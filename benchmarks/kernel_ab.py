@@ -77,11 +77,7 @@ def build(source: str, out: Path, threads: str) -> ctypes.CDLL:
     omp = kernels.openmp_runtime() if threads == "openmp" else None
     if threads == "openmp" and omp is None:
         sys.exit("--*-threads openmp: torch's OpenMP runtime (libgomp) is not loaded in this process")
-    kernels._SOURCE, saved = src, kernels._SOURCE
-    try:
-        kernels._compile(kernels.compiler(), kernels._flags(), omp, str(out))
-    finally:
-        kernels._SOURCE = saved
+    kernels._compile(kernels.compiler(), kernels._flags(), omp, str(out), src)
     return kernels.declare(ctypes.CDLL(str(out)))
 
 

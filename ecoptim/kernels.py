@@ -1,8 +1,9 @@
 """Build and load ecoptim's C kernels (``ecoptim/csrc/eco_cpu.c``) for the fused CPU optimizer step.
 
 The source is compiled once per machine with the system C compiler (``$CC`` or ``cc``/``gcc``) into a cache
-directory (``$ECOPTIM_CACHE_DIR``, default ``~/.cache/ecoptim``), keyed by a hash of the source, the flags
-and the CPU, and loaded with ctypes: no torch headers, no Python extension ABI; the build takes ~20 s, once.
+directory (``$ECOPTIM_CACHE_DIR``, default ``~/.cache/ecoptim``), keyed by a hash of the source, the flags,
+the OpenMP runtime and the CPU, and loaded with ctypes: no torch headers, no Python extension ABI; the build
+takes ~40 s, once.
 Flags: ``-O3 -march=native`` (AVX2/FMA/F16C paths where the CPU has them; ``$ECOPTIM_KERNEL_MARCH`` overrides) and
 ``-ffp-contract=off`` (the compiler may not fuse multiply-adds the reference path does not fuse; see the C
 file's header).
@@ -28,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "available", "threading_model", "openmp_runtime", "all_finite", "sumsq", "uniform", "EcoArgs", "FMT_E4M3", "FMT_E5M2", "FMT_INT8", "FMT_BF16",
-           "FMT_INT4"]
+__all__ = ["load", "available", "threading_model", "openmp_runtime", "all_finite", "sumsq", "uniform", "EcoArgs",
+           "FMT_E4M3", "FMT_E5M2", "FMT_INT8", "FMT_BF16", "FMT_INT4"]
 
 FMT_E4M3, FMT_E5M2, FMT_INT8, FMT_BF16, FMT_INT4 = 0, 1, 2, 3, 4
 _SOURCE = Path(__file__).with_name("csrc") / "eco_cpu.c"
@@ -105,15 +106,17 @@ def openmp_runtime() -> str | None:
     return found[0] if len(found) == 1 else None  # two runtimes in one process: use neither
 
 
-def _compile(cc: str, flags: list[str], omp: str | None, out: str) -> None:
+def _compile(cc: str, flags: list[str], omp: str | None, out: str, source: Path = _SOURCE) -> None:
+    """Compile ``source`` into the shared library ``out``, its threads on the OpenMP runtime file ``omp`` (None:
+    threads of its own)."""
     if omp is None:
-        subprocess.run([cc, *flags, "-o", out, str(_SOURCE), "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *flags, "-o", out, str(source), "-lm"], check=True, capture_output=True, text=True)
         return
     # compiled with -fopenmp but linked to the very file torch loaded (not the compiler's own libgomp): the
     # library then names torch's runtime by its soname, and the loader hands it the copy already in memory
     obj = out + ".o"
     try:
-        subprocess.run([cc, *flags, "-fopenmp", "-c", "-o", obj, str(_SOURCE)], check=True, capture_output=True,
+        subprocess.run([cc, *flags, "-fopenmp", "-c", "-o", obj, str(source)], check=True, capture_output=True,
                        text=True)
         subprocess.run([cc, *flags, "-o", out, obj, omp, "-lm"], check=True, capture_output=True, text=True)
     finally:

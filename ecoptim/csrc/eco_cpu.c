@@ -903,7 +903,7 @@ static void sweep_b_any(const eco_args *a, int64_t b, int64_t lo, int64_t hi, fl
 
 /* fn(items[0]) .. fn(items[n-1]) concurrently (item t at base + t*size); the caller runs item 0.
  * Built with OpenMP (kernels.py does where the compiler can), the items run on the OpenMP thread pool, which
- * is torch's own (the library links libgomp.so.1, the soname torch's CPU build has already loaded): its
+ * is torch's own (kernels.py links the library to the libgomp file torch loaded, so the loader reuses it): its
  * workers are already running, and still spinning after torch's last parallel op (backward), so the step
  * does not have to compete with them for the cores, as threads of its own would. */
 static void run_parallel(void *(*fn)(void *), void *base, size_t size, int n) {
