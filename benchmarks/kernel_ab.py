@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     new_src = (ROOT / "ecoptim" / "csrc" / "eco_cpu.c").read_text()
     kernels.load()  # the package's own build, so that fused.run finds a library to replace
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {f"kernel at {args.rev} ({args.a_threads})": _stepper(build(old_src, Path(tmp) / "a.so", args.a_threads)),
+        libs = {f"kernel at {args.rev} ({args.a_threads})":
+                _stepper(build(old_src, Path(tmp) / "a.so", args.a_threads)),
                 f"working tree ({args.b_threads})": _stepper(build(new_src, Path(tmp) / "b.so", args.b_threads))}
         g = torch.Generator().manual_seed(0)
         shape = (args.rows, args.cols)
@@ -122,10 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.after == "backward":
                 mlp(x).square().mean().backward()
 
-        def torch_step() -> None:
-            torch_opt.step()
-
-        steppers = {"torch AdamW fused (fp32)": torch_step}
+        steppers = {"torch AdamW fused (fp32)": torch_opt.step}
         for name, step_with in libs.items():
             steppers[name] = (lambda f: lambda: (setattr(fused, "run", f), opt.step()))(step_with)
         times: dict[str, list[float]] = {k: [] for k in steppers}

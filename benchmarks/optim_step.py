@@ -21,8 +21,8 @@ Results go to ``<out>/optim_step.json`` and ``<out>/optim_step.md``.
 from __future__ import annotations
 
 import argparse
-import random
 import os
+import random
 import statistics
 import time
 import warnings
@@ -201,11 +201,10 @@ def main(argv: list[str] | None = None) -> None:
             clip_and_step(model, opt, cfg.clip)
         built.append((cfg, model, opt, []))
     check_times: dict[str, list[float]] = {cfg.name: [] for cfg, *_ in built}
-    order = [cfg.name for cfg, *_ in built]
     rnd = random.Random(0)
     for _ in range(args.repeats):
-        rnd.shuffle(built)  # a fresh order every round: no row always runs right after the same one
-        for cfg, model, opt, times in built:
+        # a fresh order every round: no row always runs right after the same one
+        for cfg, model, opt, times in rnd.sample(built, len(built)):
             t = time.perf_counter()
             clip_and_step(model, opt, cfg.clip)
             times.append(time.perf_counter() - t)
@@ -213,7 +212,6 @@ def main(argv: list[str] | None = None) -> None:
                 t = time.perf_counter()
                 opt._grads_finite()
                 check_times[cfg.name].append(time.perf_counter() - t)
-    built.sort(key=lambda b: order.index(b[0].name))
     rows = []
     for cfg, model, opt, times in built:
         dt = statistics.median(times)

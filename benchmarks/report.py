@@ -15,7 +15,8 @@ def run_meta(script: str, argv: list[str] | None, threads: int, **extra: Any) ->
     from ecoptim import kernels
     args = argv if argv is not None else sys.argv[1:]
     return dict(torch=torch.__version__, cpus=os.cpu_count(), threads=threads, platform=platform.platform(),
-                processor=platform.processor(), kernel_threads=kernels.threading_model(), **extra, command=f"python benchmarks/{script} " + " ".join(args))
+                processor=platform.processor(), kernel_threads=kernels.threading_model(), **extra,
+                command=f"python benchmarks/{script} " + " ".join(args))
 
 
 def write_report(out: str, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]], lines: list[str]) -> None:

@@ -371,17 +371,13 @@ def test_sqrt_rn_is_correctly_rounded_on_two_full_binades():
 def test_all_finite_kernel_agrees_with_torch(threads):
     a, b = torch.randn(300007), torch.randn(77).bfloat16()  # enough elements for the thread team
     with _threads(threads):
-        _all_finite_cases(a, b)
-
-
-def _all_finite_cases(a, b):
-    assert kernels.all_finite([a, b]) is True
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        for i in (0, 31, 100001, 300006):
-            c = a.clone()
-            c[i] = bad
-            assert kernels.all_finite([b, c]) is False
-        d = b.clone()
-        d[76] = bad
-        assert kernels.all_finite([a, d]) is False
-    assert kernels.all_finite([a[::2]]) is None  # not contiguous: the caller falls back to torch
+        assert kernels.all_finite([a, b]) is True
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for i in (0, 31, 100001, 300006):
+                c = a.clone()
+                c[i] = bad
+                assert kernels.all_finite([b, c]) is False
+            d = b.clone()
+            d[76] = bad
+            assert kernels.all_finite([a, d]) is False
+        assert kernels.all_finite([a[::2]]) is None  # not contiguous: the caller falls back to torch
