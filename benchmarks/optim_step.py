@@ -34,7 +34,7 @@ from torch import nn
 
 import ecoptim
 from ecoptim.optim import QuantOptimizer
-from report import run_meta, write_report
+from report import machine_line, run_meta, write_report
 
 
 @dataclass
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = run_meta("optim_step.py", argv, args.threads, numel=numel, tensors=args.tensors,
                     shape=[args.rows, args.cols], copy_bandwidth_gbs=bw_copy / 1e9, repeats=args.repeats,
                     warmup=args.warmup)
-    lines = [f"Measured on {meta['platform']} ({meta['cpus']} CPUs, {args.threads} threads, kernel threads: {meta['kernel_threads']}), torch {meta['torch']}; "
+    lines = [f"{machine_line(meta)}; "
              f"{numel / 1e6:.1f}M params in {args.tensors} tensors of {args.rows}x{args.cols}; plain copy "
              f"{bw_copy / 1e9:.2f} GB/s. Command: `{meta['command']}`", "",
              "| optimizer | step (ms) | of which NaN/Inf check (ms) | time vs torch fused | GB/s | % of copy | "

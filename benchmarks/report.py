@@ -15,8 +15,17 @@ def run_meta(script: str, argv: list[str] | None, threads: int, **extra: Any) ->
     from ecoptim import kernels
     args = argv if argv is not None else sys.argv[1:]
     return dict(torch=torch.__version__, cpus=os.cpu_count(), threads=threads, platform=platform.platform(),
-                processor=platform.processor(), kernel_threads=kernels.threading_model(), **extra,
+                processor=platform.processor(), kernel_threads=kernels.threading_model(),
+                kernel_isa=kernels.vector_isa(), torch_isa=torch.backends.cpu.get_cpu_capability(), **extra,
                 command=f"python benchmarks/{script} " + " ".join(args))
+
+
+def machine_line(meta: dict[str, Any]) -> str:
+    """Where a run was measured, as its report's first line starts: the platform, CPUs and threads, how the
+    kernels ran (threads, vector instructions; torch's vector instructions beside them), torch's version."""
+    return (f"Measured on {meta['platform']} ({meta['cpus']} CPUs, {meta['threads']} threads, kernel threads: "
+            f"{meta['kernel_threads']}, kernel vectors: {meta['kernel_isa']}, torch's: {meta['torch_isa']}), "
+            f"torch {meta['torch']}")
 
 
 def write_report(out: str, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]], lines: list[str]) -> None:

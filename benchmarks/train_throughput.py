@@ -24,7 +24,7 @@ from torch import nn
 
 from ecoptim import train
 from ecoptim.cli import STATE_DTYPES
-from report import run_meta, write_report
+from report import machine_line, run_meta, write_report
 from ecoptim.corpus import get_batch
 from ecoptim.model import LlamaConfig, LlamaLM
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in dense.parameters())
     meta = run_meta("train_throughput.py", argv, args.threads, params=n_params, preset=args.preset,
                     batch=[args.batch_size, args.seq_len], rounds=args.rounds, steps_per_round=args.steps_per_round)
-    lines = [f"Measured on {meta['platform']} ({meta['cpus']} CPUs, {args.threads} threads, kernel threads: {meta['kernel_threads']}), torch {meta['torch']}; "
+    lines = [f"{machine_line(meta)}; "
              f"{n_params / 1e6:.2f}M-param compare model ({args.preset}), {args.batch_size}x{args.seq_len} bytes per "
              f"step, median of {args.rounds} round-robin rounds of {args.steps_per_round} steps. "
              f"Command: `{meta['command']}`", "",

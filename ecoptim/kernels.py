@@ -4,7 +4,8 @@ The source is compiled once per machine with the system C compiler (``$CC`` or `
 directory (``$ECOPTIM_CACHE_DIR``, default ``~/.cache/ecoptim``), keyed by a hash of the source, the flags,
 the OpenMP runtime and the CPU, and loaded with ctypes: no torch headers, no Python extension ABI; the build
 takes ~40 s, once.
-Flags: ``-O3 -march=native`` (AVX2/FMA/F16C paths where the CPU has them; ``$ECOPTIM_KERNEL_MARCH`` overrides) and
+Flags: ``-O3 -march=native`` (AVX-512 or AVX2/FMA/F16C paths where the CPU has them, ``vector_isa`` says which;
+``$ECOPTIM_KERNEL_MARCH`` overrides, e.g. ``x86-64-v3`` for AVX2 only, ``x86-64`` for the scalar code) and
 ``-ffp-contract=off`` (the compiler may not fuse multiply-adds the reference path does not fuse; see the C
 file's header).
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "available", "threading_model", "openmp_runtime", "all_finite", "sumsq", "uniform", "EcoArgs",
+__all__ = ["load", "available", "threading_model", "vector_isa", "openmp_runtime", "all_finite", "sumsq", "uniform", "EcoArgs",
            "FMT_E4M3", "FMT_E5M2", "FMT_INT8", "FMT_BF16", "FMT_INT4"]
 
 FMT_E4M3, FMT_E5M2, FMT_INT8, FMT_BF16, FMT_INT4 = 0, 1, 2, 3, 4
@@ -185,6 +186,13 @@ def threading_model() -> str | None:
     return _threads_on if load() is not None else None
 
 
+def vector_isa() -> str | None:
+    """The vector instructions of the loaded kernels' sweeps: 'avx512' (16 lanes), 'avx2' (8 lanes) or 'scalar'
+    (what ``-march`` gave the build; every one gives the same bits); None if the kernels are not available."""
+    lib = load()
+    return None if lib is None else {16: "avx512", 8: "avx2", 1: "scalar"}[lib.eco_vector_lanes()]
+
+
 def compiler() -> str | None:
     """The C compiler the kernels are built with (``$CC``, else ``cc`` or ``gcc`` on the PATH)."""
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -199,6 +207,9 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.eco_all_finite.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
                                    ctypes.c_int32]
     lib.eco_all_finite.restype = ctypes.c_int
+    if hasattr(lib, "eco_vector_lanes"):
+        lib.eco_vector_lanes.argtypes = []
+        lib.eco_vector_lanes.restype = ctypes.c_int
     if hasattr(lib, "eco_sumsq"):
         lib.eco_sumsq.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                                   ctypes.c_void_p]

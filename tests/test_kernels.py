@@ -282,17 +282,28 @@ def test_openmp_can_be_switched_off(monkeypatch):
     assert kernels.openmp_runtime() is None
 
 
+def _in_another_build(tmp_path, march, script, cc=None):
+    """Run ``script`` (which prints 'ok') in a fresh process whose kernel is built with ``-march=march`` (and
+    the compiler ``cc``) into its own cache."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, ECOPTIM_KERNEL_MARCH=march, ECOPTIM_CACHE_DIR=str(tmp_path), CC=cc or kernels.compiler())
+    out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    assert list(tmp_path.glob("eco_cpu-*.so"))  # built with those flags, in its own cache
+
+
 def test_portable_scalar_build_is_bit_identical_too(tmp_path):
     """The kernel built without AVX2 (-march=x86-64: the scalar code every other CPU runs) by a compiler without
     OpenMP (so with threads of its own: the thread team and its barriers, with 2 and 3 threads) in a fresh
     process."""
-    import os
-    import subprocess
-    import sys
     script = (
         "import torch, test_kernels as t\n"
         "from ecoptim import kernels\n"
         "assert kernels.available() and kernels.threading_model() == 'pthreads'\n"
+        "assert kernels.vector_isa() == 'scalar'\n"
         "for threads in (2, 3):\n"
         "    for shape, gran in (((300, 301), 'tensor'), ((64, 1030), 'row'), ((2, 70000), 'row')):\n"
         "        t.test_fused_threads_give_the_same_bits(threads, shape, gran)\n"
@@ -325,11 +336,48 @@ def test_portable_scalar_build_is_bit_identical_too(tmp_path):
     cc.write_text(f"#!/bin/sh\ncase \"$*\" in *-fopenmp*) echo 'no OpenMP here' >&2; exit 1;; esac\n"
                   f"exec {kernels.compiler()} \"$@\"\n")
     cc.chmod(0o755)
-    env = dict(os.environ, ECOPTIM_KERNEL_MARCH="x86-64", CC=str(cc), ECOPTIM_CACHE_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__), env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
-    assert list(tmp_path.glob("eco_cpu-*.so"))  # built with the portable flags, in its own cache
+    _in_another_build(tmp_path, "x86-64", script, cc=str(cc))
+
+
+def test_vector_isa_is_the_widest_the_cpu_has():
+    """-march=native gives the 16-lane AVX-512 sweeps where the CPU has AVX-512 F/BW/DQ/VL, else the 8-lane
+    AVX2 ones (the machines this suite runs on have AVX2 at least)."""
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(ln for ln in f if ln.startswith("flags")).split(":")[1].split())
+    assert {"avx2", "fma", "f16c"} <= flags
+    wide = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+    assert kernels.vector_isa() == ("avx512" if wide else "avx2")
+
+
+def test_avx2_build_is_bit_identical_too(tmp_path):
+    """The 8-lane sweeps (-march=x86-64-v3: AVX2/FMA/F16C, no AVX-512), on torch's OpenMP pool, against the
+    reference path in a fresh process: where this CPU has AVX-512 the rest of the suite runs the 16-lane ones,
+    so both instantiations of the vector layer are checked here: the whole bit-identity matrix (every case,
+    format, granularity, rounding and mode), the tails, BF16 weights, threads, 8-bit states, clipping."""
+    script = (
+        "import itertools, torch, test_kernels as t, test_clip as c\n"
+        "from ecoptim import kernels\n"
+        "assert kernels.vector_isa() == 'avx2'\n"
+        "for case, fmt, gran, rnd, mode in itertools.product(t.CASES, ('fp8_e4m3', 'fp8_e5m2', 'int8', 'int4'),\n"
+        "        ('row', 'group32', 'tensor'), ('nearest', 'stochastic'), ('eco', 'naive', 'master', 'exact')):\n"
+        "    t.test_fused_step_is_bit_identical_to_reference(case, fmt, gran, rnd, mode)\n"
+        "for shape, gran in (((13, 45), 'row'), ((5, 7), 'tensor'), ((300, 301), 'tensor'), ((3, 40000), 'row')):\n"
+        "    for rnd, fmt in itertools.product(('nearest', 'stochastic'), ('fp8_e4m3', 'int4')):\n"
+        "        t.test_fused_tails_and_whole_tensor_blocks(shape, gran, rnd, fmt)\n"
+        "for case, rnd, mode in itertools.product(t.CASES, ('nearest', 'stochastic'), ('eco', 'master')):\n"
+        "    t.test_fused_bf16_weights_bit_identical(case, rnd, mode)\n"
+        "for threads in (2, 3):\n"
+        "    t.test_fused_threads_give_the_same_bits(threads, (300, 301), 'tensor')\n"
+        "    t.test_fused_eight_bit_states_with_threads(threads, (64, 1024), 'row')\n"
+        "for case in ('adamw-8bit-states', 'adamw-8bit-sr-states'):\n"
+        "    cls, kw = t.CASES[case]\n"
+        "    r, f, o_r, o_f = t._pair((13, 64), 'fp8_e4m3', 'row', cls, rounding='stochastic', **kw)\n"
+        "    t._run(r, f, o_r, o_f, (13, 64), steps=2)\n"
+        "for cls, kw in c.CASES:\n"
+        "    c.test_clip_then_step_equals_scaling_the_gradients_first(cls, kw, 'fp8_e4m3', 'row', 'stochastic', None,\n"
+        "                                                             torch.bfloat16)\n"
+        "print('ok')\n")
+    _in_another_build(tmp_path, "x86-64-v3", script)
 
 
 def test_stochastic_rounding_uniforms_c_equals_torch():

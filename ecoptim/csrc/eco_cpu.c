@@ -18,7 +18,8 @@
  * tests/test_kernels.py checks bit equality of codes, scales and states.
  * Stochastic rounding uses the counter-based uniforms of ecoptim/rng.py (same hash, same element index).
  *
- * Layout: scalar helpers; AVX2/FMA/F16C helpers (8 lanes; the scalar code handles tails and other CPUs);
+ * Layout: scalar helpers; the vector layer and its helpers (AVX-512: 16 lanes, else AVX2/FMA/F16C: 8; the scalar
+ * code handles tails and other CPUs);
  * sweep A (AdamW, SGD); sweep B; dispatch on dtypes/format; the thread team; the gradient finiteness check.
  */
 #include <math.h>
@@ -35,6 +36,13 @@
 #else
 #define ECO_AVX2 0
 #endif
+/* the sweeps' vector code (see "The vector layer"): 16 lanes where the CPU has AVX-512 F/BW/DQ/VL, else 8 */
+#if ECO_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define ECO_AVX512 1
+#else
+#define ECO_AVX512 0
+#endif
+#define ECO_VEC ECO_AVX2
 
 #define FMT_E4M3 0
 #define FMT_E5M2 1
@@ -125,76 +133,236 @@ static inline float decode_scalar(const eco_args *a, int64_t j, const int fmt) {
 static inline uint32_t f_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
 
-#if ECO_AVX2
-/* 8-lane versions of the helpers above: the same IEEE operations, eight at a time. */
-static inline __m256 v_ld(const void *p, int64_t j, const int bf) {
-    if (bf) {
-        __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + j)));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-    }
-    return _mm256_loadu_ps((const float *)p + j);
+#if ECO_VEC
+/* The vector layer: VL lanes of the widest ISA the library is built for (AVX-512: 16 lanes, AVX2: 8) under
+ * one set of names, so that the sweeps below are written once. A comparison gives a vm: a mask register on
+ * AVX-512, a vector of all-ones / all-zero lanes on AVX2; vf_maskz(m, x) is x where m holds, else +0 (as
+ * AND-ing with the AVX2 mask gives), vf_blend(a, b, m) is b where m holds, else a. Each name is the same IEEE
+ * (or integer) operation in both ISAs, so both builds give the same bits as the scalar code; tests/
+ * test_kernels.py builds and checks each one this CPU can run. */
+#if ECO_AVX512
+#define VL 16
+typedef __m512 vf;
+typedef __m512i vi;
+typedef __mmask16 vm;
+#define vf_set1 _mm512_set1_ps
+#define vf_load _mm512_loadu_ps
+#define vf_store _mm512_storeu_ps
+#define vf_add _mm512_add_ps
+#define vf_sub _mm512_sub_ps
+#define vf_mul _mm512_mul_ps
+#define vf_div _mm512_div_ps
+#define vf_fmadd _mm512_fmadd_ps
+#define vf_fnmadd _mm512_fnmadd_ps
+#define vf_sqrt _mm512_sqrt_ps
+#define vf_min _mm512_min_ps
+#define vf_max _mm512_max_ps
+#define vf_floor _mm512_floor_ps
+#define vf_rint(x) _mm512_roundscale_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vf_and _mm512_and_ps
+#define vf_or _mm512_or_ps
+#define vf_xor _mm512_xor_ps
+#define vf_andnot _mm512_andnot_ps
+#define vf_lt(a, b) _mm512_cmp_ps_mask((a), (b), _CMP_LT_OQ)
+#define vf_gt(a, b) _mm512_cmp_ps_mask((a), (b), _CMP_GT_OQ)
+#define vf_isnan(a) _mm512_cmp_ps_mask((a), (a), _CMP_UNORD_Q)
+#define vf_maskz(m, x) _mm512_maskz_mov_ps((m), (x))
+#define vf_blend(a, b, m) _mm512_mask_blend_ps((m), (a), (b))
+#define vf_of_i _mm512_cvtepi32_ps
+#define vi_of_f _mm512_cvtps_epi32
+#define vf_cast _mm512_castsi512_ps
+#define vi_cast _mm512_castps_si512
+#define vi_set1 _mm512_set1_epi32
+#define vi_zero _mm512_setzero_si512
+#define vi_and _mm512_and_si512
+#define vi_or _mm512_or_si512
+#define vi_xor _mm512_xor_si512
+#define vi_andnot _mm512_andnot_si512
+#define vi_add _mm512_add_epi32
+#define vi_sub _mm512_sub_epi32
+#define vi_mullo _mm512_mullo_epi32
+#define vi_srli _mm512_srli_epi32
+#define vi_slli _mm512_slli_epi32
+#define vi_max _mm512_max_epi32
+#define vi_min _mm512_min_epi32
+#define vi_minu _mm512_min_epu32
+#define vi_eq(a, b) _mm512_cmpeq_epi32_mask((a), (b))
+#define vi_gt(a, b) _mm512_cmpgt_epi32_mask((a), (b))
+#define vi_neg(a) _mm512_movepi32_mask(a) /* the lanes whose sign bit is set */
+#define vi_maskz(m, x) _mm512_maskz_mov_epi32((m), (x))
+#define vi_blend(a, b, m) _mm512_mask_blend_epi32((m), (a), (b))
+#define vm_xor(a, b) ((vm)((a) ^ (b)))
+#define vi_gather(base, idx) _mm512_i32gather_epi32((idx), (base), 4)
+#define vf_gather(base, idx) _mm512_i32gather_ps((idx), (base), 4)
+static inline vi vi_iota(void) { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+static inline uint32_t vi_hmaxu(vi x) { return _mm512_reduce_max_epu32(x); }
+static inline uint32_t vi_hminu(vi x) { return _mm512_reduce_min_epu32(x); }
+/* VL bytes / halfwords widened to 32-bit lanes, and narrowed back (the lanes hold values that fit) */
+static inline vi vi_ld_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline vi vi_ld_i8(const uint8_t *p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline vi vi_ld_u16(const uint16_t *p) {
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
 }
-
-static inline void v_st(void *p, int64_t j, __m256 x, const int bf) {
-    if (bf) {
-        __m256i u = _mm256_castps_si256(x);
-        __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
-                                                         _mm256_and_si256(_mm256_srli_epi32(u, 16),
-                                                                          _mm256_set1_epi32(1))));
-        r = _mm256_srli_epi32(r, 16);
-        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-        _mm_storeu_si128((__m128i *)((uint16_t *)p + j), packed);
-        return;
-    }
-    _mm256_storeu_ps((float *)p + j, x);
+static inline void vi_st_u8(uint8_t *p, vi x) { _mm_storeu_si128((__m128i *)p, _mm512_cvtepi32_epi8(x)); }
+#define vi_st_i8 vi_st_u8 /* truncation keeps the two's complement byte */
+static inline void vi_st_u16(uint16_t *p, vi x) { _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(x)); }
+/* e5m2 codes are the top bytes of fp16 values (the F16C conversion handles inf/NaN) */
+static inline vf v_e5m2(const uint8_t *p) {
+    return _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)), 8));
 }
-
-/* codes j .. j+7 as fp32, exactly. e4m3: the sign-extended code shifted left by 20 and masked is the fp32
- * whose exponent and mantissa fields are the e4m3 fields (sign at bit 31): its value is the e4m3 value * 2^-120,
- * e4m3 subnormals landing on fp32 subnormals, so one multiply by 2^120 (exact) finishes the decode.
- * e5m2 is the top byte of an fp16 (F16C converts it, inf/NaN included); bf16 is the top half of an fp32;
- * int8/int4 convert through int32. */
-static inline __m256 v_decode_p(const void *codes, int64_t j, const int fmt) {
-    if (fmt == FMT_BF16) return v_ld(codes, j, 1);
-    if (fmt == FMT_INT4) { /* j is even: 8 codes in 4 bytes */
-        uint32_t packed;
-        memcpy(&packed, (const uint8_t *)codes + j / 2, 4);
-        const __m128i x = _mm_cvtsi32_si128((int)packed), m4 = _mm_set1_epi8(0x0F);
-        const __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(x, m4), _mm_and_si128(_mm_srli_epi16(x, 4), m4));
-        return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), _mm256_set1_epi32(8)));
-    }
-    __m128i c8 = _mm_loadl_epi64((const __m128i *)((const uint8_t *)codes + j));
-    if (fmt == FMT_INT8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c8));
-    if (fmt == FMT_E5M2) return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(c8), 8));
-    const __m256i f = _mm256_and_si256(_mm256_slli_epi32(_mm256_cvtepi8_epi32(c8), 20),
-                                       _mm256_set1_epi32((int)0x87F00000u));
-    return _mm256_mul_ps(_mm256_castsi256_ps(f), _mm256_set1_ps(0x1p120f));
+/* VL int4 codes (two per byte, element 2i in the low nibble) as 0 .. 15 */
+static inline vi v_nibbles(const uint8_t *p) {
+    const __m128i x = _mm_loadl_epi64((const __m128i *)p), m4 = _mm_set1_epi8(0x0F);
+    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(_mm_and_si128(x, m4), _mm_and_si128(_mm_srli_epi16(x, 4), m4)));
 }
-
-static inline __m256i v_mix32(__m256i x) {
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x7feb352dU));
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
-    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846ca68bU));
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-    return x;
+/* and back: lanes 0 .. 15 -> VL/2 bytes; in each 64-bit lane (c_2k, c_2k+1) a shift by 28 puts c_2k+1 << 4
+ * next to c_2k, and the narrowing keeps that low byte */
+static inline void v_st_nibbles(uint8_t *p, vi c) {
+    _mm_storel_epi64((__m128i *)p, _mm512_cvtepi64_epi8(_mm512_or_si512(c, _mm512_srli_epi64(c, 28))));
 }
-
-/* Lane reductions over |w| bit patterns: non-negative floats order like their bit patterns as integers, with
- * Inf above every finite value and NaN above Inf, so one integer max gives the absmax and the non-finite flag. */
-static inline uint32_t v_hmax_u(__m256i x) {
+/* the state-block absmax of each lane: VL elements from a multiple of 8 span VL/8 blocks at most (>= 8 each) */
+static inline vf v_s8_absmax(const float *am, int64_t j, int sh) {
+    return _mm512_insertf32x8(_mm512_set1_ps(am[j >> sh]), _mm256_set1_ps(am[(j + 8) >> sh]), 1);
+}
+#else /* AVX2 */
+#define VL 8
+typedef __m256 vf;
+typedef __m256i vi;
+typedef __m256 vm;
+#define vf_set1 _mm256_set1_ps
+#define vf_load _mm256_loadu_ps
+#define vf_store _mm256_storeu_ps
+#define vf_add _mm256_add_ps
+#define vf_sub _mm256_sub_ps
+#define vf_mul _mm256_mul_ps
+#define vf_div _mm256_div_ps
+#define vf_fmadd _mm256_fmadd_ps
+#define vf_fnmadd _mm256_fnmadd_ps
+#define vf_sqrt _mm256_sqrt_ps
+#define vf_min _mm256_min_ps
+#define vf_max _mm256_max_ps
+#define vf_floor _mm256_floor_ps
+#define vf_rint(x) _mm256_round_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vf_and _mm256_and_ps
+#define vf_or _mm256_or_ps
+#define vf_xor _mm256_xor_ps
+#define vf_andnot _mm256_andnot_ps
+#define vf_lt(a, b) _mm256_cmp_ps((a), (b), _CMP_LT_OQ)
+#define vf_gt(a, b) _mm256_cmp_ps((a), (b), _CMP_GT_OQ)
+#define vf_isnan(a) _mm256_cmp_ps((a), (a), _CMP_UNORD_Q)
+#define vf_maskz(m, x) _mm256_and_ps((m), (x))
+#define vf_blend(a, b, m) _mm256_blendv_ps((a), (b), (m))
+#define vf_of_i _mm256_cvtepi32_ps
+#define vi_of_f _mm256_cvtps_epi32
+#define vf_cast _mm256_castsi256_ps
+#define vi_cast _mm256_castps_si256
+#define vi_set1 _mm256_set1_epi32
+#define vi_zero _mm256_setzero_si256
+#define vi_and _mm256_and_si256
+#define vi_or _mm256_or_si256
+#define vi_xor _mm256_xor_si256
+#define vi_andnot _mm256_andnot_si256
+#define vi_add _mm256_add_epi32
+#define vi_sub _mm256_sub_epi32
+#define vi_mullo _mm256_mullo_epi32
+#define vi_srli _mm256_srli_epi32
+#define vi_slli _mm256_slli_epi32
+#define vi_max _mm256_max_epi32
+#define vi_min _mm256_min_epi32
+#define vi_minu _mm256_min_epu32
+#define vi_eq(a, b) _mm256_castsi256_ps(_mm256_cmpeq_epi32((a), (b)))
+#define vi_gt(a, b) _mm256_castsi256_ps(_mm256_cmpgt_epi32((a), (b)))
+#define vi_neg(a) _mm256_castsi256_ps(_mm256_srai_epi32((a), 31))
+#define vi_maskz(m, x) _mm256_and_si256(_mm256_castps_si256(m), (x))
+#define vi_blend(a, b, m) _mm256_blendv_epi8((a), (b), _mm256_castps_si256(m))
+#define vm_xor _mm256_xor_ps
+#define vi_gather(base, idx) _mm256_i32gather_epi32((const int *)(base), (idx), 4)
+#define vf_gather(base, idx) _mm256_i32gather_ps((base), (idx), 4)
+static inline vi vi_iota(void) { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+static inline uint32_t vi_hmaxu(vi x) {
     uint32_t t[8], m = 0;
     _mm256_storeu_si256((__m256i *)t, x);
     for (int k = 0; k < 8; k++) m = t[k] > m ? t[k] : m;
     return m;
 }
-static inline uint32_t v_hmin_u(__m256i x) {
+static inline uint32_t vi_hminu(vi x) {
     uint32_t t[8], m = 0xFFFFFFFFu;
     _mm256_storeu_si256((__m256i *)t, x);
     for (int k = 0; k < 8; k++) m = t[k] < m ? t[k] : m;
     return m;
+}
+static inline vi vi_ld_u8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline vi vi_ld_i8(const uint8_t *p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline vi vi_ld_u16(const uint16_t *p) { return _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)); }
+/* the packs saturate, which values that fit never meet: unsigned for 0 .. 255 / 65535, signed for int8 */
+static inline void vi_st_u8(uint8_t *p, vi x) {
+    const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    _mm_storel_epi64((__m128i *)p, _mm_packus_epi16(p16, p16));
+}
+static inline void vi_st_i8(uint8_t *p, vi x) {
+    const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    _mm_storel_epi64((__m128i *)p, _mm_packs_epi16(p16, p16));
+}
+static inline void vi_st_u16(uint16_t *p, vi x) {
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1)));
+}
+static inline vf v_e5m2(const uint8_t *p) {
+    return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p)), 8));
+}
+static inline vi v_nibbles(const uint8_t *p) {
+    uint32_t packed;
+    memcpy(&packed, p, 4);
+    const __m128i x = _mm_cvtsi32_si128((int)packed), m4 = _mm_set1_epi8(0x0F);
+    return _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(_mm_and_si128(x, m4), _mm_and_si128(_mm_srli_epi16(x, 4), m4)));
+}
+static inline void v_st_nibbles(uint8_t *p, vi c) {
+    const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    const __m128i p8 = _mm_packus_epi16(p16, p16); /* one code per byte */
+    /* 16-bit lanes now hold (code 2i, code 2i+1): low | high << 4 gives the packed byte */
+    const __m128i pair = _mm_or_si128(_mm_and_si128(p8, _mm_set1_epi16(0x0F)), _mm_slli_epi16(_mm_srli_epi16(p8, 8), 4));
+    const uint32_t packed = (uint32_t)_mm_cvtsi128_si32(_mm_packus_epi16(pair, pair));
+    memcpy(p, &packed, 4);
+}
+static inline vf v_s8_absmax(const float *am, int64_t j, int sh) { return _mm256_set1_ps(am[j >> sh]); }
+#endif
+
+/* VL-lane versions of the helpers above: the same IEEE operations, VL at a time. */
+static inline vf v_ld(const void *p, int64_t j, const int bf) {
+    if (bf) return vf_cast(vi_slli(vi_ld_u16((const uint16_t *)p + j), 16));
+    return vf_load((const float *)p + j);
+}
+
+static inline void v_st(void *p, int64_t j, vf x, const int bf) {
+    if (bf) { /* f32_to_bf16 */
+        const vi u = vi_cast(x);
+        vi r = vi_srli(vi_add(u, vi_add(vi_set1(0x7FFF), vi_and(vi_srli(u, 16), vi_set1(1)))), 16);
+        vi_st_u16((uint16_t *)p + j, vi_blend(r, vi_set1(0x7FC0), vf_isnan(x)));
+        return;
+    }
+    vf_store((float *)p + j, x);
+}
+
+/* codes j .. j+VL-1 as fp32, exactly. e4m3: the sign-extended code shifted left by 20 and masked is the fp32
+ * whose exponent and mantissa fields are the e4m3 fields (sign at bit 31): its value is the e4m3 value * 2^-120,
+ * e4m3 subnormals landing on fp32 subnormals, so one multiply by 2^120 (exact) finishes the decode.
+ * e5m2 is the top byte of an fp16; bf16 is the top half of an fp32; int8/int4 convert through int32. */
+static inline vf v_decode_p(const void *codes, int64_t j, const int fmt) {
+    const uint8_t *c = (const uint8_t *)codes;
+    if (fmt == FMT_BF16) return v_ld(codes, j, 1);
+    if (fmt == FMT_INT4) return vf_of_i(vi_sub(v_nibbles(c + j / 2), vi_set1(8))); /* j is even */
+    if (fmt == FMT_INT8) return vf_of_i(vi_ld_i8(c + j));
+    if (fmt == FMT_E5M2) return v_e5m2(c + j);
+    const vi f = vi_and(vi_slli(vi_ld_i8(c + j), 20), vi_set1((int)0x87F00000u));
+    return vf_mul(vf_cast(f), vf_set1(0x1p120f));
+}
+
+static inline vi v_mix32(vi x) {
+    x = vi_xor(x, vi_srli(x, 16));
+    x = vi_mullo(x, vi_set1((int)0x7feb352dU));
+    x = vi_xor(x, vi_srli(x, 15));
+    x = vi_mullo(x, vi_set1((int)0x846ca68bU));
+    x = vi_xor(x, vi_srli(x, 16));
+    return x;
 }
 
 /* a / b, correctly rounded, for a divisor b shared by the whole block (rinv = RN(1/b)): q0 = a*rinv is within
@@ -203,54 +371,38 @@ static inline uint32_t v_hmin_u(__m256i x) {
  * The theorem needs a normal quotient and an exact (normal) residual; callers establish that for the whole
  * block beforehand (markstein_ok, and AdamW's sqrt(v)/sqrt(bc2) below) or use a true division. A zero a gives
  * +0 (the sign of -0 is lost; callers that need it take it from a). */
-static inline __m256 v_div_mk(__m256 a, __m256 b, __m256 rinv) {
-    const __m256 q0 = _mm256_mul_ps(a, rinv);
-    return _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, b, a), rinv, q0);
+static inline vf v_div_mk(vf a, vf b, vf rinv) {
+    const vf q0 = vf_mul(a, rinv);
+    return vf_fmadd(vf_fnmadd(q0, b, a), rinv, q0);
 }
 
-/* the uniforms of 8 consecutive indices: idx holds their low 32-bit words, hi_k2 = k2 + their (common) high
+/* the uniforms of VL consecutive indices: idx holds their low 32-bit words, hi_k2 = k2 + their (common) high
  * word, as in uniform() */
-static inline __m256 v_uniform(__m256i idx, __m256i vk1, __m256i hi_k2) {
-    __m256i h = v_mix32(_mm256_xor_si256(idx, vk1));
-    h = v_mix32(_mm256_xor_si256(h, hi_k2));
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0x1p-24f));
+static inline vf v_uniform(vi idx, vi vk1, vi hi_k2) {
+    vi h = v_mix32(vi_xor(idx, vk1));
+    h = v_mix32(vi_xor(h, hi_k2));
+    return vf_mul(vf_of_i(vi_srli(h, 8)), vf_set1(0x1p-24f));
 }
 
-static inline void v_store_codes(void *codes, int64_t j, __m256 q, const int fmt, const int bias) {
-    __m256i code;
+static inline void v_store_codes(void *codes, int64_t j, vf q, const int fmt, const int bias) {
+    uint8_t *c = (uint8_t *)codes;
     if (fmt == FMT_BF16) { /* q is on the bf16 grid: its top 16 bits are the code */
-        __m256i c = _mm256_srli_epi32(_mm256_castps_si256(q), 16);
-        _mm_storeu_si128((__m128i *)((uint16_t *)codes + j),
-                         _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)));
+        vi_st_u16((uint16_t *)codes + j, vi_srli(vi_cast(q), 16));
         return;
     }
-    if (fmt == FMT_INT4) {
-        __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(q), _mm256_set1_epi32(8)); /* 1 .. 15 */
-        __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-        __m128i p8 = _mm_packus_epi16(p16, p16); /* one code per byte */
-        /* 16-bit lanes now hold (code 2i, code 2i+1): low | high << 4 gives the packed byte */
-        __m128i pair = _mm_or_si128(_mm_and_si128(p8, _mm_set1_epi16(0x0F)),
-                                    _mm_slli_epi16(_mm_srli_epi16(p8, 8), 4));
-        const uint32_t packed = (uint32_t)_mm_cvtsi128_si32(_mm_packus_epi16(pair, pair));
-        memcpy((uint8_t *)codes + j / 2, &packed, 4);
+    if (fmt == FMT_INT4) { /* q + 8 in 1 .. 15 */
+        v_st_nibbles(c + j / 2, vi_add(vi_of_f(q), vi_set1(8)));
         return;
     }
-    if (fmt == FMT_INT8) {
-        __m256i c = _mm256_cvtps_epi32(q); /* q is an integer in [-127, 127] */
-        __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-        _mm_storel_epi64((__m128i *)((int8_t *)codes + j), _mm_packs_epi16(p16, p16));
+    if (fmt == FMT_INT8) { /* q is an integer in [-127, 127] */
+        vi_st_i8(c + j, vi_of_f(q));
         return;
     }
     /* |q| * 2^(bias - 127) moves the fp8 grid onto fp32's bit layout (fp8 subnormals become fp32 subnormals,
      * exactly), so the top bits of the product are the fp8 exponent and mantissa fields. */
-    const __m256 absq = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), q);
-    const __m256 shift = _mm256_castsi256_ps(_mm256_set1_epi32(bias << 23));
-    const __m256i mag = fmt == FMT_E4M3 ? _mm256_srli_epi32(_mm256_castps_si256(_mm256_mul_ps(absq, shift)), 20)
-                                        : _mm256_srli_epi32(_mm256_castps_si256(_mm256_mul_ps(absq, shift)), 21);
-    const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(_mm256_castps_si256(q), 31), 7);
-    code = _mm256_or_si256(sign, mag);
-    __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
-    _mm_storel_epi64((__m128i *)((uint8_t *)codes + j), _mm_packus_epi16(p16, p16));
+    const vi mag = vi_cast(vf_mul(vf_andnot(vf_set1(-0.0f), q), vf_cast(vi_set1(bias << 23))));
+    const vi sign = vi_slli(vi_srli(vi_cast(q), 31), 7);
+    vi_st_u8(c + j, vi_or(sign, fmt == FMT_E4M3 ? vi_srli(mag, 20) : vi_srli(mag, 21)));
 }
 #endif
 
@@ -290,19 +442,19 @@ static inline void astat_merge(astat *st, astat o) {
     st->bad |= o.bad;
 }
 
-#if ECO_AVX2
+#if ECO_VEC
 /* fold the vector accumulators (max of |w| bits; min of |w| bits - 1, which puts zeros last) into st */
-static inline void astat_vec(astat *st, __m256i vmax, __m256i vmin) {
-    const uint32_t mx = v_hmax_u(vmax), mn = v_hmin_u(vmin) + 1u;
+static inline void astat_vec(astat *st, vi vmax, vi vmin) {
+    const uint32_t mx = vi_hmaxu(vmax), mn = vi_hminu(vmin) + 1u;
     astat o = {bits_f(mx), mn == 0u ? INFINITY : bits_f(mn), mx >= 0x7F800000u};
     if (o.bad) o.amax = 0.0f;
     astat_merge(st, o);
 }
-#define ASTAT_VEC_UPDATE(w)                                                                        \
-    do {                                                                                           \
-        const __m256i wb_ = _mm256_and_si256(_mm256_castps_si256(w), _mm256_set1_epi32(0x7fffffff)); \
-        vmax = _mm256_max_epi32(vmax, wb_);                                                        \
-        vmin = _mm256_min_epu32(vmin, _mm256_sub_epi32(wb_, _mm256_set1_epi32(1)));                \
+#define ASTAT_VEC_UPDATE(w)                                                     \
+    do {                                                                        \
+        const vi wb_ = vi_and(vi_cast(w), vi_set1(0x7fffffff));                 \
+        vmax = vi_max(vmax, wb_);                                               \
+        vmin = vi_minu(vmin, vi_sub(wb_, vi_set1(1)));                          \
     } while (0)
 #endif
 
@@ -343,17 +495,17 @@ static void s8_encode(const float *x, uint8_t *codes, float *absmax_out, int64_t
     /* the block's absmax and smallest nonzero |x| (as bit patterns: non-negative floats order like them) */
     uint32_t bmax = 0, bmin = 0xFFFFFFFFu; /* bmin: min of bits - 1, so that zeros drop out */
     int64_t k = 0;
-#if ECO_AVX2
+#if ECO_VEC
     {
-        __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1);
-        const __m256i absi = _mm256_set1_epi32(0x7FFFFFFF), onei = _mm256_set1_epi32(1);
-        for (; k + 8 <= hi - lo; k += 8) {
-            const __m256i b = _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(x + k)), absi);
-            vmax = _mm256_max_epi32(vmax, b);
-            vmin = _mm256_min_epu32(vmin, _mm256_sub_epi32(b, onei));
+        vi vmax = vi_zero(), vmin = vi_set1(-1);
+        const vi absi = vi_set1(0x7FFFFFFF), onei = vi_set1(1);
+        for (; k + VL <= hi - lo; k += VL) {
+            const vi b = vi_and(vi_cast(vf_load(x + k)), absi);
+            vmax = vi_max(vmax, b);
+            vmin = vi_minu(vmin, vi_sub(b, onei));
         }
-        bmax = v_hmax_u(vmax);
-        bmin = v_hmin_u(vmin);
+        bmax = vi_hmaxu(vmax);
+        bmin = vi_hminu(vmin);
     }
 #endif
     for (; k < hi - lo; k++) {
@@ -367,41 +519,32 @@ static void s8_encode(const float *x, uint8_t *codes, float *absmax_out, int64_t
     /* |x| / d by Markstein (see v_div_mk) when every nonzero |x| >= 2^-90 and quotient >= 2^-124 */
     const int mk = bmin == 0xFFFFFFFFu || (bits_f(bmin + 1u) >= 0x1p-90f && (double)bits_f(bmin + 1u) >= (double)d * 0x1p-124);
     int64_t i = lo;
-#if ECO_AVX2
+#if ECO_VEC
     /* SR uniforms need one high index word for the whole range */
     if (!sr || ((uint64_t)lo >> 32) == ((uint64_t)hi >> 32)) {
-        const __m256 vd = _mm256_set1_ps(d), vrd = _mm256_set1_ps(1.0f / d),
-                     absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), zero = _mm256_setzero_ps();
-        const __m256i one = _mm256_set1_epi32(1), top = _mm256_set1_epi32(ntab - 2), b0 = _mm256_set1_epi32(S8_BKT0),
-                      blast = _mm256_set1_epi32(nbkt - 1), sgn = _mm256_set1_epi32(is_signed ? 128 : 0),
-                      low16 = _mm256_set1_epi32(0xFFFF), low17 = _mm256_set1_epi32(0x1FFFF),
-                      vk1 = _mm256_set1_epi32((int)k1), vk2 = _mm256_set1_epi32((int)(k2 + (uint32_t)((uint64_t)lo >> 32)));
-        __m256i vidx = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        for (; i + 8 <= hi; i += 8) {
-            const __m256 xv = _mm256_loadu_ps(x + (i - lo)), ax = _mm256_and_ps(xv, absm);
-            const __m256 y = mk ? v_div_mk(ax, vd, vrd) : _mm256_div_ps(ax, vd);
-            const __m256i yb = _mm256_castps_si256(y);
-            __m256i bk = _mm256_sub_epi32(_mm256_srli_epi32(yb, 16), b0);
-            bk = _mm256_min_epi32(_mm256_max_epi32(bk, _mm256_setzero_si256()), blast);
-            const __m256i e = _mm256_i32gather_epi32(sr ? bsr : brtn, bk, 4);
+        const vf vd = vf_set1(d), vrd = vf_set1(1.0f / d), absm = vf_cast(vi_set1(0x7FFFFFFF)), zero = vf_set1(0.0f);
+        const vi one = vi_set1(1), top = vi_set1(ntab - 2), b0 = vi_set1(S8_BKT0), blast = vi_set1(nbkt - 1),
+                 sgn = vi_set1(is_signed ? 128 : 0), low16 = vi_set1(0xFFFF), low17 = vi_set1(0x1FFFF),
+                 vk1 = vi_set1((int)k1), vk2 = vi_set1((int)(k2 + (uint32_t)((uint64_t)lo >> 32)));
+        vi vidx = vi_add(vi_set1((int)(uint32_t)lo), vi_iota());
+        for (; i + VL <= hi; i += VL) {
+            const vf xv = vf_load(x + (i - lo)), ax = vf_and(xv, absm);
+            const vf y = mk ? v_div_mk(ax, vd, vrd) : vf_div(ax, vd);
+            const vi yb = vi_cast(y);
+            const vi bk = vi_min(vi_max(vi_sub(vi_srli(yb, 16), b0), vi_zero()), blast);
+            const vi e = vi_gather(sr ? bsr : brtn, bk);
             /* how many midpoints are < y / entries are <= y: the bucket's base, + 1 if y passes its boundary */
-            const __m256i pass = _mm256_cmpgt_epi32(_mm256_add_epi32(_mm256_and_si256(yb, low16), one),
-                                                    _mm256_and_si256(e, low17));
-            __m256i c = _mm256_add_epi32(_mm256_srli_epi32(e, 17), _mm256_and_si256(pass, one));
+            const vm pass = vi_gt(vi_add(vi_and(yb, low16), one), vi_and(e, low17));
+            vi c = vi_add(vi_srli(e, 17), vi_maskz(pass, one));
             if (sr) { /* l = (entries <= y) - 1, clamped; up with probability (y - T[l]) / (T[l+1] - T[l]) */
-                c = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(c, one), _mm256_setzero_si256()), top);
-                const __m256 tl = _mm256_i32gather_ps(table, c, 4);
-                const __m256 th = _mm256_i32gather_ps(table, _mm256_add_epi32(c, one), 4);
-                const __m256 frac = _mm256_div_ps(_mm256_sub_ps(y, tl), _mm256_sub_ps(th, tl));
-                const __m256 up = _mm256_cmp_ps(v_uniform(vidx, vk1, vk2), frac, _CMP_LT_OQ);
-                c = _mm256_add_epi32(c, _mm256_and_si256(_mm256_castps_si256(up), one));
-                vidx = _mm256_add_epi32(vidx, _mm256_set1_epi32(8));
+                c = vi_min(vi_max(vi_sub(c, one), vi_zero()), top);
+                const vf tl = vf_gather(table, c), th = vf_gather(table, vi_add(c, one));
+                const vf frac = vf_div(vf_sub(y, tl), vf_sub(th, tl));
+                c = vi_add(c, vi_maskz(vf_lt(v_uniform(vidx, vk1, vk2), frac), one));
+                vidx = vi_add(vidx, vi_set1(VL));
             }
-            if (!is_signed) /* a positive second moment never becomes 0 */
-                c = _mm256_max_epi32(c, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(y, zero, _CMP_GT_OQ)), one));
-            c = _mm256_or_si256(c, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(xv, zero, _CMP_LT_OQ)), sgn));
-            const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-            _mm_storel_epi64((__m128i *)(codes + i), _mm_packus_epi16(p16, p16));
+            if (!is_signed) c = vi_max(c, vi_maskz(vf_gt(y, zero), one)); /* a positive v never becomes 0 */
+            vi_st_u8(codes + i, vi_or(c, vi_maskz(vf_lt(xv, zero), sgn)));
         }
     }
 #endif
@@ -429,15 +572,13 @@ static inline float s8_decode_scalar(const uint8_t *codes, const float *table, c
     return is_signed && c >= 128 ? -v : v;
 }
 
-#if ECO_AVX2
-/* elements j .. j+7, all in one state block */
-static inline __m256 s8_decode_vec(const uint8_t *codes, const float *table, float absmax, int64_t j, int is_signed) {
-    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + j)));
-    __m256 v = _mm256_mul_ps(_mm256_i32gather_ps(table, _mm256_and_si256(c, _mm256_set1_epi32(is_signed ? 0x7F : 0xFF)),
-                                                 4), _mm256_set1_ps(absmax));
-    if (is_signed) /* code bit 7 -> the sign bit: -v */
-        v = _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24)));
-    return v;
+#if ECO_VEC
+/* elements j .. j+VL-1; absmax: each lane's block absmax */
+static inline vf s8_decode_vec(const uint8_t *codes, const float *table, vf absmax, int64_t j, int is_signed) {
+    const vi c = vi_ld_u8(codes + j);
+    const vf v = vf_mul(vf_gather(table, vi_and(c, vi_set1(is_signed ? 0x7F : 0xFF))), absmax);
+    /* code bit 7 -> the sign bit: -v */
+    return is_signed ? vf_xor(v, vf_cast(vi_slli(vi_and(c, vi_set1(0x80)), 24))) : v;
 }
 #endif
 
@@ -450,8 +591,9 @@ static void s8_block(const s8_work *w, int64_t b) {
     }
     float *out = (float *)w->x;
     int64_t i = lo;
-#if ECO_AVX2
-    for (; i + 8 <= hi; i += 8) _mm256_storeu_ps(out + i, s8_decode_vec(w->codes, w->table, w->absmax[b], i, w->is_signed));
+#if ECO_VEC
+    for (; i + VL <= hi; i += VL)
+        vf_store(out + i, s8_decode_vec(w->codes, w->table, vf_set1(w->absmax[b]), i, w->is_signed));
 #endif
     for (; i < hi; i++) out[i] = s8_decode_scalar(w->codes, w->table, w->absmax, i, w->bs, w->is_signed);
 }
@@ -474,13 +616,12 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
     /* sqrt(v) / bc2s by Markstein: sqrt of a finite v is +0 or in [2^-75, 2^64], so with bc2s in [2^-40, 1]
      * the quotient and residual are normal. v = Inf gives NaN here: the block is re-run exactly. */
     if (!(bc2s >= 0x1p-40f && bc2s <= 1.0f)) vec = 0;
-#if ECO_AVX2
+#if ECO_VEC
     if (vec) {
-        const __m256 vsc = _mm256_set1_ps(sc), vdecay = _mm256_set1_ps(decay), vcoeff = _mm256_set1_ps(coeff),
-                     vb2 = _mm256_set1_ps(b2), vomb2 = _mm256_set1_ps(omb2), vbc2s = _mm256_set1_ps(bc2s),
-                     veps = _mm256_set1_ps(eps), vns = _mm256_set1_ps(ns), vrbc2s = _mm256_set1_ps(1.0f / bc2s),
-                     vgs = _mm256_set1_ps(a->gscale);
-        __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1);
+        const vf vsc = vf_set1(sc), vdecay = vf_set1(decay), vcoeff = vf_set1(coeff), vb2 = vf_set1(b2),
+                 vomb2 = vf_set1(omb2), vbc2s = vf_set1(bc2s), veps = vf_set1(eps), vns = vf_set1(ns),
+                 vrbc2s = vf_set1(1.0f / bc2s), vgs = vf_set1(a->gscale);
+        vi vmax = vi_zero(), vmin = vi_set1(-1);
         /* local copies: stores through float pointers could alias the struct, which would force a reload
          * of every pointer in every iteration */
         const void *codes = a->codes, *grad = a->grad, *mp = a->m, *vp = a->v;
@@ -490,29 +631,31 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
 #define A_VEC(ii, SMALL) /* SMALL: lerp's weight < 0.5 (its base is m, else g) */                           \
     do {                                                                                                \
         const int64_t i_ = (ii), j = base + i_;                                                         \
-        __m256 w = mst ? _mm256_loadu_ps(mst + j) : _mm256_mul_ps(v_decode_p(codes, j, fmt), vsc);      \
-        if (erp) w = _mm256_add_ps(w, _mm256_loadu_ps(erp + j));                                         \
-        w = _mm256_mul_ps(w, vdecay);                                                                   \
-        const __m256 g = _mm256_mul_ps(v_ld(grad, j, gbf), vgs);                                        \
-        __m256 m = sbf == 2 ? s8_decode_vec((const uint8_t *)mp, t7, mam[j >> s8sh], j, 1) : v_ld(mp, j, sbf); \
-        __m256 v = sbf == 2 ? s8_decode_vec((const uint8_t *)vp, t8, vam[j >> s8sh], j, 0) : v_ld(vp, j, sbf); \
-        m = _mm256_fmadd_ps(vcoeff, _mm256_sub_ps(g, m), (SMALL) ? m : g);                              \
-        v = _mm256_fmadd_ps(_mm256_mul_ps(vomb2, g), g, _mm256_mul_ps(v, vb2));                         \
-        const __m256 d = _mm256_add_ps(v_div_mk(_mm256_sqrt_ps(v), vbc2s, vrbc2s), veps);               \
-        w = _mm256_add_ps(w, _mm256_div_ps(_mm256_mul_ps(vns, m), d));                                  \
-        _mm256_storeu_ps(wt + (i_ - lo), w);                                                                   \
-        _mm256_storeu_ps(dn + (i_ - lo), d);                                                                   \
-        _mm256_storeu_ps(mf + (i_ - lo), m); /* the moments are written once, by sweep B (after the injection) */ \
-        _mm256_storeu_ps(vn + (i_ - lo), v);                                                                   \
+        vf w = mst ? vf_load(mst + j) : vf_mul(v_decode_p(codes, j, fmt), vsc);                         \
+        if (erp) w = vf_add(w, vf_load(erp + j));                                                       \
+        w = vf_mul(w, vdecay);                                                                          \
+        const vf g = vf_mul(v_ld(grad, j, gbf), vgs);                                                   \
+        vf m = sbf == 2 ? s8_decode_vec((const uint8_t *)mp, t7, v_s8_absmax(mam, j, s8sh), j, 1)      \
+                        : v_ld(mp, j, sbf);                                                             \
+        vf v = sbf == 2 ? s8_decode_vec((const uint8_t *)vp, t8, v_s8_absmax(vam, j, s8sh), j, 0)      \
+                        : v_ld(vp, j, sbf);                                                             \
+        m = vf_fmadd(vcoeff, vf_sub(g, m), (SMALL) ? m : g);                                            \
+        v = vf_fmadd(vf_mul(vomb2, g), g, vf_mul(v, vb2));                                              \
+        const vf d = vf_add(v_div_mk(vf_sqrt(v), vbc2s, vrbc2s), veps);                                 \
+        w = vf_add(w, vf_div(vf_mul(vns, m), d));                                                       \
+        vf_store(wt + (i_ - lo), w);                                                                    \
+        vf_store(dn + (i_ - lo), d);                                                                    \
+        vf_store(mf + (i_ - lo), m); /* the moments are written once, by sweep B (after the injection) */ \
+        vf_store(vn + (i_ - lo), v);                                                                    \
         ASTAT_VEC_UPDATE(w);                                                                            \
     } while (0)
 #define A_LOOP(SMALL)                                                                                   \
     do {                                                                                                \
-        for (; i + 16 <= hi; i += 16) {                                                                 \
+        for (; i + 2 * VL <= hi; i += 2 * VL) {                                                         \
             A_VEC(i, SMALL);                                                                            \
-            A_VEC(i + 8, SMALL);                                                                        \
+            A_VEC(i + VL, SMALL);                                                                       \
         }                                                                                               \
-        for (; i + 8 <= hi; i += 8) A_VEC(i, SMALL);                                                    \
+        for (; i + VL <= hi; i += VL) A_VEC(i, SMALL);                                                  \
     } while (0)
         if (small) A_LOOP(1);
         else A_LOOP(0);
@@ -561,27 +704,27 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
     const int first = a->first_step, nest = a->nesterov, has_mom = mom != 0.0f;
     astat st = {0.0f, INFINITY, 0};
     int64_t i = lo;
-#if ECO_AVX2
+#if ECO_VEC
     if (vec) {
-        const __m256 vsc = _mm256_set1_ps(sc), vwd = _mm256_set1_ps(wd), vmom = _mm256_set1_ps(mom),
-                     vomd = _mm256_set1_ps(omd), vnl = _mm256_set1_ps(nl), vgs = _mm256_set1_ps(a->gscale);
-        __m256i vmax = _mm256_setzero_si256(), vmin = _mm256_set1_epi32(-1);
+        const vf vsc = vf_set1(sc), vwd = vf_set1(wd), vmom = vf_set1(mom), vomd = vf_set1(omd), vnl = vf_set1(nl),
+                 vgs = vf_set1(a->gscale);
+        vi vmax = vi_zero(), vmin = vi_set1(-1);
         const void *codes = a->codes, *grad = a->grad, *mp = a->m;
         const float *mst = a->master, *erp = a->err;
-        for (; i + 8 <= hi; i += 8) {
+        for (; i + VL <= hi; i += VL) {
             const int64_t j = base + i;
-            __m256 w = mst ? _mm256_loadu_ps(mst + j) : _mm256_mul_ps(v_decode_p(codes, j, fmt), vsc);
-            if (erp) w = _mm256_add_ps(w, _mm256_loadu_ps(erp + j));
-            __m256 g = _mm256_mul_ps(v_ld(grad, j, gbf), vgs);
-            if (wd != 0.0f) g = _mm256_fmadd_ps(vwd, w, g);
-            __m256 d = g;
+            vf w = mst ? vf_load(mst + j) : vf_mul(v_decode_p(codes, j, fmt), vsc);
+            if (erp) w = vf_add(w, vf_load(erp + j));
+            vf g = vf_mul(v_ld(grad, j, gbf), vgs);
+            if (wd != 0.0f) g = vf_fmadd(vwd, w, g);
+            vf d = g;
             if (has_mom) {
-                __m256 m = first ? g : _mm256_fmadd_ps(vomd, g, _mm256_mul_ps(v_ld(mp, j, sbf), vmom));
-                d = nest ? _mm256_fmadd_ps(vmom, m, g) : m;
-                _mm256_storeu_ps(mf + (i - lo), m);
+                const vf m = first ? g : vf_fmadd(vomd, g, vf_mul(v_ld(mp, j, sbf), vmom));
+                d = nest ? vf_fmadd(vmom, m, g) : m;
+                vf_store(mf + (i - lo), m);
             }
-            w = _mm256_fmadd_ps(vnl, d, w);
-            _mm256_storeu_ps(wt + (i - lo), w);
+            w = vf_fmadd(vnl, d, w);
+            vf_store(wt + (i - lo), w);
             ASTAT_VEC_UPDATE(w);
         }
         astat_vec(&st, vmax, vmin);
@@ -644,108 +787,96 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
     float *const m8 = (float *)mf; /* 8-bit moments: the final m goes back to its scratch, to be encoded */
     float *const mst = a->master, *const erp = a->err;
     int64_t i = lo;
-#if ECO_AVX2
+#if ECO_VEC
     int64_t vhi = hi;
     /* the SR counter's low word must not wrap inside a vector: leave such a (>4G-element) range to the scalars */
-    if (sr && ((uint64_t)(base + lo) >> 32) != ((uint64_t)(base + hi + 8) >> 32)) vhi = lo;
+    if (sr && ((uint64_t)(base + lo) >> 32) != ((uint64_t)(base + hi + VL) >> 32)) vhi = lo;
     {
-        const __m256 vs = _mm256_set1_ps(s), vrs = _mm256_set1_ps(1.0f / s), vhi_ = _mm256_set1_ps(fmax),
-                     vlo = _mm256_set1_ps(-fmax), vcoef = _mm256_set1_ps(coef), one = _mm256_set1_ps(1.0f),
-                     sgn = _mm256_set1_ps(-0.0f);
+        const vf vs = vf_set1(s), vrs = vf_set1(1.0f / s), vhi_ = vf_set1(fmax), vlo = vf_set1(-fmax),
+                 vcoef = vf_set1(coef), one = vf_set1(1.0f), sgn = vf_set1(-0.0f);
+        /* SR counters: the low words of this vector's indices (advanced by VL per vector); the high word is
+         * the same for the whole range (checked above) */
+        vi vidx = vi_add(vi_set1((int)(uint32_t)(base + i)), vi_iota());
+        const vi vk1 = vi_set1((int)k1), vk2 = vi_set1((int)(k2 + (uint32_t)((uint64_t)(base + i) >> 32)));
         /* the constants live in registers: made opaque, so that the compiler cannot rebuild them inside the
          * loop (GCC does, at four instructions each, when it thinks a register is better used elsewhere) */
-        /* SR counters: the low words of this vector's indices (advanced by 8 per vector); the high word is
-         * the same for the whole range (checked above) */
-        __m256i vidx = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(base + i)),
-                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        const __m256i vk1 = _mm256_set1_epi32((int)k1),
-                      vk2 = _mm256_set1_epi32((int)(k2 + (uint32_t)((uint64_t)(base + i) >> 32)));
-        __m256i vminexp = _mm256_set1_epi32((emin + 127) << 23), vexpmask = _mm256_set1_epi32(0x7F800000),
-                vmagic = _mm256_set1_epi32(((23 - man) << 23) | 0x400000);
-        __asm__("" : "+x"(vminexp), "+x"(vexpmask), "+x"(vmagic));
+        vi vminexp = vi_set1((emin + 127) << 23), vexpmask = vi_set1(0x7F800000),
+           vmagic = vi_set1(((23 - man) << 23) | 0x400000);
+        __asm__("" : "+v"(vminexp), "+v"(vexpmask), "+v"(vmagic));
         /* Sweep B touches only in-cache data, so memory would idle: prefetch the next block's inputs now
          * (the arrays are contiguous, so that is one block ahead of j). */
         const char *pf_codes = (const char *)codes, *pf_g = (const char *)a->grad, *pf_m = (const char *)mp,
                    *pf_v = (const char *)vp;
         const int esz_g = a->grad_bf16 ? 2 : 4, esz_s = sbf == 2 ? 1 : sbf ? 2 : 4;
         const int64_t ahead = hi - lo; /* the next block, or the next range of a large one */
-#define B_VEC(ii, HM, INJ) /* HM: there is a momentum; INJ: inject the error into it */                \
+#define B_VEC(ii, HM, INJ) /* HM: there is a momentum; INJ: inject the error into it */                      \
     do {                                                                                                      \
         const int64_t i_ = (ii), j = base + i_;                                                               \
-        const __m256 w = _mm256_loadu_ps(wt + (i_ - lo));                                                            \
-        __m256 y = w;                                                                                         \
-        if (!unscaled) y = mk ? v_div_mk(w, vs, vrs) : _mm256_div_ps(w, vs);                                  \
-        y = _mm256_min_ps(_mm256_max_ps(y, vlo), vhi_);                                                       \
-        __m256 q;                                                                                             \
+        const vf w = vf_load(wt + (i_ - lo));                                                                 \
+        vf y = w;                                                                                             \
+        if (!unscaled) y = mk ? v_div_mk(w, vs, vrs) : vf_div(w, vs);                                         \
+        y = vf_min(vf_max(y, vlo), vhi_);                                                                     \
+        vf q;                                                                                                 \
         if (fmt == FMT_BF16) {                                                                                \
-            const __m256i u = _mm256_castps_si256(y);                                                         \
+            const vi u = vi_cast(y);                                                                          \
             if (sr) {                                                                                         \
                 /* the bf16 grid spacing is the unit of bit 16 (subnormals included), so floor/frac come     \
                  * from the bit pattern: frac = L/2^16 above zero, 1 - L/2^16 below (L = low 16 bits) */      \
-                const __m256i L = _mm256_and_si256(u, _mm256_set1_epi32(0xFFFF));                             \
-                const __m256i T = _mm256_andnot_si256(_mm256_set1_epi32(0xFFFF), u);                          \
-                const __m256 fl = _mm256_mul_ps(_mm256_cvtepi32_ps(L), _mm256_set1_ps(0x1p-16f));             \
-                const __m256 neg = _mm256_castsi256_ps(_mm256_srai_epi32(u, 31));                             \
-                const __m256 frac = _mm256_blendv_ps(fl, _mm256_sub_ps(one, fl), neg);                        \
-                const __m256 up = _mm256_cmp_ps(v_uniform(vidx, vk1, vk2), frac, _CMP_LT_OQ);           \
+                const vi L = vi_and(u, vi_set1(0xFFFF)), T = vi_andnot(vi_set1(0xFFFF), u);                   \
+                const vf fl = vf_mul(vf_of_i(L), vf_set1(0x1p-16f));                                          \
+                const vm neg = vi_neg(u);                                                                     \
+                const vm up = vf_lt(v_uniform(vidx, vk1, vk2), vf_blend(fl, vf_sub(one, fl), neg));           \
                 /* above zero "up" adds one grid step to the magnitude, below zero "not up" does */           \
-                const __m256 grow = _mm256_xor_ps(up, neg);                                                   \
-                __m256i qb = _mm256_add_epi32(                                                                \
-                    T, _mm256_and_si256(_mm256_castps_si256(grow), _mm256_set1_epi32(0x10000)));             \
-                const __m256i exact = _mm256_cmpeq_epi32(L, _mm256_setzero_si256());                          \
-                q = _mm256_castsi256_ps(_mm256_blendv_epi8(qb, u, exact));                                    \
+                const vi qb = vi_add(T, vi_maskz(vm_xor(up, neg), vi_set1(0x10000)));                         \
+                q = vf_cast(vi_blend(qb, u, vi_eq(L, vi_zero()))); /* on the grid already: exact */           \
             } else { /* round to nearest even on the bit pattern (c10::BFloat16's rounding) */                \
-                const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),            \
-                    _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));                       \
-                q = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_set1_epi32(0xFFFF), r));                   \
+                const vi r = vi_add(u, vi_add(vi_set1(0x7FFF), vi_and(vi_srli(u, 16), vi_set1(1))));          \
+                q = vf_cast(vi_andnot(vi_set1(0xFFFF), r));                                                   \
             }                                                                                                 \
         } else if (fmt == FMT_INT8 || fmt == FMT_INT4) {                                                      \
             if (sr) {                                                                                         \
-                const __m256 f = _mm256_floor_ps(y);                                                          \
-                const __m256 up = _mm256_cmp_ps(v_uniform(vidx, vk1, vk2), _mm256_sub_ps(y, f), _CMP_LT_OQ); \
-                q = _mm256_add_ps(f, _mm256_and_ps(up, one));                                                 \
+                const vf f = vf_floor(y);                                                                     \
+                q = vf_add(f, vf_maskz(vf_lt(v_uniform(vidx, vk1, vk2), vf_sub(y, f)), one));                 \
             } else {                                                                                          \
-                q = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);                        \
+                q = vf_rint(y);                                                                               \
             }                                                                                                 \
         } else {                                                                                              \
             /* grid spacing sp = 2^(max(floor(log2|y|), emin) - man), built directly in the exponent field */  \
-            const __m256i ebits = _mm256_max_epi32(                                                           \
-                _mm256_and_si256(_mm256_castps_si256(y), vexpmask), vminexp);                                 \
+            const vi ebits = vi_max(vi_and(vi_cast(y), vexpmask), vminexp);                                   \
             if (sr) {                                                                                         \
-                const __m256i spb = _mm256_sub_epi32(ebits, _mm256_set1_epi32(man << 23));                    \
+                const vi spb = vi_sub(ebits, vi_set1(man << 23));                                             \
                 /* y / sp is exact (sp is a power of two), so multiplying by 1/sp (also exact) is the same */ \
-                const __m256 r = _mm256_mul_ps(                                                               \
-                    y, _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(254 << 23), spb)));            \
-                const __m256 f = _mm256_floor_ps(r);                                                          \
-                const __m256 up = _mm256_cmp_ps(v_uniform(vidx, vk1, vk2), _mm256_sub_ps(r, f), _CMP_LT_OQ); \
-                q = _mm256_mul_ps(_mm256_add_ps(f, _mm256_and_ps(up, one)), _mm256_castsi256_ps(spb));       \
+                const vf r = vf_mul(y, vf_cast(vi_sub(vi_set1(254 << 23), spb)));                             \
+                const vf f = vf_floor(r);                                                                     \
+                const vm up = vf_lt(v_uniform(vidx, vk1, vk2), vf_sub(r, f));                                 \
+                q = vf_mul(vf_add(f, vf_maskz(up, one)), vf_cast(spb));                                       \
             } else {                                                                                          \
                 /* round y to a multiple of sp, ties to even: (y + M) - M with M = 1.5 * 2^23 * sp            \
                  * (|y| < 2^22 sp) is exactly sp * round_half_even(y / sp) */                                 \
-                const __m256 magic = _mm256_castsi256_ps(                                                     \
-                    _mm256_add_epi32(ebits, vmagic));                                                         \
-                q = _mm256_sub_ps(_mm256_add_ps(y, magic), magic);                                            \
+                const vf magic = vf_cast(vi_add(ebits, vmagic));                                              \
+                q = vf_sub(vf_add(y, magic), magic);                                                          \
                 /* a y that rounds to zero keeps its sign, as round() does (-0 has its own fp8 code); the     \
                  * sign is w's, which v_div_mk may have dropped from a -0 */                                  \
-                q = _mm256_or_ps(q, _mm256_and_ps(w, sgn));                                                   \
+                q = vf_or(q, vf_and(w, sgn));                                                                 \
             }                                                                                                 \
         }                                                                                                     \
-        v_store_codes(codes, j, q, fmt, bias);                                                           \
-        if (mst) _mm256_storeu_ps(mst + j, w);                                                            \
-        if (erp) _mm256_storeu_ps(erp + j, _mm256_sub_ps(w, _mm256_mul_ps(q, vs)));                       \
-        if (adam && sbf != 2) v_st(vp, j, _mm256_loadu_ps(vn + (i_ - lo)), sbf);                                     \
+        v_store_codes(codes, j, q, fmt, bias);                                                                \
+        if (mst) vf_store(mst + j, w);                                                                        \
+        if (erp) vf_store(erp + j, vf_sub(w, vf_mul(q, vs)));                                                 \
+        if (adam && sbf != 2) v_st(vp, j, vf_load(vn + (i_ - lo)), sbf);                                      \
         if (HM) {                                                                                             \
-            __m256 m = _mm256_loadu_ps(mf + (i_ - lo));                                                              \
-            if (INJ) {                                                                                     \
-                const __m256 err = _mm256_sub_ps(w, _mm256_mul_ps(q, vs));                                    \
-                if (adam) m = _mm256_fmadd_ps(_mm256_mul_ps(vcoef, err), _mm256_loadu_ps(dn + (i_ - lo)), m);        \
-                else m = _mm256_fmadd_ps(vcoef, err, m);                                                      \
+            vf m = vf_load(mf + (i_ - lo));                                                                   \
+            if (INJ) {                                                                                        \
+                const vf err = vf_sub(w, vf_mul(q, vs));                                                      \
+                if (adam) m = vf_fmadd(vf_mul(vcoef, err), vf_load(dn + (i_ - lo)), m);                       \
+                else m = vf_fmadd(vcoef, err, m);                                                             \
             }                                                                                                 \
-            if (sbf == 2) _mm256_storeu_ps(m8 + (i_ - lo), m); /* encoded below, a state block at a time */     \
+            if (sbf == 2) vf_store(m8 + (i_ - lo), m); /* encoded below, a state block at a time */           \
             else v_st(mp, j, m, sbf);                                                                         \
         }                                                                                                     \
-        if (sr) vidx = _mm256_add_epi32(vidx, _mm256_set1_epi32(8));                                         \
+        if (sr) vidx = vi_add(vidx, vi_set1(VL));                                                             \
     } while (0)
+        /* 16 elements per iteration (one 64-byte line of fp32 per stream): one prefetch per stream */
 #define B_LOOP(HM, INJ)                                                                                       \
     do {                                                                                                      \
         for (; i + 16 <= vhi; i += 16) {                                                                      \
@@ -755,10 +886,9 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
             if (adam) _mm_prefetch(pf_v + n * esz_s, _MM_HINT_T0);                                            \
             if ((i & 63) == 0)                                                                                \
                 _mm_prefetch(pf_codes + (fmt == FMT_BF16 ? 2 * n : fmt == FMT_INT4 ? n / 2 : n), _MM_HINT_T0); \
-            B_VEC(i, HM, INJ);                                                                                \
-            B_VEC(i + 8, HM, INJ);                                                                            \
+            for (int u_ = 0; u_ < 16; u_ += VL) B_VEC(i + u_, HM, INJ);                                       \
         }                                                                                                     \
-        for (; i + 8 <= vhi; i += 8) B_VEC(i, HM, INJ);                                                       \
+        for (; i + VL <= vhi; i += VL) B_VEC(i, HM, INJ);                                                     \
     } while (0)
         /* one loop per momentum/injection case, so that the loop body has no branches */
         if (adam || has_m) {
@@ -1230,9 +1360,14 @@ static double sumsq_range(const void *p, int64_t lo, int64_t hi, int dt) {
         if (dt == 2) {
             x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
             y = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i + 8)));
+        } else if (dt == 1) { /* bf16: the top halves of fp32 values */
+            x = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+            y = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i + 8))), 16));
         } else {
-            x = v_ld(p, i, dt);
-            y = v_ld(p, i + 8, dt);
+            x = _mm256_loadu_ps((const float *)p + i);
+            y = _mm256_loadu_ps((const float *)p + i + 8);
         }
         const __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(x)), x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
         const __m256d y0 = _mm256_cvtps_pd(_mm256_castps256_ps128(y)), y1 = _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1));
@@ -1319,3 +1454,12 @@ void eco_state8(float *x, uint8_t *codes, float *absmax, const float *table, con
 }
 
 int eco_abi_version(void) { return 11; }
+
+/* lanes of the sweeps' vector code in this build: 16 (AVX-512), 8 (AVX2) or 1 (the scalar code) */
+int eco_vector_lanes(void) {
+#if ECO_VEC
+    return VL;
+#else
+    return 1;
+#endif
+}
