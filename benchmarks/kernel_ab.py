@@ -48,7 +48,8 @@ class _ArgsV6(ctypes.Structure):
 def _stepper(lib: ctypes.CDLL):
     """fused.run's replacement that steps the jobs with ``lib`` (converting the arguments for ABI 6)."""
     abi = lib.eco_abi_version()
-    if abi in (7, 8, 9, 10, kernels._ABI):  # 8-11 only appended fields (8-bit states, master/exact buffers, gscale)
+    if abi in (7, 8, 9, 10, 11, kernels._ABI):  # 8-12 only appended fields (8-bit states, master/exact
+        # buffers, gscale, the kahan compensation)
         def run(jobs, skip_nonfinite=False):
             kernels._lib = lib
             return real_run(jobs, skip_nonfinite)

@@ -70,13 +70,15 @@ class EcoArgs(ctypes.Structure):
         ("master", ctypes.c_void_p), ("err", ctypes.c_void_p),
         # gradient scale (clip_grad_norm_ folded into the step; 1.0 = none)
         ("gscale", ctypes.c_float),
+        # mode 'kahan': the compensation's codes and scales
+        ("comp", ctypes.c_void_p), ("comp_scale", ctypes.c_void_p),
     ]
 
 
 _lib: ctypes.CDLL | None = None
 _tried = False
 _threads_on: str | None = None
-_ABI = 11
+_ABI = 12
 
 
 def _cache_dir() -> Path:

@@ -83,6 +83,11 @@ typedef struct {
     /* every gradient element is multiplied by gscale as it is read (1: exact, x * 1 == x): the clipping
      * factor of QuantOptimizer.clip_grad_norm_, folded into the step instead of a pass that rewrites the grads */
     float gscale;
+    /* mode 'kahan': the compensation, stored like the weight (codes in its format, nb scales or NULL), added to
+     * w_til before the rounding and replaced by the rounded error (sweep C); NULL otherwise. Blocks of at most
+     * SPLIT elements only (the error must stay in the block's scratch). */
+    void *comp;
+    float *comp_scale;
 } eco_args;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -123,12 +128,12 @@ static inline float ld_scalar(const void *p, int64_t j, const int bf) {
 }
 
 /* code j as its exact fp32 value (fp8 through torch's own decode table) */
-static inline float decode_scalar(const eco_args *a, int64_t j, const int fmt) {
-    const uint8_t *c = (const uint8_t *)a->codes;
+static inline float decode_scalar(const void *codes, const float *lut, int64_t j, const int fmt) {
+    const uint8_t *c = (const uint8_t *)codes;
     if (fmt == FMT_INT8) return (float)((const int8_t *)c)[j];
     if (fmt == FMT_BF16) return bf16_to_f32(((const uint16_t *)c)[j]);
     if (fmt == FMT_INT4) return (float)((int)((c[j >> 1] >> (4 * (j & 1))) & 0xF) - 8);
-    return a->lut[c[j]];
+    return lut[c[j]];
 }
 static inline uint32_t f_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
@@ -518,6 +523,7 @@ static void s8_encode(const float *x, uint8_t *codes, float *absmax_out, int64_t
     const float d = amax > 0.0f ? amax : 1.0f;
     /* |x| / d by Markstein (see v_div_mk) when every nonzero |x| >= 2^-90 and quotient >= 2^-124 */
     const int mk = bmin == 0xFFFFFFFFu || (bits_f(bmin + 1u) >= 0x1p-90f && (double)bits_f(bmin + 1u) >= (double)d * 0x1p-124);
+    (void)mk; /* the vector code's */
     int64_t i = lo;
 #if ECO_VEC
     /* SR uniforms need one high index word for the whole range */
@@ -607,6 +613,7 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
                                                                   const int sbf, const int fmt) {
     const int64_t base = b * a->bs;
     const float sc = a->scale ? a->scale[b] : 1.0f; /* unscaled: x * 1 is exact, as no multiply at all */
+    const float csc = a->comp_scale ? a->comp_scale[b] : 1.0f; /* mode 'kahan': the compensation's scale */
     const float decay = a->decay, w1 = a->w1, b2 = a->b2, omb2 = a->omb2, bc2s = a->bc2s, eps = a->eps,
                 ns = a->neg_step;
     const int small = w1 < 0.5f;
@@ -620,7 +627,7 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
     if (vec) {
         const vf vsc = vf_set1(sc), vdecay = vf_set1(decay), vcoeff = vf_set1(coeff), vb2 = vf_set1(b2),
                  vomb2 = vf_set1(omb2), vbc2s = vf_set1(bc2s), veps = vf_set1(eps), vns = vf_set1(ns),
-                 vrbc2s = vf_set1(1.0f / bc2s), vgs = vf_set1(a->gscale);
+                 vrbc2s = vf_set1(1.0f / bc2s), vgs = vf_set1(a->gscale), vcsc = vf_set1(csc);
         vi vmax = vi_zero(), vmin = vi_set1(-1);
         /* local copies: stores through float pointers could alias the struct, which would force a reload
          * of every pointer in every iteration */
@@ -628,6 +635,7 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
         const float *t7 = a->t7, *t8 = a->t8, *mam = a->m_absmax, *vam = a->v_absmax;
         const int s8sh = sbf == 2 ? __builtin_ctzll((unsigned long long)a->s8bs) : 0; /* s8bs: a power of two */
         const float *mst = a->master, *erp = a->err;
+        const void *cmp = a->comp;
 #define A_VEC(ii, SMALL) /* SMALL: lerp's weight < 0.5 (its base is m, else g) */                           \
     do {                                                                                                \
         const int64_t i_ = (ii), j = base + i_;                                                         \
@@ -643,6 +651,7 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
         v = vf_fmadd(vf_mul(vomb2, g), g, vf_mul(v, vb2));                                              \
         const vf d = vf_add(v_div_mk(vf_sqrt(v), vbc2s, vrbc2s), veps);                                 \
         w = vf_add(w, vf_div(vf_mul(vns, m), d));                                                       \
+        if (cmp) w = vf_add(w, vf_mul(v_decode_p(cmp, j, fmt), vcsc)); /* kahan: + the compensation */ \
         vf_store(wt + (i_ - lo), w);                                                                    \
         vf_store(dn + (i_ - lo), d);                                                                    \
         vf_store(mf + (i_ - lo), m); /* the moments are written once, by sweep B (after the injection) */ \
@@ -667,7 +676,7 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
     (void)vec;
     for (; i < hi; i++) {
         const int64_t j = base + i;
-        float w = a->master ? a->master[j] : decode_scalar(a, j, fmt) * sc;
+        float w = a->master ? a->master[j] : decode_scalar(a->codes, a->lut, j, fmt) * sc;
         if (a->err) w = w + a->err[j];
         w = w * decay;
         const float g = ld_scalar(a->grad, j, gbf) * a->gscale;
@@ -684,6 +693,7 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
         const float d = sqrtf(v) / bc2s + eps;
         /* addcdiv_(m, d, value=-step_size) */
         w = w + ns * m / d;
+        if (a->comp) w = w + decode_scalar(a->comp, a->lut, j, fmt) * csc; /* kahan: w_til + the compensation */
         wt[i - lo] = w;
         dn[i - lo] = d;
         mf[i - lo] = m;
@@ -700,6 +710,7 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
                                                                 const int gbf, const int sbf, const int fmt) {
     const int64_t base = b * a->bs;
     const float sc = a->scale ? a->scale[b] : 1.0f; /* unscaled: x * 1 is exact, as no multiply at all */
+    const float csc = a->comp_scale ? a->comp_scale[b] : 1.0f; /* mode 'kahan': the compensation's scale */
     const float wd = a->wd, mom = a->mom, omd = a->omd, nl = a->neg_lr;
     const int first = a->first_step, nest = a->nesterov, has_mom = mom != 0.0f;
     astat st = {0.0f, INFINITY, 0};
@@ -707,9 +718,9 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
 #if ECO_VEC
     if (vec) {
         const vf vsc = vf_set1(sc), vwd = vf_set1(wd), vmom = vf_set1(mom), vomd = vf_set1(omd), vnl = vf_set1(nl),
-                 vgs = vf_set1(a->gscale);
+                 vgs = vf_set1(a->gscale), vcsc = vf_set1(csc);
         vi vmax = vi_zero(), vmin = vi_set1(-1);
-        const void *codes = a->codes, *grad = a->grad, *mp = a->m;
+        const void *codes = a->codes, *grad = a->grad, *mp = a->m, *cmp = a->comp;
         const float *mst = a->master, *erp = a->err;
         for (; i + VL <= hi; i += VL) {
             const int64_t j = base + i;
@@ -724,6 +735,7 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
                 vf_store(mf + (i - lo), m);
             }
             w = vf_fmadd(vnl, d, w);
+            if (cmp) w = vf_add(w, vf_mul(v_decode_p(cmp, j, fmt), vcsc)); /* kahan: + the compensation */
             vf_store(wt + (i - lo), w);
             ASTAT_VEC_UPDATE(w);
         }
@@ -733,7 +745,7 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
     (void)vec;
     for (; i < hi; i++) {
         const int64_t j = base + i;
-        float w = a->master ? a->master[j] : decode_scalar(a, j, fmt) * sc;
+        float w = a->master ? a->master[j] : decode_scalar(a->codes, a->lut, j, fmt) * sc;
         if (a->err) w = w + a->err[j];
         float g = ld_scalar(a->grad, j, gbf) * a->gscale;
         if (wd != 0.0f) g = fmaf(wd, w, g);
@@ -750,6 +762,7 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
             mf[i - lo] = m;
         }
         w = fmaf(nl, d, w);
+        if (a->comp) w = w + decode_scalar(a->comp, a->lut, j, fmt) * csc; /* kahan: + the compensation */
         wt[i - lo] = w;
         astat_scalar(&st, w);
     }
@@ -771,29 +784,77 @@ static inline int markstein_ok(float s, astat st) {
     return st.minnz == INFINITY || (st.minnz >= 0x1p-90f && (double)st.minnz >= (double)s * 0x1p-124);
 }
 
+#if ECO_VEC
+/* y (clamped to +-fmax, on the format's scale) rounded to the nearest grid value, ties to even; sgnsrc: the
+ * value whose sign a y that rounds to zero keeps (as round() keeps it: -0 has its own fp8 code) */
+static inline __attribute__((always_inline)) vf v_round_nearest(vf y, vf sgnsrc, const int fmt, vi vexpmask,
+                                                                vi vminexp, vi vmagic) {
+    if (fmt == FMT_BF16) { /* round to nearest even on the bit pattern (c10::BFloat16's rounding) */
+        const vi u = vi_cast(y);
+        const vi r = vi_add(u, vi_add(vi_set1(0x7FFF), vi_and(vi_srli(u, 16), vi_set1(1))));
+        return vf_cast(vi_andnot(vi_set1(0xFFFF), r));
+    }
+    if (fmt == FMT_INT8 || fmt == FMT_INT4) return vf_rint(y);
+    /* grid spacing sp = 2^(max(floor(log2|y|), emin) - man), built directly in the exponent field; y rounded to
+     * a multiple of sp, ties to even: (y + M) - M with M = 1.5 * 2^23 * sp (|y| < 2^22 sp) is exactly
+     * sp * round_half_even(y / sp). The sign is sgnsrc's, which v_div_mk may have dropped from a -0. */
+    const vf magic = vf_cast(vi_add(vi_max(vi_and(vi_cast(y), vexpmask), vminexp), vmagic));
+    return vf_or(vf_sub(vf_add(y, magic), magic), vf_and(sgnsrc, vf_set1(-0.0f)));
+}
+#endif
+
+/* the scalar version (nearbyintf rounds ties to even and keeps the sign of zero) */
+static inline float round_nearest(float y, const int fmt) {
+    if (fmt == FMT_BF16) return bits_f((f_bits(y) + 0x7FFFu + ((f_bits(y) >> 16) & 1u)) & 0xFFFF0000u);
+    if (fmt == FMT_INT8 || fmt == FMT_INT4) return nearbyintf(y);
+    const int man = fmt == FMT_E4M3 ? 3 : 2, emin = fmt == FMT_E4M3 ? -6 : -14;
+    const int32_t e = (int32_t)((f_bits(y) >> 23) & 0xFFu) - 127, k = (e < emin ? emin : e) - man;
+    const float sp = bits_f((uint32_t)(k + 127) << 23);
+    return nearbyintf(y / sp) * sp; /* y / sp and the product are exact: sp is a power of two */
+}
+
+/* grid value q (on the format's scale) -> code j */
+static inline void store_code(void *codes, int64_t j, float q, const int fmt) {
+    if (fmt == FMT_BF16) {
+        ((uint16_t *)codes)[j] = (uint16_t)(f_bits(q) >> 16);
+    } else if (fmt == FMT_INT8) {
+        ((int8_t *)codes)[j] = (int8_t)q;
+    } else if (fmt == FMT_INT4) { /* one nibble: blocks and thread ranges start at even indices, so no byte is shared */
+        uint8_t *byte = (uint8_t *)codes + (j >> 1);
+        const int sh = 4 * (int)(j & 1);
+        *byte = (uint8_t)((*byte & ~(0xF << sh)) | (((int)q + 8) << sh));
+    } else {
+        ((uint8_t *)codes)[j] = encode_fp8(q, fmt == FMT_E4M3 ? 3 : 2, fmt == FMT_E4M3 ? 7 : 15);
+    }
+}
+
 /* sweep B: quantize w_til with scale s, write codes, inject s-scaled error into the momentum, write the
- * moments (mk: divide by s with v_div_mk, see markstein_ok) */
-static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int64_t b, int64_t lo, int64_t hi,
-                                                          float s, int mk, const float *wt, const float *dn,
-                                                          const float *mf, const float *vn, const int sbf,
-                                                          const int fmt, const int sr, const int adam) {
+ * moments (mk: divide by s with v_div_mk, see markstein_ok). Mode 'kahan' (a->comp): the error
+ * w_til - w_hat replaces w_til in the scratch, for sweep C; returns its statistics. */
+static inline __attribute__((always_inline)) astat sweep_b(const eco_args *a, int64_t b, int64_t lo, int64_t hi,
+                                                           float s, int mk, float *wt, const float *dn,
+                                                           const float *mf, const float *vn, const int sbf,
+                                                           const int fmt, const int sr, const int adam) {
     const int64_t base = b * a->bs;
     const float fmax = a->fmax, coef = a->coef;
     /* the fp8 grid parameters are the format's constants (FP8_E4M3/E5M2 in formats.py), known at compile time */
-    const int man = fmt == FMT_E4M3 ? 3 : 2, emin = fmt == FMT_E4M3 ? -6 : -14, bias = fmt == FMT_E4M3 ? 7 : 15;
-    const int inject = a->inject, has_m = a->m != NULL, unscaled = fmt == FMT_BF16;
+    const int man = fmt == FMT_E4M3 ? 3 : 2, emin = fmt == FMT_E4M3 ? -6 : -14;
+    const int inject = a->inject, has_m = a->m != NULL, unscaled = fmt == FMT_BF16, kahan = a->comp != NULL;
     const uint32_t k1 = a->k1, k2 = a->k2;
     void *const codes = a->codes, *const mp = a->m, *const vp = a->v;
     float *const m8 = (float *)mf; /* 8-bit moments: the final m goes back to its scratch, to be encoded */
     float *const mst = a->master, *const erp = a->err;
+    astat st = {0.0f, INFINITY, 0}; /* kahan: of the error */
     int64_t i = lo;
 #if ECO_VEC
     int64_t vhi = hi;
     /* the SR counter's low word must not wrap inside a vector: leave such a (>4G-element) range to the scalars */
     if (sr && ((uint64_t)(base + lo) >> 32) != ((uint64_t)(base + hi + VL) >> 32)) vhi = lo;
     {
+        const int bias = fmt == FMT_E4M3 ? 7 : 15;
         const vf vs = vf_set1(s), vrs = vf_set1(1.0f / s), vhi_ = vf_set1(fmax), vlo = vf_set1(-fmax),
-                 vcoef = vf_set1(coef), one = vf_set1(1.0f), sgn = vf_set1(-0.0f);
+                 vcoef = vf_set1(coef), one = vf_set1(1.0f);
+        vi vmax = vi_zero(), vmin = vi_set1(-1);
         /* SR counters: the low words of this vector's indices (advanced by VL per vector); the high word is
          * the same for the whole range (checked above) */
         vi vidx = vi_add(vi_set1((int)(uint32_t)(base + i)), vi_iota());
@@ -809,7 +870,7 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
                    *pf_v = (const char *)vp;
         const int esz_g = a->grad_bf16 ? 2 : 4, esz_s = sbf == 2 ? 1 : sbf ? 2 : 4;
         const int64_t ahead = hi - lo; /* the next block, or the next range of a large one */
-#define B_VEC(ii, HM, INJ) /* HM: there is a momentum; INJ: inject the error into it */                      \
+#define B_VEC(ii, HM, INJ, KH) /* HM: there is a momentum; INJ: inject the error into it; KH: mode 'kahan' */   \
     do {                                                                                                      \
         const int64_t i_ = (ii), j = base + i_;                                                               \
         const vf w = vf_load(wt + (i_ - lo));                                                                 \
@@ -817,52 +878,36 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
         if (!unscaled) y = mk ? v_div_mk(w, vs, vrs) : vf_div(w, vs);                                         \
         y = vf_min(vf_max(y, vlo), vhi_);                                                                     \
         vf q;                                                                                                 \
-        if (fmt == FMT_BF16) {                                                                                \
-            const vi u = vi_cast(y);                                                                          \
-            if (sr) {                                                                                         \
-                /* the bf16 grid spacing is the unit of bit 16 (subnormals included), so floor/frac come     \
-                 * from the bit pattern: frac = L/2^16 above zero, 1 - L/2^16 below (L = low 16 bits) */      \
-                const vi L = vi_and(u, vi_set1(0xFFFF)), T = vi_andnot(vi_set1(0xFFFF), u);                   \
-                const vf fl = vf_mul(vf_of_i(L), vf_set1(0x1p-16f));                                          \
-                const vm neg = vi_neg(u);                                                                     \
-                const vm up = vf_lt(v_uniform(vidx, vk1, vk2), vf_blend(fl, vf_sub(one, fl), neg));           \
-                /* above zero "up" adds one grid step to the magnitude, below zero "not up" does */           \
-                const vi qb = vi_add(T, vi_maskz(vm_xor(up, neg), vi_set1(0x10000)));                         \
-                q = vf_cast(vi_blend(qb, u, vi_eq(L, vi_zero()))); /* on the grid already: exact */           \
-            } else { /* round to nearest even on the bit pattern (c10::BFloat16's rounding) */                \
-                const vi r = vi_add(u, vi_add(vi_set1(0x7FFF), vi_and(vi_srli(u, 16), vi_set1(1))));          \
-                q = vf_cast(vi_andnot(vi_set1(0xFFFF), r));                                                   \
-            }                                                                                                 \
+        if (!sr) {                                                                                            \
+            q = v_round_nearest(y, w, fmt, vexpmask, vminexp, vmagic);                                        \
+        } else if (fmt == FMT_BF16) {                                                                         \
+            /* the bf16 grid spacing is the unit of bit 16 (subnormals included), so floor/frac come from the \
+             * bit pattern: frac = L/2^16 above zero, 1 - L/2^16 below (L = low 16 bits) */                   \
+            const vi u = vi_cast(y), L = vi_and(u, vi_set1(0xFFFF)), T = vi_andnot(vi_set1(0xFFFF), u);       \
+            const vf fl = vf_mul(vf_of_i(L), vf_set1(0x1p-16f));                                              \
+            const vm neg = vi_neg(u);                                                                         \
+            const vm up = vf_lt(v_uniform(vidx, vk1, vk2), vf_blend(fl, vf_sub(one, fl), neg));               \
+            /* above zero "up" adds one grid step to the magnitude, below zero "not up" does */               \
+            const vi qb = vi_add(T, vi_maskz(vm_xor(up, neg), vi_set1(0x10000)));                             \
+            q = vf_cast(vi_blend(qb, u, vi_eq(L, vi_zero()))); /* on the grid already: exact */               \
         } else if (fmt == FMT_INT8 || fmt == FMT_INT4) {                                                      \
-            if (sr) {                                                                                         \
-                const vf f = vf_floor(y);                                                                     \
-                q = vf_add(f, vf_maskz(vf_lt(v_uniform(vidx, vk1, vk2), vf_sub(y, f)), one));                 \
-            } else {                                                                                          \
-                q = vf_rint(y);                                                                               \
-            }                                                                                                 \
-        } else {                                                                                              \
-            /* grid spacing sp = 2^(max(floor(log2|y|), emin) - man), built directly in the exponent field */  \
-            const vi ebits = vi_max(vi_and(vi_cast(y), vexpmask), vminexp);                                   \
-            if (sr) {                                                                                         \
-                const vi spb = vi_sub(ebits, vi_set1(man << 23));                                             \
-                /* y / sp is exact (sp is a power of two), so multiplying by 1/sp (also exact) is the same */ \
-                const vf r = vf_mul(y, vf_cast(vi_sub(vi_set1(254 << 23), spb)));                             \
-                const vf f = vf_floor(r);                                                                     \
-                const vm up = vf_lt(v_uniform(vidx, vk1, vk2), vf_sub(r, f));                                 \
-                q = vf_mul(vf_add(f, vf_maskz(up, one)), vf_cast(spb));                                       \
-            } else {                                                                                          \
-                /* round y to a multiple of sp, ties to even: (y + M) - M with M = 1.5 * 2^23 * sp            \
-                 * (|y| < 2^22 sp) is exactly sp * round_half_even(y / sp) */                                 \
-                const vf magic = vf_cast(vi_add(ebits, vmagic));                                              \
-                q = vf_sub(vf_add(y, magic), magic);                                                          \
-                /* a y that rounds to zero keeps its sign, as round() does (-0 has its own fp8 code); the     \
-                 * sign is w's, which v_div_mk may have dropped from a -0 */                                  \
-                q = vf_or(q, vf_and(w, sgn));                                                                 \
-            }                                                                                                 \
+            const vf f = vf_floor(y);                                                                         \
+            q = vf_add(f, vf_maskz(vf_lt(v_uniform(vidx, vk1, vk2), vf_sub(y, f)), one));                     \
+        } else { /* the grid spacing sp as in v_round_nearest; y / sp is exact, and so is y * (1/sp) */       \
+            const vi spb = vi_sub(vi_max(vi_and(vi_cast(y), vexpmask), vminexp), vi_set1(man << 23));         \
+            const vf r = vf_mul(y, vf_cast(vi_sub(vi_set1(254 << 23), spb)));                                 \
+            const vf f = vf_floor(r);                                                                         \
+            const vm up = vf_lt(v_uniform(vidx, vk1, vk2), vf_sub(r, f));                                     \
+            q = vf_mul(vf_add(f, vf_maskz(up, one)), vf_cast(spb));                                           \
         }                                                                                                     \
         v_store_codes(codes, j, q, fmt, bias);                                                                \
         if (mst) vf_store(mst + j, w);                                                                        \
         if (erp) vf_store(erp + j, vf_sub(w, vf_mul(q, vs)));                                                 \
+        if (KH) {                                                                                             \
+            const vf e_ = vf_sub(w, vf_mul(q, vs));                                                           \
+            vf_store(wt + (i_ - lo), e_);                                                                     \
+            ASTAT_VEC_UPDATE(e_);                                                                             \
+        }                                                                                                     \
         if (adam && sbf != 2) v_st(vp, j, vf_load(vn + (i_ - lo)), sbf);                                      \
         if (HM) {                                                                                             \
             vf m = vf_load(mf + (i_ - lo));                                                                   \
@@ -877,7 +922,7 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
         if (sr) vidx = vi_add(vidx, vi_set1(VL));                                                             \
     } while (0)
         /* 16 elements per iteration (one 64-byte line of fp32 per stream): one prefetch per stream */
-#define B_LOOP(HM, INJ)                                                                                       \
+#define B_LOOP(HM, INJ, KH)                                                                                   \
     do {                                                                                                      \
         for (; i + 16 <= vhi; i += 16) {                                                                      \
             const int64_t n = base + i + ahead;                                                               \
@@ -886,19 +931,24 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
             if (adam) _mm_prefetch(pf_v + n * esz_s, _MM_HINT_T0);                                            \
             if ((i & 63) == 0)                                                                                \
                 _mm_prefetch(pf_codes + (fmt == FMT_BF16 ? 2 * n : fmt == FMT_INT4 ? n / 2 : n), _MM_HINT_T0); \
-            for (int u_ = 0; u_ < 16; u_ += VL) B_VEC(i + u_, HM, INJ);                                       \
+            for (int u_ = 0; u_ < 16; u_ += VL) B_VEC(i + u_, HM, INJ, KH);                                   \
         }                                                                                                     \
-        for (; i + VL <= vhi; i += VL) B_VEC(i, HM, INJ);                                                     \
+        for (; i + VL <= vhi; i += VL) B_VEC(i, HM, INJ, KH);                                                 \
     } while (0)
-        /* one loop per momentum/injection case, so that the loop body has no branches */
-        if (adam || has_m) {
-            if (inject) B_LOOP(1, 1);
-            else B_LOOP(1, 0);
+        /* one loop per momentum/injection/kahan case, so that the loop body has no branches */
+        const int hm = adam || has_m;
+        if (kahan) {
+            if (hm) B_LOOP(1, 0, 1);
+            else B_LOOP(0, 0, 1);
+        } else if (hm) {
+            if (inject) B_LOOP(1, 1, 0);
+            else B_LOOP(1, 0, 0);
         } else {
-            B_LOOP(0, 0);
+            B_LOOP(0, 0, 0);
         }
 #undef B_LOOP
 #undef B_VEC
+        if (kahan) astat_vec(&st, vmax, vmin);
     }
 #endif
     (void)mk;
@@ -908,50 +958,32 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
         float y = unscaled ? w : w / s;
         y = y < -fmax ? -fmax : (y > fmax ? fmax : y);
         float q;
-        if (fmt == FMT_BF16) {
+        if (!sr) {
+            q = round_nearest(y, fmt);
+        } else if (fmt == FMT_BF16) {
             const uint32_t u = f_bits(y), L = u & 0xFFFFu, T = u & 0xFFFF0000u;
-            uint32_t qb;
-            if (sr) {
-                const int neg = (u >> 31) != 0;
-                const float fl = (float)L * 0x1p-16f;
-                const int up = uniform(k1, k2, (uint64_t)j) < (neg ? 1.0f - fl : fl);
-                qb = L == 0 ? u : T + ((up != neg) ? 0x10000u : 0u);
-            } else {
-                qb = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-            }
-            q = bits_f(qb);
-            ((uint16_t *)codes)[j] = (uint16_t)(qb >> 16);
+            const int neg = (u >> 31) != 0;
+            const float fl = (float)L * 0x1p-16f;
+            const int up = uniform(k1, k2, (uint64_t)j) < (neg ? 1.0f - fl : fl);
+            q = bits_f(L == 0 ? u : T + ((up != neg) ? 0x10000u : 0u));
         } else if (fmt == FMT_INT8 || fmt == FMT_INT4) {
-            if (sr) {
-                const float f = floorf(y);
-                q = f + (float)(uniform(k1, k2, (uint64_t)j) < y - f);
-            } else {
-                q = nearbyintf(y);
-            }
-            if (fmt == FMT_INT8) {
-                ((int8_t *)codes)[j] = (int8_t)q;
-            } else { /* one nibble: blocks and thread ranges start at even indices, so no byte is shared */
-                uint8_t *byte = (uint8_t *)codes + (j >> 1);
-                const int sh = 4 * (int)(j & 1);
-                *byte = (uint8_t)((*byte & ~(0xF << sh)) | (((int)q + 8) << sh));
-            }
+            const float f = floorf(y);
+            q = f + (float)(uniform(k1, k2, (uint64_t)j) < y - f);
         } else {
             int32_t e = (int32_t)((f_bits(y) >> 23) & 0xFFu) - 127;
             const int32_t k = (e < emin ? emin : e) - man;
             const float sp = bits_f((uint32_t)(k + 127) << 23);
             const float r = y / sp; /* exact: a power of two */
-            float n;
-            if (sr) {
-                const float f = floorf(r);
-                n = f + (float)(uniform(k1, k2, (uint64_t)j) < r - f);
-            } else {
-                n = nearbyintf(r);
-            }
-            q = n * sp;
-            ((uint8_t *)codes)[j] = encode_fp8(q, man, bias);
+            const float f = floorf(r);
+            q = (f + (float)(uniform(k1, k2, (uint64_t)j) < r - f)) * sp;
         }
+        store_code(codes, j, q, fmt);
         if (mst) mst[j] = w;
         if (erp) erp[j] = w - q * s;
+        if (kahan) {
+            wt[i - lo] = w - q * s;
+            astat_scalar(&st, wt[i - lo]);
+        }
         if (adam && sbf != 2) {
             if (sbf) ((uint16_t *)vp)[j] = f32_to_bf16(vn[i - lo]);
             else ((float *)vp)[j] = vn[i - lo];
@@ -976,6 +1008,37 @@ static inline __attribute__((always_inline)) void sweep_b(const eco_args *a, int
             s8_encode(vn + (r - lo), (uint8_t *)vp, a->v_absmax + sb, base + r, base + r1, a->t8, a->b8rtn, a->b8sr,
                       256, a->nbkt, 0, a->s8sr, a->vk1, a->vk2);
         }
+    return st;
+}
+
+/* sweep C (mode 'kahan'): the error e (in the scratch) quantized to nearest with its own block scale cs into
+ * the compensation's codes, as the reference's quantize(w_til - w_hat) (mk: divide by cs with v_div_mk) */
+static inline __attribute__((always_inline)) void sweep_c(const eco_args *a, int64_t b, int64_t n, float cs, int mk,
+                                                          const float *e, const int fmt) {
+    const int64_t base = b * a->bs;
+    const float fmax = a->fmax;
+    void *const comp = a->comp;
+    int64_t i = 0;
+#if ECO_VEC
+    {
+        const int man = fmt == FMT_E4M3 ? 3 : 2, emin = fmt == FMT_E4M3 ? -6 : -14, bias = fmt == FMT_E4M3 ? 7 : 15;
+        const vf vs = vf_set1(cs), vrs = vf_set1(1.0f / cs), vhi_ = vf_set1(fmax), vlo = vf_set1(-fmax);
+        const vi vminexp = vi_set1((emin + 127) << 23), vexpmask = vi_set1(0x7F800000),
+                 vmagic = vi_set1(((23 - man) << 23) | 0x400000);
+        for (; i + VL <= n; i += VL) {
+            const vf x = vf_load(e + i);
+            vf y = fmt == FMT_BF16 ? x : mk ? v_div_mk(x, vs, vrs) : vf_div(x, vs);
+            y = vf_min(vf_max(y, vlo), vhi_);
+            v_store_codes(comp, base + i, v_round_nearest(y, x, fmt, vexpmask, vminexp, vmagic), fmt, bias);
+        }
+    }
+#endif
+    (void)mk;
+    for (; i < n; i++) {
+        float y = fmt == FMT_BF16 ? e[i] : e[i] / cs;
+        y = y < -fmax ? -fmax : (y > fmax ? fmax : y);
+        store_code(comp, base + i, round_nearest(y, fmt), fmt);
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -1005,20 +1068,32 @@ static astat sweep_a_checked(const eco_args *a, int64_t b, int64_t lo, int64_t h
     return st;
 }
 
-static void sweep_b_any(const eco_args *a, int64_t b, int64_t lo, int64_t hi, float s, int mk, const float *wt,
+/* sweep B, then for mode 'kahan' sweep C and the compensation's new scale (small blocks only: lo = 0, hi = bs) */
+static void sweep_b_any(const eco_args *a, int64_t b, int64_t lo, int64_t hi, float s, int mk, float *wt,
                         const float *dn, const float *mf, const float *vn) {
     const int adam = a->optimizer == 0;
+    astat e = {0.0f, INFINITY, 0};
 #define B_CASE(S, F, R)                                                                          \
-    if (a->state_bf16 == S && a->fmt == F && a->stochastic == R) {                               \
-        if (adam || S == 2) sweep_b(a, b, lo, hi, s, mk, wt, dn, mf, vn, S, F, R, 1);            \
-        else sweep_b(a, b, lo, hi, s, mk, wt, dn, mf, vn, S, F, R, 0);                           \
-        return;                                                                                  \
-    }
+    if (a->state_bf16 == S && a->fmt == F && a->stochastic == R)                                 \
+        e = adam || S == 2 ? sweep_b(a, b, lo, hi, s, mk, wt, dn, mf, vn, S, F, R, 1)            \
+                           : sweep_b(a, b, lo, hi, s, mk, wt, dn, mf, vn, S, F, R, 0);           \
+    else
 #define B_FMTS(S, R) B_CASE(S, FMT_E4M3, R) B_CASE(S, FMT_E5M2, R) B_CASE(S, FMT_INT8, R) B_CASE(S, FMT_BF16, R) \
     B_CASE(S, FMT_INT4, R)
-    B_FMTS(0, 0) B_FMTS(0, 1) B_FMTS(1, 0) B_FMTS(1, 1) B_FMTS(2, 0) B_FMTS(2, 1)
+    B_FMTS(0, 0) B_FMTS(0, 1) B_FMTS(1, 0) B_FMTS(1, 1) B_FMTS(2, 0) B_FMTS(2, 1) {}
 #undef B_FMTS
 #undef B_CASE
+    if (a->comp == NULL) return;
+    const float cs = block_scale(a, e.amax); /* the compensation is scaled iff the weight is */
+    const int cmk = markstein_ok(cs, e);
+    switch (a->fmt) {
+    case FMT_E4M3: sweep_c(a, b, hi - lo, cs, cmk, wt, FMT_E4M3); break;
+    case FMT_E5M2: sweep_c(a, b, hi - lo, cs, cmk, wt, FMT_E5M2); break;
+    case FMT_INT8: sweep_c(a, b, hi - lo, cs, cmk, wt, FMT_INT8); break;
+    case FMT_BF16: sweep_c(a, b, hi - lo, cs, cmk, wt, FMT_BF16); break;
+    default: sweep_c(a, b, hi - lo, cs, cmk, wt, FMT_INT4); break;
+    }
+    if (a->comp_scale) a->comp_scale[b] = cs;
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -1165,8 +1240,9 @@ static void *gated_run(void *p) {
 #endif
 
 /* Step n tensors with up to nthreads threads. Returns 0, -1 if scratch memory could not be allocated, or -2
- * for 8-bit moments whose blocks do not fit (then nothing was modified). Each args->nonfinite counts the
- * blocks whose update came out NaN/Inf: those blocks are left exactly as they were (codes, scale, moments). */
+ * for 8-bit moments whose blocks do not fit or a kahan block larger than SPLIT (then nothing was modified).
+ * Each args->nonfinite counts the blocks whose update came out NaN/Inf: those blocks are left exactly as they
+ * were (codes, scale, moments). */
 int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
     int64_t small = 0, total = 0; /* small: the largest block of at most SPLIT elements */
     int big = 0;                  /* any larger block (swept RANGE elements at a time, behind barriers)? */
@@ -1175,6 +1251,7 @@ int eco_step_many(eco_args *const *args, int32_t n, int32_t nthreads) {
         if (a->state_bf16 == 2 && (a->optimizer != 0 || a->bs > SPLIT || a->s8bs < 8 || (a->s8bs & (a->s8bs - 1))
                                    || a->bs % a->s8bs))
             return -2;
+        if (a->comp && a->bs > SPLIT) return -2; /* kahan: the error must stay in the block's scratch */
     }
     for (int k = 0; k < n; k++) {
         args[k]->nonfinite = 0;
@@ -1453,7 +1530,7 @@ void eco_state8(float *x, uint8_t *codes, float *absmax, const float *table, con
     run_parallel(s8_worker, ws, sizeof(s8_work), nt);
 }
 
-int eco_abi_version(void) { return 11; }
+int eco_abi_version(void) { return 12; }
 
 /* lanes of the sweeps' vector code in this build: 16 (AVX-512), 8 (AVX2) or 1 (the scalar code) */
 int eco_vector_lanes(void) {

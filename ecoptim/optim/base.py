@@ -341,11 +341,16 @@ class QuantOptimizer(Optimizer):
         job = self._fused_job_(p, spec, state, group, gen)
         if self._grad_scale is not None:
             job.args.gscale = self._grad_scale  # fp32 in the kernel, as the reference's g * scale
-        if group["mode"] in ("master", "exact"):
-            key = "master" if group["mode"] == "master" else "error"
-            if not state[key].is_contiguous():  # e.g. loaded from a checkpoint as a view: the kernel needs it flat
-                state[key] = state[key].contiguous()
-            _fused.attach_mode_buffer(job, group["mode"], state[key])
+        # the mode's buffers: the kernel reads and writes them in place
+        keys = {"master": ("master",), "exact": ("error",), "kahan": ("comp_codes", "comp_scale")}.get(
+            group["mode"], ())
+        for key in keys:
+            if key in state and not state[key].is_contiguous():  # e.g. loaded from a checkpoint as a view: the
+                state[key] = state[key].contiguous()              # kernel needs it flat
+        if group["mode"] == "kahan":
+            _fused.attach_compensation(job, p, state["comp_codes"], state.get("comp_scale"))
+        elif keys:
+            _fused.attach_mode_buffer(job, group["mode"], state[keys[0]])
         return job
 
     def _init_quantized_state(self, p: torch.Tensor, state: dict, group: dict, spec: QuantSpec) -> None:

@@ -24,8 +24,10 @@ encoded in sweep B (after the injection), a state block at a time, with the code
 Applies to: CPU tensors stored as ``QuantizedTensor`` with FP8 (E4M3, E5M2), INT8 or packed INT4 codes and an
 absmax scale (per row / group / tensor; INT4 blocks of even size) or BF16 codes (unscaled); modes 'eco' and
 'naive', and 'master' / 'exact' (the kernel then reads the fp32 master weights instead of the codes, or adds
-the carried error to them, and writes them back; ``attach_mode_buffer``); lr > 0; fp32, bf16 or fp16
-gradients. Anything else (mode kahan, FP16 storage, a custom
+the carried error to them, and writes them back; ``attach_mode_buffer``), and 'kahan' with blocks of at most
+65536 elements (the kernel adds the stored compensation to w_til, and a third sweep quantizes the rounding error
+w_til - w_hat, still in the block's scratch, with its own scale into the compensation; ``attach_compensation``);
+lr > 0; fp32, bf16 or fp16 gradients. Anything else (a larger kahan block, FP16 storage, a custom
 ``Format.round``, CUDA tensors), or a machine without a C compiler, takes the reference path.
 """
 from __future__ import annotations
@@ -41,13 +43,15 @@ from ..formats import BF16, FP8_E4M3, FP8_E5M2, INT4, INT8, Format, PerRow, Quan
 from ..qtensor import QuantizedTensor
 from ..rng import draw_key
 
-__all__ = ["applies", "Job", "run", "adamw_job", "sgd_job", "state8_fits", "attach_state8", "attach_mode_buffer"]
+__all__ = ["applies", "Job", "run", "adamw_job", "sgd_job", "state8_fits", "attach_state8", "attach_mode_buffer",
+           "attach_compensation"]
 
 # the kernel knows these formats' grids by heart (e.g. E4M3: 3 mantissa bits, emin -6, max 448); others take the
 # reference path
 _FMT = {FP8_E4M3: kernels.FMT_E4M3, FP8_E5M2: kernels.FMT_E5M2, INT8: kernels.FMT_INT8, BF16: kernels.FMT_BF16,
         INT4: kernels.FMT_INT4}
 _LUT: dict[torch.dtype, torch.Tensor] = {}
+_SPLIT = 65536  # eco_cpu.c's SPLIT: larger blocks are swept in ranges shared by the threads
 
 
 def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
@@ -57,11 +61,19 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     f = spec.format
     return (f in _FMT and type(f).round is Format.round  # a custom rounding override needs the reference
             and spec.scaled == (f is not BF16) and p.device.type == "cpu"
-            and group["mode"] in ("eco", "naive", "master", "exact") and group["lr"] > 0
+            and group["mode"] in ("eco", "naive", "master", "exact", "kahan") and group["lr"] > 0
+            and (group["mode"] != "kahan" or _blocks_in_cache(p, spec))
             and p.grad is not None and p.grad.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and p.grad.layout == torch.strided and p.codes.is_contiguous()
             and (p.scale is None or p.scale.is_contiguous()) and (f is not INT4 or _int4_blocks_aligned(p, spec))
             and kernels.available())
+
+
+def _blocks_in_cache(p: torch.Tensor, spec: QuantSpec) -> bool:
+    # mode 'kahan': the kernel keeps a block's rounding error in its in-cache scratch until it is quantized
+    # itself, so blocks must be at most SPLIT elements (a larger per-tensor block takes the reference path)
+    nb, bs = spec.granularity.blocks(p.shape) if spec.scaled else PerRow().blocks(p.shape)
+    return bs <= _SPLIT
 
 
 def _int4_blocks_aligned(p: torch.Tensor, spec: QuantSpec) -> bool:
@@ -125,8 +137,9 @@ def run(jobs: list[Job], skip_nonfinite: bool = False) -> list[int]:
     lib = kernels.load()
     arr = (ctypes.POINTER(kernels.EcoArgs) * len(jobs))(*[ctypes.pointer(j.args) for j in jobs])
     rc = lib.eco_step_many(arr, len(jobs), torch.get_num_threads())
-    if rc == -2:  # state8_fits keeps this from happening
-        raise ValueError("ecoptim fused step: 8-bit state blocks do not tile the weight blocks; nothing was modified")
+    if rc == -2:  # state8_fits and applies (kahan: _blocks_in_cache) keep this from happening
+        raise ValueError("ecoptim fused step: 8-bit state blocks that do not tile the weight blocks, or kahan "
+                         "blocks too large for the kernel; nothing was modified")
     if rc != 0:
         raise MemoryError("ecoptim fused step: could not allocate its block scratch; nothing was modified")
     for j in jobs:
@@ -169,9 +182,6 @@ def sgd_job(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, buf: torch.
     return Job(a, keep, p.numel())
 
 
-_SPLIT = 65536  # eco_cpu.c's SPLIT: larger blocks are swept in ranges shared by the threads
-
-
 def state8_fits(p: QuantizedTensor, spec: QuantSpec, block_size: int) -> bool:
     """Whether the kernel can read and write 8-bit moments of ``p`` directly: their blocks (a power of two
     >= 8) must tile the weight's blocks, of at most 65536 elements. Otherwise the moments are decoded to fp32
@@ -197,6 +207,22 @@ def attach_state8(job: Job, block_size: int, m_absmax: torch.Tensor, v_absmax: t
     a.s8sr = int(keys is not None)
     if keys is not None:
         (a.mk1, a.mk2), (a.vk1, a.vk2) = ((k1 & 0xFFFFFFFF, k2 & 0xFFFFFFFF) for k1, k2 in keys)
+
+
+def attach_compensation(job: Job, p: QuantizedTensor, codes: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """Mode 'kahan': ``p``'s compensation, stored like ``p`` (``codes`` in its format, ``scale`` per block or
+    None), added to w_til before the rounding and replaced by the rounded error w_til - w_hat, quantized to
+    nearest with a new scale (as ``codec.quantize``)."""
+    if not (codes.dtype == p.codes.dtype and codes.shape == p.codes.shape and codes.is_contiguous()) or (
+            (scale is None) != (p.scale is None)) or (scale is not None and not (
+            scale.dtype == torch.float32 and scale.shape == p.scale.shape and scale.is_contiguous())):
+        raise ValueError("the kahan compensation must be stored like the weight (contiguous codes and scales of "
+                         "the weight's dtypes and shapes)")
+    job.keep.append(codes)
+    job.args.comp = codes.data_ptr()
+    if scale is not None:
+        job.keep.append(scale)
+        job.args.comp_scale = scale.data_ptr()
 
 
 def attach_mode_buffer(job: Job, mode: str, buf: torch.Tensor) -> None:
