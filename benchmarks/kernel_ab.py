@@ -8,7 +8,8 @@
 Both sources are compiled with the flags ecoptim uses and loaded side by side; one optimizer (FP8 ECO AdamW on
 20 weights of 1024x1280 by default) is stepped round-robin with each library in turn, plus torch's fused
 AdamW on the same shapes, so that machine noise hits every row alike. The NaN/Inf pre-check is switched off
-(nonfinite='skip_blocks') so that the rows time the kernel itself. A revision with kernel ABI 6 (before
+(nonfinite='skip_blocks') so that the rows time the kernel itself, except with 8-bit states (``--states``),
+which that policy does not offer. A revision with kernel ABI 6 (before
 0.1's struct lost its fp8 grid fields, e.g. 0aea8c8) is driven through its own argument struct.
 ``--a-threads`` / ``--b-threads`` build a row with threads of its own (``pthreads``) or on torch's OpenMP pool
 (``openmp``, the package's default where torch runs on libgomp); ``--after backward`` runs a forward/backward
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--cols", type=int, default=1280)
     ap.add_argument("--tensors", type=int, default=20)
+    ap.add_argument("--states", default="fp32", choices=["fp32", "bf16", "8bit", "8bit-sr"],
+                    help="optimizer state storage (8-bit states keep the NaN/Inf pre-check: nonfinite='skip')")
     ap.add_argument("--repeats", type=int, default=21)
     default_threads = "openmp" if kernels.openmp_runtime() else "pthreads"
     ap.add_argument("--a-threads", choices=["openmp", "pthreads"], default=default_threads)
@@ -112,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         ecoptim.quantize_(mods, args.fmt, args.gran)
         for m in mods:
             m.weight.grad = torch.randn(shape, generator=g) * 1e-3
-        opt = ecoptim.AdamW(mods.parameters(), lr=1e-3, rounding=args.rounding, nonfinite="skip_blocks")
+        states = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": ecoptim.State8bit(),
+                  "8bit-sr": ecoptim.State8bit(rounding="stochastic")}[args.states]
+        opt = ecoptim.AdamW(mods.parameters(), lr=1e-3, rounding=args.rounding, state_dtype=states,
+                            nonfinite="skip" if args.states.startswith("8bit") else "skip_blocks")
         dense = [nn.Parameter(torch.randn(shape, generator=g) * 0.02) for _ in range(args.tensors)]
         for p in dense:
             p.grad = torch.randn(shape, generator=g) * 1e-3
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                 times[name].append(time.perf_counter() - t)
         fused.run = real_run
     base = statistics.median(times["torch AdamW fused (fp32)"])
-    print(f"{args.fmt}/{args.gran} {args.rounding}, {args.tensors} x {args.rows}x{args.cols}, "
+    print(f"{args.fmt}/{args.gran} {args.rounding}, {args.states} states, {args.tensors} x {args.rows}x{args.cols}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} rounds in random order, after {args.after}")
     for name, ts in times.items():
         med = statistics.median(ts)
