@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--only", default="", help="comma-separated substrings; run only matching configurations")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=None, help="directory for the JSON and markdown reports (default: "
+                    "benchmarks/results, or none with --only: a partial run never replaces the full one)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         check = "-" if r["nonfinite_check_s"] is None else f"{r['nonfinite_check_s'] * 1e3:.1f}"
         lines.append(f"| {r['name']} | {r['step_s'] * 1e3:.1f} | {check} | {ratio} | "
                      f"{r['bandwidth_gbs']:.2f} | {r['copy_fraction']:.0%} | {r['static_bytes_per_param']:.3f} |")
-    write_report(args.out, "optim_step", meta, rows, lines)
+    write_report(args.out or (None if args.only else "benchmarks/results"), "optim_step", meta, rows, lines)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,15 @@ def machine_line(meta: dict[str, Any]) -> str:
             f"torch {meta['torch']}")
 
 
-def write_report(out: str, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]], lines: list[str]) -> None:
-    """``<out>/<stem>.json`` (meta + rows), ``<out>/<stem>.md`` (``lines``), and the table on stdout."""
+def write_report(out: str | None, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]],
+                 lines: list[str]) -> None:
+    """``<out>/<stem>.json`` (meta + rows), ``<out>/<stem>.md`` (``lines``), and the table on stdout (only the
+    table if ``out`` is None)."""
+    print("\n".join(lines))
+    if out is None:
+        return
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=2)
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
