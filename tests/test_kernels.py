@@ -70,6 +70,8 @@ CASES = {
     # group32, a 3552-element tensor), else decoded around it (bf16 rows of 40)
     "adamw-8bit-states": (ecoptim.AdamW, dict(ADAMW, state_dtype=ecoptim.State8bit(block_size=32))),
     "adamw-8bit-sr-states": (ecoptim.AdamW, dict(ADAMW, state_dtype=ecoptim.State8bit(16, "stochastic"))),
+    # state blocks of 8: a 16-lane (AVX-512) vector spans two of them, each with its own absmax
+    "adamw-8bit-states-b8": (ecoptim.AdamW, dict(ADAMW, state_dtype=ecoptim.State8bit(block_size=8))),
     "sgd": (ecoptim.SGD, dict(lr=3e-2, momentum=0.9, weight_decay=0.01)),
     "sgd-nesterov": (ecoptim.SGD, dict(lr=3e-2, momentum=0.9, nesterov=True)),
 }
