@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "available", "threading_model", "vector_isa", "openmp_runtime", "all_finite", "sumsq", "uniform", "EcoArgs",
-           "FMT_E4M3", "FMT_E5M2", "FMT_INT8", "FMT_BF16", "FMT_INT4"]
+__all__ = ["load", "available", "threading_model", "vector_isa", "openmp_runtime", "all_finite", "sumsq", "uniform",
+           "EcoArgs", "FMT_E4M3", "FMT_E5M2", "FMT_INT8", "FMT_BF16", "FMT_INT4"]
 
 FMT_E4M3, FMT_E5M2, FMT_INT8, FMT_BF16, FMT_INT4 = 0, 1, 2, 3, 4
 _SOURCE = Path(__file__).with_name("csrc") / "eco_cpu.c"

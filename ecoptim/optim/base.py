@@ -103,6 +103,10 @@ class _PendingClip:
     grads: list[tuple[torch.Tensor, torch.Tensor, int]]
 
 
+# the state buffers a mode keeps besides the moments, which the fused kernel reads and writes in place
+_MODE_BUFFERS = {"master": ("master",), "exact": ("error",), "kahan": ("comp_codes", "comp_scale")}
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
     fast = kernels.all_finite(tensors)
     if fast is not None:
@@ -341,9 +345,7 @@ class QuantOptimizer(Optimizer):
         job = self._fused_job_(p, spec, state, group, gen)
         if self._grad_scale is not None:
             job.args.gscale = self._grad_scale  # fp32 in the kernel, as the reference's g * scale
-        # the mode's buffers: the kernel reads and writes them in place
-        keys = {"master": ("master",), "exact": ("error",), "kahan": ("comp_codes", "comp_scale")}.get(
-            group["mode"], ())
+        keys = _MODE_BUFFERS.get(group["mode"], ())
         for key in keys:
             if key in state and not state[key].is_contiguous():  # e.g. loaded from a checkpoint as a view: the
                 state[key] = state[key].contiguous()              # kernel needs it flat

@@ -69,11 +69,16 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
             and kernels.available())
 
 
+def _kernel_blocks(p: torch.Tensor, spec: QuantSpec) -> tuple[int, int]:
+    # the blocks the kernel sweeps (number, size): the scale's blocks; unscaled (bf16): no absmax, so any split
+    # works, and rows keep the blocks in cache like the scaled case
+    return spec.granularity.blocks(p.shape) if spec.scaled else PerRow().blocks(p.shape)
+
+
 def _blocks_in_cache(p: torch.Tensor, spec: QuantSpec) -> bool:
     # mode 'kahan': the kernel keeps a block's rounding error in its in-cache scratch until it is quantized
     # itself, so blocks must be at most SPLIT elements (a larger per-tensor block takes the reference path)
-    nb, bs = spec.granularity.blocks(p.shape) if spec.scaled else PerRow().blocks(p.shape)
-    return bs <= _SPLIT
+    return _kernel_blocks(p, spec)[1] <= _SPLIT
 
 
 def _int4_blocks_aligned(p: torch.Tensor, spec: QuantSpec) -> bool:
@@ -95,8 +100,7 @@ def _args(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tens
     if grad.dtype == torch.float16:
         grad = grad.to(torch.float32)  # exact; the kernel reads fp32 or bf16
     keep = [grad.contiguous()]  # tensors that must outlive the call
-    # unscaled (bf16): no absmax, so any split works; rows keep the blocks in cache like the scaled case
-    nb, bs = spec.granularity.blocks(p.shape) if spec.scaled else PerRow().blocks(p.shape)
+    nb, bs = _kernel_blocks(p, spec)
     a = kernels.EcoArgs()
     a.codes, a.grad = p.codes.data_ptr(), keep[0].data_ptr()
     a.scale = p.scale.data_ptr() if spec.scaled else None
@@ -186,7 +190,7 @@ def state8_fits(p: QuantizedTensor, spec: QuantSpec, block_size: int) -> bool:
     """Whether the kernel can read and write 8-bit moments of ``p`` directly: their blocks (a power of two
     >= 8) must tile the weight's blocks, of at most 65536 elements. Otherwise the moments are decoded to fp32
     working copies around the kernel (``AdamW._fused_job_``)."""
-    nb, bs = spec.granularity.blocks(p.shape) if spec.scaled else PerRow().blocks(p.shape)
+    nb, bs = _kernel_blocks(p, spec)
     return (block_size >= 8 and block_size & (block_size - 1) == 0 and nb > 0 and bs <= _SPLIT
             and bs % block_size == 0)
 
