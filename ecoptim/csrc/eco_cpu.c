@@ -364,6 +364,15 @@ static inline void vtab_load(vtab *t, const float *table, const int n) { (void)n
 static inline vf vtab_get(const vtab *t, vi idx, const int n) { (void)n; return vf_gather(t->p, idx); }
 #endif
 
+/* Prefetch elements [j, j + n) of an array of esz-byte elements, one 64-byte line at a time. The sweeps run
+ * on in-cache data, so memory would idle while they compute: each sweep requests part of the next block's
+ * inputs (A the gradient and the first moment, B the second moment and the codes), which keeps it busy
+ * through both (measured: the FP8 RTN step 12.5 -> 11.4 ms against B prefetching everything). */
+static inline __attribute__((always_inline)) void prefetch_range(const void *p, int64_t j, int64_t n, const int esz) {
+    const char *c = (const char *)p + j * esz;
+    for (int64_t o = 0; o < n * esz; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+}
+
 /* VL-lane versions of the helpers above: the same IEEE operations, VL at a time. */
 static inline vf v_ld(const void *p, int64_t j, const int bf) {
     if (bf) return vf_cast(vi_slli(vi_ld_u16((const uint16_t *)p + j), 16));
@@ -682,6 +691,8 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
         const int s8sh = sbf == 2 ? __builtin_ctzll((unsigned long long)a->s8bs) : 0; /* s8bs: a power of two */
         const float *mst = a->master, *erp = a->err;
         const void *cmp = a->comp;
+        /* the next block's (or range's) gradient and first moment, see prefetch_range */
+        const int64_t ahead = hi - lo, esz_s = sbf == 2 ? 1 : sbf ? 2 : 4;
 #define A_VEC(ii, SMALL) /* SMALL: lerp's weight < 0.5 (its base is m, else g) */                           \
     do {                                                                                                \
         const int64_t i_ = (ii), j = base + i_;                                                         \
@@ -707,6 +718,8 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_args 
 #define A_LOOP(SMALL)                                                                                   \
     do {                                                                                                \
         for (; i + 2 * VL <= hi; i += 2 * VL) {                                                         \
+            prefetch_range(grad, base + i + ahead, 2 * VL, gbf ? 2 : 4);                                \
+            prefetch_range(mp, base + i + ahead, 2 * VL, esz_s);                                        \
             A_VEC(i, SMALL);                                                                            \
             A_VEC(i + VL, SMALL);                                                                       \
         }                                                                                               \
@@ -768,8 +781,11 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_args *a
         vi vmax = vi_zero(), vmin = vi_set1(-1);
         const void *codes = a->codes, *grad = a->grad, *mp = a->m, *cmp = a->comp;
         const float *mst = a->master, *erp = a->err;
+        const int64_t ahead = hi - lo; /* see prefetch_range */
         for (; i + VL <= hi; i += VL) {
             const int64_t j = base + i;
+            prefetch_range(grad, j + ahead, VL, gbf ? 2 : 4);
+            if (has_mom) prefetch_range(mp, j + ahead, VL, sbf ? 2 : 4);
             vf w = mst ? vf_load(mst + j) : vf_mul(v_decode_p(codes, j, fmt), vsc);
             if (erp) w = vf_add(w, vf_load(erp + j));
             vf g = vf_mul(v_ld(grad, j, gbf), vgs);
@@ -910,11 +926,10 @@ static inline __attribute__((always_inline)) astat sweep_b(const eco_args *a, in
         vi vminexp = vi_set1((emin + 127) << 23), vexpmask = vi_set1(0x7F800000),
            vmagic = vi_set1(((23 - man) << 23) | 0x400000);
         __asm__("" : "+v"(vminexp), "+v"(vexpmask), "+v"(vmagic));
-        /* Sweep B touches only in-cache data, so memory would idle: prefetch the next block's inputs now
-         * (the arrays are contiguous, so that is one block ahead of j). */
-        const char *pf_codes = (const char *)codes, *pf_g = (const char *)a->grad, *pf_m = (const char *)mp,
-                   *pf_v = (const char *)vp;
-        const int esz_g = a->grad_bf16 ? 2 : 4, esz_s = sbf == 2 ? 1 : sbf ? 2 : 4;
+        /* the next block's (the arrays are contiguous: one block ahead of j) second moment and codes (sweep A
+         * requests its gradient and first moment, see prefetch_range) */
+        const char *pf_codes = (const char *)codes, *pf_v = (const char *)vp;
+        const int esz_s = sbf == 2 ? 1 : sbf ? 2 : 4;
         const int64_t ahead = hi - lo; /* the next block, or the next range of a large one */
 #define B_VEC(ii, HM, INJ, KH) /* HM: there is a momentum; INJ: inject the error into it; KH: mode 'kahan' */   \
     do {                                                                                                      \
@@ -972,8 +987,6 @@ static inline __attribute__((always_inline)) astat sweep_b(const eco_args *a, in
     do {                                                                                                      \
         for (; i + 16 <= vhi; i += 16) {                                                                      \
             const int64_t n = base + i + ahead;                                                               \
-            _mm_prefetch(pf_g + n * esz_g, _MM_HINT_T0);                                                      \
-            if (HM) _mm_prefetch(pf_m + n * esz_s, _MM_HINT_T0);                                              \
             if (adam) _mm_prefetch(pf_v + n * esz_s, _MM_HINT_T0);                                            \
             if ((i & 63) == 0)                                                                                \
                 _mm_prefetch(pf_codes + (fmt == FMT_BF16 ? 2 * n : fmt == FMT_INT4 ? n / 2 : n), _MM_HINT_T0); \
