@@ -962,18 +962,17 @@ static inline __attribute__((always_inline)) astat sweep_b(const eco_args *a, in
             q = vf_mul(vf_add(f, vf_maskz(up, one)), vf_cast(spb));                                           \
         }                                                                                                     \
         v_store_codes(codes, j, q, fmt, bias);                                                                \
+        const vf err = vf_sub(w, vf_mul(q, vs)); /* w_til - w_hat (dropped by the compiler if unused) */     \
         if (mst) vf_store(mst + j, w);                                                                        \
-        if (erp) vf_store(erp + j, vf_sub(w, vf_mul(q, vs)));                                                 \
+        if (erp) vf_store(erp + j, err);                                                                      \
         if (KH) {                                                                                             \
-            const vf e_ = vf_sub(w, vf_mul(q, vs));                                                           \
-            vf_store(wt + (i_ - lo), e_);                                                                     \
-            ASTAT_VEC_UPDATE(e_);                                                                             \
+            vf_store(wt + (i_ - lo), err);                                                                    \
+            ASTAT_VEC_UPDATE(err);                                                                            \
         }                                                                                                     \
         if (adam && sbf != 2) v_st(vp, j, vf_load(vn + (i_ - lo)), sbf);                                      \
         if (HM) {                                                                                             \
             vf m = vf_load(mf + (i_ - lo));                                                                   \
             if (INJ) {                                                                                        \
-                const vf err = vf_sub(w, vf_mul(q, vs));                                                      \
                 if (adam) m = vf_fmadd(vf_mul(vcoef, err), vf_load(dn + (i_ - lo)), m);                       \
                 else m = vf_fmadd(vcoef, err, m);                                                             \
             }                                                                                                 \
@@ -1037,11 +1036,12 @@ static inline __attribute__((always_inline)) astat sweep_b(const eco_args *a, in
             q = (f + (float)(uniform(k1, k2, (uint64_t)j) < r - f)) * sp;
         }
         store_code(codes, j, q, fmt);
+        const float err = w - q * s; /* w_til - w_hat */
         if (mst) mst[j] = w;
-        if (erp) erp[j] = w - q * s;
+        if (erp) erp[j] = err;
         if (kahan) {
-            wt[i - lo] = w - q * s;
-            astat_scalar(&st, wt[i - lo]);
+            wt[i - lo] = err;
+            astat_scalar(&st, err);
         }
         if (adam && sbf != 2) {
             if (sbf) ((uint16_t *)vp)[j] = f32_to_bf16(vn[i - lo]);
@@ -1050,7 +1050,6 @@ static inline __attribute__((always_inline)) astat sweep_b(const eco_args *a, in
         if (has_m) {
             float m = mf[i - lo];
             if (inject) {
-                const float err = w - q * s;
                 if (adam) m = fmaf(coef * err, dn[i - lo], m); /* addcmul_(e, denom, value=coef) */
                 else m = fmaf(coef, err, m);              /* add_(e, alpha=coef) */
             }
