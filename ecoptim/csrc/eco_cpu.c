@@ -545,12 +545,7 @@ static void s8_encode(const float *x, uint8_t *codes, float *absmax_out, int64_t
 #if ECO_VEC
     {
         vi vmax = vi_zero(), vmin = vi_set1(-1);
-        const vi absi = vi_set1(0x7FFFFFFF), onei = vi_set1(1);
-        for (; k + VL <= hi - lo; k += VL) {
-            const vi b = vi_and(vi_cast(vf_load(x + k)), absi);
-            vmax = vi_max(vmax, b);
-            vmin = vi_minu(vmin, vi_sub(b, onei));
-        }
+        for (; k + VL <= hi - lo; k += VL) ASTAT_VEC_UPDATE(vf_load(x + k)); /* the same accumulators as astat */
         bmax = vi_hmaxu(vmax);
         bmin = vi_hminu(vmin);
     }
