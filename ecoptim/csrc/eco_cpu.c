@@ -367,10 +367,16 @@ static inline vf vtab_get(const vtab *t, vi idx, const int n) { (void)n; return 
 /* Prefetch elements [j, j + n) of an array of esz-byte elements, one 64-byte line at a time. The sweeps run
  * on in-cache data, so memory would idle while they compute: each sweep requests part of the next block's
  * inputs (A the gradient and the first moment, B the second moment and the codes), which keeps it busy
- * through both (measured: the FP8 RTN step 12.5 -> 11.4 ms against B prefetching everything). */
+ * through both (measured: the FP8 RTN step 12.5 -> 11.4 ms against B prefetching everything).
+ * The lines are requested into L2, not L1 (PF_HINT): a request into L1 holds one of the core's few L1 miss
+ * buffers until its line arrives from memory, which caps the lines in flight per core, and a block's streams
+ * and scratch (about 36 KB for an fp32-state row of 1280) do not fit a 32 KB L1 anyway; from L2 the sweeps'
+ * loads are short waits that out-of-order execution hides (measured side by side on a Zen 4 VM, FP8 RTN step:
+ * 19.6 -> 16.5 ms on two threads, 30.8 -> 23.1 ms on one; see README). */
+#define PF_HINT _MM_HINT_T1
 static inline __attribute__((always_inline)) void prefetch_range(const void *p, int64_t j, int64_t n, const int esz) {
     const char *c = (const char *)p + j * esz;
-    for (int64_t o = 0; o < n * esz; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+    for (int64_t o = 0; o < n * esz; o += 64) _mm_prefetch(c + o, PF_HINT);
 }
 
 /* VL-lane versions of the helpers above: the same IEEE operations, VL at a time. */
@@ -981,9 +987,9 @@ static inline __attribute__((always_inline)) astat sweep_b(const eco_args *a, in
     do {                                                                                                      \
         for (; i + 16 <= vhi; i += 16) {                                                                      \
             const int64_t n = base + i + ahead;                                                               \
-            if (adam) _mm_prefetch(pf_v + n * esz_s, _MM_HINT_T0);                                            \
+            if (adam) _mm_prefetch(pf_v + n * esz_s, PF_HINT);                                            \
             if ((i & 63) == 0)                                                                                \
-                _mm_prefetch(pf_codes + (fmt == FMT_BF16 ? 2 * n : fmt == FMT_INT4 ? n / 2 : n), _MM_HINT_T0); \
+                _mm_prefetch(pf_codes + (fmt == FMT_BF16 ? 2 * n : fmt == FMT_INT4 ? n / 2 : n), PF_HINT); \
             for (int u_ = 0; u_ < 16; u_ += VL) B_VEC(i + u_, HM, INJ, KH);                                   \
         }                                                                                                     \
         for (; i + VL <= vhi; i += VL) B_VEC(i, HM, INJ, KH);                                                 \
