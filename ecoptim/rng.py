@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["draw_key", "uniform", "uniform_torch", "mix32"]
+__all__ = ["draw_key", "draw_keys", "uniform", "uniform_torch", "mix32"]
 
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B
@@ -27,9 +27,16 @@ _MASK = 0xFFFFFFFF
 
 def draw_key(generator: torch.Generator | None = None) -> tuple[int, int]:
     """One stochastic-rounding key (two 32-bit words) from ``generator`` (the global RNG if None)."""
+    return draw_keys(generator, 1)[0]
+
+
+def draw_keys(generator: torch.Generator | None, n: int) -> list[tuple[int, int]]:
+    """``n`` keys in one draw: the same keys, and the same generator state after, as ``n`` calls of ``draw_key``
+    (torch draws a CPU tensor's random numbers one element after another, tested); the optimizers draw a param
+    group's keys this way, saving a torch call per tensor."""
     device = generator.device if generator is not None else "cpu"
-    k = torch.randint(0, 2 ** 32, (2,), generator=generator, device=device, dtype=torch.int64).tolist()
-    return int(k[0]), int(k[1])
+    k = torch.randint(0, 2 ** 32, (2 * n,), generator=generator, device=device, dtype=torch.int64).tolist()
+    return [(k[i], k[i + 1]) for i in range(0, 2 * n, 2)]
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -437,6 +437,65 @@ def test_keys_come_from_the_generator():
     assert rng.draw_key(g1) != rng.draw_key(torch.Generator().manual_seed(6))
 
 
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(0, 3000), seed=st.integers(0, 2 ** 32))
+def test_draw_keys_gives_the_keys_and_state_of_one_by_one_draws(n, seed):
+    g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    assert rng.draw_keys(g1, n) == [rng.draw_key(g2) for _ in range(n)]
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def _many_params_model(reference_between: bool) -> nn.Module:
+    """Linears of several formats and block sizes, biases and a LayerNorm (dense), in one param group; with
+    ``reference_between`` the third Linear is stored as FP16, which takes the reference path."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(24, 40), nn.LayerNorm(40), nn.Linear(40, 32), nn.Linear(32, 48, bias=False),
+                      nn.Linear(48, 16), nn.Linear(16, 40, bias=False))
+    ecoptim.quantize_(m, "fp8_e4m3", "row", filter_fn=lambda mod, n: n in ("0", "3"))
+    ecoptim.quantize_(m, "fp16" if reference_between else "int4", "none" if reference_between else "group8",
+                      filter_fn=lambda mod, n: n == "2")
+    ecoptim.quantize_(m, "bf16", filter_fn=lambda mod, n: n == "4")
+    ecoptim.quantize_(m, "int8", "tensor", filter_fn=lambda mod, n: n == "5")
+    return m
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("reference_between", [False, True])
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
+def test_a_group_of_many_parameters_is_bit_identical_to_reference(rounding, reference_between, opt_name,
+                                                                   monkeypatch):
+    """The fused path prepares a group's kernel parameters at once (one step-count add, one key draw); with a
+    quantized parameter on the reference path between them (FP16 storage: its own key drawn in its turn), one
+    by one. Either way every bit equals the reference path's, dense parameters included."""
+    m = _many_params_model(reference_between)
+    ref, fast = copy.deepcopy(m), copy.deepcopy(m)
+    opt_cls, kw = CASES[opt_name]
+    o_ref = opt_cls(ref.parameters(), fused=False, rounding=rounding, seed=4, **kw)
+    o_fast = opt_cls(fast.parameters(), rounding=rounding, seed=4, **kw)
+    prepared = []
+    real = o_fast._fused_prepare
+    monkeypatch.setattr(o_fast, "_fused_prepare", lambda group, items: prepared.append(len(items)) or real(group, items))
+    x = torch.randn(8, 24)
+    for step in range(3):
+        for net in (ref, fast):
+            net.zero_grad()
+            net(x * (step + 1)).square().mean().backward()
+        o_ref.step()
+        o_fast.step()
+        for a, b in zip(ref.parameters(), fast.parameters()):
+            if isinstance(a, QuantizedTensor):
+                assert torch.equal(a.codes.view(torch.uint8), b.codes.view(torch.uint8)), f"step {step}"
+                assert (a.scale is None and b.scale is None) or torch.equal(a.scale, b.scale)
+            else:
+                assert torch.equal(a, b)
+            for k, v in o_ref.state[a].items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(v, o_fast.state[b][k]), f"state {k!r} at step {step}"
+    # the kernel's parameters prepared together each step, or one by one when an FP16 weight stands between them
+    assert prepared == ([1] * 12 if reference_between else [5] * 3)
+    assert o_fast.generator(torch.device("cpu")).get_state().equal(o_ref.generator(torch.device("cpu")).get_state())
+
+
 def test_sqrt_rn_is_correctly_rounded_on_two_full_binades():
     """Every fp32 in [1, 4): sqrt(4x) = 2 sqrt(x) exactly, so these cover all normal inputs."""
     x = torch.arange(0x3F800000, 0x40800000, dtype=torch.int64).to(torch.int32).view(torch.float32)

@@ -115,7 +115,7 @@ class AdamW(QuantOptimizer):
         self._state8_streams = max(streams, default=-1) + 1  # parameters initialised later get fresh streams
 
     def _fused_job_(self, p: QuantizedTensor, spec: Any, state: dict, group: dict,
-                    generator: torch.Generator | None) -> _fused.Job:
+                    key: tuple[int, int] | None) -> _fused.Job:
         b1, b2 = group["betas"]
         step, lr, wd = state["step"].item(), group["lr"], group["weight_decay"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
@@ -125,7 +125,7 @@ class AdamW(QuantOptimizer):
             direct8 = _fused.state8_fits(p, spec, cfg.block_size)
             if not direct8:
                 m, v = self._load_state8(state, group)
-        job = _fused.adamw_job(p, p.grad, spec, m, v, generator, step=step, lr=lr, beta1=b1, beta2=b2,
+        job = _fused.adamw_job(p, p.grad, spec, m, v, key, step=step, lr=lr, beta1=b1, beta2=b2,
                                eps=group["eps"], weight_decay=wd, coef=eco_adamw_coef(step, lr, b1, wd),
                                inject=group["mode"] == "eco")
         if direct8:

@@ -20,8 +20,9 @@ How a quantized weight is updated (``mode``), with q(.) the re-quantizer and w_h
 Parameters that are not quantized get the plain update in their own dtype, exactly as torch.optim does.
 
 Fast path: where ``fused.applies`` (modes eco/naive/master/exact on CPU codes the C kernel knows), ``step``
-collects the parameters of a group as kernel jobs (``_fused_job_``, drawing SR keys in parameter order like the
-reference) and steps them in one call; the results are bit-identical to ``_step_param``'s reference path.
+collects the parameters of a group as kernel jobs (``_fused_job_``; their step counts advanced by one foreach
+add and their SR keys drawn by one call, in parameter order like the reference) and steps them in one call;
+the results are bit-identical to ``_step_param``'s reference path.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from ..codec import dequantize, quantize
 from ..convert import spec_of
 from ..formats import QuantSpec
 from ..qtensor import QuantizedTensor
+from ..rng import draw_keys
 from ..rounding import check_rounding
 from . import fused as _fused
 
@@ -196,9 +198,11 @@ class QuantOptimizer(Optimizer):
         """End of a quantized parameter's step (e.g. write fp32 working copies back to low-precision state)."""
 
     def _fused_job_(self, p: QuantizedTensor, spec: QuantSpec, state: dict, group: dict,
-                    generator: torch.Generator | None) -> _fused.Job:
+                    key: tuple[int, int] | None) -> _fused.Job:
         """The whole quantized step (update, re-quantize, inject) as arguments for the fused kernel; see
-        ``fused.py``. Called only where ``fused.applies``; must give bit-identical results to the reference."""
+        ``fused.py``. Called only where ``fused.applies``, after the step count has advanced; ``key``: the
+        stochastic-rounding key drawn for ``p`` (None: round to nearest). Must give bit-identical results to the
+        reference."""
         raise NotImplementedError
 
     # -- RNG ----------------------------------------------------------------------------------------
@@ -304,11 +308,22 @@ class QuantOptimizer(Optimizer):
         """Step every parameter with a gradient; returns the blocks left unchanged (``blocks``: skip_blocks)."""
         skipped = 0
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            specs = [spec_of(p) for p in params]
+            fast = [_fused.applies(p, spec, group) for p, spec in zip(params, specs)]
+            # The kernel's parameters get their step counts and stochastic-rounding keys all at once (a torch
+            # call per tensor costs more than the kernel's work on a small one), unless a quantized parameter
+            # on the reference path stands between them: that one draws its key in its turn, so then each
+            # parameter is prepared in its turn below.
+            batch = all(f or spec is None for f, spec in zip(fast, specs))
+            keys = iter(self._fused_prepare(group, [(p, s) for p, s, f in zip(params, specs, fast) if f])
+                        if batch else ())
             jobs, owners = [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                job = self._fused_begin(p, group)
+            for p, spec, f in zip(params, specs, fast):
+                job = None
+                if f:
+                    key = next(keys) if batch else self._fused_prepare(group, [(p, spec)])[0]
+                    job = self._fused_job(p, spec, self.state[p], group, key)
                 if job is not None and job.after is not None:  # fp32 working moments: stepped alone, now, so
                     _fused.run([job])                            # only one tensor's working copies exist at once
                 elif job is not None:  # stepped below, all together: one kernel call, one thread team per group
@@ -337,12 +352,32 @@ class QuantOptimizer(Optimizer):
         spec = spec_of(p)
         if not _fused.applies(p, spec, group):
             return None
-        state = self.state[p]
-        if not state:
-            self._init_quantized_state(p, state, group, spec)
-        state["step"] += 1
-        gen = self.generator(p.device) if group["rounding"] == "stochastic" else None
-        job = self._fused_job_(p, spec, state, group, gen)
+        key = self._fused_prepare(group, [(p, spec)])[0]
+        return self._fused_job(p, spec, self.state[p], group, key)
+
+    def _fused_prepare(self, group: dict,
+                       items: list[tuple[torch.Tensor, QuantSpec]]) -> list[tuple[int, int] | None]:
+        """For parameters the kernel steps (``items``: parameter and spec, in parameter order): create missing
+        state, advance every step count (one foreach add) and draw their stochastic-rounding keys (one draw:
+        the keys one-by-one draws in this order would give, ``rng.draw_keys``). Returns the keys (None each for
+        round-to-nearest)."""
+        states = []
+        for p, spec in items:
+            state = self.state[p]
+            if not state:
+                self._init_quantized_state(p, state, group, spec)
+            states.append(state)
+        if not states:
+            return []
+        torch._foreach_add_([st["step"] for st in states], 1)
+        if group["rounding"] != "stochastic":
+            return [None] * len(items)
+        return draw_keys(self.generator(items[0][0].device), len(items))  # the kernel's are all CPU tensors
+
+    def _fused_job(self, p: QuantizedTensor, spec: QuantSpec, state: dict, group: dict,
+                   key: tuple[int, int] | None) -> _fused.Job:
+        """``_fused_job_`` plus what every optimizer adds: the pending clip's factor, the mode's buffers."""
+        job = self._fused_job_(p, spec, state, group, key)
         if self._grad_scale is not None:
             job.args.gscale = self._grad_scale  # fp32 in the kernel, as the reference's g * scale
         keys = _MODE_BUFFERS.get(group["mode"], ())

@@ -41,7 +41,6 @@ import torch
 from .. import kernels
 from ..formats import BF16, FP8_E4M3, FP8_E5M2, INT4, INT8, Format, PerRow, QuantSpec
 from ..qtensor import QuantizedTensor
-from ..rng import draw_key
 
 __all__ = ["applies", "Job", "run", "adamw_job", "sgd_job", "state8_fits", "attach_state8", "attach_mode_buffer",
            "attach_compensation"]
@@ -58,13 +57,13 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     """Whether the fused kernel can step ``p`` with ``group``'s settings (and the kernels are built)."""
     if group.get("fused") is False or spec is None or not isinstance(p, QuantizedTensor):
         return False
-    f = spec.format
+    f, g = spec.format, p.grad  # (called per parameter per step: each attribute read once, the cheap tests first)
     return (f in _FMT and type(f).round is Format.round  # a custom rounding override needs the reference
-            and spec.scaled == (f is not BF16) and p.device.type == "cpu"
+            and spec.scaled == (f is not BF16) and p.is_cpu
             and group["mode"] in ("eco", "naive", "master", "exact", "kahan") and group["lr"] > 0
             and (group["mode"] != "kahan" or _blocks_in_cache(p, spec))
-            and p.grad is not None and p.grad.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and p.grad.layout == torch.strided and p.codes.is_contiguous()
+            and g is not None and g.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and g.layout == torch.strided and p.codes.is_contiguous()
             and (p.scale is None or p.scale.is_contiguous()) and (f is not INT4 or _int4_blocks_aligned(p, spec))
             and kernels.available())
 
@@ -95,7 +94,7 @@ def _lut(dtype: torch.dtype) -> torch.Tensor:
 
 
 def _args(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tensor | None, v: torch.Tensor | None,
-          generator: torch.Generator | None, inject: bool) -> tuple[kernels.EcoArgs, list[torch.Tensor]]:
+          key: tuple[int, int] | None, inject: bool) -> tuple[kernels.EcoArgs, list[torch.Tensor]]:
     f = spec.format
     if grad.dtype == torch.float16:
         grad = grad.to(torch.float32)  # exact; the kernel reads fp32 or bf16
@@ -114,9 +113,9 @@ def _args(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tens
     a.grad_bf16 = int(keep[0].dtype == torch.bfloat16)
     a.state_bf16 = 2 if m is not None and m.dtype == torch.uint8 else int(m is not None and m.dtype == torch.bfloat16)
     a.inject = int(inject)
-    a.stochastic = int(generator is not None)
-    if generator is not None:
-        a.k1, a.k2 = draw_key(generator)
+    a.stochastic = int(key is not None)
+    if key is not None:
+        a.k1, a.k2 = key
     a.fmax = f.max
     a.gscale = 1.0  # no gradient scaling unless the optimizer has a pending clip (QuantOptimizer.clip_grad_norm_)
     return a, keep
@@ -159,11 +158,12 @@ def run(jobs: list[Job], skip_nonfinite: bool = False) -> list[int]:
 
 
 def adamw_job(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tensor, v: torch.Tensor,
-              generator: torch.Generator | None, *, step: float, lr: float, beta1: float, beta2: float,
+              key: tuple[int, int] | None, *, step: float, lr: float, beta1: float, beta2: float,
               eps: float, weight_decay: float, coef: float, inject: bool) -> Job:
     """One AdamW step of ``p`` (see ``adamw.py`` for the equations; the scalars below are the ones the
-    reference passes to ATen, rounded to fp32 the same way). Draws the SR key now, in parameter order."""
-    a, keep = _args(p, grad, spec, m, v, generator, inject)
+    reference passes to ATen, rounded to fp32 the same way). ``key``: the stochastic-rounding key
+    (``rng.draw_key``; None: round to nearest)."""
+    a, keep = _args(p, grad, spec, m, v, key, inject)
     a.optimizer = 0
     a.decay = 1 - lr * weight_decay
     a.w1, a.b2, a.omb2 = 1 - beta1, beta2, 1 - beta2
@@ -175,10 +175,11 @@ def adamw_job(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.
 
 
 def sgd_job(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, buf: torch.Tensor | None,
-            generator: torch.Generator | None, *, lr: float, momentum: float, dampening: float, nesterov: bool,
+            key: tuple[int, int] | None, *, lr: float, momentum: float, dampening: float, nesterov: bool,
             weight_decay: float, coef: float, first: bool, inject: bool) -> Job:
-    """One SGD step of ``p``; ``buf`` (fp32) is written whole when ``first`` (torch's buf = g)."""
-    a, keep = _args(p, grad, spec, buf, None, generator, inject)
+    """One SGD step of ``p``; ``buf`` (fp32) is written whole when ``first`` (torch's buf = g); ``key`` as for
+    ``adamw_job``."""
+    a, keep = _args(p, grad, spec, buf, None, key, inject)
     a.optimizer = 1
     a.wd, a.mom, a.omd, a.neg_lr = weight_decay, momentum, 1 - dampening, -lr
     a.nesterov, a.first_step = int(nesterov), int(first)

@@ -96,12 +96,12 @@ class SGD(QuantOptimizer):
         return None
 
     def _fused_job_(self, p: Any, spec: Any, state: dict, group: dict,
-                    generator: torch.Generator | None) -> _fused.Job:
+                    key: tuple[int, int] | None) -> _fused.Job:
         lr, mom = group["lr"], group["momentum"]
         first = state["momentum_buffer"] is None and mom != 0
         if first:  # torch creates the buffer from the first gradient; the kernel writes all of it
             state["momentum_buffer"] = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-        return _fused.sgd_job(p, p.grad, spec, state["momentum_buffer"], generator, lr=lr, momentum=mom,
+        return _fused.sgd_job(p, p.grad, spec, state["momentum_buffer"], key, lr=lr, momentum=mom,
                               dampening=group["dampening"], nesterov=group["nesterov"],
                               weight_decay=group["weight_decay"],
                               coef=eco_sgd_coef(lr, mom, group["nesterov"]) if group["mode"] == "eco" else 0.0,
