@@ -987,9 +987,9 @@ static inline __attribute__((always_inline)) astat sweep_b(const eco_args *a, in
     do {                                                                                                      \
         for (; i + 16 <= vhi; i += 16) {                                                                      \
             const int64_t n = base + i + ahead;                                                               \
-            if (adam) _mm_prefetch(pf_v + n * esz_s, PF_HINT);                                            \
+            if (adam) _mm_prefetch(pf_v + n * esz_s, PF_HINT);                                                \
             if ((i & 63) == 0)                                                                                \
-                _mm_prefetch(pf_codes + (fmt == FMT_BF16 ? 2 * n : fmt == FMT_INT4 ? n / 2 : n), PF_HINT); \
+                _mm_prefetch(pf_codes + (fmt == FMT_BF16 ? 2 * n : fmt == FMT_INT4 ? n / 2 : n), PF_HINT);    \
             for (int u_ = 0; u_ < 16; u_ += VL) B_VEC(i + u_, HM, INJ, KH);                                   \
         }                                                                                                     \
         for (; i + VL <= vhi; i += VL) B_VEC(i, HM, INJ, KH);                                                 \

@@ -57,7 +57,7 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     """Whether the fused kernel can step ``p`` with ``group``'s settings (and the kernels are built)."""
     if group.get("fused") is False or spec is None or not isinstance(p, QuantizedTensor):
         return False
-    f, g = spec.format, p.grad  # (called per parameter per step: each attribute read once, the cheap tests first)
+    f, g = spec.format, p.grad  # called per parameter per step: each attribute is read once
     return (f in _FMT and type(f).round is Format.round  # a custom rounding override needs the reference
             and spec.scaled == (f is not BF16) and p.is_cpu
             and group["mode"] in ("eco", "naive", "master", "exact", "kahan") and group["lr"] > 0
