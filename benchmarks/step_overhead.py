@@ -28,6 +28,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _median_time(step, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def measure(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from torch import nn
@@ -50,18 +59,8 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         opt = ecoptim.AdamW(mods.parameters(), lr=1e-3, rounding=rounding, nonfinite="skip_blocks")
         opt.step()  # state created, kernel built and run once
         fused.run = lambda jobs, skip_nonfinite=False: [0] * len(jobs)
-        times = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            opt.step()
-            times.append(time.perf_counter() - t)
-        out[rounding] = statistics.median(times) / args.tensors * 1e6
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        torch_opt.step()
-        times.append(time.perf_counter() - t)
-    out["torch_ms"] = statistics.median(times) * 1e3
+        out[rounding] = _median_time(opt.step, args.steps) / args.tensors * 1e6
+    out["torch_ms"] = _median_time(torch_opt.step, args.steps) * 1e3
     return out
 
 
