@@ -337,7 +337,7 @@ class QuantOptimizer(Optimizer):
                 bad = _fused.run(jobs, skip_nonfinite=blocks)
                 for p, job, n_bad in zip(owners, jobs, bad):
                     skipped += n_bad
-                    if n_bad == job.args.nb:  # nothing of it was updated: its step did not happen
+                    if n_bad == job.num_blocks:  # nothing of it was updated: its step did not happen
                         self.state[p]["step"] -= 1
         return skipped
 
@@ -379,7 +379,7 @@ class QuantOptimizer(Optimizer):
         """``_fused_job_`` plus what every optimizer adds: the pending clip's factor, the mode's buffers."""
         job = self._fused_job_(p, spec, state, group, key)
         if self._grad_scale is not None:
-            job.args.gscale = self._grad_scale  # fp32 in the kernel, as the reference's g * scale
+            job.grad_scale = self._grad_scale  # fp32 in the kernel, as the reference's g * scale
         keys = _MODE_BUFFERS.get(group["mode"], ())
         for key in keys:
             if key in state and not state[key].is_contiguous():  # e.g. loaded from a checkpoint as a view: the

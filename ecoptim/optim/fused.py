@@ -130,6 +130,20 @@ class Job:
     numel: int
     after: Callable[[], None] | None = None  # run right after the kernel (e.g. store fp32 working moments)
 
+    @property
+    def num_blocks(self) -> int:
+        """The blocks (rows, groups or the tensor) the kernel sweeps; ``run`` reports NaN/Inf ones per job."""
+        return self.args.nb
+
+    @property
+    def grad_scale(self) -> float:
+        """The factor the gradient is multiplied by (in fp32) before the update: a pending clip, else 1."""
+        return self.args.gscale
+
+    @grad_scale.setter
+    def grad_scale(self, value: float) -> None:
+        self.args.gscale = value
+
 
 def run(jobs: list[Job], skip_nonfinite: bool = False) -> list[int]:
     """Step every job's tensor in one kernel call (one thread team for all of them). A block whose update
