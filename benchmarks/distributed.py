@@ -1,7 +1,7 @@
 """Data-parallel training of the compare model with error-feedback gradient compression (CPU, gloo).
 
 Every method trains the same quantized LlamaLM (FP8 E4M3 per-row block linears, ecoptim AdamW ECO + SR,
-the paper's recipe from ``ecoptim.train``) on ``--world-size`` local processes, each rank on different
+the paper's recipe from ``ecoptim.app.train``) on ``--world-size`` local processes, each rank on different
 batches, and reports:
 
   * final validation loss (rank 0, fixed batches) and its gap to the uncompressed all-reduce run;
@@ -27,13 +27,13 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ecoptim.convert import quantize_
-from ecoptim.corpus import eval_batches, get_batch, load_split
+from ecoptim.app.corpus import eval_batches, get_batch, load_split
 from ecoptim.distributed import (ScaledSign, TopK, assert_replicas_identical, ddp, register_ef_hook, run_workers,
                                  wire_bytes)
 from ecoptim.distributed.ddp import ReplicaDivergenceError
-from ecoptim.model import LlamaConfig, LlamaLM, is_block_linear
+from ecoptim.app.model import LlamaConfig, LlamaLM, is_block_linear
 from ecoptim.optim import AdamW
-from ecoptim.train import BETAS, EPS, GRAD_CLIP, WEIGHT_DECAY, lr_lambda
+from ecoptim.app.train import BETAS, EPS, GRAD_CLIP, WEIGHT_DECAY, lr_lambda
 
 DEFAULT_METHODS = ["allreduce", "none:topk0.01", "ef14:topk0.01", "ef21:topk0.01", "econtrol:topk0.01",
                    "none:sign", "ef14:sign", "ef21:sign", "econtrol:sign"]

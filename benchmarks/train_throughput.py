@@ -22,11 +22,11 @@ import time
 import torch
 from torch import nn
 
-from ecoptim import train
-from ecoptim.cli import STATE_DTYPES
+from ecoptim.app import train
+from ecoptim.app.cli import STATE_DTYPES
 from report import machine_line, run_meta, write_report
-from ecoptim.corpus import get_batch
-from ecoptim.model import LlamaConfig, LlamaLM
+from ecoptim.app.corpus import get_batch
+from ecoptim.app.model import LlamaConfig, LlamaLM
 
 
 def main(argv: list[str] | None = None) -> None:

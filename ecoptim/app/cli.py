@@ -22,15 +22,16 @@ from typing import Any, Sequence
 
 import torch
 
-from . import __version__
-from .formats import QuantSpec
-from .optim.state8 import State8bit
+from .. import __version__
+from ..formats import QuantSpec
+from ..optim import State8bit
 from .corpus import CORPORA
 from .model import PRESETS, LlamaConfig, LlamaLM, is_block_linear
+from .plots import plot_loss_curves, plot_memory_vs_loss
 from .train import (BETAS, EPS, GRAD_CLIP, METHODS, WEIGHT_DECAY, Method, RunResult, finetune, load_corpus,
                     pretrain, resolve_methods, train_run, usable_cores)
 
-__all__ = ["main", "build_parser", "format_table", "write_outputs", "load_checkpoint", "save_checkpoint"]
+__all__ = ["main", "build_parser", "format_table", "write_outputs", "load_dense_model", "save_dense_model"]
 
 # Defaults, calibrated on a 2-core CPU: the small preset (2.4M params) takes 0.25-0.45 s per 16x64-byte step
 # (dense / quantized, 1-2 threads), so 7 methods x 300 steps plus evaluation is ~10-15 min. 300 steps already
@@ -49,7 +50,7 @@ FINETUNE_STEPS = 200
 FINETUNE_LR = 5e-4
 PRETRAIN_STEPS = COMPARE_STEPS
 FINETUNE_METHODS = "fp32_mw,mw_rtn,mw_sr,naive_rtn,naive_sr,eco_rtn,eco_sr"
-CHECKPOINT_KIND = "ecoptim-llama-checkpoint-v1"
+DENSE_MODEL_KIND = "ecoptim-llama-checkpoint-v1"
 # --state-dtype: how AdamW keeps the moments of the quantized weights
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": State8bit(),
                 "8bit-sr": State8bit(rounding="stochastic")}
@@ -200,23 +201,27 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
 
 
 # --------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Dense model files (`compare --save-checkpoint` / `finetune --checkpoint`)
 # --------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(path: Path, cfg: LlamaConfig, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """A dense model: {'kind', 'config', 'model' (state_dict), 'meta'}; loadable with weights_only=True."""
+def save_dense_model(path: Path, cfg: LlamaConfig, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write a dense (unquantized) model for ``finetune --checkpoint``: {'kind', 'config', 'model' (state_dict),
+    'meta'}, loadable with ``weights_only=True``. Not an ``ecoptim.save_checkpoint`` file: no optimizer, no
+    quantized weights, just what the app needs to rebuild the model."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"kind": CHECKPOINT_KIND, "config": cfg.to_dict(), "model": state_dict, "meta": meta}, path)
+    torch.save({"kind": DENSE_MODEL_KIND, "config": cfg.to_dict(), "model": state_dict, "meta": meta}, path)
 
 
-def load_checkpoint(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def load_dense_model(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by ``save_dense_model``: (model config, state_dict, meta). Raises ValueError for a
+    missing file or one of another kind."""
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist; create one with "
                          "`ecoptim compare --save-checkpoint` or use --pretrain-steps")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{str(path)!r} is not an ecoptim checkpoint (expected one written by "
-                         "`ecoptim compare --save-checkpoint`)")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != DENSE_MODEL_KIND:
+        raise ValueError(f"{str(path)!r} is not a dense model file written by `ecoptim compare "
+                         "--save-checkpoint` (an ecoptim.save_checkpoint file is read by ecoptim.load_checkpoint)")
     return LlamaConfig.from_dict(ckpt["config"]), ckpt["model"], ckpt.get("meta", {})
 
 
@@ -279,82 +284,6 @@ def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False, before:
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(row) for row in body])
-
-
-_COLORS = {None: "black", "master": "tab:blue", "naive": "tab:red", "eco": "tab:green"}
-
-
-def _style(r: RunResult) -> dict[str, Any]:
-    return {"color": _COLORS.get(r.mode, "tab:gray"),
-            "marker": "^" if r.rounding == "stochastic" else ("o" if r.rounding == "nearest" else "s"),
-            "linestyle": ":" if r.rounding == "nearest" else "-"}
-
-
-def plot_memory_vs_loss(results: Sequence[RunResult], path: Path, title: str) -> None:
-    """The paper's Figure 1: static bytes/param against final validation loss, one labelled point per method."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no global backend switch (Agg, headless)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    finite = [r.final_val_loss for r in results if r.final_val_loss is not None and r.status == "ok"]
-    top = (max(finite) + 0.05 * (max(finite) - min(finite) + 0.1)) if finite else 1.0
-    for r in results:
-        st = _style(r)
-        ok = r.status == "ok" and r.final_val_loss is not None
-        y = r.final_val_loss if ok else top
-        ax.scatter(r.bytes_per_param, y, color=st["color"], marker=st["marker"] if ok else "x", s=60, zorder=3)
-        ax.annotate(r.label if ok else f"{r.label} (diverged)", (r.bytes_per_param, y), textcoords="offset points",
-                    xytext=(6, 4), fontsize=8)
-    dense = next((r for r in results if r.method == "fp32_mw" and r.status == "ok"), None)
-    if dense is not None and dense.final_val_loss is not None:
-        ax.axhline(dense.final_val_loss, color="gray", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("static memory (bytes / parameter: weights + scales + optimizer state)")
-    ax.set_ylabel("final validation loss (nats / byte)")
-    ax.set_title(title, fontsize=10)
-    lo, hi = ax.get_xlim()
-    ax.set_xlim(lo, hi + 0.35 * (hi - lo))  # room for the labels on the right
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def plot_loss_curves(results: Sequence[RunResult], path: Path, title: str) -> None:
-    """Validation loss against step: the full curves, and a zoom on the second half where methods separate."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 4.5))
-    FigureCanvasAgg(fig)
-    ax_full, ax_zoom = fig.subplots(1, 2)
-    zoom_vals: list[float] = []
-    for r in results:
-        pts = [(s, v) for s, v in r.val_curve if v is not None]
-        if not pts:
-            continue
-        st = _style(r)
-        xs, ys = zip(*pts)
-        for ax in (ax_full, ax_zoom):
-            ax.plot(xs, ys, color=st["color"], linestyle=st["linestyle"], marker=st["marker"], markersize=3,
-                    label=r.label + ("" if r.status == "ok" else " (diverged)"))
-        half = max(s for s, _ in r.val_curve) / 2
-        zoom_vals += [v for s, v in pts if s >= half]
-    if zoom_vals:
-        lo, hi = min(zoom_vals), max(zoom_vals)
-        pad = 0.05 * (hi - lo) + 1e-3
-        ax_zoom.set_ylim(lo - pad, hi + pad)
-        steps = max(s for r in results for s, _ in r.val_curve)
-        ax_zoom.set_xlim(steps / 2 - 0.02 * steps, steps * 1.02)
-    for ax, sub in ((ax_full, "validation loss"), (ax_zoom, "second half (zoom)")):
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation loss (nats / byte)")
-        ax.set_title(sub, fontsize=10)
-        ax.grid(alpha=0.3)
-    ax_full.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def _json_safe(x: Any) -> Any:
@@ -431,7 +360,7 @@ def cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
                       progress=not args.quiet, keep_state=keep, **_train_kwargs(args))
         if keep:
             path = Path(args.save_checkpoint) if args.save_checkpoint else args.out / "checkpoint.pt"
-            save_checkpoint(path, cfg, r.state_dict or {}, {"steps": args.steps, "corpus": args.corpus,
+            save_dense_model(path, cfg, r.state_dict or {}, {"steps": args.steps, "corpus": args.corpus,
                                                              "final_val_loss": r.final_val_loss})
             r.state_dict = None
             say(f"saved dense checkpoint to {path}")
@@ -454,7 +383,7 @@ def cmd_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     pre_info: dict[str, Any]
     if args.checkpoint is not None:
         try:
-            cfg, state, meta = load_checkpoint(args.checkpoint)
+            cfg, state, meta = load_dense_model(args.checkpoint)
         except ValueError as e:
             parser.error(str(e))
         if args.seq_len > cfg.max_seq_len:
@@ -481,7 +410,7 @@ def cmd_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
                     "pretrain_val_loss": pre.final_val_loss}
         if args.save_checkpoint is not None:
             path = Path(args.save_checkpoint) if args.save_checkpoint else args.out / "pretrained.pt"
-            save_checkpoint(path, cfg, state, {"steps": steps, "corpus": args.pretrain_corpus,
+            save_dense_model(path, cfg, state, {"steps": steps, "corpus": args.pretrain_corpus,
                                                "final_val_loss": pre.final_val_loss})
             say(f"saved dense checkpoint to {path}")
     data = load_corpus(args.corpus)

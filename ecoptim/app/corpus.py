@@ -1,7 +1,7 @@
 """Embedded real-text corpora for byte-level language-model experiments.
 
 Two public-domain corpora ship inside the package as xz-compressed ASCII
-text (see ``ecoptim/corpora/README.md`` for provenance and how they are
+text (see ``ecoptim/app/corpora/README.md`` for provenance and how they are
 rebuilt with ``scripts/build_corpus.py``):
 
 * ``"shakespeare"``: 37 plays and 5 poems (~5.05 MB), the main corpus;
@@ -56,7 +56,7 @@ def _check_name(name: str) -> None:
 def load_text(name: str) -> bytes:
     """Return the full decompressed text of corpus ``name`` as bytes.
 
-    The data is read from ``ecoptim/corpora/<name>.txt.xz`` with
+    The data is read from ``ecoptim/app/corpora/<name>.txt.xz`` with
     :mod:`importlib.resources`, so it works from an installed wheel, an
     editable install or a source checkout.  Results are cached.
 
@@ -64,7 +64,7 @@ def load_text(name: str) -> bytes:
         ValueError: if ``name`` is not one of :data:`CORPORA`.
     """
     _check_name(name)
-    ref = resources.files("ecoptim").joinpath("corpora", f"{name}.txt.xz")
+    ref = resources.files("ecoptim.app").joinpath("corpora", f"{name}.txt.xz")
     return lzma.decompress(ref.read_bytes())
 
 

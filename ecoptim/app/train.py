@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from .convert import quantize_
+from ..convert import quantize_
+from ..formats import get_format, get_granularity
+from ..memory import memory_report
+from ..optim import AdamW, State8bit
 from .corpus import eval_batches, get_batch, load_split
-from .formats import get_format, get_granularity
-from .memory import memory_report
 from .model import LlamaConfig, LlamaLM, is_block_linear
-from .optim import AdamW, State8bit
 
 __all__ = ["Method", "METHODS", "ROWS", "FORMAT_TAGS", "DEFAULT_GRANULARITY", "make_methods", "resolve_methods",
            "Corpus", "load_corpus", "RunResult", "train_run", "lr_lambda", "evaluate", "pretrain", "finetune",
@@ -344,7 +344,7 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
     report = None
     train_time, steps_done = 0.0, 0
 
-    from tqdm.auto import tqdm  # imported lazily: the library itself does not need it
+    from tqdm.auto import tqdm  # the `app` extra; imported on first use so the app imports without it
     bar = tqdm(total=steps, desc=f"{method.name:>14s}", disable=not progress, dynamic_ncols=True, leave=True)
     model.train()
     for step in range(1, steps + 1):
