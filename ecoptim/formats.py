@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .rounding import round_to_grid
+
 __all__ = [
     "Format", "FloatFormat", "IntFormat", "FP8_E4M3", "FP8_E5M2", "BF16", "FP16", "FP32", "INT8", "INT4",
     "FORMATS", "get_format", "Granularity", "PerTensor", "PerRow", "PerGroup", "Unscaled", "get_granularity",
@@ -46,11 +48,15 @@ class Format:
         """How many storage elements ``numel`` values need."""
         return numel
 
+    @property
+    def is_identity(self) -> bool:
+        """True when every fp32 value is on this grid (the FP32 format), so rounding onto it changes nothing."""
+        return False
+
     def round(self, y: torch.Tensor, rounding: str = "nearest",
               generator: torch.Generator | None = None) -> torch.Tensor:
         """Round scaled fp32 values onto this format's grid. A custom quantizer (e.g. a noise model in the
         theory tests) overrides this; the built-in formats use ``ecoptim.rounding``."""
-        from .rounding import round_to_grid  # late import: rounding depends on formats
         return round_to_grid(y, self, rounding, generator)
 
     def __str__(self) -> str:
@@ -72,6 +78,11 @@ class FloatFormat(Format):
     max: float
     storage_dtype: torch.dtype
     default_scaled: bool = True
+
+    @property
+    def is_identity(self) -> bool:
+        # 23 stored mantissa bits (and fp32's exponent range) hold every fp32 value.
+        return self.man_bits >= 23
 
     def spacing(self, y: torch.Tensor) -> torch.Tensor:
         # frexp gives |y| = m * 2^e with m in [0.5, 1), so floor(log2|y|) = e - 1 (exact, no log2 rounding).

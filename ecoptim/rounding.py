@@ -13,47 +13,66 @@ from ``generator``, which the fused CPU kernel reproduces bit for bit.
 
 so E[q] = y (unbiased) and q is always one of the two grid neighbours of y. Values are clamped to
 [-fmt.max, fmt.max] first (saturation), so neither mode can leave the finite range.
+
+This module sits below ``ecoptim.formats``: it needs only ``max``, ``spacing`` and ``is_identity`` from a
+format (the ``Grid`` protocol, which every ``formats.Format`` satisfies), and ``Format.round`` delegates here.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
-from .formats import FloatFormat, Format
 from .rng import draw_key, uniform
 
 Rounding = Literal["nearest", "stochastic"]
 ROUNDINGS = ("nearest", "stochastic")
 
-__all__ = ["round_nearest", "round_stochastic", "round_to_grid", "ROUNDINGS", "check_rounding"]
+__all__ = ["Grid", "round_nearest", "round_stochastic", "round_to_grid", "ROUNDINGS", "Rounding", "check_rounding",
+           "is_identity"]
+
+
+class Grid(Protocol):
+    """What rounding needs from a symmetric number format; every ``ecoptim.formats.Format`` is one."""
+
+    @property
+    def max(self) -> float:
+        """The largest finite grid value; values beyond +-max saturate."""
+
+    @property
+    def is_identity(self) -> bool:
+        """True when every fp32 value is on the grid, so rounding returns its input."""
+
+    def spacing(self, y: torch.Tensor) -> torch.Tensor:
+        """Distance between the grid points that bracket ``y`` (fp32, same shape)."""
 
 
 def check_rounding(rounding: str) -> str:
+    """Return ``rounding`` if it is one of ``ROUNDINGS``, else raise a ValueError naming the choices."""
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; use 'nearest' or 'stochastic'")
     return rounding
 
 
-def _is_identity(fmt: Format) -> bool:
-    # fp32 values are already on the fp32 grid: nothing to do (and nothing random to draw).
-    return isinstance(fmt, FloatFormat) and fmt.man_bits >= 23
+def is_identity(fmt: Grid) -> bool:
+    """True when rounding onto ``fmt`` changes nothing (the fp32 grid): no work, and no random key drawn."""
+    return bool(fmt.is_identity)
 
 
-def round_nearest(y: torch.Tensor, fmt: Format) -> torch.Tensor:
+def round_nearest(y: torch.Tensor, fmt: Grid) -> torch.Tensor:
     """Round-to-nearest, ties to even, with saturation at +-fmt.max. ``y`` must be fp32."""
-    if _is_identity(fmt):
+    if is_identity(fmt):
         return y.clone()
     y = y.clamp(-fmt.max, fmt.max)
     s = fmt.spacing(y)
     return torch.round(y / s).mul_(s)
 
 
-def round_stochastic(y: torch.Tensor, fmt: Format, generator: torch.Generator | None = None,
+def round_stochastic(y: torch.Tensor, fmt: Grid, generator: torch.Generator | None = None,
                      noise: torch.Tensor | None = None) -> torch.Tensor:
     """Unbiased stochastic rounding onto the grid. ``noise`` (U[0,1), same shape) overrides ``generator``;
     otherwise one key is drawn from ``generator`` (global RNG if None) and the uniforms are ``rng.uniform``."""
-    if _is_identity(fmt):
+    if is_identity(fmt):
         return y.clone()
     y = y.clamp(-fmt.max, fmt.max)
     s = fmt.spacing(y)
@@ -66,8 +85,9 @@ def round_stochastic(y: torch.Tensor, fmt: Format, generator: torch.Generator | 
     return lo.add_((noise < (r - lo)).to(lo.dtype)).mul_(s)
 
 
-def round_to_grid(y: torch.Tensor, fmt: Format, rounding: str = "nearest",
+def round_to_grid(y: torch.Tensor, fmt: Grid, rounding: str = "nearest",
                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """``round_nearest`` or ``round_stochastic`` by name (``generator`` is used by the stochastic one only)."""
     if rounding == "nearest":
         return round_nearest(y, fmt)
     if rounding == "stochastic":

@@ -24,7 +24,7 @@ import torch
 
 from . import fused as _fused
 from ..qtensor import QuantizedTensor
-from ..rounding import _is_identity
+from ..rounding import is_identity
 from .base import QuantOptimizer
 from .state8 import State8bit, dequantize_state, quantize_state, state_key
 
@@ -177,7 +177,7 @@ class AdamW(QuantOptimizer):
         # Quantized weights: correctly rounded sqrt, so that the fused kernel can reproduce the reference bit
         # for bit. Dense parameters and the FP32 identity format keep torch's own sqrt: there ecoptim promises
         # torch.optim.AdamW's exact bits.
-        exact = spec is not None and not _is_identity(spec.format)
+        exact = spec is not None and not is_identity(spec.format)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if m.dtype == torch.uint8:  # 8-bit states: fp32 working copies
             m, v = self._load_state8(state, group)
