@@ -1,14 +1,19 @@
 """ecoptim: train models whose weights are stored quantized, with no full-precision master copy.
 
-Public API (documented in README.md):
-    formats:    FP8_E4M3, FP8_E5M2, BF16, FP16, FP32, INT8, INT4, PerTensor, PerRow, PerGroup, QuantSpec
-    storage:    QuantizedTensor, quantize_, memory_report
-    optimizers: SGD, AdamW (modes eco | master | naive | exact | kahan), State8bit (8-bit AdamW states)
+Public API (reference: the docs site, ``docs/``, one page per module):
+    formats:     FP8_E4M3, FP8_E5M2, BF16, FP16, FP32, INT8, INT4 (``ecoptim.formats``);
+                 PerTensor, PerRow, PerGroup, Unscaled; QuantSpec (a format + a granularity)
+    storage:     quantize_(model, QuantConfig(format, granularity), storage="real" | "fake"), QuantConfig,
+                 QuantizedTensor, spec_of, memory_report / MemoryReport
+    optimizers:  SGD, AdamW (mode= "eco" | "master" | "naive" | "exact" | "kahan"), State8bit (8-bit AdamW
+                 moments), NonFiniteGradientError
     checkpoints: save_checkpoint, load_checkpoint, export_safetensors, load_safetensors
+    subpackages: ``ecoptim.distributed`` (DDP, FSDP2, compressed all-reduce), ``ecoptim.app`` (the paper's
+                 experiments and the ``ecoptim`` command line; not imported here)
 """
 from .formats import BF16, FP8_E4M3, FP8_E5M2, FP16, FP32, INT4, INT8, PerGroup, PerRow, PerTensor, QuantSpec, Unscaled
 from .qtensor import QuantizedTensor
-from .convert import quantize_, spec_of
+from .convert import QuantConfig, quantize_, spec_of
 from .memory import MemoryReport, memory_report
 from .optim import SGD, AdamW, NonFiniteGradientError, State8bit
 from .checkpoint import export_safetensors, load_checkpoint, load_safetensors, save_checkpoint
@@ -16,6 +21,6 @@ from .checkpoint import export_safetensors, load_checkpoint, load_safetensors, s
 __version__ = "0.1.0"
 
 __all__ = ["FP8_E4M3", "FP8_E5M2", "BF16", "FP16", "FP32", "INT8", "INT4", "PerTensor", "PerRow", "PerGroup",
-           "Unscaled", "QuantSpec", "QuantizedTensor", "quantize_", "spec_of", "memory_report", "MemoryReport",
-           "SGD", "AdamW", "State8bit", "NonFiniteGradientError", "save_checkpoint", "load_checkpoint", "export_safetensors",
-           "load_safetensors"]
+           "Unscaled", "QuantSpec", "QuantConfig", "QuantizedTensor", "quantize_", "spec_of", "memory_report",
+           "MemoryReport", "SGD", "AdamW", "State8bit", "NonFiniteGradientError", "save_checkpoint", "load_checkpoint",
+           "export_safetensors", "load_safetensors"]

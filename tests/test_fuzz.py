@@ -270,7 +270,7 @@ def test_one_optimizer_step_of_every_mode_keeps_weights_finite_and_on_grid(case)
     fake = nn.Parameter(w.clone())
     holder = nn.Linear(1, 1)
     holder.weight = fake
-    ecoptim.quantize_(holder, spec.format, spec.granularity, filter_fn=lambda m, n: True, mode="fake")
+    ecoptim.quantize_(holder, spec.format, spec.granularity, filter_fn=lambda m, n: True, storage="fake")
     bias = nn.Parameter(torch.randn(3))  # a dense parameter in the same optimizer
     opts = [_make_opt(case["opt"], [real, bias], case["mode"], case["rounding"], case["lr"], case["states"]),
             _make_opt(case["opt"], [fake], case["mode"], case["rounding"], case["lr"], case["states"])]

@@ -175,7 +175,7 @@ def test_gradient_accumulation_equals_one_full_batch_step(opt_name, fmt):
 
 
 # -- torch.compile ------------------------------------------------------------------------------------------
-def _compile_run(mode, backend, steps=3):
+def _compile_run(storage, backend, steps=3):
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -184,8 +184,8 @@ def _compile_run(mode, backend, steps=3):
     base = TinyLM(d=32, layers=1)
     # quantize each copy: copy.deepcopy drops a fake-quantized parameter's spec tag (nn.Parameter.__deepcopy__
     # keeps no Python attributes), real QuantizedTensor storage survives it
-    eager = ecoptim.quantize_(copy.deepcopy(base), "fp8", mode=mode)
-    comp = ecoptim.quantize_(copy.deepcopy(base), "fp8", mode=mode)
+    eager = ecoptim.quantize_(copy.deepcopy(base), "fp8", storage=storage)
+    comp = ecoptim.quantize_(copy.deepcopy(base), "fp8", storage=storage)
     o_e = ecoptim.AdamW(eager.parameters(), lr=3e-3, seed=3)
     o_c = ecoptim.AdamW(comp.parameters(), lr=3e-3, seed=3)
     compiled = torch.compile(comp, backend=backend, fullgraph=True)  # fullgraph: no graph break allowed
@@ -198,17 +198,17 @@ def _compile_run(mode, backend, steps=3):
             opt.step()
             losses.append(loss.item())
         assert math.isclose(losses[0], losses[1], rel_tol=1e-5)
-    if mode == "real":
+    if storage == "real":
         assert isinstance(comp.blocks[0].qkv.weight, QuantizedTensor)
         assert comp.blocks[0].qkv.weight.codes.dtype == torch.float8_e4m3fn
     return eager, comp
 
 
-@pytest.mark.parametrize("mode", ["real", "fake"])
-def test_torch_compile_forward_backward_and_ecoptim_step(mode):
+@pytest.mark.parametrize("storage", ["real", "fake"])
+def test_torch_compile_forward_backward_and_ecoptim_step(storage):
     """QuantizedTensor is a traceable wrapper subclass (__tensor_flatten__/__tensor_unflatten__): dynamo and AOT
     autograd trace through it in one graph, and the weights the optimizer rewrites in place are read anew."""
-    eager, comp = _compile_run(mode, "aot_eager")
+    eager, comp = _compile_run(storage, "aot_eager")
     for a, b in zip(codes_and_scales(eager), codes_and_scales(comp)):
         assert torch.equal(a, b)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation after steps

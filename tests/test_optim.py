@@ -48,7 +48,7 @@ def test_identity_quantizer_reproduces_torch_adamw_bit_for_bit(mode, rounding, f
                                 dict(momentum=0.8, nesterov=True, weight_decay=1e-3)])
 def test_identity_quantizer_reproduces_torch_sgd_bit_for_bit(mode, kw):
     ref, ours = make_pair()
-    ecoptim.quantize_(ours, "fp32", mode="fake")
+    ecoptim.quantize_(ours, "fp32", storage="fake")
     o_ref = torch.optim.SGD(ref.parameters(), lr=0.05, foreach=False, **kw)
     o_ours = ecoptim.SGD(ours.parameters(), lr=0.05, mode=mode, **kw)
     data = batches(8)
@@ -96,7 +96,7 @@ def test_eco_injection_keeps_sub_grid_progress_in_momentum():
     lin = nn.Linear(8, 4, bias=False)
     lin.weight = nn.Parameter(w0.clone())
     w = lin.weight
-    ecoptim.quantize_(lin, "fp8", "row", filter_fn=lambda m, n: True, mode="fake")
+    ecoptim.quantize_(lin, "fp8", "row", filter_fn=lambda m, n: True, storage="fake")
     assert torch.equal(w.detach(), w0)  # both values are on the grid
     opt = ecoptim.SGD(lin.parameters(), lr=1e-4, momentum=0.9, dampening=0.9, mode="eco", rounding="nearest")
     w.grad = torch.ones(4, 8)

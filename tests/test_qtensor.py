@@ -40,8 +40,8 @@ def test_fake_and_real_forward_are_bit_identical(fmt, gran):
     torch.manual_seed(0)
     gran = "group16" if gran and gran.startswith("group") else gran  # TinyLM rows are 32 or 64 long
     base = TinyLM()
-    real = ecoptim.quantize_(copy.deepcopy(base), fmt, gran, mode="real")
-    fake = ecoptim.quantize_(copy.deepcopy(base), fmt, gran, mode="fake")
+    real = ecoptim.quantize_(copy.deepcopy(base), fmt, gran, storage="real")
+    fake = ecoptim.quantize_(copy.deepcopy(base), fmt, gran, storage="fake")
     idx = torch.randint(0, 64, (3, 17))
     assert torch.equal(real(idx), fake(idx))
     assert isinstance(real.blocks[0].qkv.weight, QuantizedTensor)
@@ -120,8 +120,8 @@ def test_bad_arguments_raise_clear_value_errors():
     lin.weight = nn.Parameter(torch.ones(4, 4, dtype=torch.int32), requires_grad=False)
     with pytest.raises(ValueError, match="only floating-point weights"):
         ecoptim.quantize_(lin, "fp8", filter_fn=lambda m, n: isinstance(m, nn.Linear))
-    with pytest.raises(ValueError, match="unknown mode"):
-        ecoptim.quantize_(TinyLM(), "fp8", mode="pretend")
+    with pytest.raises(ValueError, match="unknown storage"):
+        ecoptim.quantize_(TinyLM(), "fp8", storage="pretend")
 
 
 def test_failed_quantize_leaves_model_untouched():
@@ -180,3 +180,99 @@ def test_deepcopy_and_device_move_keep_quantized_storage():
     assert cw.codes.data_ptr() != w.codes.data_ptr() and torch.equal(cw.dequantize(), w.dequantize())
     m.to("cpu")
     assert isinstance(m.blocks[0].qkv.weight, QuantizedTensor)
+
+
+def _weights(model):
+    return [p.dequantize() if isinstance(p, QuantizedTensor) else p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("fmt,gran", SPECS)
+def test_quant_config_quantizes_exactly_like_the_plain_names(fmt, gran):
+    gran = "group16" if gran and gran.startswith("group") else gran  # TinyLM rows are 32 or 64 long
+    torch.manual_seed(0)
+    base = TinyLM()
+    by_config = ecoptim.quantize_(copy.deepcopy(base), ecoptim.QuantConfig(fmt, gran))
+    by_names = ecoptim.quantize_(copy.deepcopy(base), fmt, gran)
+    for a, b in zip(by_config.parameters(), by_names.parameters()):
+        assert type(a) is type(b)
+        if isinstance(a, QuantizedTensor):
+            assert a.spec == b.spec == F.QuantSpec.make(fmt, gran)
+            assert torch.equal(a.codes.view(torch.uint8) if a.codes.dtype.itemsize == 1 else a.codes,
+                               b.codes.view(torch.uint8) if b.codes.dtype.itemsize == 1 else b.codes)
+            assert (a.scale is None) == (b.scale is None)
+            assert a.scale is None or torch.equal(a.scale, b.scale)
+        else:
+            assert torch.equal(a, b)
+
+
+def test_quant_config_is_a_frozen_value_resolved_at_construction():
+    cfg = ecoptim.QuantConfig("fp8", "row")
+    assert cfg == ecoptim.QuantConfig(F.FP8_E4M3, F.PerRow()) and hash(cfg) == hash(ecoptim.QuantConfig("e4m3", "row"))
+    assert cfg.format is F.FP8_E4M3 and cfg.granularity == F.PerRow() and str(cfg) == "fp8_e4m3/row"
+    assert cfg.spec == F.QuantSpec(F.FP8_E4M3, F.PerRow())
+    assert ecoptim.QuantConfig("int4", 32).granularity == F.PerGroup(32)
+    # granularity None: the format's default, as with the plain names
+    assert ecoptim.QuantConfig("bf16").granularity == F.Unscaled()
+    assert ecoptim.QuantConfig("int8").granularity == F.PerRow()
+    with pytest.raises(AttributeError):
+        cfg.format = F.INT4
+
+
+@pytest.mark.parametrize("args,match", [
+    (("fp9", "row"), r"QuantConfig: unknown format 'fp9'"),
+    (("int4", "rows"), r"QuantConfig: unknown granularity 'rows'"),
+    (("int4", "group0"), r"QuantConfig: group_size must be a positive int, got 0"),
+    ((4, "row"), r"QuantConfig: format must be a name or an ecoptim Format, got int"),
+    (("fp8", 2.5), r"QuantConfig: unknown granularity 2.5"),
+])
+def test_quant_config_rejects_bad_values_when_built(args, match):
+    with pytest.raises(ValueError, match=match):
+        ecoptim.QuantConfig(*args)
+
+
+def test_quant_config_and_a_separate_granularity_is_an_error_before_any_change():
+    m = TinyLM()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match=r"put the granularity in the config: QuantConfig\('fp8_e4m3', 'row'\)"):
+        ecoptim.quantize_(m, ecoptim.QuantConfig("fp8"), "row")
+    assert not any(isinstance(p, QuantizedTensor) for p in m.parameters())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_storage_real_is_the_default_and_fake_keeps_dense_values_on_the_grid():
+    torch.manual_seed(0)
+    base = TinyLM()
+    default = ecoptim.quantize_(copy.deepcopy(base), "int4", "group16")
+    real = ecoptim.quantize_(copy.deepcopy(base), "int4", "group16", storage="real")
+    fake = ecoptim.quantize_(copy.deepcopy(base), "int4", "group16", storage="fake")
+    assert isinstance(default.blocks[0].qkv.weight, QuantizedTensor)
+    assert not isinstance(fake.blocks[0].qkv.weight, QuantizedTensor)
+    assert ecoptim.spec_of(fake.blocks[0].qkv.weight) == F.QuantSpec.make("int4", "group16")
+    for a, b, c in zip(_weights(default), _weights(real), _weights(fake)):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@pytest.mark.parametrize("storage", ["real", "fake"])
+def test_mode_is_a_deprecated_alias_of_storage(storage):
+    torch.manual_seed(0)
+    base = TinyLM()
+    new = ecoptim.quantize_(copy.deepcopy(base), "fp8", storage=storage)
+    with pytest.warns(DeprecationWarning, match=r"quantize_\(mode=\.\.\.\) is deprecated: use storage="):
+        old = ecoptim.quantize_(copy.deepcopy(base), "fp8", mode=storage)
+    assert isinstance(old.blocks[0].qkv.weight, QuantizedTensor) == (storage == "real")
+    for a, b in zip(_weights(new), _weights(old)):
+        assert torch.equal(a, b)
+
+
+def test_storage_and_mode_together_are_an_error_before_any_change():
+    m = TinyLM()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError,
+                       match=r"both storage='fake' and its deprecated alias mode='real'; pass storage= only"):
+        ecoptim.quantize_(m, "fp8", storage="fake", mode="real")
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="unknown storage 'pretend'"):
+        ecoptim.quantize_(m, "fp8", mode="pretend")
+    assert not any(isinstance(p, QuantizedTensor) for p in m.parameters())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k])

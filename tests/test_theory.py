@@ -41,7 +41,7 @@ class NoisyQuantizer(Format):
 def stationary_grad_sq(mode: str, lr: float, n: int = 5000, steps: int = 2500, window: int = 1000) -> float:
     lin = nn.Linear(n, 1, bias=False)
     nn.init.zeros_(lin.weight)
-    ecoptim.quantize_(lin, NoisyQuantizer(SIGMA), filter_fn=lambda m, name: True, mode="fake")
+    ecoptim.quantize_(lin, NoisyQuantizer(SIGMA), filter_fn=lambda m, name: True, storage="fake")
     w = lin.weight
     opt = ecoptim.SGD([w], lr=lr, momentum=BETA, dampening=BETA, mode=mode, rounding="stochastic", seed=0)
     acc = 0.0
