@@ -7,8 +7,10 @@ A *granularity* says which elements share one absmax scale. Together they make a
     code  = round(w / scale)                    (onto the format's grid, see ``ecoptim.rounding``)
     w_hat = code * scale                        (dequantized value, computed in fp32)
 
-Every grid here is symmetric, so the rounding code only needs one thing from a format: the spacing
-between neighbouring grid points at a given magnitude (``spacing``) and the largest finite value (``max``).
+Every grid here is symmetric, so the rounding code only needs the spacing between neighbouring grid points
+at a given magnitude (``spacing``), the largest finite value (``max``) and whether the grid holds every fp32
+value (``is_identity``): ``ecoptim.rounding`` works on that much (its ``Grid`` protocol), imports nothing from
+here, and ``Format.round`` delegates to it.
 """
 from __future__ import annotations
 

@@ -162,8 +162,9 @@ def test_divergence_is_recorded_not_raised() -> None:
     assert r.status == "diverged" and r.diverged_at is not None and r.steps_done < 30
 
 
-def test_python_dash_m_entry_point() -> None:
-    proc = subprocess.run([sys.executable, "-m", "ecoptim", "--version"], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("package", ["ecoptim", "ecoptim.app"])
+def test_python_dash_m_entry_point(package: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", package, "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "ecoptim" in proc.stdout
 
 
