@@ -473,8 +473,9 @@ def test_a_group_of_many_parameters_is_bit_identical_to_reference(rounding, refe
     o_ref = opt_cls(ref.parameters(), fused=False, rounding=rounding, seed=4, **kw)
     o_fast = opt_cls(fast.parameters(), rounding=rounding, seed=4, **kw)
     prepared = []
-    real = o_fast._fused_prepare
-    monkeypatch.setattr(o_fast, "_fused_prepare", lambda group, items: prepared.append(len(items)) or real(group, items))
+    real = o_fast._start_kernel_steps
+    monkeypatch.setattr(o_fast, "_start_kernel_steps",
+                        lambda group, params: prepared.append(len(params)) or real(group, params))
     x = torch.randn(8, 24)
     for step in range(3):
         for net in (ref, fast):
