@@ -347,6 +347,7 @@ class QuantOptimizer(Optimizer):
                 if not p.state:  # skipped before its first step (nonfinite='skip_blocks'): it keeps no state entry
                     del self.state[p.param]
 
+    @torch.no_grad()
     def step_group(self, group: dict, params: list[ParamStep], *, grad_scale: float | None = None,
                    skip_nonfinite: bool = False) -> int:
         """Step ``params`` (``group``'s, in parameter order) with ``group``'s settings: the fused kernel for each
