@@ -244,6 +244,19 @@ class QuantOptimizer(Optimizer):
             self._generators[key] = g
         return self._generators[key]
 
+    def rng_states(self) -> dict[str, torch.Tensor]:
+        """The stochastic-rounding generators' states, by device (what ``state_dict`` saves under 'rng')."""
+        return {k: g.get_state() for k, g in self._generators.items()}
+
+    def set_rng_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Replace the stochastic-rounding generators by generators in ``states`` (``rng_states``' format)."""
+        generators = {}
+        for device, state in states.items():
+            g = torch.Generator(device=device)
+            g.set_state(state)
+            generators[device] = g
+        self._generators = generators
+
     # -- the loop -----------------------------------------------------------------------------------
     def _with_grads(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
