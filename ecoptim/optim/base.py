@@ -134,7 +134,7 @@ def _scaled_grad(grad: torch.Tensor, grad_scale: float | None, dtype: torch.dtyp
     return g if grad_scale is None else g * grad_scale
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not elementwise tensor comparison
 class ParamStep:
     """One parameter of a param group, as ``QuantOptimizer.step_group`` steps it.
 
