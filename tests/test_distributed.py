@@ -480,6 +480,75 @@ def test_fsdp2_quantized_shards_low_bit_allgather_and_matches_ddp_bitwise():
         assert f["fwd_bytes"][-1] < 0.45 * r0["fsdp_fp32"]["fwd_bytes"][-1]
 
 
+def _log_step_group(opt: torch.optim.Optimizer, log: list) -> None:
+    """Record the tensors of every ``step_group`` call of ``opt`` in ``log`` (and step them as usual)."""
+    real = opt.step_group
+
+    def step_group(group, params, **kw):
+        log.append([p.param for p in params])
+        return real(group, params, **kw)
+    opt.step_group = step_group
+
+
+def _fsdp_shard_route_worker(rank: int, ws: int, steps: int) -> dict:
+    from ecoptim.distributed.fsdp import FSDPAdamW, fully_shard_quantized, local_shard
+    from ecoptim.optim import fused
+    torch.manual_seed(0)
+    model = TinyLM()
+    ecoptim.quantize_(model, "fp8_e4m3", "row", filter_fn=lambda m, n: _block_linear(m, n, 0))  # fused kernel
+    ecoptim.quantize_(model, "fp16", filter_fn=lambda m, n: _block_linear(m, n, 1))  # the reference path
+    fully_shard_quantized(model, model.blocks)
+    params = list(model.parameters())
+    opt = FSDPAdamW(params, lr=1e-2, rounding="stochastic", seed=5)
+    # the normal route: plain parameters holding copies of this rank's shards, with the rank's SR stream
+    copies = []
+    for p in params:
+        loc = local_shard(p)
+        if isinstance(loc, QuantizedTensor):
+            loc = QuantizedTensor(loc.codes.clone(), None if loc.scale is None else loc.scale.clone(), loc.spec,
+                                  loc.shape, loc.dtype)
+        else:
+            loc = loc.detach().clone()
+        copies.append(nn.Parameter(loc))
+    plain = ecoptim.AdamW(copies, lr=1e-2, rounding="stochastic", seed=(5 * 1_000_003 + rank) % 2 ** 63)
+    calls: dict[str, list] = {"fsdp": [], "plain": []}
+    _log_step_group(opt, calls["fsdp"])
+    _log_step_group(plain, calls["plain"])
+    kernel = 0
+    for i in range(steps):
+        idx = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(rank + 10 * i))
+        lm_loss(model, idx).backward()
+        for c, p in zip(copies, params):
+            c.grad = local_shard(p.grad).clone()
+        kernel = sum(fused.applies(c, c.spec, plain.param_groups[0]) for c in copies if isinstance(c, QuantizedTensor))
+        opt.step()
+        plain.step()
+        opt.zero_grad()
+        plain.zero_grad()
+        for n, (p, c) in enumerate(zip(params, copies)):
+            loc = local_shard(p)
+            if isinstance(c, QuantizedTensor):
+                assert torch.equal(loc.codes.view(torch.uint8), c.codes.view(torch.uint8)), (i, n)
+                assert (loc.scale is None and c.scale is None) or torch.equal(loc.scale, c.scale), (i, n)
+            else:
+                assert torch.equal(loc, c), (i, n)
+            assert opt.state[p].keys() == plain.state[c].keys(), (i, n)
+            for k, v in plain.state[c].items():
+                assert torch.equal(local_shard(opt.state[p][k]), v), (i, n, k)
+    # both routes went through step_group, once per step and group; FSDP's with the local shards
+    assert [list(map(id, c)) for c in calls["fsdp"]] == [[id(local_shard(p)) for p in params]] * steps
+    assert [list(map(id, c)) for c in calls["plain"]] == [list(map(id, copies))] * steps
+    return {"kernel": kernel, "quantized": sum(isinstance(c, QuantizedTensor) for c in copies)}
+
+
+def test_fsdp_shards_and_plain_parameters_take_the_same_step_route_with_the_same_bits():
+    """FSDP's per-shard update goes through ``step_group`` like any step: each rank's shards (FP8 on the fused
+    kernel, FP16 on the reference path, dense parameters), stepped with stochastic rounding, equal bit for bit
+    a plain AdamW stepping copies of those shards with the same gradients and the rank's generator."""
+    for r in run_workers(_fsdp_shard_route_worker, 2, (3,)):
+        assert 0 < r["kernel"] < r["quantized"]  # both implementations were used
+
+
 def test_plain_fully_shard_silently_dequantizes_repro():
     """Why FSDPQuantizedTensor exists: plain fully_shard turns QuantizedTensor shards into dense fp32."""
     from ecoptim.distributed.fsdp import fsdp_status_report

@@ -473,8 +473,9 @@ def test_a_group_of_many_parameters_is_bit_identical_to_reference(rounding, refe
     o_ref = opt_cls(ref.parameters(), fused=False, rounding=rounding, seed=4, **kw)
     o_fast = opt_cls(fast.parameters(), rounding=rounding, seed=4, **kw)
     prepared = []
-    real = o_fast._fused_prepare
-    monkeypatch.setattr(o_fast, "_fused_prepare", lambda group, items: prepared.append(len(items)) or real(group, items))
+    real = o_fast._start_kernel_steps
+    monkeypatch.setattr(o_fast, "_start_kernel_steps",
+                        lambda group, params: prepared.append(len(params)) or real(group, params))
     x = torch.randn(8, 24)
     for step in range(3):
         for net in (ref, fast):
@@ -494,6 +495,82 @@ def test_a_group_of_many_parameters_is_bit_identical_to_reference(rounding, refe
     # the kernel's parameters prepared together each step, or one by one when an FP16 weight stands between them
     assert prepared == ([1] * 12 if reference_between else [5] * 3)
     assert o_fast.generator(torch.device("cpu")).get_state().equal(o_ref.generator(torch.device("cpu")).get_state())
+
+
+def _mixed_group_model(reference_between: bool) -> nn.Module:
+    """``_many_params_model``; with ``reference_between`` also a fake-quantized FP8 weight (dense storage: the
+    reference path) after the others."""
+    m = _many_params_model(reference_between)
+    if reference_between:
+        m.append(nn.Linear(40, 24))
+        ecoptim.quantize_(m, "fp8_e4m3", "row", mode="fake", filter_fn=lambda mod, n: n == "6")
+    return m
+
+
+@pytest.mark.parametrize("mode", ["eco", "naive", "master", "exact", "kahan"])
+@pytest.mark.parametrize("reference_between", [False, True])
+@pytest.mark.parametrize("case", ["adamw", "adamw-8bit-states", "adamw-8bit-sr-states", "sgd", "sgd-nesterov"])
+def test_a_mixed_group_in_every_mode_with_clipping_equals_the_all_reference_group(mode, reference_between, case):
+    """One param group of kernel parameters (FP8 / INT4 / BF16 / INT8, 8-bit moments read by the kernel or
+    decoded around it), dense parameters and, with ``reference_between``, quantized parameters on the reference
+    path (FP16 storage, a fake-quantized weight), stepped by ``step_group`` with a folded clip: every bit, and
+    the generator, equal the same group stepped on the reference path alone."""
+    m = _mixed_group_model(reference_between)
+    ref, fast = copy.deepcopy(m), copy.deepcopy(m)
+    opt_cls, kw = CASES[case]
+    o_ref = opt_cls(ref.parameters(), fused=False, mode=mode, rounding="stochastic", seed=9, **kw)
+    o_fast = opt_cls(fast.parameters(), mode=mode, rounding="stochastic", seed=9, **kw)
+    x = torch.randn(8, 24)
+    for step in range(3):
+        norms = []
+        for net, opt in ((ref, o_ref), (fast, o_fast)):
+            net.zero_grad()
+            net(x * (step + 1)).square().mean().backward()
+            norms.append(opt.clip_grad_norm_(0.05))
+        assert torch.equal(*norms)
+        o_ref.step()
+        o_fast.step()
+        for a, b in zip(ref.parameters(), fast.parameters()):
+            if isinstance(a, QuantizedTensor):
+                assert torch.equal(a.codes.view(torch.uint8), b.codes.view(torch.uint8)), f"step {step}"
+                assert (a.scale is None and b.scale is None) or torch.equal(a.scale, b.scale)
+            else:
+                assert torch.equal(a, b), f"step {step}"
+            assert o_ref.state[a].keys() == o_fast.state[b].keys()
+            for k, v in o_ref.state[a].items():
+                if isinstance(v, torch.Tensor):
+                    assert v.dtype == o_fast.state[b][k].dtype and torch.equal(v, o_fast.state[b][k]), \
+                        f"state {k!r} at step {step}"
+        assert o_fast.generator(torch.device("cpu")).get_state().equal(o_ref.generator(torch.device("cpu")).get_state())
+
+
+def test_step_group_steps_tensors_that_are_not_the_optimizers_parameters():
+    """``step_group`` steps whatever ``ParamStep``s it is given (FSDP hands it the ranks' shards): stepping
+    copies of a group's parameters with their own states equals the optimizer's own step, bit for bit."""
+    from ecoptim.optim.base import ParamStep
+    from ecoptim.convert import spec_of
+    m = _mixed_group_model(True)
+    ref, other = copy.deepcopy(m), copy.deepcopy(m)
+    o_ref = ecoptim.AdamW(ref.parameters(), rounding="stochastic", seed=2, **ADAMW)
+    o_other = ecoptim.AdamW([nn.Parameter(torch.zeros(1))], rounding="stochastic", seed=2, **ADAMW)
+    states = [{} for _ in other.parameters()]
+    x = torch.randn(8, 24)
+    for step in range(3):
+        for net in (ref, other):
+            net.zero_grad()
+            net(x * (step + 1)).square().mean().backward()
+        o_ref.step()
+        params = [ParamStep(p, p.grad, st, spec_of(p)) for p, st in zip(other.parameters(), states)]
+        assert o_other.step_group(o_other.param_groups[0], params) == 0
+        for a, b, st in zip(ref.parameters(), other.parameters(), states):
+            if isinstance(a, QuantizedTensor):
+                assert torch.equal(a.codes.view(torch.uint8), b.codes.view(torch.uint8)), f"step {step}"
+                assert (a.scale is None and b.scale is None) or torch.equal(a.scale, b.scale)
+            else:
+                assert torch.equal(a, b), f"step {step}"
+            assert o_ref.state[a].keys() == st.keys()
+            assert all(torch.equal(v, st[k]) for k, v in o_ref.state[a].items())
+    assert not o_other.state  # the optimizer's own parameters were not touched
 
 
 def test_sqrt_rn_is_correctly_rounded_on_two_full_binades():

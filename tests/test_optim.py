@@ -296,6 +296,27 @@ def test_state_dict_round_trip_resumes_identically(mode):
         assert torch.equal(a, b)
 
 
+def test_rng_states_are_what_state_dict_saves_and_set_rng_states_resumes_the_stream():
+    torch.manual_seed(0)
+    m = ecoptim.quantize_(TinyLM(), "fp8")
+    opt = ecoptim.AdamW(m.parameters(), lr=2e-3, rounding="stochastic", seed=11)
+    data = batches(6)
+    train(m, opt, data[:3])
+    states = opt.rng_states()
+    assert states.keys() == opt.state_dict()["ecoptim"]["rng"].keys() == {"cpu"}
+    assert torch.equal(states["cpu"], opt.state_dict()["ecoptim"]["rng"]["cpu"])
+    m2 = copy.deepcopy(m)
+    opt2 = ecoptim.AdamW(m2.parameters(), lr=2e-3, rounding="stochastic", seed=999)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["ecoptim"]  # no generator states: opt2 would round with seed 999's stream
+    opt2.load_state_dict(sd)
+    opt2.set_rng_states(states)  # opt's stream
+    train(m, opt, data[3:])
+    train(m2, opt2, data[3:])
+    for a, b in zip(weights(m), weights(m2)):
+        assert torch.equal(a, b)
+
+
 def test_bf16_optimizer_states_cut_static_memory_and_still_train():
     torch.manual_seed(0)
     base = ecoptim.quantize_(TinyLM(d=128), "fp8")  # rows of >= 128: per-row scales cost <= 4/128 B/param

@@ -128,17 +128,13 @@ def ddp(module: nn.Module, *, src: int = 0, process_group: Any = None, **ddp_kwa
 
 def sync_optimizer_rng_(optimizer: torch.optim.Optimizer, src: int = 0, group: Any = None) -> None:
     """Give every rank ``src``'s stochastic-rounding seed and generator states (an ecoptim optimizer)."""
-    if not hasattr(optimizer, "_generators"):
+    if not hasattr(optimizer, "rng_states"):
         raise TypeError(f"{type(optimizer).__name__} has no ecoptim stochastic-rounding generators")
-    payload = [(optimizer.seed, {k: g.get_state() for k, g in optimizer._generators.items()})]
+    payload = [(optimizer.seed, optimizer.rng_states())]
     dist.broadcast_object_list(payload, src=src, group=group)
     seed, states = payload[0]
     optimizer.seed = seed
-    optimizer._generators = {}
-    for key, state in states.items():
-        g = torch.Generator(device=key)
-        g.set_state(state)
-        optimizer._generators[key] = g
+    optimizer.set_rng_states(states)
 
 
 def _digest(t: torch.Tensor) -> str:

@@ -31,15 +31,18 @@ ranks; use per-row or per-group), INT4 needs an even row length (two codes per b
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..codec import quantize
+from ..convert import spec_of
 from ..formats import IntFormat, PerGroup, PerRow, PerTensor, QuantSpec, Unscaled
 from ..optim import SGD, AdamW
+from ..optim.base import ParamStep
 from ..qtensor import QuantizedTensor
 
 __all__ = ["FSDPQuantizedTensor", "to_fsdp_quantized_", "fully_shard_quantized", "sharded_optimizer", "FSDPAdamW",
@@ -280,7 +283,8 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 
 class _ShardedMixin:
-    """Runs an ecoptim optimizer's per-parameter update on the local shard of each DTensor parameter."""
+    """Steps the local shard of each DTensor parameter through the optimizer's own ``step_group`` (the route
+    every ecoptim step takes: the fused kernel where it applies, else the reference path)."""
 
     _block_skip_ok = False  # the skip decision is taken rank-wide (_grads_finite below)
     _clip_ok = False  # gradients are DTensor shards: their norm needs a collective (torch's clip does it)
@@ -305,30 +309,46 @@ class _ShardedMixin:
             self._generators[key] = g
         return self._generators[key]
 
-    def _step_param(self, p: torch.Tensor, group: dict) -> None:  # type: ignore[override]
+    @contextmanager
+    def _params_to_step(self, group: dict) -> Iterator[list[ParamStep]]:  # type: ignore[override]
+        """The rank-local shard of every DTensor parameter (with its gradient shard and its state's local
+        shards), for the unchanged ``step_group``; afterwards every per-element state tensor becomes a DTensor
+        shard placed like its parameter (so that ``torch.distributed.checkpoint`` can save and reshard it)."""
         from torch.distributed.tensor import DTensor
-        if not isinstance(p, DTensor):
-            return super()._step_param(p, group)  # type: ignore[misc]
-        if group["mode"] == "kahan":
+        if group["mode"] == "kahan" and any(isinstance(p, DTensor) and p.grad is not None for p in group["params"]):
             raise NotImplementedError("mode='kahan' is not supported on sharded parameters; use 'eco'")
-        local = p._local_tensor
-        st = self.state[p]
-        local_state = {k: (v._local_tensor if isinstance(v, DTensor) else v) for k, v in st.items()}
-        self.state[local] = local_state
-        local.grad = local_shard(p.grad)
+        params, shards = [], []  # shards: (parameter, its local shard's ParamStep)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if not isinstance(p, DTensor):
+                params.append(ParamStep(p, p.grad, self.state[p], spec_of(p)))
+                continue
+            local = p._local_tensor
+            local.grad = local_shard(p.grad)  # where fused.applies reads it
+            local_state = {k: local_shard(v) for k, v in self.state[p].items()}
+            params.append(ParamStep(local, local.grad, local_state, spec_of(local)))
+            shards.append((p, params[-1]))
         try:
-            super()._step_param(local, group)  # type: ignore[misc]
+            yield params
         finally:
-            local.grad = None
-            del self.state[local]
-        for k, v in local_state.items():  # per-element state becomes a DTensor shard like the parameter
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == tuple(local.shape):
-                old = st.get(k)
-                if not (isinstance(old, DTensor) and old._local_tensor is v):
-                    st[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                               stride=p.stride())
-            else:
-                st[k] = v
+            for p, shard in shards:
+                shard.param.grad = None
+                _store_local_state(self.state[p], p, shard)
+
+
+def _store_local_state(state: dict, p: torch.Tensor, shard: ParamStep) -> None:
+    """Write the local ``shard.state`` back into DTensor parameter ``p``'s ``state``: a tensor of the shard's shape
+    as a DTensor shard like ``p`` (reusing the one that already wraps it), anything else as it is."""
+    from torch.distributed.tensor import DTensor
+    for k, v in shard.state.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == tuple(shard.param.shape):
+            old = state.get(k)
+            if not (isinstance(old, DTensor) and old._local_tensor is v):
+                state[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                              stride=p.stride())
+        else:
+            state[k] = v
 
 
 def sharded_optimizer(cls: type) -> type:

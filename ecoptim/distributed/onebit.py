@@ -34,7 +34,7 @@ import torch.distributed as dist
 from ..convert import spec_of
 from ..optim import AdamW
 from ..optim.adamw import eco_adamw_coef
-from ..optim.base import _read, _store_
+from ..optim.base import NonFiniteGradientError, read_weight, store_weight_
 from .compression import Compressor, ScaledSign
 
 __all__ = ["OneBitAdamW", "onebit_hook"]
@@ -99,7 +99,6 @@ class OneBitAdamW(AdamW):
                 loss = closure()
         if not self._grads_finite_everywhere():
             if self.nonfinite == "raise":
-                from ..optim.base import NonFiniteGradientError
                 raise NonFiniteGradientError("a gradient holds NaN/Inf on some rank; nothing was updated")
             self.skipped_steps += 1
             return loss
@@ -166,12 +165,12 @@ class OneBitAdamW(AdamW):
             w.addcdiv_(st["exp_avg"].to(p.dtype), denom.to(p.dtype), value=-step_size)
             return
         mode = group["mode"]
-        w = st["master"] if mode == "master" else _read(p)
+        w = st["master"] if mode == "master" else read_weight(p)
         if wd != 0:
             w.mul_(1 - lr * wd)
         w.addcdiv_(st["exp_avg"], denom, value=-step_size)
         gen = self.generator(p.device) if group["rounding"] == "stochastic" else None
-        w_hat = _store_(p, spec, w, group["rounding"], gen)
+        w_hat = store_weight_(p, spec, w, group["rounding"], gen)
         if mode == "eco":
             st["exp_avg"].addcmul_(w.sub_(w_hat), denom, value=eco_adamw_coef(step, lr, b1, wd))
 

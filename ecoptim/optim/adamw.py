@@ -27,6 +27,7 @@ from ..qtensor import QuantizedTensor
 from ..rounding import is_identity
 from .base import QuantOptimizer
 from .state8 import State8bit, dequantize_state, quantize_state, state_key
+from .base import ParamStep
 
 __all__ = ["AdamW", "adamw_update_", "eco_adamw_coef", "sqrt_rn"]
 
@@ -114,18 +115,18 @@ class AdamW(QuantOptimizer):
         streams = [int(st["state8_stream"]) for st in self.state.values() if "state8_stream" in st]
         self._state8_streams = max(streams, default=-1) + 1  # parameters initialised later get fresh streams
 
-    def _fused_job_(self, p: QuantizedTensor, spec: Any, state: dict, group: dict,
-                    key: tuple[int, int] | None) -> _fused.Job:
+    def _update_job(self, p: ParamStep, group: dict, key: tuple[int, int] | None) -> _fused.Job:
         b1, b2 = group["betas"]
+        state = p.state
         step, lr, wd = state["step"].item(), group["lr"], group["weight_decay"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         direct8 = False
         if m.dtype == torch.uint8:  # 8-bit moments: read and written by the kernel if their blocks tile the
             cfg = group["state_dtype"]  # weight's, else fp32 working copies around it
-            direct8 = _fused.state8_fits(p, spec, cfg.block_size)
+            direct8 = _fused.state8_fits(p.param, p.spec, cfg.block_size)
             if not direct8:
                 m, v = self._load_state8(state, group)
-        job = _fused.adamw_job(p, p.grad, spec, m, v, key, step=step, lr=lr, beta1=b1, beta2=b2,
+        job = _fused.adamw_job(p.param, p.grad, p.spec, m, v, key, step=step, lr=lr, beta1=b1, beta2=b2,
                                eps=group["eps"], weight_decay=wd, coef=eco_adamw_coef(step, lr, b1, wd),
                                inject=group["mode"] == "eco")
         if direct8:

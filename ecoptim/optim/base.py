@@ -1,9 +1,17 @@
-"""What every ecoptim optimizer shares: validation, the step loop, the weight-update modes, RNG state.
+"""What every ecoptim optimizer shares: validation, the step route, the weight-update modes, RNG state.
 
-A subclass supplies two small pure functions (see ``sgd.py`` / ``adamw.py``):
+The step route, shaped like torch.optim's (``torch.optim.adamw.adamw(..., foreach=, fused=)``): ``step()``
+checks the gradients (or takes a pending clip) and, per param group, collects the parameters to step
+(``_params_to_step``: a ``ParamStep`` each, holding the tensor, its gradient, its state and its spec) and hands
+them to ``step_group``, the one function that picks per parameter the fused C kernel (``fused.applies``) or the
+reference path (``_step_reference``). FSDP's per-shard update (``distributed/fsdp.py``) collects the rank-local
+shards instead and goes through the same ``step_group``.
+
+A subclass supplies small hooks around pure functions (see ``sgd.py`` / ``adamw.py``):
   * ``_update_(w, grad, state, group, spec)``: the textbook update of the fp32 tensor ``w`` *in place* (the same
     ops, in the same order, as torch.optim's single-tensor path), returning what ``_inject_`` needs;
-  * ``_inject_(e, state, group, aux)``: ECO's error injection into the momentum.
+  * ``_inject_(e, state, group, aux)``: ECO's error injection into the momentum;
+  * ``_update_job(param, group, key)``: the same update and injection as a job for the fused kernel.
 
 How a quantized weight is updated (``mode``), with q(.) the re-quantizer and w_hat the stored weight:
   eco     w_til = update(w_hat);  w_hat = q(w_til);  e = w_til - w_hat;  m += coef * e   (no extra memory)
@@ -19,17 +27,17 @@ How a quantized weight is updated (``mode``), with q(.) the re-quantizer and w_h
           for bf16 weights (+1 B/param for FP8).
 Parameters that are not quantized get the plain update in their own dtype, exactly as torch.optim does.
 
-Fast path: where ``fused.applies`` (modes eco/naive/master/exact on CPU codes the C kernel knows), ``step``
-collects the parameters of a group as kernel jobs (``_fused_job_``; their step counts advanced by one foreach
-add and their SR keys drawn by one call, in parameter order like the reference) and steps them in one call;
-the results are bit-identical to ``_step_param``'s reference path.
+Fused kernel: ``step_group`` gives the group's kernel parameters their step counts in one foreach add and
+their stochastic-rounding keys in one draw (in parameter order, the keys the reference path would draw), and
+steps them in one kernel call; the results are bit-identical to the reference path's.
 """
 from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.optim import Optimizer
@@ -43,7 +51,8 @@ from ..rng import draw_keys
 from ..rounding import check_rounding
 from . import fused as _fused
 
-__all__ = ["QuantOptimizer", "MODES", "NonFiniteGradientError"]
+__all__ = ["QuantOptimizer", "ParamStep", "MODES", "NonFiniteGradientError", "read_weight", "store_weight_",
+           "total_grad_norm"]
 
 MODES = ("eco", "master", "naive", "exact", "kahan")
 NONFINITE = ("skip", "raise", "skip_blocks")
@@ -53,16 +62,18 @@ class NonFiniteGradientError(RuntimeError):
     """A gradient held NaN or Inf and ``nonfinite='raise'`` was chosen; nothing was updated."""
 
 
-def _read(p: torch.Tensor) -> torch.Tensor:
-    """Current stored weight as a fresh fp32 tensor."""
+def read_weight(p: torch.Tensor) -> torch.Tensor:
+    """The stored value of weight ``p`` (a ``QuantizedTensor``, or a dense tensor holding fake-quantized or plain
+    values) as a fresh fp32 tensor."""
     if isinstance(p, QuantizedTensor):
         return p.dequantize(torch.float32)
     return p.detach().to(torch.float32, copy=True)
 
 
-def _store_(p: torch.Tensor, spec: QuantSpec, w_til: torch.Tensor, rounding: str,
-            generator: torch.Generator | None) -> torch.Tensor:
-    """Re-quantize ``w_til`` into ``p`` (real or fake storage); return the new stored value in fp32."""
+def store_weight_(p: torch.Tensor, spec: QuantSpec, w_til: torch.Tensor, rounding: str,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """w_hat = q(w_til): re-quantize ``w_til`` with ``spec`` and ``rounding`` into ``p`` (its codes and scales, or
+    its fake-quantized values); return w_hat in fp32. Stochastic rounding draws one key from ``generator``."""
     codes, scale = quantize(w_til, spec, rounding, generator)
     w_new = dequantize(codes, scale, spec, p.shape, torch.float32)
     if isinstance(p, QuantizedTensor):
@@ -117,6 +128,26 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+def _scaled_grad(grad: torch.Tensor, grad_scale: float | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``grad`` (in ``dtype``) times a pending clip's factor: a new tensor if scaled, else ``grad`` itself."""
+    g = grad if dtype is None else grad.to(dtype)
+    return g if grad_scale is None else g * grad_scale
+
+
+@dataclass(eq=False)  # identity, not elementwise tensor comparison
+class ParamStep:
+    """One parameter of a param group, as ``QuantOptimizer.step_group`` steps it.
+
+    ``param``: the tensor updated in place (the parameter itself, or the rank-local shard of an FSDP parameter);
+    ``grad``: its gradient (``param.grad`` is the same tensor: ``fused.applies`` reads it there); ``state``: its
+    optimizer state (filled on its first step); ``spec``: its quantization, None for a dense parameter."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    state: dict[str, Any]
+    spec: QuantSpec | None
+
+
 class QuantOptimizer(Optimizer):
     """Base class; see the module docstring for the modes.
 
@@ -159,7 +190,6 @@ class QuantOptimizer(Optimizer):
         self.skipped_blocks = 0
         self._generators: dict[str, torch.Generator] = {}
         self._clip: _PendingClip | None = None
-        self._grad_scale: float | None = None  # during step(): the pending clip's factor
         for group in self.param_groups:
             self._validate_group(group)
 
@@ -197,12 +227,11 @@ class QuantOptimizer(Optimizer):
     def _finish_(self, state: dict, group: dict, aux: Any) -> None:
         """End of a quantized parameter's step (e.g. write fp32 working copies back to low-precision state)."""
 
-    def _fused_job_(self, p: QuantizedTensor, spec: QuantSpec, state: dict, group: dict,
-                    key: tuple[int, int] | None) -> _fused.Job:
-        """The whole quantized step (update, re-quantize, inject) as arguments for the fused kernel; see
-        ``fused.py``. Called only where ``fused.applies``, after the step count has advanced; ``key``: the
-        stochastic-rounding key drawn for ``p`` (None: round to nearest). Must give bit-identical results to the
-        reference."""
+    def _update_job(self, p: ParamStep, group: dict, key: tuple[int, int] | None) -> _fused.Job:
+        """The optimizer's update and injection of the quantized ``p`` as a job for the fused kernel (see
+        ``fused.py``), bit-identical to ``_update_`` + ``_inject_`` + ``_finish_``. Called only where
+        ``fused.applies``, after the step count has advanced; ``key``: the stochastic-rounding key drawn for ``p``
+        (None: round to nearest). ``step_group`` adds the clip's factor and the mode's buffers."""
         raise NotImplementedError
 
     # -- RNG ----------------------------------------------------------------------------------------
@@ -214,6 +243,19 @@ class QuantOptimizer(Optimizer):
             g.manual_seed(self.seed)
             self._generators[key] = g
         return self._generators[key]
+
+    def rng_states(self) -> dict[str, torch.Tensor]:
+        """The stochastic-rounding generators' states, by device (what ``state_dict`` saves under 'rng')."""
+        return {k: g.get_state() for k, g in self._generators.items()}
+
+    def set_rng_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Replace the stochastic-rounding generators by generators in ``states`` (``rng_states``' format)."""
+        generators = {}
+        for device, state in states.items():
+            g = torch.Generator(device=device)
+            g.set_state(state)
+            generators[device] = g
+        self._generators = generators
 
     # -- the loop -----------------------------------------------------------------------------------
     def _with_grads(self) -> list[torch.Tensor]:
@@ -276,7 +318,8 @@ class QuantOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step; non-finite gradients are handled per ``nonfinite`` (see the class docstring)."""
+        """One optimizer step: the gradients are checked per ``nonfinite`` (see the class docstring) or by the
+        pending clip, then each param group's parameters (``_params_to_step``) go through ``step_group``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -293,101 +336,101 @@ class QuantOptimizer(Optimizer):
                                              "untouched (use nonfinite='skip' to skip such steps)")
             self.skipped_steps += 1
             return loss
-        self._grad_scale = clip.scale if clip is not None else None
-        try:
-            skipped = self._step_groups(blocks)
-        finally:
-            self._grad_scale = None
+        grad_scale = clip.scale if clip is not None else None
+        skipped = 0
+        for group in self.param_groups:
+            with self._params_to_step(group) as params:
+                skipped += self.step_group(group, params, grad_scale=grad_scale, skip_nonfinite=blocks)
         if skipped:
             self.skipped_blocks += skipped
             warnings.warn(f"ecoptim: {skipped} blocks (rows/groups/tensors) had NaN/Inf updates this step and were "
                           "left unchanged (nonfinite='skip_blocks')", RuntimeWarning, stacklevel=2)
         return loss
 
-    def _step_groups(self, blocks: bool) -> int:
-        """Step every parameter with a gradient; returns the blocks left unchanged (``blocks``: skip_blocks)."""
-        skipped = 0
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            specs = [spec_of(p) for p in params]
-            fast = [_fused.applies(p, spec, group) for p, spec in zip(params, specs)]
-            # The kernel's parameters get their step counts and stochastic-rounding keys all at once (a torch
-            # call per tensor costs more than the kernel's work on a small one), unless a quantized parameter
-            # on the reference path stands between them: that one draws its key in its turn, so then each
-            # parameter is prepared in its turn below.
-            batch = all(f or spec is None for f, spec in zip(fast, specs))
-            keys = iter(self._fused_prepare(group, [(p, s) for p, s, f in zip(params, specs, fast) if f])
-                        if batch else ())
-            jobs, owners = [], []
-            for p, spec, f in zip(params, specs, fast):
-                job = None
-                if f:
-                    key = next(keys) if batch else self._fused_prepare(group, [(p, spec)])[0]
-                    job = self._fused_job(p, spec, self.state[p], group, key)
-                if job is not None and job.after is not None:  # fp32 working moments: stepped alone, now, so
-                    _fused.run([job])                            # only one tensor's working copies exist at once
-                elif job is not None:  # stepped below, all together: one kernel call, one thread team per group
+    @contextmanager
+    def _params_to_step(self, group: dict) -> Iterator[list[ParamStep]]:
+        """The parameters of ``group`` that have a gradient, in parameter order, for ``step_group`` (a context:
+        a subclass that steps other tensors than the parameters, e.g. FSDP's local shards, undoes its set-up
+        after the step)."""
+        params = [ParamStep(p, p.grad, self.state[p], spec_of(p)) for p in group["params"] if p.grad is not None]
+        try:
+            yield params
+        finally:
+            for p in params:
+                if not p.state:  # skipped before its first step (nonfinite='skip_blocks'): it keeps no state entry
+                    del self.state[p.param]
+
+    @torch.no_grad()
+    def step_group(self, group: dict, params: list[ParamStep], *, grad_scale: float | None = None,
+                   skip_nonfinite: bool = False) -> int:
+        """Step ``params`` (``group``'s, in parameter order) with ``group``'s settings: the fused kernel for each
+        one it applies to (``fused.applies``), the reference path (``_step_reference``) for the others, with
+        bit-identical results. Every caller goes through here: ``step()`` and FSDP's per-shard update.
+
+        ``grad_scale``: a pending clip's factor, multiplied into every gradient as it is read (in fp32).
+        ``skip_nonfinite`` (``nonfinite='skip_blocks'``): the kernel leaves a block whose update is NaN/Inf as it
+        was, and a parameter outside the kernel whose gradient holds NaN/Inf is left whole (one block); a
+        parameter none of whose blocks was updated keeps its step count. Without it, NaN/Inf updates raise
+        ValueError. Returns the number of blocks left unchanged.
+
+        Stochastic-rounding keys are drawn one per quantized tensor in parameter order, as the reference path
+        draws them: the kernel's parameters all at once (``_start_kernel_steps``), unless a quantized parameter
+        on the reference path stands between them; that one draws its key in its turn, so then every kernel
+        parameter draws its own in its turn too."""
+        kernel = [_fused.applies(p.param, p.spec, group) for p in params]
+        together = all(k or p.spec is None for p, k in zip(params, kernel))
+        keys = iter(self._start_kernel_steps(group, [p for p, k in zip(params, kernel) if k]) if together else ())
+        skipped, jobs, job_params = 0, [], []
+        for p, k in zip(params, kernel):
+            if k:
+                key = next(keys) if together else self._start_kernel_steps(group, [p])[0]
+                job = self._kernel_job(p, group, key, grad_scale)
+                if job.after is not None:  # fp32 working moments: stepped alone, now, so that only one tensor's
+                    _fused.run([job])       # working copies exist at a time
+                else:  # stepped below, all together: one kernel call, one thread team per group
                     jobs.append(job)
-                    owners.append(p)
-                elif blocks and not _all_finite([p.grad]):
-                    skipped += 1  # outside the kernel: the whole parameter is one block
-                else:
-                    self._step_param(p, group)
-            if jobs:
-                bad = _fused.run(jobs, skip_nonfinite=blocks)
-                for p, job, n_bad in zip(owners, jobs, bad):
-                    skipped += n_bad
-                    if n_bad == job.num_blocks:  # nothing of it was updated: its step did not happen
-                        self.state[p]["step"] -= 1
+                    job_params.append(p)
+            elif skip_nonfinite and not _all_finite([p.grad]):
+                skipped += 1  # outside the kernel: the whole parameter is one block
+            else:
+                self._step_reference(p, group, grad_scale)
+        if jobs:
+            for p, job, n_bad in zip(job_params, jobs, _fused.run(jobs, skip_nonfinite=skip_nonfinite)):
+                skipped += n_bad
+                if n_bad == job.num_blocks:  # nothing of it was updated: its step did not happen
+                    p.state["step"] -= 1
         return skipped
 
-    def _grad_of(self, p: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``p.grad`` (in ``dtype``) times the pending clip's factor: a new tensor if scaled, ``p.grad`` unchanged."""
-        g = p.grad if dtype is None else p.grad.to(dtype)
-        return g if self._grad_scale is None else g * self._grad_scale
-
-    def _fused_begin(self, p: torch.Tensor, group: dict) -> _fused.Job | None:
-        """If the fused kernel applies to ``p``, advance its step count and return its kernel job (the
-        stochastic-rounding key is drawn here, in parameter order, as the reference path draws it)."""
-        spec = spec_of(p)
-        if not _fused.applies(p, spec, group):
-            return None
-        key = self._fused_prepare(group, [(p, spec)])[0]
-        return self._fused_job(p, spec, self.state[p], group, key)
-
-    def _fused_prepare(self, group: dict,
-                       items: list[tuple[torch.Tensor, QuantSpec]]) -> list[tuple[int, int] | None]:
-        """For parameters the kernel steps (``items``: parameter and spec, in parameter order): create missing
-        state, advance every step count (one foreach add) and draw their stochastic-rounding keys (one draw:
-        the keys one-by-one draws in this order would give, ``rng.draw_keys``). Returns the keys (None each for
-        round-to-nearest)."""
-        states = []
-        for p, spec in items:
-            state = self.state[p]
-            if not state:
-                self._init_quantized_state(p, state, group, spec)
-            states.append(state)
-        if not states:
+    def _start_kernel_steps(self, group: dict, params: list[ParamStep]) -> list[tuple[int, int] | None]:
+        """For parameters the kernel steps (in parameter order): create missing state, advance every step count
+        (one foreach add) and draw their stochastic-rounding keys (one draw: the keys one-by-one draws in this
+        order would give, ``rng.draw_keys``). Returns the keys (None each for round-to-nearest)."""
+        for p in params:
+            if not p.state:
+                self._init_quantized_state(p.param, p.state, group, p.spec)
+        if not params:
             return []
-        torch._foreach_add_([st["step"] for st in states], 1)
+        torch._foreach_add_([p.state["step"] for p in params], 1)
         if group["rounding"] != "stochastic":
-            return [None] * len(items)
-        return draw_keys(self.generator(items[0][0].device), len(items))  # the kernel's are all CPU tensors
+            return [None] * len(params)
+        return draw_keys(self.generator(params[0].param.device), len(params))  # the kernel's are all CPU tensors
 
-    def _fused_job(self, p: QuantizedTensor, spec: QuantSpec, state: dict, group: dict,
-                   key: tuple[int, int] | None) -> _fused.Job:
-        """``_fused_job_`` plus what every optimizer adds: the pending clip's factor, the mode's buffers."""
-        job = self._fused_job_(p, spec, state, group, key)
-        if self._grad_scale is not None:
-            job.grad_scale = self._grad_scale  # fp32 in the kernel, as the reference's g * scale
-        keys = _MODE_BUFFERS.get(group["mode"], ())
-        for key in keys:
-            if key in state and not state[key].is_contiguous():  # e.g. loaded from a checkpoint as a view: the
-                state[key] = state[key].contiguous()              # kernel needs it flat
+    def _kernel_job(self, p: ParamStep, group: dict, key: tuple[int, int] | None,
+                    grad_scale: float | None) -> _fused.Job:
+        """The fused kernel's whole step of ``p``: the optimizer's ``_update_job`` plus what every optimizer adds,
+        the clip's factor and the mode's buffers."""
+        job = self._update_job(p, group, key)
+        if grad_scale is not None:
+            job.grad_scale = grad_scale  # fp32 in the kernel, as the reference's g * scale
+        state = p.state
+        names = _MODE_BUFFERS.get(group["mode"], ())
+        for name in names:
+            if name in state and not state[name].is_contiguous():  # e.g. loaded from a checkpoint as a view:
+                state[name] = state[name].contiguous()              # the kernel needs it flat
         if group["mode"] == "kahan":
-            _fused.attach_compensation(job, p, state["comp_codes"], state.get("comp_scale"))
-        elif keys:
-            _fused.attach_mode_buffer(job, group["mode"], state[keys[0]])
+            _fused.attach_compensation(job, p.param, state["comp_codes"], state.get("comp_scale"))
+        elif names:
+            _fused.attach_mode_buffer(job, group["mode"], state[names[0]])
         return job
 
     def _init_quantized_state(self, p: torch.Tensor, state: dict, group: dict, spec: QuantSpec) -> None:
@@ -395,7 +438,7 @@ class QuantOptimizer(Optimizer):
         buffer)."""
         self._init_state(p, state, group, True)
         if group["mode"] == "master":
-            state["master"] = _read(p)
+            state["master"] = read_weight(p)
         elif group["mode"] == "exact":
             state["error"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         elif group["mode"] == "kahan":
@@ -404,39 +447,35 @@ class QuantOptimizer(Optimizer):
             if scale is not None:
                 state["comp_scale"] = scale
 
-    def _step_param(self, p: torch.Tensor, group: dict) -> None:
-        # step() batches the fused parameters itself; this covers direct calls (e.g. FSDP's local shards)
-        job = self._fused_begin(p, group)
-        if job is not None:
-            _fused.run([job])
-            return
-        state = self.state[p]
-        spec = spec_of(p)
+    def _step_reference(self, p: ParamStep, group: dict, grad_scale: float | None) -> None:
+        """The reference step of one parameter: torch.optim's single-tensor ops, then for a quantized weight the
+        mode's re-quantization (see the module docstring). Draws its stochastic-rounding key in its turn."""
+        param, state, spec = p.param, p.state, p.spec
         if not state:
             if spec is not None:
-                self._init_quantized_state(p, state, group, spec)
+                self._init_quantized_state(param, state, group, spec)
             else:
-                self._init_state(p, state, group, False)
+                self._init_state(param, state, group, False)
         state["step"] += 1
         if spec is None:  # a plain parameter: the textbook update, in its own dtype, in place
-            self._update_(p, self._grad_of(p), state, group)
+            self._update_(param, _scaled_grad(p.grad, grad_scale), state, group)
             return
         mode, lr = group["mode"], group["lr"]
-        grad = self._grad_of(p, torch.float32)  # fp32 maths for quantized weights whatever the compute dtype
+        grad = _scaled_grad(p.grad, grad_scale, torch.float32)  # fp32 maths for quantized weights
         if mode == "master":
             w = state["master"]
         elif mode == "exact":
-            w = _read(p).add_(state["error"])
+            w = read_weight(param).add_(state["error"])
         else:
-            w = _read(p)
+            w = read_weight(param)
         aux = self._update_(w, grad, state, group, spec)  # w now holds w_til
         if mode == "kahan":
-            w.add_(dequantize(state["comp_codes"], state.get("comp_scale"), spec, p.shape))
+            w.add_(dequantize(state["comp_codes"], state.get("comp_scale"), spec, param.shape))
         if mode == "eco" and lr == 0:
             self._finish_(state, group, aux)
             return  # nothing moved; the error would be divided by zero. Stored weight left as it is.
-        gen = self.generator(p.device) if group["rounding"] == "stochastic" else None
-        w_hat = _store_(p, spec, w, group["rounding"], gen)
+        gen = self.generator(param.device) if group["rounding"] == "stochastic" else None
+        w_hat = store_weight_(param, spec, w, group["rounding"], gen)
         if mode == "eco":
             self._inject_(w.sub_(w_hat), state, group, aux)
         elif mode == "exact":

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 
 from . import fused as _fused
-from .base import QuantOptimizer
+from .base import ParamStep, QuantOptimizer
 
 __all__ = ["SGD", "sgd_update_", "eco_sgd_coef"]
 
@@ -95,13 +95,12 @@ class SGD(QuantOptimizer):
             dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"])
         return None
 
-    def _fused_job_(self, p: Any, spec: Any, state: dict, group: dict,
-                    key: tuple[int, int] | None) -> _fused.Job:
-        lr, mom = group["lr"], group["momentum"]
+    def _update_job(self, p: ParamStep, group: dict, key: tuple[int, int] | None) -> _fused.Job:
+        lr, mom, state = group["lr"], group["momentum"], p.state
         first = state["momentum_buffer"] is None and mom != 0
         if first:  # torch creates the buffer from the first gradient; the kernel writes all of it
-            state["momentum_buffer"] = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-        return _fused.sgd_job(p, p.grad, spec, state["momentum_buffer"], key, lr=lr, momentum=mom,
+            state["momentum_buffer"] = torch.empty(p.param.shape, dtype=torch.float32, device=p.param.device)
+        return _fused.sgd_job(p.param, p.grad, p.spec, state["momentum_buffer"], key, lr=lr, momentum=mom,
                               dampening=group["dampening"], nesterov=group["nesterov"],
                               weight_decay=group["weight_decay"],
                               coef=eco_sgd_coef(lr, mom, group["nesterov"]) if group["mode"] == "eco" else 0.0,
