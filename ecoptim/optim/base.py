@@ -42,6 +42,7 @@ from ..qtensor import QuantizedTensor
 from ..rng import draw_keys
 from ..rounding import check_rounding
 from . import fused as _fused
+from .hyper import check_flag, check_impl_flags, check_lr
 
 __all__ = ["QuantOptimizer", "MODES", "NonFiniteGradientError"]
 
@@ -151,8 +152,11 @@ class QuantOptimizer(Optimizer):
         if nonfinite == "skip_blocks" and not self._block_skip_ok:
             raise ValueError(f"{type(self).__name__} must take the same skip decision on every rank: use "
                              "nonfinite='skip' or 'raise' (not 'skip_blocks')")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
         defaults = dict(defaults, mode=mode, rounding=rounding)
-        super().__init__(params, defaults)
+        # set before the groups are added: add_param_group validates each group as it comes (and some checks
+        # depend on these)
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -160,28 +164,36 @@ class QuantOptimizer(Optimizer):
         self._generators: dict[str, torch.Generator] = {}
         self._clip: _PendingClip | None = None
         self._grad_scale: float | None = None  # during step(): the pending clip's factor
-        for group in self.param_groups:
-            self._validate_group(group)
+        super().__init__(params, defaults)
 
     # -- hooks for subclasses ---------------------------------------------------------------------
     def _validate_group(self, group: dict) -> None:
+        """Check a parameter group's settings (every group: at construction, ``add_param_group`` and
+        ``load_state_dict``); raises before the group is kept. Subclasses check their own hyper-parameters
+        first (in torch.optim's order, with its error types) and then call this."""
         if group["mode"] not in MODES:
             raise ValueError(f"unknown mode {group['mode']!r}; choose one of {MODES}")
         check_rounding(group["rounding"])
         if group.get("fused") not in (None, True, False):
             raise ValueError(f"fused must be None (use the fused kernel where it applies), True (same) or False "
                              f"(always the reference path), got {group['fused']!r}")
+        check_lr(group["lr"])
+        check_flag("maximize", group.get("maximize", False))
+        check_impl_flags(group, type(self).__name__)
         lr = group["lr"]
-        if not isinstance(lr, (int, float)) or lr < 0:
-            raise ValueError(f"invalid learning rate {lr!r}: must be a float >= 0")
         if group["mode"] == "eco" and lr == 0 and any(spec_of(p) is not None for p in group["params"]):
             raise ValueError("mode='eco' divides the injected error by the learning rate, so lr must be > 0; "
                              "start warm-up from a small positive lr (e.g. 0.01 x peak) instead of 0")
 
     def add_param_group(self, param_group: dict) -> None:
+        """``torch.optim.Optimizer.add_param_group``, then the group's settings are validated; a group that
+        fails is not kept."""
         super().add_param_group(param_group)
-        if hasattr(self, "_generators"):
+        try:
             self._validate_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
         raise NotImplementedError
@@ -380,6 +392,8 @@ class QuantOptimizer(Optimizer):
         job = self._fused_job_(p, spec, state, group, key)
         if self._grad_scale is not None:
             job.grad_scale = self._grad_scale  # fp32 in the kernel, as the reference's g * scale
+        if group.get("maximize", False):  # torch negates the gradient first; -(g*c) == g*(-c) exactly in fp32
+            job.grad_scale = -job.grad_scale
         keys = _MODE_BUFFERS.get(group["mode"], ())
         for key in keys:
             if key in state and not state[key].is_contiguous():  # e.g. loaded from a checkpoint as a view: the
