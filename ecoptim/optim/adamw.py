@@ -123,6 +123,11 @@ class AdamW(QuantOptimizer):
         super().__init__(params, defaults, mode=mode, rounding=rounding, seed=seed, nonfinite=nonfinite)
 
     _state8_ok = True  # False where states are sharded or exchanged between ranks (see distributed/)
+    #: the per-parameter moments (their shapes and precision are checked when a state_dict is loaded)
+    moment_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    #: the torch.optim class whose state_dicts this one loads and exports (``interop``), and its state keys
+    torch_class = torch.optim.AdamW
+    torch_state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def _validate_group(self, group: dict) -> None:
         # torch.optim.AdamW's checks, in its order and with its messages, before ecoptim's own

@@ -43,6 +43,7 @@ from ..rng import draw_keys
 from ..rounding import check_rounding
 from . import fused as _fused
 from .hyper import check_flag, check_impl_flags, check_lr
+from .interop import convert_state_dict, warn_conversions
 
 __all__ = ["QuantOptimizer", "MODES", "NonFiniteGradientError"]
 
@@ -471,8 +472,14 @@ class QuantOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
+        """Load a state_dict of this optimizer class (any mode, rounding or state precision) or of the matching
+        torch.optim class. Hyper-parameters and step counts come from it; how weights are stored and stepped
+        stays as constructed, mismatches converted where that loses nothing (one warning names them) and
+        refused otherwise, before anything is modified (see ``interop``)."""
+        state_dict, notes = convert_state_dict(self, state_dict)
         extra = state_dict.pop("ecoptim", None)
+        for sg, g in zip(state_dict["param_groups"], self.param_groups):  # refuse bad settings before loading
+            self._validate_group(dict(sg, params=g["params"]))
         # torch casts every floating state to the parameter's dtype; ecoptim keeps fp32 states for
         # low-precision weights, so remember the saved dtypes and restore them afterwards.
         dtypes = {pid: {k: v.dtype for k, v in st.items() if isinstance(v, torch.Tensor)}
@@ -496,3 +503,5 @@ class QuantOptimizer(Optimizer):
                 g = torch.Generator(device=k)
                 g.set_state(s)
                 self._generators[k] = g
+        if notes:
+            warn_conversions(notes)

@@ -75,6 +75,12 @@ class SGD(QuantOptimizer):
     depends on the momentum recurrence only, not on the sign of what it accumulates).
     """
 
+    #: the per-parameter moments (their shapes and precision are checked when a state_dict is loaded)
+    moment_keys = ("momentum_buffer",)
+    #: the torch.optim class whose state_dicts this one loads and exports (``interop``), and its state keys
+    torch_class = torch.optim.SGD
+    torch_state_keys = ("momentum_buffer",)
+
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
