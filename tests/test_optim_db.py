@@ -146,3 +146,113 @@ def test_optim_db_error_input_raises_what_torch_raises(name, ei, kind):
         warnings.simplefilter("ignore")
         with pytest.raises(ei.error_type, match=ei.error_regex):
             make()
+
+
+# -- beyond optim_db: every hyper-parameter checked at construction, torch's flags on the fused kernel -----------
+BAD = [("lr", float("nan")), ("lr", float("inf")), ("lr", -1.0), ("lr", True), ("lr", "0.1"),
+       ("lr", torch.tensor(float("nan"))), ("eps", float("nan")), ("eps", -1e-8), ("weight_decay", float("inf")),
+       ("betas", (float("nan"), 0.99)), ("betas", (0.9, 1.0)), ("betas", (0.9,)), ("amsgrad", 1),
+       ("maximize", "yes"), ("foreach", 0), ("capturable", True), ("differentiable", True)]
+BAD_SGD = [("lr", float("nan")), ("momentum", float("nan")), ("momentum", 1.0), ("momentum", -0.5),
+           ("dampening", float("inf")), ("weight_decay", float("nan")), ("weight_decay", torch.tensor(0.1)),
+           ("nesterov", 1), ("maximize", None), ("differentiable", True)]
+
+
+@pytest.mark.parametrize("name,kw", [("AdamW", kw) for kw in BAD] + [("SGD", kw) for kw in BAD_SGD],
+                         ids=[f"{n}-{k}={v!r}" for n, bad in (("AdamW", BAD), ("SGD", BAD_SGD)) for k, v in bad])
+def test_every_hyperparameter_is_checked_at_construction_and_in_added_groups(name, kw):
+    key, value = kw
+    extra = {"momentum": 0.9} if name == "SGD" and key != "momentum" else {}
+    lin = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="Invalid|must be|not supported|pair"):
+        OURS[name](lin.parameters(), **extra, **{key: value})
+    opt = OURS[name]([lin.weight], **extra)
+    with pytest.raises(ValueError, match="Invalid|must be|not supported|pair"):
+        opt.add_param_group({"params": [lin.bias], key: value})
+    assert len(opt.param_groups) == 1  # the bad group was not kept
+
+
+def test_named_parameters_work_as_in_torch():
+    model = ecoptim.quantize_(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "fp8",
+                              filter_fn=lambda m, n: isinstance(m, nn.Linear))
+    opt = ecoptim.AdamW(model.named_parameters(), lr=1e-2)
+    assert opt.param_groups[0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    ecoptim.AdamW(model.named_parameters(), lr=1e-2).load_state_dict(sd)
+
+
+def _fp8_run(cls, kw, fused, clip):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 16))
+    ecoptim.quantize_(model, "fp8", filter_fn=lambda m, n: isinstance(m, nn.Linear))
+    opt = cls(model.parameters(), fused=fused, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        opt.zero_grad()
+        model(torch.randn(8, 64, generator=g)).pow(2).mean().backward()
+        if clip:
+            opt.clip_grad_norm_(0.01)
+        opt.step()
+    out = []
+    for p in model.parameters():
+        out += [p.codes.view(torch.uint8), p.scale] if isinstance(p, QuantizedTensor) else [p.detach()]
+    return out, opt
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("name,kw", [
+    ("AdamW", dict(lr=3e-3, maximize=True, weight_decay=0.1)),
+    ("AdamW", dict(lr=torch.tensor(3e-3), maximize=True)),
+    ("AdamW", dict(lr=3e-3, amsgrad=True, weight_decay=0.1)),
+    ("SGD", dict(lr=torch.tensor(0.05), momentum=0.9, maximize=True, weight_decay=0.01)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, maximize=True)),
+], ids=["adamw-maximize", "adamw-tensor-lr-maximize", "adamw-amsgrad", "sgd-tensor-lr-maximize", "sgd-nesterov-max"])
+def test_torch_flags_on_fp8_weights_kernel_equals_reference(name, kw, clip, monkeypatch):
+    """maximize (a negated gradient factor in the kernel, composed with the clip factor) and a Tensor lr take
+    the fused kernel with the reference path's bits; amsgrad takes the reference path (the kernel keeps no
+    running maximum of v)."""
+    from ecoptim import kernels
+    from ecoptim.optim import fused
+    calls = []
+    real = fused.run
+    monkeypatch.setattr(fused, "run", lambda jobs, **k: calls.append(len(jobs)) or real(jobs, **k))
+    fast, o_fast = _fp8_run(OURS[name], kw, None, clip)
+    uses_kernel = bool(calls)
+    ref, _ = _fp8_run(OURS[name], kw, False, clip)
+    for a, b in zip(fast, ref):
+        assert torch.equal(a, b)
+    assert uses_kernel == (not kw.get("amsgrad", False) and kernels.available())
+    if kw.get("amsgrad"):
+        assert o_fast.param_groups[0]["fused"] is False
+
+
+def test_amsgrad_eco_injects_with_the_amsgrad_denominator():
+    """ECO's AdamW injection with amsgrad uses the denominator the step used, sqrt(max_v / bc2) + eps."""
+    from ecoptim.optim.adamw import adamw_update_, eco_adamw_coef, sqrt_rn
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8, bias=False)
+    ecoptim.quantize_(lin, "fp8", filter_fn=lambda m, n: True)
+    w = lin.weight
+    opt = ecoptim.AdamW([w], lr=1e-2, amsgrad=True, weight_decay=0.1, rounding="nearest")
+    w.grad = torch.randn(8, 16)
+    opt.step()
+    w.grad = 0.01 * torch.randn(8, 16)  # smaller: max_v stays above v, so the two denominators differ
+    st = opt.state[w]
+    m, v, vmax, w0 = (st["exp_avg"].clone(), st["exp_avg_sq"].clone(), st["max_exp_avg_sq"].clone(),
+                      w.dequantize())
+    opt.step()
+    w_til = w0.clone()
+    denom = adamw_update_(w_til, w.grad, m, v, step=2.0, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                          weight_decay=0.1, sqrt=sqrt_rn, max_exp_avg_sq=vmax)
+    assert bool((vmax > v).any())
+    m.addcmul_(w_til - w.dequantize(), denom, value=eco_adamw_coef(2.0, 1e-2, 0.9, 0.1))
+    assert torch.equal(st["exp_avg"], m) and torch.equal(st["max_exp_avg_sq"], vmax)
+
+
+def test_amsgrad_with_narrow_states_is_refused():
+    lin = ecoptim.quantize_(nn.Sequential(nn.Linear(4, 4)), "fp8", filter_fn=lambda m, n: True)
+    with pytest.raises(ValueError, match="amsgrad=True keeps the running maximum"):
+        ecoptim.AdamW(lin.parameters(), amsgrad=True, state_dtype=torch.bfloat16)
