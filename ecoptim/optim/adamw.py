@@ -15,6 +15,20 @@ subtract the part already re-added) scales the whole coefficient by (1 - lr*wd).
 paper's coefficient. The momentum stays fp32 by default: |coef*e| can be much larger than m itself. The moments
 of quantized weights may be stored in bf16 or in 8 bits per element (``state8.State8bit``); the maths above
 always runs on fp32 working copies, rounded back to the stored form at the end of the step (after injection).
+
+AMSGrad (``amsgrad=True``, torch's variant): vmax = max(vmax, v) and denom = sqrt(vmax) / sqrt(1 - b2^t) + eps;
+the injection is the formula above with this denominator. Why: per element the step is SGD with EMA momentum
+and step size s = lr / ((1 - b1^t) * denom), so the SGD virtual-iterate argument (``sgd.py``) applies with
+lr -> s: x = w_hat - (s*b1/(1-b1))*m follows x <- x - s*g exactly iff m += -(1-b1)/(s*b1) * e
+= ((1 - b1^t)/lr) * (1 - 1/b1) * denom * e, where denom is whatever divides m in this step. As for plain Adam
+the argument is exact while s is constant from one step to the next (bias corrections and the denominator
+drift slowly); AMSGrad's denominator, a running maximum, changes no faster than Adam's. vmax is kept in fp32
+next to the moments (bf16 or 8-bit moments with AMSGrad are refused for quantized weights: a re-rounded
+maximum could fall below the v it bounds), and such a group takes the reference path (the fused kernel keeps
+no vmax; its ``fused`` is set to False).
+
+``maximize=True`` negates the gradient before everything else, as torch does (on the fused kernel: a factor
+-1 on the gradient, composed exactly with a pending clip factor); the injection does not change.
 """
 from __future__ import annotations
 
@@ -99,13 +113,16 @@ def _check_betas(betas: Any, foreach: Any, capturable: Any) -> tuple[float, floa
 class AdamW(QuantOptimizer):
     """Drop-in ``torch.optim.AdamW`` whose quantized parameters are updated per ``mode`` (default ECO).
 
-    Args: params, lr, betas, eps, weight_decay as torch.optim.AdamW; ``mode`` in
+    Args: params (tensors, named parameters or groups), lr (a float or a 1-element Tensor), betas, eps,
+    weight_decay, amsgrad, maximize, foreach as torch.optim.AdamW, with its defaults; ``mode`` in
     {'eco', 'master', 'naive', 'exact', 'kahan'}; ``rounding`` in {'nearest', 'stochastic'}; ``seed`` of the
     stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise', 'skip_blocks'} (see ``QuantOptimizer``);
     ``state_dtype`` of the moments of quantized weights: torch.float32, torch.bfloat16 or ``State8bit()``
-    (8-bit block-wise; dense parameters keep their own dtype); ``fused``: None
-    (default) steps every quantized weight it can with the fused CPU kernel (bit-identical to the reference,
-    see ``optim/fused.py``), False always takes the reference path.
+    (8-bit block-wise; dense parameters keep their own dtype); ``fused``: None or True
+    (default None) steps every quantized weight it can with the fused CPU kernel (bit-identical to the reference,
+    see ``optim/fused.py``), False always takes the reference path. ``capturable=True``, ``differentiable=True``
+    and Tensor betas are refused (``hyper.py`` says why). Every hyper-parameter of every group is checked when the
+    group is added (NaN and Inf included), with torch's error types and messages.
     """
 
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
