@@ -27,6 +27,7 @@ the results are bit-identical to ``_step_param``'s reference path.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -153,7 +154,7 @@ class QuantOptimizer(Optimizer):
         if nonfinite == "skip_blocks" and not self._block_skip_ok:
             raise ValueError(f"{type(self).__name__} must take the same skip decision on every rank: use "
                              "nonfinite='skip' or 'raise' (not 'skip_blocks')")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed must be an int, got {seed!r}")
         defaults = dict(defaults, mode=mode, rounding=rounding)
         # set before the groups are added: add_param_group validates each group as it comes (and some checks

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_number", "check_lr", "check_flag", "check_impl_flags", "is_tensor_lr"]
+__all__ = ["check_number", "check_lr", "check_flag", "check_impl_flags"]
 
 
 def _describe(x: Any) -> str:
@@ -35,10 +35,6 @@ def check_number(name: str, x: Any, *, lo: float = 0.0, hi: float | None = None,
     if not math.isfinite(x) or x < lo or (hi is not None and x >= hi):
         raise ValueError(f"Invalid {label}: {x!r}; {name} must be a finite float {bound}")
     return x
-
-
-def is_tensor_lr(lr: Any) -> bool:
-    return isinstance(lr, torch.Tensor)
 
 
 def check_lr(lr: Any) -> None:
