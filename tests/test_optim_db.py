@@ -38,9 +38,10 @@ REFUSED = {
 def _inputs():
     out = []
     for name, info in INFOS.items():
-        for oi in _get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, info):
-            for kind in KINDS:
-                out.append(pytest.param(name, oi, kind, id=f"{name}-{oi.desc}-{kind}"))
+        for i, oi in enumerate(_get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, info)):
+            for kind in KINDS:  # the inputs take torch's scheduler combinations in turn
+                scheds = info.scheduler_inputs[i % len(info.scheduler_inputs)]
+                out.append(pytest.param(name, oi, kind, scheds, id=f"{name}-{oi.desc}-{kind}"))
     return out
 
 
@@ -79,8 +80,8 @@ def _weights(model):
     return [p.dequantize() if isinstance(p, QuantizedTensor) else p.detach() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("name,oi,kind", _inputs())
-def test_optim_db_input_reproduces_torch_or_is_refused(name, oi, kind):
+@pytest.mark.parametrize("name,oi,kind,scheds", _inputs())
+def test_optim_db_input_reproduces_torch_or_is_refused(name, oi, kind, scheds):
     info = INFOS[name]
     kwargs = copy.deepcopy(oi.kwargs)
     mode = kind.split("-")[1] if "-" in kind else "eco"
@@ -90,7 +91,6 @@ def test_optim_db_input_reproduces_torch_or_is_refused(name, oi, kind):
         with pytest.raises(ValueError, match=refused):
             OURS[name](_groups(ours, kwargs), **kwargs, mode=mode)
         return
-    scheds = info.scheduler_inputs[hash(oi.desc) % len(info.scheduler_inputs)]
     o_ours = _run(lambda g, **kw: OURS[name](g, **kw, mode=mode), ours, kwargs, scheds)
     # torch's single-tensor code is the reference; torch's own fused CPU kernel rounds differently in places
     ref_kwargs = dict(copy.deepcopy(oi.kwargs), fused=False)
