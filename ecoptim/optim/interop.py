@@ -34,6 +34,7 @@ nothing in SGD's update reads it).
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
@@ -260,9 +261,19 @@ def from_torch_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str
         warn_conversions(notes)
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` (seen from the caller of this function) of the first frame outside ecoptim: a warning
+    then points at the user's ``load_state_dict`` call, through any subclass overrides."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("ecoptim."):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_conversions(notes: list[str]) -> None:
+    """One UserWarning naming every conversion ``convert_state_dict`` made (``notes``)."""
     warnings.warn("ecoptim: the loaded optimizer state was converted to the optimizer's settings:\n  "
-                  + "\n  ".join(notes), UserWarning, stacklevel=3)
+                  + "\n  ".join(notes), UserWarning, stacklevel=_user_stacklevel())
 
 
 def _torch_defaults(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -309,5 +320,5 @@ def to_torch_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     if dropped:
         warnings.warn(f"ecoptim: to_torch_state_dict leaves out what torch.optim has no place for: "
                       f"{sorted(dropped)} (a 'master' run's fp32 master copy is the true weight: export it as the "
-                      "model's weights if it is to be kept)", UserWarning, stacklevel=2)
+                      "model's weights if it is to be kept)", UserWarning, stacklevel=_user_stacklevel())
     return {"state": state, "param_groups": groups}
