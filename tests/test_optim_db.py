@@ -1,10 +1,10 @@
 """ecoptim.AdamW and ecoptim.SGD against torch's own optimizer test database (``optim_db``).
 
-For every input of ``optim_inputs_func`` (with torch's fused/differentiable variants), with a dense parameter and
-with a weight stored in the FP32 identity format (modes eco and master): ecoptim either reproduces torch.optim
-bit for bit over several steps (two parameter groups, torch's LR schedulers) or refuses the input at
-construction with an error that says what is not supported; the refusals are listed below, so any change is
-deliberate. Every input of ``optim_error_inputs_func`` raises (or warns) what torch raises, with torch's message.
+For every input of ``optim_inputs_func`` (with torch's fused/differentiable variants and a foreach one), with a
+dense parameter and with weights stored in the FP32 identity format (modes eco and master): ecoptim either
+reproduces torch.optim bit for bit over several steps (two parameter groups, torch's LR schedulers) or refuses
+the input at construction with an error that says what is not supported; the refusals are listed below, so
+any change is deliberate. Every input of ``optim_error_inputs_func`` raises (or warns) what torch raises, with torch's message.
 """
 import copy
 import warnings
@@ -15,7 +15,7 @@ from torch import nn
 
 pytest.importorskip("expecttest")  # torch's optim_db imports it
 from torch.testing._internal.common_optimizers import (  # noqa: E402
-    OptimizerErrorEnum, _get_optim_inputs_including_global_cliquey_kwargs, optim_db)
+    OptimizerErrorEnum, OptimizerInput, _get_optim_inputs_including_global_cliquey_kwargs, optim_db)
 
 import ecoptim  # noqa: E402
 from ecoptim.qtensor import QuantizedTensor  # noqa: E402
@@ -31,14 +31,24 @@ REFUSED = {
     **{(n, f"{oi.desc} & differentiable", k): "differentiable=True is not supported"
        for n, info in INFOS.items() for oi in info.optim_inputs_func("cpu") for k in KINDS},
     **{("SGD", desc + suffix, "fp32-eco"): "momentum must be > 0 for quantized weights"
-       for desc in _PLAIN_SGD for suffix in ("", " & fused")},
+       for desc in _PLAIN_SGD for suffix in ("", " & fused", " & foreach")},
 }
+
+
+def _with_foreach(info):
+    """torch's inputs with its cliquey variants; torch's CPU list has no foreach variant (torch's foreach kernels
+    are for accelerators), so one is added per input: torch's foreach code runs on CPU as well."""
+    out = _get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, info)
+    for oi in info.optim_inputs_func("cpu"):
+        out.append(OptimizerInput(params=None, kwargs=dict(copy.deepcopy(oi.kwargs), foreach=True),
+                                  desc=f"{oi.desc} & foreach"))
+    return out
 
 
 def _inputs():
     out = []
     for name, info in INFOS.items():
-        for i, oi in enumerate(_get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, info)):
+        for i, oi in enumerate(_with_foreach(info)):
             for kind in KINDS:  # the inputs take torch's scheduler combinations in turn
                 scheds = info.scheduler_inputs[i % len(info.scheduler_inputs)]
                 out.append(pytest.param(name, oi, kind, scheds, id=f"{name}-{oi.desc}-{kind}"))
@@ -92,7 +102,7 @@ def test_optim_db_input_reproduces_torch_or_is_refused(name, oi, kind, scheds):
             OURS[name](_groups(ours, kwargs), **kwargs, mode=mode)
         return
     o_ours = _run(lambda g, **kw: OURS[name](g, **kw, mode=mode), ours, kwargs, scheds)
-    # torch's single-tensor code is the reference; torch's own fused CPU kernel rounds differently in places
+    # torch's single-tensor (or foreach) code is the reference; torch's fused CPU kernel rounds differently in places
     ref_kwargs = dict(copy.deepcopy(oi.kwargs), fused=False)
     ref = _model("dense")
     o_ref = _run(info.optim_cls, ref, ref_kwargs, scheds)

@@ -148,6 +148,8 @@ class AdamW(QuantOptimizer):
 
     def _validate_group(self, group: dict) -> None:
         # torch.optim.AdamW's checks, in its order and with its messages, before ecoptim's own
+        if isinstance(group["lr"], torch.Tensor) and group.get("foreach") and not group.get("capturable", False):
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         check_lr(group["lr"])
         check_number("eps", group["eps"], label="epsilon value")
         b1, b2 = _check_betas(group["betas"], group.get("foreach"), group.get("capturable", False))
