@@ -187,7 +187,7 @@ def test_mismatched_optimizer_or_scheduler_is_refused_and_nothing_changes(tmp_pa
     save_checkpoint(path, m, opt, sched)
     t, topt, tsched = trained(seed=2, steps=1)
     before = snapshot(t)
-    sgd = ecoptim.SGD(t.parameters(), lr=0.1)
+    sgd = ecoptim.SGD(t.parameters(), lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match=r"optimizer class differs: checkpoint ecoptim\.optim\.adamw\.AdamW, "
                                          r"given ecoptim\.optim\.sgd\.SGD"):
         load_checkpoint(path, t, sgd)

@@ -173,13 +173,15 @@ def test_a_step_is_the_fp32_state_step_on_the_dequantized_moments(mode, rounding
         o32 = ecoptim.AdamW(m32.parameters(), lr=3e-3, weight_decay=0.1, mode=mode, rounding="stochastic",
                             fused=False, seed=3)
         if o8.state:  # a copy: load_state_dict would share the tensors
-            o32.load_state_dict(copy.deepcopy(o8.state_dict()))
+            with pytest.warns(UserWarning, match="decoded 8-bit moments to torch.float32"):
+                o32.load_state_dict(copy.deepcopy(o8.state_dict()))
         for p8, p32 in zip(m8.parameters(), m32.parameters()):
             st8, st32 = o8.state.get(p8), o32.state.get(p32)
-            if st8 and st8["exp_avg"].dtype == torch.uint8:
-                st32["exp_avg"] = dequantize_state(st8["exp_avg"], st8["exp_avg_absmax"], True, cfg)
-                st32["exp_avg_sq"] = dequantize_state(st8["exp_avg_sq"], st8["exp_avg_sq_absmax"], False, cfg)
-                del st32["exp_avg_absmax"], st32["exp_avg_sq_absmax"], st32["state8_stream"]
+            if st8 and st8["exp_avg"].dtype == torch.uint8:  # loading decoded them into the fp32 optimizer
+                assert torch.equal(st32["exp_avg"], dequantize_state(st8["exp_avg"], st8["exp_avg_absmax"], True, cfg))
+                assert torch.equal(st32["exp_avg_sq"],
+                                   dequantize_state(st8["exp_avg_sq"], st8["exp_avg_sq_absmax"], False, cfg))
+                assert not {"exp_avg_absmax", "exp_avg_sq_absmax", "state8_stream"} & set(st32)
         o32.param_groups[0]["state_dtype"] = torch.float32
         for mm, oo in ((m8, o8), (m32, o32)):
             oo.zero_grad()

@@ -15,6 +15,20 @@ subtract the part already re-added) scales the whole coefficient by (1 - lr*wd).
 paper's coefficient. The momentum stays fp32 by default: |coef*e| can be much larger than m itself. The moments
 of quantized weights may be stored in bf16 or in 8 bits per element (``state8.State8bit``); the maths above
 always runs on fp32 working copies, rounded back to the stored form at the end of the step (after injection).
+
+AMSGrad (``amsgrad=True``, torch's variant): vmax = max(vmax, v) and denom = sqrt(vmax) / sqrt(1 - b2^t) + eps;
+the injection is the formula above with this denominator. Why: per element the step is SGD with EMA momentum
+and step size s = lr / ((1 - b1^t) * denom), so the SGD virtual-iterate argument (``sgd.py``) applies with
+lr -> s: x = w_hat - (s*b1/(1-b1))*m follows x <- x - s*g exactly iff m += -(1-b1)/(s*b1) * e
+= ((1 - b1^t)/lr) * (1 - 1/b1) * denom * e, where denom is whatever divides m in this step. As for plain Adam
+the argument is exact while s is constant from one step to the next (bias corrections and the denominator
+drift slowly); AMSGrad's denominator, a running maximum, changes no faster than Adam's. vmax is kept in fp32
+next to the moments (bf16 or 8-bit moments with AMSGrad are refused for quantized weights: a re-rounded
+maximum could fall below the v it bounds), and such a group takes the reference path (the fused kernel keeps
+no vmax; its ``fused`` is set to False).
+
+``maximize=True`` negates the gradient before everything else, as torch does (on the fused kernel: a factor
+-1 on the gradient, composed exactly with a pending clip factor); the injection does not change.
 """
 from __future__ import annotations
 
@@ -22,12 +36,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import fused as _fused
-from ..qtensor import QuantizedTensor
+from ..convert import spec_of
 from ..rounding import is_identity
-from .base import QuantOptimizer
+from . import fused as _fused
+from .base import ParamStep, QuantOptimizer
+from .hyper import check_flag, check_lr, check_number
 from .state8 import State8bit, dequantize_state, quantize_state, state_key
-from .base import ParamStep
 
 __all__ = ["AdamW", "adamw_update_", "eco_adamw_coef", "sqrt_rn"]
 
@@ -45,10 +59,15 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
 
 
 def adamw_update_(w: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
-                  step: float, lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float, sqrt: Callable[[torch.Tensor], torch.Tensor] = torch.sqrt) -> torch.Tensor:
+                  step: float, lr: float | torch.Tensor, beta1: float, beta2: float, eps: float,
+                  weight_decay: float, sqrt: Callable[[torch.Tensor], torch.Tensor] = torch.sqrt,
+                  maximize: bool = False, max_exp_avg_sq: torch.Tensor | None = None) -> torch.Tensor:
     """torch.optim.AdamW's single-tensor step on ``w`` in place (with ``sqrt`` for its square root);
-    returns ``denom``."""
+    returns ``denom``. ``maximize``: ascend (the gradient negated first, as torch); ``max_exp_avg_sq``: AMSGrad's
+    running maximum of ``exp_avg_sq`` (updated in place), which then replaces it in the denominator. A Tensor
+    ``lr`` goes through the same tensor arithmetic as in torch (so the same bits)."""
+    if maximize:
+        grad = -grad
     if weight_decay != 0:
         w.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
@@ -56,6 +75,9 @@ def adamw_update_(w: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     step_size = lr / bias_correction1
+    if max_exp_avg_sq is not None:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        exp_avg_sq = max_exp_avg_sq
     denom = (sqrt(exp_avg_sq) / bias_correction2 ** 0.5).add_(eps)
     w.addcdiv_(exp_avg, denom, value=-step_size)
     return denom
@@ -66,30 +88,72 @@ def eco_adamw_coef(step: float, lr: float, beta1: float, weight_decay: float) ->
     return (1 - lr * weight_decay) * ((1 - beta1 ** step) / lr) * (1 - 1 / beta1)
 
 
+def _check_betas(betas: Any, foreach: Any, capturable: Any) -> tuple[float, float]:
+    """torch.optim.AdamW's checks of ``betas`` (order, types and messages), then ecoptim's: two finite floats
+    in [0, 1). Tensor betas (which torch allows) are refused: torch's single-tensor code then takes different
+    kernels (a Tensor weight in ``lerp_``), and ECO's injection coefficient is computed on the host."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        if isinstance(b, (int, float)) and not isinstance(b, bool) and not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+    tensors = [isinstance(b, torch.Tensor) for b in betas]
+    if any(tensors):
+        if not all(tensors):
+            raise ValueError("betas must be either both floats or both Tensors")
+        if foreach and not capturable:
+            raise ValueError("betas[0] as a Tensor is not supported for capturable=False and foreach=True")
+        raise ValueError(f"betas as Tensors are not supported by ecoptim: pass Python floats, e.g. "
+                         f"betas=({float(betas[0])!r}, {float(betas[1])!r}) (the update and ECO's injection "
+                         "coefficient are computed from them on the host)")
+    return tuple(check_number("beta", b, hi=1.0, label=f"beta parameter at index {i}") for i, b in enumerate(betas))
+
+
 class AdamW(QuantOptimizer):
     """Drop-in ``torch.optim.AdamW`` whose quantized parameters are updated per ``mode`` (default ECO).
 
-    Args: params, lr, betas, eps, weight_decay as torch.optim.AdamW; ``mode`` in
+    Args: params (tensors, named parameters or groups), lr (a float or a 1-element Tensor), betas, eps,
+    weight_decay, amsgrad, maximize, foreach as torch.optim.AdamW, with its defaults; ``mode`` in
     {'eco', 'master', 'naive', 'exact', 'kahan'}; ``rounding`` in {'nearest', 'stochastic'}; ``seed`` of the
     stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise', 'skip_blocks'} (see ``QuantOptimizer``);
     ``state_dtype`` of the moments of quantized weights: torch.float32, torch.bfloat16 or ``State8bit()``
-    (8-bit block-wise; dense parameters keep their own dtype); ``fused``: None
-    (default) steps every quantized weight it can with the fused CPU kernel (bit-identical to the reference,
-    see ``optim/fused.py``), False always takes the reference path.
+    (8-bit block-wise; dense parameters keep their own dtype); ``fused``: None or True
+    (default None) steps every quantized weight it can with the fused CPU kernel (bit-identical to the reference,
+    see ``optim/fused.py``), False always takes the reference path. ``capturable=True``, ``differentiable=True``
+    and Tensor betas are refused (``hyper.py`` says why). Every hyper-parameter of every group is checked when the
+    group is added (NaN and Inf included), with torch's error types and messages.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, mode: str = "eco", rounding: str = "stochastic",
-                 seed: int = 0, nonfinite: str = "skip", state_dtype: torch.dtype | State8bit = torch.float32,
-                 fused: bool | None = None) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
-                        fused=fused)
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, mode: str = "eco", rounding: str = "stochastic", seed: int = 0,
+                 nonfinite: str = "skip", state_dtype: torch.dtype | State8bit = torch.float32) -> None:
+        if isinstance(lr, torch.Tensor) and foreach and not capturable:  # torch.optim.AdamW's check, first
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        betas = _check_betas(betas, foreach, capturable)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                        state_dtype=state_dtype)
         self._state8_streams = 0  # stream numbers handed out to parameters with 8-bit moments (in init order)
         super().__init__(params, defaults, mode=mode, rounding=rounding, seed=seed, nonfinite=nonfinite)
 
     _state8_ok = True  # False where states are sharded or exchanged between ranks (see distributed/)
+    #: the per-parameter moments (their shapes and precision are checked when a state_dict is loaded)
+    moment_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    #: the torch.optim class whose state_dicts this one loads and exports (``interop``), and its state keys
+    torch_class = torch.optim.AdamW
+    torch_state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def _validate_group(self, group: dict) -> None:
+        # torch.optim.AdamW's checks, in its order and with its messages, before ecoptim's own
+        if isinstance(group["lr"], torch.Tensor) and group.get("foreach") and not group.get("capturable", False):
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        check_lr(group["lr"])
+        check_number("eps", group["eps"], label="epsilon value")
+        b1, b2 = _check_betas(group["betas"], group.get("foreach"), group.get("capturable", False))
+        check_number("weight_decay", group["weight_decay"])
+        check_flag("amsgrad", group.get("amsgrad", False))
         super()._validate_group(group)
         sd = group["state_dtype"]
         if not (isinstance(sd, State8bit) or (isinstance(sd, torch.dtype) and sd in (torch.float32, torch.bfloat16))):
@@ -101,14 +165,21 @@ class AdamW(QuantOptimizer):
         if isinstance(sd, State8bit) and not self._state8_ok:
             raise ValueError(f"{type(self).__name__} does not support 8-bit states (State8bit); use "
                              "state_dtype=torch.bfloat16 for smaller states")
-        b1, b2 = group["betas"]
-        if not 0.0 <= b1 < 1.0 or not 0.0 <= b2 < 1.0:
-            raise ValueError(f"invalid betas {group['betas']!r}: each must be in [0, 1)")
-        if group["eps"] < 0 or group["weight_decay"] < 0:
-            raise ValueError("eps and weight_decay must be >= 0")
-        if group["mode"] == "eco" and b1 == 0:
+        quantized = any(spec_of(p) is not None for p in group["params"])
+        if group["mode"] == "eco" and b1 == 0 and quantized:
             raise ValueError("mode='eco' injects the rounding error into the first moment and divides by beta1, "
                              "so beta1 must be > 0; use betas=(0.9, ...) or mode='naive'")
+        if group.get("amsgrad", False):
+            if not self._amsgrad_ok:
+                raise ValueError(f"amsgrad=True is not supported by {type(self).__name__}")
+            if quantized and sd != torch.float32:
+                raise ValueError(f"amsgrad=True keeps the running maximum of the second moment in fp32 next to the "
+                                 f"moments; with state_dtype={sd} that maximum would be re-rounded every step and "
+                                 f"could fall below the moment it bounds. Use state_dtype=torch.float32 with amsgrad")
+            # the fused kernel keeps no running maximum of v: an AMSGrad group takes the reference path
+            group["fused"] = False if quantized else group.get("fused")
+
+    _amsgrad_ok = True  # False where the step reads the moments itself (see distributed/onebit.py)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -171,6 +242,8 @@ class AdamW(QuantOptimizer):
             return
         state["exp_avg"] = torch.zeros(p.shape, dtype=dt, device=p.device)
         state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dt, device=p.device)
+        if group.get("amsgrad", False):  # fp32 for quantized weights (_validate_group), as torch: p's dtype else
+            state["max_exp_avg_sq"] = torch.zeros(p.shape, dtype=dt, device=p.device)
 
     def _update_(self, w: torch.Tensor, grad: torch.Tensor, state: dict, group: dict,
                  spec: Any = None) -> Any:
@@ -186,7 +259,8 @@ class AdamW(QuantOptimizer):
             m, v = m.float(), v.float()
         denom = adamw_update_(w, grad, m, v, step=state["step"].item(), lr=group["lr"], beta1=b1, beta2=b2,
                               eps=group["eps"], weight_decay=group["weight_decay"],
-                              sqrt=sqrt_rn if exact else torch.sqrt)
+                              sqrt=sqrt_rn if exact else torch.sqrt,
+                              maximize=group.get("maximize", False), max_exp_avg_sq=state.get("max_exp_avg_sq"))
         return denom, m, v
 
     def _inject_(self, e: torch.Tensor, state: dict, group: dict, aux: Any) -> None:

@@ -34,6 +34,7 @@ steps them in one kernel call; the results are bit-identical to the reference pa
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from ..qtensor import QuantizedTensor
 from ..rng import draw_keys
 from ..rounding import check_rounding
 from . import fused as _fused
+from .hyper import check_flag, check_impl_flags, check_lr
+from .interop import convert_state_dict, warn_conversions
 
 __all__ = ["QuantOptimizer", "ParamStep", "MODES", "NonFiniteGradientError", "read_weight", "store_weight_",
            "total_grad_norm"]
@@ -182,36 +185,47 @@ class QuantOptimizer(Optimizer):
         if nonfinite == "skip_blocks" and not self._block_skip_ok:
             raise ValueError(f"{type(self).__name__} must take the same skip decision on every rank: use "
                              "nonfinite='skip' or 'raise' (not 'skip_blocks')")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an int, got {seed!r}")
         defaults = dict(defaults, mode=mode, rounding=rounding)
-        super().__init__(params, defaults)
+        # set before the groups are added: add_param_group validates each group as it comes (and some checks
+        # depend on these)
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self.skipped_blocks = 0
         self._generators: dict[str, torch.Generator] = {}
         self._clip: _PendingClip | None = None
-        for group in self.param_groups:
-            self._validate_group(group)
+        super().__init__(params, defaults)
 
     # -- hooks for subclasses ---------------------------------------------------------------------
     def _validate_group(self, group: dict) -> None:
+        """Check a parameter group's settings (every group: at construction, ``add_param_group`` and
+        ``load_state_dict``); raises before the group is kept. Subclasses check their own hyper-parameters
+        first (in torch.optim's order, with its error types) and then call this."""
         if group["mode"] not in MODES:
             raise ValueError(f"unknown mode {group['mode']!r}; choose one of {MODES}")
         check_rounding(group["rounding"])
         if group.get("fused") not in (None, True, False):
             raise ValueError(f"fused must be None (use the fused kernel where it applies), True (same) or False "
                              f"(always the reference path), got {group['fused']!r}")
+        check_lr(group["lr"])
+        check_flag("maximize", group.get("maximize", False))
+        check_impl_flags(group, type(self).__name__)
         lr = group["lr"]
-        if not isinstance(lr, (int, float)) or lr < 0:
-            raise ValueError(f"invalid learning rate {lr!r}: must be a float >= 0")
         if group["mode"] == "eco" and lr == 0 and any(spec_of(p) is not None for p in group["params"]):
             raise ValueError("mode='eco' divides the injected error by the learning rate, so lr must be > 0; "
                              "start warm-up from a small positive lr (e.g. 0.01 x peak) instead of 0")
 
     def add_param_group(self, param_group: dict) -> None:
+        """``torch.optim.Optimizer.add_param_group``, then the group's settings are validated; a group that
+        fails is not kept."""
         super().add_param_group(param_group)
-        if hasattr(self, "_generators"):
+        try:
             self._validate_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
         raise NotImplementedError
@@ -422,6 +436,8 @@ class QuantOptimizer(Optimizer):
         job = self._update_job(p, group, key)
         if grad_scale is not None:
             job.grad_scale = grad_scale  # fp32 in the kernel, as the reference's g * scale
+        if group.get("maximize", False):  # torch negates the gradient first; -(g*c) == g*(-c) exactly in fp32
+            job.grad_scale = -job.grad_scale
         state = p.state
         names = _MODE_BUFFERS.get(group["mode"], ())
         for name in names:
@@ -496,8 +512,14 @@ class QuantOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
+        """Load a state_dict of this optimizer class (any mode, rounding or state precision) or of the matching
+        torch.optim class. Hyper-parameters and step counts come from it; how weights are stored and stepped
+        stays as constructed, mismatches converted where that loses nothing (one warning names them) and
+        refused otherwise, before anything is modified (see ``interop``)."""
+        state_dict, notes = convert_state_dict(self, state_dict)
         extra = state_dict.pop("ecoptim", None)
+        for sg, g in zip(state_dict["param_groups"], self.param_groups):  # refuse bad settings before loading
+            self._validate_group(dict(sg, params=g["params"]))
         # torch casts every floating state to the parameter's dtype; ecoptim keeps fp32 states for
         # low-precision weights, so remember the saved dtypes and restore them afterwards.
         dtypes = {pid: {k: v.dtype for k, v in st.items() if isinstance(v, torch.Tensor)}
@@ -521,3 +543,5 @@ class QuantOptimizer(Optimizer):
                 g = torch.Generator(device=k)
                 g.set_state(s)
                 self._generators[k] = g
+        if notes:
+            warn_conversions(notes)

@@ -19,19 +19,26 @@ descent on the virtual iterate whatever the quantizer did. ``tests/test_optim_sg
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
 
 from . import fused as _fused
+from ..convert import spec_of
 from .base import ParamStep, QuantOptimizer
+from .hyper import check_flag, check_lr, check_number
 
 __all__ = ["SGD", "sgd_update_", "eco_sgd_coef"]
 
 
-def sgd_update_(w: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, *, lr: float, momentum: float,
-                dampening: float, nesterov: bool, weight_decay: float) -> torch.Tensor | None:
-    """torch.optim.SGD's single-tensor step on ``w`` in place; returns the (new or updated) momentum buffer."""
+def sgd_update_(w: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, *, lr: float | torch.Tensor,
+                momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+                maximize: bool = False) -> torch.Tensor | None:
+    """torch.optim.SGD's single-tensor step on ``w`` in place; returns the (new or updated) momentum buffer.
+    ``maximize``: ascend (the gradient negated first, as torch)."""
+    if maximize:
+        grad = -grad
     if weight_decay != 0:
         grad = grad.add(w, alpha=weight_decay)
     if momentum != 0:
@@ -54,33 +61,50 @@ def eco_sgd_coef(lr: float, momentum: float, nesterov: bool) -> float:
 class SGD(QuantOptimizer):
     """Drop-in ``torch.optim.SGD`` whose quantized parameters are updated per ``mode`` (default ECO).
 
-    Args: params, lr, momentum, dampening, weight_decay, nesterov as torch.optim.SGD; ``mode`` in
+    Args: params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach, differentiable, fused as
+    torch.optim.SGD, with torch's defaults (momentum 0: plain SGD); ``mode`` in
     {'eco', 'master', 'naive', 'exact', 'kahan'}; ``rounding`` in {'nearest', 'stochastic'}; ``seed`` of the
     stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise', 'skip_blocks'} (see ``QuantOptimizer``);
-    ``fused``: None (default) uses the fused CPU kernel where it applies (bit-identical to the reference path),
-    False never.
+    ``fused``: None (default) or True use the fused CPU kernel where it applies (bit-identical to the reference
+    path), False never. ``differentiable=True`` is refused (see ``hyper.check_impl_flags``).
+
+    ``mode='eco'`` injects the rounding error into the momentum buffer, so a group holding quantized weights needs
+    ``momentum > 0`` (e.g. 0.9); such a group with ``momentum=0`` is refused at construction (plain SGD on
+    quantized weights: ``mode='naive'`` or ``'kahan'``). Dense parameters take torch's update in any mode.
+    ``maximize=True`` negates the gradient before the update, as torch does; the injection is unchanged (it
+    depends on the momentum recurrence only, not on the sign of what it accumulates).
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.9, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, mode: str = "eco",
-                 rounding: str = "stochastic", seed: int = 0, nonfinite: str = "skip",
-                 fused: bool | None = None) -> None:
+    #: the per-parameter moments (their shapes and precision are checked when a state_dict is loaded)
+    moment_keys = ("momentum_buffer",)
+    #: the torch.optim class whose state_dicts this one loads and exports (``interop``), and its state keys
+    torch_class = torch.optim.SGD
+    torch_state_keys = ("momentum_buffer",)
+
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
+                 fused: bool | None = None, mode: str = "eco", rounding: str = "stochastic", seed: int = 0,
+                 nonfinite: str = "skip") -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                        fused=fused)
+                        maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, mode=mode, rounding=rounding, seed=seed, nonfinite=nonfinite)
 
     def _validate_group(self, group: dict) -> None:
-        super()._validate_group(group)
-        m, d, wd = group["momentum"], group["dampening"], group["weight_decay"]
-        if not 0.0 <= m < 1.0:
-            raise ValueError(f"invalid momentum {m!r}: must be in [0, 1)")
-        if wd < 0:
-            raise ValueError(f"invalid weight_decay {wd!r}: must be >= 0")
+        # torch.optim.SGD's checks, in its order and with its messages, before ecoptim's own
+        check_lr(group["lr"])
+        m = check_number("momentum", group["momentum"], hi=1.0)
+        check_number("weight_decay", group["weight_decay"])
+        d = check_number("dampening", group["dampening"], lo=-math.inf)
+        check_flag("nesterov", group["nesterov"])
         if group["nesterov"] and (m <= 0 or d != 0):
-            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening (as torch.optim.SGD)")
-        if group["mode"] == "eco" and m == 0:
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening (momentum > 0, "
+                             "dampening = 0, as torch.optim.SGD)")
+        super()._validate_group(group)
+        if group["mode"] == "eco" and m == 0 and any(spec_of(p) is not None for p in group["params"]):
             raise ValueError("mode='eco' injects the rounding error into the momentum and divides by it, so "
-                             "momentum must be > 0; use momentum=0.9, or mode='naive'/'kahan' for plain SGD")
+                             "momentum must be > 0 for quantized weights; use momentum=0.9, or "
+                             "mode='naive'/'kahan' for plain SGD")
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
         state["step"] = torch.tensor(0.0)
@@ -92,7 +116,8 @@ class SGD(QuantOptimizer):
                  spec: Any = None) -> Any:
         state["momentum_buffer"] = sgd_update_(
             w, grad, state["momentum_buffer"], lr=group["lr"], momentum=group["momentum"],
-            dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"])
+            dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"],
+            maximize=group.get("maximize", False))
         return None
 
     def _update_job(self, p: ParamStep, group: dict, key: tuple[int, int] | None) -> _fused.Job:
