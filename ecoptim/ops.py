@@ -35,6 +35,11 @@ and re-encoded in the step with the codec's search tables (``state8_tables``: ``
 
 A block whose w_til holds NaN/Inf is left exactly as it was (codes, scale, moments, buffers); the result holds
 how many such blocks each tensor had (int64, one per tensor).
+
+The gradient checks that decide whether and how to step (``kernels.all_finite``, ``kernels.sumsq``) and the
+stochastic-rounding stream (``kernels.uniform``, a cross-check of ``ecoptim.rng``) stay plain functions: their
+callers branch on the answer in Python before anything is mutated, so an op returning a tensor would only add a
+device round trip.
 """
 from __future__ import annotations
 
@@ -43,18 +48,25 @@ import torch
 __all__ = ["adamw_step_", "sgd_step_", "ADAMW_STEP_SCHEMA", "SGD_STEP_SCHEMA"]
 
 _WEIGHTS = "Tensor(a!)[] codes, Tensor(b!)?[] scales, Tensor[] grads"
-_MODES = ("Tensor(g!)?[] master_weights, Tensor(h!)?[] carried_errors, Tensor(i!)?[] compensation_codes, "
-          "Tensor(j!)?[] compensation_scales")
+
+
+def _modes(first: str) -> str:
+    # the mode buffers' arguments, their alias sets lettered from ``first``
+    a, b, c, d = (chr(ord(first) + k) for k in range(4))
+    return (f"Tensor({a}!)?[] master_weights, Tensor({b}!)?[] carried_errors, Tensor({c}!)?[] compensation_codes, "
+            f"Tensor({d}!)?[] compensation_scales")
+
+
 _PER_TENSOR = "str[] formats, int[] block_sizes"
 
 ADAMW_STEP_SCHEMA = (
     f"({_WEIGHTS}, Tensor(c!)[] exp_avg, Tensor(d!)[] exp_avg_sq, Tensor(e!)?[] exp_avg_absmax, "
-    f"Tensor(f!)?[] exp_avg_sq_absmax, {_MODES}, {_PER_TENSOR}, float[] steps, float[] injection_coefs, "
+    f"Tensor(f!)?[] exp_avg_sq_absmax, {_modes('g')}, {_PER_TENSOR}, float[] steps, float[] injection_coefs, "
     "float[] grad_scales, int[] sr_keys, int[] state8_block_sizes, int[] state8_keys, Tensor[] state8_tables, "
     "*, float lr, float beta1, float beta2, float eps, float weight_decay, bool inject, bool stochastic, "
     "bool state8_stochastic) -> Tensor")
 SGD_STEP_SCHEMA = (
-    f"({_WEIGHTS}, Tensor(c!)?[] momentum_buffers, {_MODES}, {_PER_TENSOR}, bool[] first_steps, "
+    f"({_WEIGHTS}, Tensor(c!)?[] momentum_buffers, {_modes('d')}, {_PER_TENSOR}, bool[] first_steps, "
     "float[] injection_coefs, float[] grad_scales, int[] sr_keys, "
     "*, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool inject, "
     "bool stochastic) -> Tensor")
@@ -63,14 +75,21 @@ torch.library.define("ecoptim::adamw_step_", ADAMW_STEP_SCHEMA)
 torch.library.define("ecoptim::sgd_step_", SGD_STEP_SCHEMA)
 
 
+def _nonfinite_counts(codes: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    # the result of either op: one int64 count per tensor, on the tensors' device
+    if not grads:
+        return torch.empty(0, dtype=torch.int64)
+    return grads[0].new_empty((len(codes),), dtype=torch.int64)
+
+
 @torch.library.register_fake("ecoptim::adamw_step_")
 def _adamw_step_fake(codes, scales, grads, *args, **kwargs) -> torch.Tensor:
-    return grads[0].new_empty((len(codes),), dtype=torch.int64)
+    return _nonfinite_counts(codes, grads)
 
 
 @torch.library.register_fake("ecoptim::sgd_step_")
 def _sgd_step_fake(codes, scales, grads, *args, **kwargs) -> torch.Tensor:
-    return grads[0].new_empty((len(codes),), dtype=torch.int64)
+    return _nonfinite_counts(codes, grads)
 
 
 adamw_step_ = torch.ops.ecoptim.adamw_step_

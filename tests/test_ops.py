@@ -1,6 +1,7 @@
 """The declared op boundary (``ecoptim.ops``): the schemas, the fake implementations, the argument structs
 generated from one definition, and the op called directly against the reference path."""
 import copy
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import ecoptim
 from ecoptim import kernels, ops
 from ecoptim.backends.cpu import abi
+from ecoptim.backends.cpu import build as cpu_build
 from ecoptim.optim import fused
 from ecoptim.optim.adamw import eco_adamw_coef
 
@@ -70,6 +72,20 @@ def test_generated_header_is_in_sync_with_the_definition():
     for name, (_, fields) in abi.STRUCTS.items():
         cls = abi.ctype_of(name)
         assert [f for f, _ in cls._fields_] == [f for f, _, _ in fields]
+
+
+def test_build_cache_key_covers_every_source_file(tmp_path):
+    shutil.copytree(cpu_build.SOURCE_DIR, tmp_path / "csrc")
+    names = [p.name for p in cpu_build.sources(tmp_path / "csrc")]
+    assert "step.c" in names and "vec_avx2.h" in names and "eco_abi.h" in names
+    before = cpu_build.source_digest(tmp_path / "csrc")
+    for name in names:  # a change to any file, header or source, changes the key
+        f = tmp_path / "csrc" / name
+        text = f.read_text()
+        f.write_text(text + "\n")
+        assert cpu_build.source_digest(tmp_path / "csrc") != before, name
+        f.write_text(text)
+    assert cpu_build.source_digest(tmp_path / "csrc") == before
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no C kernels")

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from . import abi
 
-__all__ = ["SOURCE_DIR", "sources", "flags", "compiler", "openmp_runtime", "compile_library", "build", "open_library"]
+__all__ = ["SOURCE_DIR", "sources", "flags", "compiler", "openmp_runtime", "compile_library", "check_header",
+           "source_digest", "build", "open_library"]
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
 _BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-pthread"]
@@ -97,16 +98,23 @@ def check_header(directory: Path = SOURCE_DIR) -> None:
                            "`python -m ecoptim.backends.cpu.abi`")
 
 
+def source_digest(directory: Path = SOURCE_DIR) -> bytes:
+    """The hash of every source and header (names and contents): part of the cache key, so that a change to any
+    of them rebuilds."""
+    digest = hashlib.sha256()
+    for p in sources(directory):
+        digest.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return digest.digest()
+
+
 def build(cc: str, directory: Path = SOURCE_DIR) -> tuple[Path, str | None]:
     """The cached library for these sources, compiler, flags and CPU (built if missing), and the OpenMP runtime
     it runs its threads on (None: threads of its own)."""
-    digest = hashlib.sha256()
-    for p in sources(directory):  # every file: a change to any header rebuilds
-        digest.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    digest = source_digest(directory)
     cflags = flags()
     omp = openmp_runtime()
     for runtime in ([omp] if omp is None else [omp, None]):  # an OpenMP build that fails: threads of its own
-        tag = hashlib.sha256(digest.digest() + " ".join([cc] + cflags + [f"openmp={runtime}"]).encode()
+        tag = hashlib.sha256(digest + " ".join([cc] + cflags + [f"openmp={runtime}"]).encode()
                              + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
         out = _cache_dir() / f"eco_cpu-{tag}.so"
         if out.exists():
