@@ -61,20 +61,21 @@ typedef struct {
 static inline __attribute__((always_inline)) void adamw_update_vec(const adamw_vec *c, int64_t base, int64_t i,
                                                                    int64_t lo, float *wt, float *dn, float *mf,
                                                                    float *vn, astat_acc *acc, const int from_m,
-                                                                   const int gbf, const int sbf, const int fmt) {
+                                                                   const int grad_dtype, const int storage,
+                                                                   const int fmt) {
     const int64_t j = base + i;
     vf w = c->master ? vf_load(c->master + j) : vf_mul(v_decode_p(c->codes, j, fmt), c->scale);
     if (c->carried_error) w = vf_add(w, vf_load(c->carried_error + j));
     w = vf_mul(w, c->decay);
-    const vf g = vf_mul(v_ld(c->grad, j, gbf), c->grad_scale);
-    vf m = sbf == ECO_STATE_EIGHT_BIT
+    const vf g = vf_mul(v_ld(c->grad, j, grad_dtype), c->grad_scale);
+    vf m = storage == ECO_STATE_EIGHT_BIT
                ? s8_decode_vec((const uint8_t *)c->exp_avg, &c->signed_magnitudes,
                                v_s8_absmax(c->exp_avg_absmax, j, c->state8_shift), j, 1)
-               : v_ld(c->exp_avg, j, sbf);
-    vf v = sbf == ECO_STATE_EIGHT_BIT
+               : v_ld(c->exp_avg, j, storage);
+    vf v = storage == ECO_STATE_EIGHT_BIT
                ? s8_decode_vec((const uint8_t *)c->exp_avg_sq, &c->unsigned_magnitudes,
                                v_s8_absmax(c->exp_avg_sq_absmax, j, c->state8_shift), j, 0)
-               : v_ld(c->exp_avg_sq, j, sbf);
+               : v_ld(c->exp_avg_sq, j, storage);
     m = vf_fmadd(c->lerp_coeff, vf_sub(g, m), from_m ? m : g);
     v = vf_fmadd(vf_mul(c->one_minus_beta2, g), g, vf_mul(v, c->beta2));
     const vf d = vf_add(v_div_mk(vf_sqrt(v), c->bias_correction2_sqrt, c->rcp_bias_correction2_sqrt), c->eps);
@@ -92,27 +93,29 @@ static inline __attribute__((always_inline)) void adamw_update_vec(const adamw_v
 static inline __attribute__((always_inline)) void adamw_sweep_vec(const adamw_vec *c, int64_t base, int64_t *i,
                                                                   int64_t lo, int64_t hi, float *wt, float *dn,
                                                                   float *mf, float *vn, astat_acc *acc,
-                                                                  const int from_m, const int gbf, const int sbf,
-                                                                  const int fmt) {
-    const int64_t ahead = hi - lo, state_bytes = sbf == ECO_STATE_EIGHT_BIT ? 1 : sbf ? 2 : 4;
+                                                                  const int from_m, const int grad_dtype,
+                                                                  const int storage, const int fmt) {
+    const int64_t ahead = hi - lo, state_bytes = storage == ECO_STATE_EIGHT_BIT ? 1 : storage ? 2 : 4;
     int64_t k = *i;
     for (; k + 2 * VL <= hi; k += 2 * VL) {
-        prefetch_range(c->grad, base + k + ahead, 2 * VL, gbf ? 2 : 4);
+        prefetch_range(c->grad, base + k + ahead, 2 * VL, grad_dtype ? 2 : 4);
         prefetch_range(c->exp_avg, base + k + ahead, 2 * VL, state_bytes);
-        adamw_update_vec(c, base, k, lo, wt, dn, mf, vn, acc, from_m, gbf, sbf, fmt);
-        adamw_update_vec(c, base, k + VL, lo, wt, dn, mf, vn, acc, from_m, gbf, sbf, fmt);
+        adamw_update_vec(c, base, k, lo, wt, dn, mf, vn, acc, from_m, grad_dtype, storage, fmt);
+        adamw_update_vec(c, base, k + VL, lo, wt, dn, mf, vn, acc, from_m, grad_dtype, storage, fmt);
     }
-    for (; k + VL <= hi; k += VL) adamw_update_vec(c, base, k, lo, wt, dn, mf, vn, acc, from_m, gbf, sbf, fmt);
+    for (; k + VL <= hi; k += VL)
+        adamw_update_vec(c, base, k, lo, wt, dn, mf, vn, acc, from_m, grad_dtype, storage, fmt);
     *i = k;
 }
 #endif
 
-/* sweep A over elements [lo, hi) of block b (gbf: bf16 gradient; sbf: the moments' eco_state_storage; fmt: the
- * eco_format). vec = 0 takes the scalar path only (the exact re-run of a block whose fast sweep saw a NaN/Inf). */
+/* sweep A over elements [lo, hi) of block b (grad_dtype: the gradient's eco_dtype; storage: the moments'
+ * eco_state_storage; fmt: the eco_format). vec = 0 takes the scalar path only (the exact re-run of a block whose
+ * fast sweep saw a NaN/Inf). */
 static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_step_args *a, int64_t b, int64_t lo,
                                                                   int64_t hi, float *wt, float *dn, float *mf,
-                                                                  float *vn, int vec, const int gbf,
-                                                                  const int sbf, const int fmt) {
+                                                                  float *vn, int vec, const int grad_dtype,
+                                                                  const int storage, const int fmt) {
     const int64_t base = b * a->weights.block_size;
     const adamw_scalars k = adamw_scalars_of(a, b);
     astat st = {0.0f, INFINITY, 0};
@@ -144,14 +147,14 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_step_
         c.master = a->modes.master;
         c.carried_error = a->modes.carried_error;
         c.state8_shift = 0;
-        if (sbf == ECO_STATE_EIGHT_BIT) {
+        if (storage == ECO_STATE_EIGHT_BIT) {
             vtab_load(&c.signed_magnitudes, a->state8.signed_magnitudes, 128);
             vtab_load(&c.unsigned_magnitudes, a->state8.unsigned_magnitudes, 256);
             c.state8_shift = __builtin_ctzll((unsigned long long)a->state8.block_size);
         }
         astat_acc acc = astat_acc_start();
-        if (k.lerp_from_m) adamw_sweep_vec(&c, base, &i, lo, hi, wt, dn, mf, vn, &acc, 1, gbf, sbf, fmt);
-        else adamw_sweep_vec(&c, base, &i, lo, hi, wt, dn, mf, vn, &acc, 0, gbf, sbf, fmt);
+        if (k.lerp_from_m) adamw_sweep_vec(&c, base, &i, lo, hi, wt, dn, mf, vn, &acc, 1, grad_dtype, storage, fmt);
+        else adamw_sweep_vec(&c, base, &i, lo, hi, wt, dn, mf, vn, &acc, 0, grad_dtype, storage, fmt);
         astat_acc_fold(&st, acc);
     }
 #endif
@@ -163,15 +166,15 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_step_
         float w = a->modes.master ? a->modes.master[j] : decode_scalar(codes, lut, j, fmt) * k.scale;
         if (a->modes.carried_error) w = w + a->modes.carried_error[j];
         w = w * k.decay;
-        const float g = ld_scalar(a->gradient.values, j, gbf) * k.grad_scale;
-        float m = sbf == ECO_STATE_EIGHT_BIT
+        const float g = ld_scalar(a->gradient.values, j, grad_dtype) * k.grad_scale;
+        float m = storage == ECO_STATE_EIGHT_BIT
                       ? s8_decode_scalar((const uint8_t *)a->moments.exp_avg, a->state8.signed_magnitudes,
                                          a->state8.exp_avg_absmax, j, a->state8.block_size, 1)
-                      : ld_scalar(a->moments.exp_avg, j, sbf);
-        float v = sbf == ECO_STATE_EIGHT_BIT
+                      : ld_scalar(a->moments.exp_avg, j, storage);
+        float v = storage == ECO_STATE_EIGHT_BIT
                       ? s8_decode_scalar((const uint8_t *)a->moments.exp_avg_sq, a->state8.unsigned_magnitudes,
                                          a->state8.exp_avg_sq_absmax, j, a->state8.block_size, 0)
-                      : ld_scalar(a->moments.exp_avg_sq, j, sbf);
+                      : ld_scalar(a->moments.exp_avg_sq, j, storage);
         float d;
         w = adamw_update(&k, w, g, &m, &v, &d);
         if (comp) w = w + decode_scalar(comp, lut, j, fmt) * k.compensation_scale; /* kahan: + the compensation */

@@ -57,7 +57,7 @@ typedef struct {
  * (the low words of the indices), advanced by VL */
 static inline __attribute__((always_inline)) void quantize_update_vec(
     const quantize_vec *c, int64_t base, int64_t i, int64_t lo, float *wt, const float *dn, const float *mf,
-    const float *vn, astat_acc *acc, vi *vidx, const int has_m, const int inject, const int kahan, const int sbf,
+    const float *vn, astat_acc *acc, vi *vidx, const int has_m, const int inject, const int kahan, const int storage,
     const int fmt, const int sr, const int adam) {
     const int64_t j = base + i;
     const vf w = vf_load(wt + (i - lo));
@@ -74,15 +74,15 @@ static inline __attribute__((always_inline)) void quantize_update_vec(
         vf_store(wt + (i - lo), err);
         astat_acc_add(acc, err);
     }
-    if (adam && sbf != ECO_STATE_EIGHT_BIT) v_st(c->exp_avg_sq, j, vf_load(vn + (i - lo)), sbf);
+    if (adam && storage != ECO_STATE_EIGHT_BIT) v_st(c->exp_avg_sq, j, vf_load(vn + (i - lo)), storage);
     if (has_m) {
         vf m = vf_load(mf + (i - lo));
         if (inject) {
             if (adam) m = vf_fmadd(vf_mul(c->injection_coef, err), vf_load(dn + (i - lo)), m);
             else m = vf_fmadd(c->injection_coef, err, m);
         }
-        if (sbf == ECO_STATE_EIGHT_BIT) vf_store(c->exp_avg_out + (i - lo), m); /* encoded after the sweep */
-        else v_st(c->exp_avg, j, m, sbf);
+        if (storage == ECO_STATE_EIGHT_BIT) vf_store(c->exp_avg_out + (i - lo), m); /* encoded after the sweep */
+        else v_st(c->exp_avg, j, m, storage);
     }
     if (sr) *vidx = vi_add(*vidx, vi_set1(VL));
 }
@@ -93,9 +93,9 @@ static inline __attribute__((always_inline)) void quantize_update_vec(
 static inline __attribute__((always_inline)) void quantize_sweep_vec(
     const quantize_vec *c, int64_t base, int64_t *i, int64_t lo, int64_t hi, int64_t vhi, float *wt,
     const float *dn, const float *mf, const float *vn, astat_acc *acc, vi *vidx, const int has_m, const int inject,
-    const int kahan, const int sbf, const int fmt, const int sr, const int adam) {
+    const int kahan, const int storage, const int fmt, const int sr, const int adam) {
     const char *pf_codes = (const char *)c->codes, *pf_v = (const char *)c->exp_avg_sq;
-    const int state_bytes = sbf == ECO_STATE_EIGHT_BIT ? 1 : sbf ? 2 : 4;
+    const int state_bytes = storage == ECO_STATE_EIGHT_BIT ? 1 : storage ? 2 : 4;
     const int64_t ahead = hi - lo; /* the next block, or the next range of a large one */
     int64_t k = *i;
     for (; k + 16 <= vhi; k += 16) {
@@ -104,22 +104,22 @@ static inline __attribute__((always_inline)) void quantize_sweep_vec(
         if ((k & 63) == 0)
             _mm_prefetch(pf_codes + (fmt == ECO_FORMAT_BF16 ? 2 * n : fmt == ECO_FORMAT_INT4 ? n / 2 : n), PF_HINT);
         for (int u = 0; u < 16; u += VL)
-            quantize_update_vec(c, base, k + u, lo, wt, dn, mf, vn, acc, vidx, has_m, inject, kahan, sbf, fmt, sr,
+            quantize_update_vec(c, base, k + u, lo, wt, dn, mf, vn, acc, vidx, has_m, inject, kahan, storage, fmt, sr,
                                 adam);
     }
     for (; k + VL <= vhi; k += VL)
-        quantize_update_vec(c, base, k, lo, wt, dn, mf, vn, acc, vidx, has_m, inject, kahan, sbf, fmt, sr, adam);
+        quantize_update_vec(c, base, k, lo, wt, dn, mf, vn, acc, vidx, has_m, inject, kahan, storage, fmt, sr, adam);
     *i = k;
 }
 #endif
 
-/* sweep B over elements [lo, hi) of block b with scale s (mk: divide by s with v_div_mk, see markstein_ok; sbf:
+/* sweep B over elements [lo, hi) of block b with scale s (mk: divide by s with v_div_mk, see markstein_ok; storage:
  * the moments' eco_state_storage; fmt: the eco_format; sr: stochastic rounding; adam: AdamW, else SGD). Mode
  * 'kahan' (compensation_codes): the error w_til - w_hat replaces w_til in the scratch, for sweep C; returns its
  * statistics. */
 static inline __attribute__((always_inline)) astat sweep_b(const eco_step_args *a, int64_t b, int64_t lo, int64_t hi,
                                                            float s, int mk, float *wt, const float *dn,
-                                                           const float *mf, const float *vn, const int sbf,
+                                                           const float *mf, const float *vn, const int storage,
                                                            const int fmt, const int sr, const int adam) {
     const int64_t base = b * a->weights.block_size;
     const float fmax = a->weights.format_max, coef = a->hyper.injection_coef;
@@ -166,7 +166,7 @@ static inline __attribute__((always_inline)) astat sweep_b(const eco_step_args *
         astat_acc acc = astat_acc_start();
         /* one loop per momentum/injection/kahan case, so that the loop body has no branches */
 #define QUANTIZE_SWEEP(HM, INJ, KH) \
-    quantize_sweep_vec(&c, base, &i, lo, hi, vhi, wt, dn, mf, vn, &acc, &vidx, HM, INJ, KH, sbf, fmt, sr, adam)
+    quantize_sweep_vec(&c, base, &i, lo, hi, vhi, wt, dn, mf, vn, &acc, &vidx, HM, INJ, KH, storage, fmt, sr, adam)
         const int hm = adam || has_m;
         if (kahan) {
             if (hm) QUANTIZE_SWEEP(1, 0, 1);
@@ -196,8 +196,8 @@ static inline __attribute__((always_inline)) astat sweep_b(const eco_step_args *
             wt[i - lo] = err;
             astat_scalar(&st, err);
         }
-        if (adam && sbf != ECO_STATE_EIGHT_BIT) {
-            if (sbf) ((uint16_t *)vp)[j] = f32_to_bf16(vn[i - lo]);
+        if (adam && storage != ECO_STATE_EIGHT_BIT) {
+            if (storage) ((uint16_t *)vp)[j] = f32_to_bf16(vn[i - lo]);
             else ((float *)vp)[j] = vn[i - lo];
         }
         if (has_m) {
@@ -206,12 +206,12 @@ static inline __attribute__((always_inline)) astat sweep_b(const eco_step_args *
                 if (adam) m = fmaf(coef * err, dn[i - lo], m); /* addcmul_(e, denom, value=coef) */
                 else m = fmaf(coef, err, m);                   /* add_(e, alpha=coef) */
             }
-            if (sbf == ECO_STATE_EIGHT_BIT) m8[i - lo] = m;
-            else if (sbf) ((uint16_t *)mp)[j] = f32_to_bf16(m);
+            if (storage == ECO_STATE_EIGHT_BIT) m8[i - lo] = m;
+            else if (storage) ((uint16_t *)mp)[j] = f32_to_bf16(m);
             else ((float *)mp)[j] = m;
         }
     }
-    if (sbf == ECO_STATE_EIGHT_BIT) state8_encode_range(a, base, lo, hi, m8, vn);
+    if (storage == ECO_STATE_EIGHT_BIT) state8_encode_range(a, base, lo, hi, m8, vn);
     return st;
 }
 

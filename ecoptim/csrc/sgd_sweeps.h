@@ -12,11 +12,12 @@
 #include "eco_abi.h"
 #include "vec.h"
 
-/* sweep A over elements [lo, hi) of block b (gbf: bf16 gradient; sbf: the momentum's eco_state_storage; fmt: the
- * eco_format); vec = 0 takes the scalar path only */
+/* sweep A over elements [lo, hi) of block b (grad_dtype: the gradient's eco_dtype; storage: the momentum's
+ * eco_state_storage; fmt: the eco_format); vec = 0 takes the scalar path only */
 static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_step_args *a, int64_t b, int64_t lo,
                                                                 int64_t hi, float *wt, float *mf, int vec,
-                                                                const int gbf, const int sbf, const int fmt) {
+                                                                const int grad_dtype, const int storage,
+                                                                const int fmt) {
     const int64_t base = b * a->weights.block_size;
     const float sc = a->weights.scales ? a->weights.scales[b] : 1.0f; /* unscaled: x * 1 is exact */
     const float csc = a->modes.compensation_scales ? a->modes.compensation_scales[b] : 1.0f; /* mode 'kahan' */
@@ -36,15 +37,15 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_step_ar
         const int64_t ahead = hi - lo; /* see prefetch_range */
         for (; i + VL <= hi; i += VL) {
             const int64_t j = base + i;
-            prefetch_range(grad, j + ahead, VL, gbf ? 2 : 4);
-            if (has_mom) prefetch_range(mp, j + ahead, VL, sbf ? 2 : 4);
+            prefetch_range(grad, j + ahead, VL, grad_dtype ? 2 : 4);
+            if (has_mom) prefetch_range(mp, j + ahead, VL, storage ? 2 : 4);
             vf w = mst ? vf_load(mst + j) : vf_mul(v_decode_p(codes, j, fmt), vsc);
             if (erp) w = vf_add(w, vf_load(erp + j));
-            vf g = vf_mul(v_ld(grad, j, gbf), vgs);
+            vf g = vf_mul(v_ld(grad, j, grad_dtype), vgs);
             if (wd != 0.0f) g = vf_fmadd(vwd, w, g);
             vf d = g;
             if (has_mom) {
-                const vf m = first ? g : vf_fmadd(vomd, g, vf_mul(v_ld(mp, j, sbf), vmom));
+                const vf m = first ? g : vf_fmadd(vomd, g, vf_mul(v_ld(mp, j, storage), vmom));
                 d = nest ? vf_fmadd(vmom, m, g) : m;
                 vf_store(mf + (i - lo), m);
             }
@@ -62,14 +63,14 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_step_ar
         float w = a->modes.master ? a->modes.master[j]
                                   : decode_scalar(a->weights.codes, a->weights.fp8_table, j, fmt) * sc;
         if (a->modes.carried_error) w = w + a->modes.carried_error[j];
-        float g = ld_scalar(a->gradient.values, j, gbf) * a->hyper.grad_scale;
+        float g = ld_scalar(a->gradient.values, j, grad_dtype) * a->hyper.grad_scale;
         if (wd != 0.0f) g = fmaf(wd, w, g);
         float d = g;
         if (has_mom) {
             float m;
             if (first) m = g;
             else {
-                m = ld_scalar(a->moments.exp_avg, j, sbf);
+                m = ld_scalar(a->moments.exp_avg, j, storage);
                 m = m * mom;
                 m = fmaf(omd, g, m);
             }

@@ -37,12 +37,11 @@
 /* Prefetch elements [j, j + n) of an array of esz-byte elements, one 64-byte line at a time. The sweeps run
  * on in-cache data, so memory would idle while they compute: each sweep requests part of the next block's
  * inputs (A the gradient and the first moment, B the second moment and the codes), which keeps it busy
- * through both (measured: the FP8 RTN step 12.5 -> 11.4 ms against B prefetching everything).
- * The lines are requested into L2, not L1 (PF_HINT): a request into L1 holds one of the core's few L1 miss
- * buffers until its line arrives from memory, which caps the lines in flight per core, and a block's streams
- * and scratch (about 36 KB for an fp32-state row of 1280) do not fit a 32 KB L1 anyway; from L2 the sweeps'
- * loads are short waits that out-of-order execution hides (measured side by side on a Zen 4 VM with
- * benchmarks/kernel_ab.py, FP8 RTN step: 21.3 -> 18.6 ms, after a backward 26.4 -> 22.6 ms; see README). */
+ * through both. The lines are requested into L2, not L1 (PF_HINT): a request into L1 holds one of the core's
+ * few L1 miss buffers until its line arrives from memory, which caps the lines in flight per core, and a
+ * block's streams and scratch (about 36 KB for an fp32-state row of 1280) do not fit a 32 KB L1 anyway; from L2
+ * the sweeps' loads are short waits that out-of-order execution hides (benchmarks/kernel_ab.py compares
+ * builds side by side). */
 #define PF_HINT _MM_HINT_T1
 static inline __attribute__((always_inline)) void prefetch_range(const void *p, int64_t j, int64_t n, const int esz) {
     const char *c = (const char *)p + j * esz;
