@@ -40,13 +40,16 @@ import torch
 
 from .. import kernels, ops
 from ..backends.cpu import ops as cpu_ops  # registers the CPU kernels of the ops
-from ..formats import BF16, INT4, Format, PerRow, QuantSpec
+from ..formats import BF16, FORMATS, INT4, Format, PerRow, QuantSpec
 from ..qtensor import QuantizedTensor
 from .state8 import search_tables
 
 __all__ = ["applies", "Job", "run", "adamw_job", "sgd_job", "state8_fits", "attach_state8", "attach_mode_buffer",
            "attach_compensation"]
 
+# the kernel knows these formats' grids by heart (e.g. E4M3: 3 mantissa bits, emin -6, max 448); others (an equal
+# name with another grid included) take the reference path
+_KERNEL_FORMATS = frozenset(FORMATS[name] for name in cpu_ops.FORMATS)
 _SPLIT = 65536  # csrc/step.c's SPLIT: larger blocks are swept in ranges shared by the threads
 
 
@@ -55,7 +58,7 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     if group.get("fused") is False or spec is None or not isinstance(p, QuantizedTensor):
         return False
     f, g = spec.format, p.grad  # called per parameter per step: each attribute is read once
-    return (f.name in cpu_ops.FORMATS and type(f).round is Format.round  # a custom rounding needs the reference
+    return (f in _KERNEL_FORMATS and type(f).round is Format.round  # a custom rounding override needs the reference
             and spec.scaled == (f is not BF16) and p.is_cpu
             and group["mode"] in ("eco", "naive", "master", "exact", "kahan") and group["lr"] > 0
             and (group["mode"] != "kahan" or _blocks_in_cache(p, spec))
