@@ -58,10 +58,22 @@ def test_fake_implementation_gives_the_result_shape_and_dtype():
     assert out.shape == (2,) and out.dtype == torch.int64 and out.device.type == "meta"
 
 
+def _adamw_inputs(n=2):
+    (codes, scales, grads, _, none, *_), _ = _sgd_inputs(n)
+    moments = [torch.zeros(4, 8) for _ in range(n)], [torch.zeros(4, 8) for _ in range(n)]
+    return ((codes, scales, grads, *moments, none, none, none, none, none, none, ["int8"] * n, [8] * n, [1.0] * n,
+             [0.0] * n, [1.0] * n, [], [0] * n, [], []),
+            dict(lr=1e-2, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1, inject=True, stochastic=False,
+                 state8_stochastic=False))
+
+
 @pytest.mark.skipif(not kernels.available(), reason="no C kernels")
-def test_opcheck():
-    args, kw = _sgd_inputs(2)
-    torch.library.opcheck(ops.sgd_step_.default, args, kw,
+@pytest.mark.parametrize("op, inputs", [(ops.sgd_step_, _sgd_inputs), (ops.adamw_step_, _adamw_inputs)])
+def test_opcheck(op, inputs):
+    """The schema's mutation annotations are the kernel's (what it writes is declared, nothing else is written)
+    and the fake implementation agrees with the kernel."""
+    args, kw = inputs(2)
+    torch.library.opcheck(op.default, args, kw,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
