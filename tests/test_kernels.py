@@ -1,7 +1,8 @@
 """The fused C kernels against the reference path, bit for bit, and their building blocks.
 
-The fused step (``ecoptim/optim/fused.py`` + ``ecoptim/csrc/eco_cpu.c``) must give *identical* codes, scales
-and optimizer states to the per-tensor reference path, for round-to-nearest and stochastic rounding alike.
+The fused step (``ecoptim/optim/fused.py`` + the op ``ecoptim.ops`` and its C kernel in ``ecoptim/csrc``) must
+give *identical* codes, scales and optimizer states to the per-tensor reference path, for round-to-nearest and
+stochastic rounding alike.
 Every test feeds both paths the same gradients and compares with ``torch.equal`` after every step.
 """
 import contextlib

@@ -1,4 +1,5 @@
-"""Fast path: the fused C kernel (``ecoptim/csrc/eco_cpu.c``) for AdamW and SGD, one call per param group.
+"""Fast path: the fused step ops (``ecoptim.ops``: ``adamw_step_`` / ``sgd_step_``) for AdamW and SGD, one call per
+param group; on CPU their kernel is the C library of ``ecoptim/csrc`` (``ecoptim/backends/cpu``).
 
 The reference path (``base.QuantOptimizer._step_param``) makes ~20 passes over fp32 temporaries:
 dequantize, the optimizer ops, absmax, scale, round, encode, dequantize again, error, injection. The kernel
@@ -18,7 +19,7 @@ per tensor from the optimizer's generator. ``tests/test_kernels.py`` checks code
 equality.
 
 8-bit moments (``state8.State8bit``) whose blocks tile the weight's blocks are decoded in sweep A and
-encoded in sweep B (after the injection), a state block at a time, with the codec of ``eco_state8``
+encoded in sweep B (after the injection), a state block at a time, with the codec of ``csrc/state8.h``
 (``state8_fits``, ``attach_state8``); other 8-bit moments are decoded to fp32 working copies around the call.
 
 Applies to: CPU tensors stored as ``QuantizedTensor`` with FP8 (E4M3, E5M2), INT8 or packed INT4 codes and an
@@ -32,25 +33,24 @@ lr > 0; fp32, bf16 or fp16 gradients. Anything else (a larger kahan block, FP16 
 """
 from __future__ import annotations
 
-import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .. import kernels
-from ..formats import BF16, FP8_E4M3, FP8_E5M2, INT4, INT8, Format, PerRow, QuantSpec
+from .. import kernels, ops
+from ..backends.cpu import ops as cpu_ops  # registers the CPU kernels of the ops
+from ..formats import BF16, FORMATS, INT4, Format, PerRow, QuantSpec
 from ..qtensor import QuantizedTensor
+from .state8 import search_tables
 
 __all__ = ["applies", "Job", "run", "adamw_job", "sgd_job", "state8_fits", "attach_state8", "attach_mode_buffer",
            "attach_compensation"]
 
-# the kernel knows these formats' grids by heart (e.g. E4M3: 3 mantissa bits, emin -6, max 448); others take the
-# reference path
-_FMT = {FP8_E4M3: kernels.FMT_E4M3, FP8_E5M2: kernels.FMT_E5M2, INT8: kernels.FMT_INT8, BF16: kernels.FMT_BF16,
-        INT4: kernels.FMT_INT4}
-_LUT: dict[torch.dtype, torch.Tensor] = {}
-_SPLIT = 65536  # eco_cpu.c's SPLIT: larger blocks are swept in ranges shared by the threads
+# the kernel knows these formats' grids by heart (e.g. E4M3: 3 mantissa bits, emin -6, max 448); others (an equal
+# name with another grid included) take the reference path
+_KERNEL_FORMATS = frozenset(FORMATS[name] for name in cpu_ops.FORMATS)
+_SPLIT = 65536  # csrc/step.c's SPLIT: larger blocks are swept in ranges shared by the threads
 
 
 def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
@@ -58,7 +58,7 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     if group.get("fused") is False or spec is None or not isinstance(p, QuantizedTensor):
         return False
     f, g = spec.format, p.grad  # called per parameter per step: each attribute is read once
-    return (f in _FMT and type(f).round is Format.round  # a custom rounding override needs the reference
+    return (f in _KERNEL_FORMATS and type(f).round is Format.round  # a custom rounding override needs the reference
             and spec.scaled == (f is not BF16) and p.is_cpu
             and group["mode"] in ("eco", "naive", "master", "exact", "kahan") and group["lr"] > 0
             and (group["mode"] != "kahan" or _blocks_in_cache(p, spec))
@@ -86,86 +86,95 @@ def _int4_blocks_aligned(p: torch.Tensor, spec: QuantSpec) -> bool:
     return nb == 1 or bs % 2 == 0
 
 
-def _lut(dtype: torch.dtype) -> torch.Tensor:
-    # fp8 decode table taken from torch itself: the kernel's dequantization is torch's, by construction
-    if dtype not in _LUT:
-        _LUT[dtype] = torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float32)
-    return _LUT[dtype]
-
-
-def _args(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tensor | None, v: torch.Tensor | None,
-          key: tuple[int, int] | None, inject: bool) -> tuple[kernels.EcoArgs, list[torch.Tensor]]:
-    f = spec.format
-    if grad.dtype == torch.float16:
-        grad = grad.to(torch.float32)  # exact; the kernel reads fp32 or bf16
-    keep = [grad.contiguous()]  # tensors that must outlive the call
-    nb, bs = _kernel_blocks(p, spec)
-    a = kernels.EcoArgs()
-    a.codes, a.grad = p.codes.data_ptr(), keep[0].data_ptr()
-    a.scale = p.scale.data_ptr() if spec.scaled else None
-    a.m = m.data_ptr() if m is not None else None
-    a.v = v.data_ptr() if v is not None else None
-    if f in (FP8_E4M3, FP8_E5M2):
-        keep.append(_lut(f.storage_dtype))
-        a.lut = keep[-1].data_ptr()
-    a.nb, a.bs = nb, bs
-    a.fmt = _FMT[f]
-    a.grad_bf16 = int(keep[0].dtype == torch.bfloat16)
-    a.state_bf16 = 2 if m is not None and m.dtype == torch.uint8 else int(m is not None and m.dtype == torch.bfloat16)
-    a.inject = int(inject)
-    a.stochastic = int(key is not None)
-    if key is not None:
-        a.k1, a.k2 = key
-    a.fmax = f.max
-    a.gscale = 1.0  # no gradient scaling unless the optimizer has a pending clip (QuantOptimizer.clip_grad_norm_)
-    return a, keep
-
-
 @dataclass
 class Job:
-    """One tensor's kernel arguments, and the tensors that must stay alive until the kernel has run."""
+    """One tensor's arguments of a fused step op (``ecoptim.ops``): its tensors, its per-tensor scalars, and the
+    hyper-parameters it shares with the other tensors of the op call (``group``)."""
 
-    args: kernels.EcoArgs
-    keep: list[torch.Tensor]
+    optimizer: str                      # 'adamw' or 'sgd'
+    codes: torch.Tensor
+    scales: torch.Tensor | None
+    grad: torch.Tensor
+    exp_avg: torch.Tensor | None        # AdamW's first moment / SGD's momentum buffer
+    exp_avg_sq: torch.Tensor | None     # AdamW's second moment
+    format: str
+    block_size: int
     numel: int
+    step: float | bool                  # AdamW: the step count t; SGD: whether this is the buffer's first step
+    injection_coef: float
+    sr_key: tuple[int, int] | None      # stochastic rounding of the weight (None: to nearest)
+    group: tuple                        # the op's keyword hyper-parameters, as (name, value) pairs
+    grad_scale: float = 1.0             # a pending clip (QuantOptimizer.clip_grad_norm_), applied in fp32
     after: Callable[[], None] | None = None  # run right after the kernel (e.g. store fp32 working moments)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # mode buffers and 8-bit absmax, by op name
+    state8_block_size: int = 0
+    state8_keys: tuple[tuple[int, int], tuple[int, int]] | None = None
 
     @property
     def num_blocks(self) -> int:
         """The blocks (rows, groups or the tensor) the kernel sweeps; ``run`` reports NaN/Inf ones per job."""
-        return self.args.nb
+        return self.numel // self.block_size if self.block_size > 0 else 0
 
-    @property
-    def grad_scale(self) -> float:
-        """The factor the gradient is multiplied by (in fp32) before the update: a pending clip, else 1."""
-        return self.args.gscale
 
-    @grad_scale.setter
-    def grad_scale(self, value: float) -> None:
-        self.args.gscale = value
+def _job(optimizer: str, p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tensor | None,
+         v: torch.Tensor | None, key: tuple[int, int] | None, step: float | bool, coef: float, group: dict) -> Job:
+    return Job(optimizer, p.codes, p.scale if spec.scaled else None, grad, m, v, spec.format.name,
+               _kernel_blocks(p, spec)[1], p.numel(), step, coef, key,
+               tuple(sorted({**group, "stochastic": key is not None}.items())))
+
+
+_MODE_BUFFERS = ("master_weights", "carried_errors", "compensation_codes", "compensation_scales")
+
+
+def _op_call(jobs: list[Job]) -> torch.Tensor:
+    """One op call stepping ``jobs`` (which share their group hyper-parameters)."""
+    buffers = {name: [j.buffers.get(name) for j in jobs] for name in _MODE_BUFFERS}
+    common = dict(codes=[j.codes for j in jobs], scales=[j.scales for j in jobs], grads=[j.grad for j in jobs],
+                  formats=[j.format for j in jobs], block_sizes=[j.block_size for j in jobs],
+                  injection_coefs=[j.injection_coef for j in jobs], grad_scales=[j.grad_scale for j in jobs],
+                  sr_keys=[k for j in jobs if j.sr_key is not None for k in j.sr_key], **buffers, **dict(jobs[0].group))
+    if jobs[0].optimizer == "sgd":
+        return ops.sgd_step_(momentum_buffers=[j.exp_avg for j in jobs], first_steps=[bool(j.step) for j in jobs],
+                             **common)
+    eight_bit = [j for j in jobs if j.state8_block_size]
+    state8_sr = any(j.state8_keys is not None for j in eight_bit)
+    no_keys = ((0, 0), (0, 0))
+    return ops.adamw_step_(
+        exp_avg=[j.exp_avg for j in jobs], exp_avg_sq=[j.exp_avg_sq for j in jobs],
+        exp_avg_absmax=[j.buffers.get("exp_avg_absmax") for j in jobs],
+        exp_avg_sq_absmax=[j.buffers.get("exp_avg_sq_absmax") for j in jobs], steps=[float(j.step) for j in jobs],
+        state8_block_sizes=[j.state8_block_size for j in jobs],
+        state8_keys=[k for j in jobs for pair in (j.state8_keys or no_keys) for k in pair] if state8_sr else [],
+        state8_tables=[*search_tables(7), *search_tables(8)] if eight_bit else [], state8_stochastic=state8_sr,
+        **common)
+
+
+def _group_key(j: Job) -> tuple:
+    # jobs of one op call share their hyper-parameters, and 8-bit moments their rounding
+    return j.optimizer, j.group, j.state8_keys is not None if j.state8_block_size else None
 
 
 def run(jobs: list[Job], skip_nonfinite: bool = False) -> list[int]:
-    """Step every job's tensor in one kernel call (one thread team for all of them). A block whose update
-    comes out NaN/Inf is left exactly as it was; returns how many there were per job if ``skip_nonfinite``,
-    else raises ValueError if there were any (after the whole call: the other blocks are stepped)."""
+    """Step every job's tensor with the fused step op, one call (one thread team) for all jobs that share their
+    hyper-parameters (a param group's). A block whose update comes out NaN/Inf is left exactly as it was;
+    returns how many there were per job if ``skip_nonfinite``, else raises ValueError if there were any (after
+    the whole call: the other blocks are stepped)."""
     if not jobs:
         return []
-    lib = kernels.load()
-    arr = (ctypes.POINTER(kernels.EcoArgs) * len(jobs))(*[ctypes.pointer(j.args) for j in jobs])
-    rc = lib.eco_step_many(arr, len(jobs), torch.get_num_threads())
-    if rc == -2:  # state8_fits and applies (kahan: _blocks_in_cache) keep this from happening
-        raise ValueError("ecoptim fused step: 8-bit state blocks that do not tile the weight blocks, or kahan "
-                         "blocks too large for the kernel; nothing was modified")
-    if rc != 0:
-        raise MemoryError("ecoptim fused step: could not allocate its block scratch; nothing was modified")
+    calls: dict[tuple, list[int]] = {}
+    for i, j in enumerate(jobs):
+        calls.setdefault(_group_key(j), []).append(i)
+    bad = [0] * len(jobs)
+    for members in calls.values():
+        counts = _op_call([jobs[i] for i in members]).tolist()
+        for i, c in zip(members, counts):
+            bad[i] = c
     for j in jobs:
         if j.after is not None:
             j.after()
-    bad = [j.args.nonfinite for j in jobs]
     if any(bad) and not skip_nonfinite:
-        j = next(j for j in jobs if j.args.nonfinite)
-        raise ValueError(f"cannot quantize a weight holding non-finite values ({j.args.nonfinite} blocks of "
+        n, j = next((n, j) for n, j in zip(bad, jobs) if n)
+        raise ValueError(f"cannot quantize a weight holding non-finite values ({n} blocks of "
                          f"an updated weight of {j.numel} elements hold NaN/Inf; they were left unchanged): the "
                          "update overflowed; find where training diverged (e.g. a too large learning rate)")
     return bad
@@ -174,18 +183,11 @@ def run(jobs: list[Job], skip_nonfinite: bool = False) -> list[int]:
 def adamw_job(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tensor, v: torch.Tensor,
               key: tuple[int, int] | None, *, step: float, lr: float, beta1: float, beta2: float,
               eps: float, weight_decay: float, coef: float, inject: bool) -> Job:
-    """One AdamW step of ``p`` (see ``adamw.py`` for the equations; the scalars below are the ones the
-    reference passes to ATen, rounded to fp32 the same way). ``key``: the stochastic-rounding key
-    (``rng.draw_key``; None: round to nearest)."""
-    a, keep = _args(p, grad, spec, m, v, key, inject)
-    a.optimizer = 0
-    a.decay = 1 - lr * weight_decay
-    a.w1, a.b2, a.omb2 = 1 - beta1, beta2, 1 - beta2
-    a.bc2s = (1 - beta2 ** step) ** 0.5
-    a.eps = eps
-    a.neg_step = -(lr / (1 - beta1 ** step))
-    a.coef = coef
-    return Job(a, keep, p.numel())
+    """One AdamW step of ``p`` (see ``adamw.py`` for the equations; the op derives the scalars the reference
+    passes to ATen, rounded to fp32 the same way). ``key``: the stochastic-rounding key (``rng.draw_key``; None:
+    round to nearest)."""
+    return _job("adamw", p, grad, spec, m, v, key, step, coef,
+                dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, inject=bool(inject)))
 
 
 def sgd_job(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, buf: torch.Tensor | None,
@@ -193,12 +195,9 @@ def sgd_job(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, buf: torch.
             weight_decay: float, coef: float, first: bool, inject: bool) -> Job:
     """One SGD step of ``p``; ``buf`` (fp32) is written whole when ``first`` (torch's buf = g); ``key`` as for
     ``adamw_job``."""
-    a, keep = _args(p, grad, spec, buf, None, key, inject)
-    a.optimizer = 1
-    a.wd, a.mom, a.omd, a.neg_lr = weight_decay, momentum, 1 - dampening, -lr
-    a.nesterov, a.first_step = int(nesterov), int(first)
-    a.coef = coef
-    return Job(a, keep, p.numel())
+    return _job("sgd", p, grad, spec, buf, None, key, bool(first), coef,
+                dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=bool(nesterov),
+                     weight_decay=weight_decay, inject=bool(inject)))
 
 
 def state8_fits(p: QuantizedTensor, spec: QuantSpec, block_size: int) -> bool:
@@ -212,20 +211,11 @@ def state8_fits(p: QuantizedTensor, spec: QuantSpec, block_size: int) -> bool:
 
 def attach_state8(job: Job, block_size: int, m_absmax: torch.Tensor, v_absmax: torch.Tensor,
                   keys: tuple[tuple[int, int], tuple[int, int]] | None) -> None:
-    """Point ``job`` (whose moments are the 8-bit codes) at their absmax arrays and the codec's tables;
-    ``keys``: the stochastic-rounding keys of m and v (None: round to nearest)."""
-    from .state8 import _search_tables
-    a = job.args
-    t7, b7rtn, b7sr = _search_tables(7)
-    t8, b8rtn, b8sr = _search_tables(8)
-    job.keep += [m_absmax, v_absmax]
-    a.m_absmax, a.v_absmax = m_absmax.data_ptr(), v_absmax.data_ptr()
-    a.t7, a.b7rtn, a.b7sr = t7.data_ptr(), b7rtn.data_ptr(), b7sr.data_ptr()
-    a.t8, a.b8rtn, a.b8sr = t8.data_ptr(), b8rtn.data_ptr(), b8sr.data_ptr()
-    a.s8bs, a.nbkt = block_size, b7rtn.numel()
-    a.s8sr = int(keys is not None)
-    if keys is not None:
-        (a.mk1, a.mk2), (a.vk1, a.vk2) = ((k1 & 0xFFFFFFFF, k2 & 0xFFFFFFFF) for k1, k2 in keys)
+    """Point ``job`` (whose moments are the 8-bit codes) at their absmax arrays; ``keys``: the
+    stochastic-rounding keys of m and v (None: round to nearest)."""
+    job.buffers["exp_avg_absmax"], job.buffers["exp_avg_sq_absmax"] = m_absmax, v_absmax
+    job.state8_block_size = block_size
+    job.state8_keys = keys
 
 
 def attach_compensation(job: Job, p: QuantizedTensor, codes: torch.Tensor, scale: torch.Tensor | None) -> None:
@@ -237,11 +227,9 @@ def attach_compensation(job: Job, p: QuantizedTensor, codes: torch.Tensor, scale
             scale.dtype == torch.float32 and scale.shape == p.scale.shape and scale.is_contiguous())):
         raise ValueError("the kahan compensation must be stored like the weight (contiguous codes and scales of "
                          "the weight's dtypes and shapes)")
-    job.keep.append(codes)
-    job.args.comp = codes.data_ptr()
+    job.buffers["compensation_codes"] = codes
     if scale is not None:
-        job.keep.append(scale)
-        job.args.comp_scale = scale.data_ptr()
+        job.buffers["compensation_scales"] = scale
 
 
 def attach_mode_buffer(job: Job, mode: str, buf: torch.Tensor) -> None:
@@ -249,8 +237,4 @@ def attach_mode_buffer(job: Job, mode: str, buf: torch.Tensor) -> None:
     'exact' (``buf``: the fp32 carried error, added before the step and replaced by w_til - w_hat after it)."""
     if not (buf.dtype == torch.float32 and buf.is_contiguous() and buf.numel() == job.numel):
         raise ValueError(f"the {mode} buffer must be a contiguous fp32 tensor of the weight's size")
-    job.keep.append(buf)
-    if mode == "master":
-        job.args.master = buf.data_ptr()
-    else:
-        job.args.err = buf.data_ptr()
+    job.buffers["master_weights" if mode == "master" else "carried_errors"] = buf

@@ -106,11 +106,11 @@ def _tables(bits: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor
     return table, (table[:-1] + table[1:]) * 0.5  # the entries and the rounding boundaries (fp32 midpoints)
 
 
-_BKT0, _BKT_END = 0x3200, 0x3F80  # top 16 bits of 2^-27 and of 1.0: the buckets of eco_cpu.c's search
+_BKT0, _BKT_END = 0x3200, 0x3F80  # top 16 bits of 2^-27 and of 1.0: the buckets of csrc/state8.h's search
 _SEARCH: dict[int, tuple[torch.Tensor, ...]] = {}
 
 
-def _search_tables(bits: int) -> tuple[torch.Tensor, ...]:
+def search_tables(bits: int) -> tuple[torch.Tensor, ...]:
     """For the C codec: the table padded with +Inf, and per bucket of y values (the top 16 bits of y, from
     2^-27 to 1.0; smaller y all in bucket 0) an int32 (below << 17) | k for the midpoints (round to nearest)
     and for the entries (stochastic rounding): ``below`` of them lie under the bucket, and y in the bucket
@@ -169,7 +169,7 @@ def quantize_state(x: torch.Tensor, signed: bool, cfg: State8bit, key: tuple[int
         return out
     codes, absmax = out if out is not None else (torch.empty(x.shape, dtype=torch.uint8),
                                                  torch.empty(cfg.blocks(x.numel()), dtype=torch.float32))
-    table, brtn, bsr = _search_tables(7 if signed else 8)
+    table, brtn, bsr = search_tables(7 if signed else 8)
     k1, k2 = key if sr else (0, 0)
     lib.eco_state8(x.data_ptr(), codes.data_ptr(), absmax.data_ptr(), table.data_ptr(),
                    brtn.data_ptr(), bsr.data_ptr(), brtn.numel(), x.numel(), cfg.block_size, table.numel() - 1,
@@ -207,7 +207,7 @@ def dequantize_state(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, cf
     lib = _c_codec(codes, absmax)
     if lib is None:
         return dequantize_state_torch(codes, absmax, signed, cfg)
-    table, brtn, bsr = _search_tables(7 if signed else 8)
+    table, brtn, bsr = search_tables(7 if signed else 8)
     out = torch.empty(codes.shape, dtype=torch.float32)
     lib.eco_state8(out.data_ptr(), codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), brtn.data_ptr(),
                    bsr.data_ptr(), brtn.numel(), codes.numel(), cfg.block_size, table.numel() - 1,
