@@ -11,8 +11,8 @@ before) and the uniform for flat element index i is a hash of (key, i):
     u_i = (h >> 8) * 2^-24                        (24 bits, the resolution of torch.rand for fp32)
 
 with ``mix32`` the "lowbias32" integer hash (xor-shift / multiply, a bijection on 32 bits with full avalanche).
-The fused CPU kernel (``ecoptim/csrc/eco_cpu.c``) computes the same function, so the reference and fast paths
-round every element with the same number. ``tests/test_rng.py`` checks uniformity and independence.
+The fused CPU kernel (``ecoptim/csrc/rng.h``) computes the same function, so the reference and fast paths
+round every element with the same number. ``tests/test_kernels.py`` checks uniformity and independence.
 """
 from __future__ import annotations
 

@@ -53,6 +53,13 @@ class OneBitAdamW(AdamW):
     _block_skip_ok = False  # the compressed phase needs one rank-wide skip decision
     _clip_ok = False  # the compressed phase exchanges momenta, not gradients
     _state8_ok = False  # the compressed phase works on the fp32 momentum directly
+    _amsgrad_ok = False  # the compressed phase freezes v: there is no running maximum to keep
+
+    def _validate_group(self, group: dict) -> None:
+        super()._validate_group(group)
+        if group.get("maximize", False):
+            raise ValueError("OneBitAdamW does not support maximize=True: its compressed phase exchanges momenta "
+                             "built from the gradients as they are; negate the loss instead")
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, warmup_steps: int = 100,

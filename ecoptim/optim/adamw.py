@@ -25,7 +25,7 @@ the argument is exact while s is constant from one step to the next (bias correc
 drift slowly); AMSGrad's denominator, a running maximum, changes no faster than Adam's. vmax is kept in fp32
 next to the moments (bf16 or 8-bit moments with AMSGrad are refused for quantized weights: a re-rounded
 maximum could fall below the v it bounds), and such a group takes the reference path (the fused kernel keeps
-no vmax; its ``fused`` is set to False).
+no vmax: ``fused.applies`` refuses it).
 
 ``maximize=True`` negates the gradient before everything else, as torch does (on the fused kernel: a factor
 -1 on the gradient, composed exactly with a pending clip factor); the injection does not change.
@@ -176,8 +176,6 @@ class AdamW(QuantOptimizer):
                 raise ValueError(f"amsgrad=True keeps the running maximum of the second moment in fp32 next to the "
                                  f"moments; with state_dtype={sd} that maximum would be re-rounded every step and "
                                  f"could fall below the moment it bounds. Use state_dtype=torch.float32 with amsgrad")
-            # the fused kernel keeps no running maximum of v: an AMSGrad group takes the reference path
-            group["fused"] = False if quantized else group.get("fused")
 
     _amsgrad_ok = True  # False where the step reads the moments itself (see distributed/onebit.py)
 

@@ -1,7 +1,7 @@
 """Fast path: the fused step ops (``ecoptim.ops``: ``adamw_step_`` / ``sgd_step_``) for AdamW and SGD, one call per
 param group; on CPU their kernel is the C library of ``ecoptim/csrc`` (``ecoptim/backends/cpu``).
 
-The reference path (``base.QuantOptimizer._step_param``) makes ~20 passes over fp32 temporaries:
+The reference path (``base.QuantOptimizer._step_reference``) makes ~20 passes over fp32 temporaries:
 dequantize, the optimizer ops, absmax, scale, round, encode, dequantize again, error, injection. The kernel
 does the same maths block by block (a row, a group or the tensor): sweep A dequantizes and updates the moments,
 keeping w_til, the AdamW denominator and the new moments in a block-sized scratch while taking the block
@@ -55,7 +55,8 @@ _SPLIT = 65536  # csrc/step.c's SPLIT: larger blocks are swept in ranges shared 
 
 def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     """Whether the fused kernel can step ``p`` with ``group``'s settings (and the kernels are built)."""
-    if group.get("fused") is False or spec is None or not isinstance(p, QuantizedTensor):
+    # AMSGrad: the kernel keeps no running maximum of v, so such a group takes the reference path
+    if group.get("fused") is False or group.get("amsgrad") or spec is None or not isinstance(p, QuantizedTensor):
         return False
     f, g = spec.format, p.grad  # called per parameter per step: each attribute is read once
     return (f in _KERNEL_FORMATS and type(f).round is Format.round  # a custom rounding override needs the reference
@@ -203,7 +204,7 @@ def sgd_job(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, buf: torch.
 def state8_fits(p: QuantizedTensor, spec: QuantSpec, block_size: int) -> bool:
     """Whether the kernel can read and write 8-bit moments of ``p`` directly: their blocks (a power of two
     >= 8) must tile the weight's blocks, of at most 65536 elements. Otherwise the moments are decoded to fp32
-    working copies around the kernel (``AdamW._fused_job_``)."""
+    working copies around the kernel (``AdamW._update_job``)."""
     nb, bs = _kernel_blocks(p, spec)
     return (block_size >= 8 and block_size & (block_size - 1) == 0 and nb > 0 and bs <= _SPLIT
             and bs % block_size == 0)

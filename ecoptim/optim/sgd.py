@@ -15,7 +15,7 @@ Derivation: with the virtual iterate x = w_hat - a*m (m after injection) one ste
 the error vanishes iff c = -1/a, and the old momentum vanishes iff (lr + a)*beta = a (plain) or
 (lr*beta + a)*beta = a (Nesterov), i.e. a = lr*beta/(1-beta) resp. a = lr*beta^2/(1-beta). Then x' = x - k*g
 for a constant k (lr for EMA momentum, lr/(1-beta) undamped; lr*(1+beta) resp. lr/(1-beta) with Nesterov): plain gradient
-descent on the virtual iterate whatever the quantizer did. ``tests/test_optim_sgd.py`` checks it.
+descent on the virtual iterate whatever the quantizer did. ``tests/test_optim.py`` checks it.
 """
 from __future__ import annotations
 
