@@ -55,8 +55,11 @@ _SPLIT = 65536  # csrc/step.c's SPLIT: larger blocks are swept in ranges shared 
 
 def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     """Whether the fused kernel can step ``p`` with ``group``'s settings (and the kernels are built)."""
-    # AMSGrad: the kernel keeps no running maximum of v, so such a group takes the reference path
-    if group.get("fused") is False or group.get("amsgrad") or spec is None or not isinstance(p, QuantizedTensor):
+    # AMSGrad: the kernel keeps no running maximum of v. A Tensor lr: the reference derives the step's scalars
+    # (lr / bias correction, 1 - lr * wd) in the lr tensor's fp32 arithmetic, as torch does, while the op takes
+    # lr as a float. Both take the reference path.
+    if (group.get("fused") is False or group.get("amsgrad") or isinstance(group["lr"], torch.Tensor)
+            or spec is None or not isinstance(p, QuantizedTensor)):
         return False
     f, g = spec.format, p.grad  # called per parameter per step: each attribute is read once
     return (f in _KERNEL_FORMATS and type(f).round is Format.round  # a custom rounding override needs the reference
