@@ -237,6 +237,26 @@ def test_import_ecoptim_loads_neither_the_app_nor_its_dependencies() -> None:
     assert not bad, f"`import ecoptim` loaded {bad}"
 
 
+def test_core_install_imports_ecoptim_without_the_app_dependencies() -> None:
+    # A core-only install (`pip install -e .`) has neither tqdm nor matplotlib: hide them from the import system
+    # and the issue's own check, `import ecoptim` with neither module loaded, must hold, torch.hub included.
+    code = textwrap.dedent("""
+        import importlib.abc, sys
+        class Hide(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("tqdm", "matplotlib"):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, Hide())
+        import ecoptim, sys
+        assert not {"matplotlib", "tqdm"} & set(sys.modules), sorted(set(sys.modules) & {"matplotlib", "tqdm"})
+        m = ecoptim.quantize_(__import__("torch").nn.Linear(8, 8), "fp8_e4m3", "row")
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=PACKAGE_ROOT.parent)
+    assert out.returncode == 0 and out.stdout.split() == ["ok"], out.stderr
+
+
 # --------------------------------------------------------------------------------------------------------
 # The analysis on synthetic packages: it catches each kind of problem
 # --------------------------------------------------------------------------------------------------------
