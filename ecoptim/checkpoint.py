@@ -38,7 +38,7 @@ from .formats import FloatFormat, QuantSpec, get_format, get_granularity
 from .qtensor import QuantizedTensor
 
 __all__ = ["save_checkpoint", "load_checkpoint", "verify_checkpoint", "export_safetensors", "load_safetensors",
-           "CHECKPOINT_FORMAT", "CorruptCheckpointError", "CheckpointWriteError", "atomic_temp_glob"]
+           "CHECKPOINT_FORMAT", "CorruptCheckpointError", "CheckpointWriteError", "atomic_temp_glob", "atomic_write"]
 
 CHECKPOINT_FORMAT = "ecoptim.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -138,8 +138,11 @@ def _write_failure(path: Path, cause: BaseException, removed: bool, tmp: str) ->
     return err
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)``, fsync the temp file, rename it over ``path``; remove it on any failure.
+
+    ``path`` then holds either its previous content or the complete new one, never a mix, whenever the
+    process dies. The temporary file is ``atomic_temp_glob(path.name)`` in the same directory.
 
     An ``OSError`` or ``RuntimeError`` (torch's stream writer reports a failed write as a RuntimeError) is
     raised again as ``CheckpointWriteError`` naming ``path`` and the cause; other errors (e.g. an unpicklable
@@ -333,7 +336,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         "rng": {"torch": torch.get_rng_state()},
     }
     payload["checksums"] = _checksums(payload)
-    return _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _read_checkpoint(path: Path, weights_only: bool = True) -> dict:
@@ -479,7 +482,7 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict
     desc = {"format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION, "entries": entries}
     meta = dict(metadata or {})
     meta["ecoptim"] = json.dumps(desc, separators=(",", ":"))
-    return _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
