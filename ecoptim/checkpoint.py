@@ -124,13 +124,29 @@ def _remove_quietly(path: str) -> bool:
     return True
 
 
+def _os_error_in_chain(e: BaseException) -> OSError | None:
+    """The first OSError among ``e`` and its causes / contexts (torch's writer wraps the file's OSError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _write_failure(path: Path, cause: BaseException, removed: bool, tmp: str) -> CheckpointWriteError:
+    os_error = _os_error_in_chain(cause)
+    if os_error is not None:
+        cause = os_error
     errno_ = getattr(cause, "errno", None)
     what = f"{os.strerror(errno_)} [errno {errno_}]" if errno_ else f"{type(cause).__name__}: {cause}"
     if errno_ and str(cause) and os.strerror(errno_) not in str(cause):
         what += f" ({cause})"
-    hint = ("; free space on that disk or save elsewhere" if errno_ in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-            else "")
+    hint = {errno.ENOSPC: "; free space on that disk or save elsewhere",
+            errno.EDQUOT: "; the disk quota is exhausted: free space or save elsewhere",
+            errno.EFBIG: "; the file exceeds this process's file-size limit (ulimit -f) or the file system's"}.get(
+                errno_, "")
     left = "" if removed else f"; its temporary file {tmp!r} could not be removed, delete it by hand"
     err = CheckpointWriteError(f"could not write {str(path)!r}: {what}; the previous file at that path (if any) is "
                                f"unchanged{left}{hint}")
@@ -336,7 +352,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         "rng": {"torch": torch.get_rng_state()},
     }
     payload["checksums"] = _checksums(payload)
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    def write(tmp: str) -> None:
+        # through a Python file object: a failing write then surfaces as an OSError with its errno (ENOSPC,
+        # EIO, ...) behind torch's RuntimeError, which CheckpointWriteError reports
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+
+    return atomic_write(path, write)
 
 
 def _read_checkpoint(path: Path, weights_only: bool = True) -> dict:
