@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         print("done", flush=True)
         return
     import torch.distributed as dist
-    dist.init_process_group("gloo")
+    from ecoptim.distributed import init_from_torchrun
+    init_from_torchrun("gloo")
     rank, ws = dist.get_rank(), dist.get_world_size()
     out = train_dist(rank, ws, a.kind, a.root, a.steps, a.every, a.kill, a.seed)
     out["restart"] = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

@@ -341,10 +341,11 @@ def _check_elastic(tmp_path: Path, kind: str, rank: int, where: str, steps: int 
     got = _torchrun(kind, tmp_path, steps, every, f"{rank}:{kill_step}:{where}")
     ref = _reference(kind, steps, every)
     # the restart resumed from the last *complete* checkpoint: the one before the kill (a save that died
-    # at the kill step is skipped)
+    # at the kill step is skipped). torchrun may need more than one restart: the re-rendezvous of gloo
+    # sometimes fails once ("connectFullMesh ... Connection refused") and is retried as another restart.
     last_complete = every * ((kill_step - 1) // every)
     for r in range(2):
-        assert got[r]["restart"] == 1 and got[r]["start"] == last_complete, (got[r]["restart"], got[r]["start"])
+        assert got[r]["restart"] >= 1 and got[r]["start"] == last_complete, (got[r]["restart"], got[r]["start"])
         _assert_same_state(got[r]["state"], ref[r]["state"], f"{kind} rank {r} after a SIGKILL at {where} "
                                                               f"{kill_step}")
 
