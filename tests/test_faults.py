@@ -372,3 +372,41 @@ def test_fsdp2_rank0_killed_before_the_completion_marker_resumes_bit_identically
                                              ("fsdp", 1, "save")])
 def test_rank_killed_at_other_points_resumes_bit_identically(tmp_path, kind, rank, where):
     _check_elastic(tmp_path, kind, rank, where)
+
+
+def _should_stop_worker(rank: int, world_size: int) -> list[bool]:
+    guard = PreemptionGuard()
+    first = guard.should_stop()
+    if rank == 1:
+        guard.request()  # only rank 1 got the signal
+    return [first, guard.should_stop(), guard.requested]
+
+
+@needs_gloo
+def test_should_stop_is_collective_so_every_rank_stops_after_the_same_step():
+    from ecoptim.distributed import run_workers
+    assert run_workers(_should_stop_worker, 2) == [[False, True, True], [False, True, True]]
+
+
+@needs_gloo
+def test_saving_over_a_checkpoint_invalidates_it_first_and_the_manager_prunes(tmp_path, monkeypatch):
+    import ecoptim.distributed.checkpoint as dckpt
+    manager = dckpt.DistributedCheckpointManager(tmp_path, keep=2)
+    _single_process_dcp(manager.path(3))
+    # a save over step 3 that dies before its marker: the old complete checkpoint there is gone, not mixed
+    monkeypatch.setattr(dckpt, "write_completion_marker", lambda *a, **k: (_ for _ in ()).throw(OSError("died")))
+    with pytest.raises(OSError, match="died"):
+        _single_process_dcp(manager.path(3))
+    monkeypatch.undo()
+    with pytest.raises(dckpt.IncompleteCheckpointError, match="no .ecoptim-complete marker"):
+        dckpt.check_complete(manager.path(3))
+    model, opt, _ = _trained(steps=1)
+    for step in (4, 5, 6):
+        with pytest.warns(UserWarning):
+            manager.save(step, model, opt)
+    # keep=2 complete ones; the incomplete step 3 is older than a complete checkpoint: removed
+    assert [s for s, _ in manager.checkpoints()] == [5, 6]
+    m2, o2, _ = fault_worker.build_single(seed=4)
+    with pytest.warns(UserWarning):
+        assert manager.load_latest(m2, o2) == 6
+    _assert_same_state(fault_worker.snapshot(m2, o2), fault_worker.snapshot(model, opt), "DCP round trip")
