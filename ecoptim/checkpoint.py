@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 import zlib
 from pathlib import Path
@@ -504,7 +505,19 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict
     desc = {"format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION, "entries": entries}
     meta = dict(metadata or {})
     meta["ecoptim"] = json.dumps(desc, separators=(",", ":"))
-    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+    def write(tmp: str) -> None:
+        try:
+            safetensors.torch.save_file(tensors, tmp, metadata=meta)
+        except Exception as e:
+            # safetensors reports a failed write as "I/O error: ... (os error 28)": keep its errno, so that
+            # atomic_write reports it as the CheckpointWriteError of a full or failing disk
+            found = re.search(r"\(os error (\d+)\)", str(e))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code)) from e
+
+    return atomic_write(path, write)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -244,7 +244,8 @@ def preemption_callback(guard: PreemptionGuard | None = None) -> Any:
 
     ``guard``: the ``PreemptionGuard`` to consult (default: a new one, installed now and uninstalled when
     training ends). Under ``torch.distributed`` every rank must use the callback (``should_stop`` is a
-    collective).
+    collective). The checkpoint is the Trainer's own: with transformers 5.24 its ``save_pretrained`` cannot
+    save a model holding ecoptim quantized weights (docs/guides/fault-tolerance.md).
     """
     try:
         from transformers import TrainerCallback

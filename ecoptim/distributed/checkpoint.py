@@ -178,11 +178,15 @@ def _invalidate(directory: Path) -> None:
     marker = directory / COMPLETE_MARKER
     if marker.exists():
         marker.unlink()
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        try:  # the removal must reach the disk before any data file changes
+            fd = os.open(directory, os.O_RDONLY)
+        except OSError:  # e.g. Windows: directories cannot be opened
+            fd = None
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     if directory.is_dir():
         for f in directory.iterdir():
             if f.is_file() and _is_dcp_file(f.name):
