@@ -3,14 +3,13 @@
 Real processes are interrupted at seeded random steps (``tests/fault_worker.py``) and must end with the
 same codes, scales, optimizer state and SR generator state, bit for bit (``torch.equal``), as the same
 training run uninterrupted in this process. The torchrun cases that repeat a fault already covered at
-another point (heavier: a torchrun start costs several seconds per attempt) run with ECOPTIM_SLOW_TESTS=1.
+another point (each torchrun attempt starts new Python processes) run with ECOPTIM_SLOW_TESTS=1.
 """
 from __future__ import annotations
 
 import errno
 import os
 import random
-import resource
 import signal
 import subprocess
 import sys
