@@ -18,8 +18,10 @@ the middle of an optimizer step that has written half of the weights' codes. Sav
 handler would checkpoint that torn state; raising from it would abandon the step at an arbitrary point.
 The handler therefore only sets a flag, and the loop checks it between steps, where the model, optimizer,
 scheduler and generators are consistent, so the checkpoint it writes resumes bit-identically to a run that
-was never interrupted. A second signal of the same kind means the user insists: the guard steps aside
-(SIGINT raises ``KeyboardInterrupt``, SIGTERM exits with status 128 + 15) without saving.
+was never interrupted. A second SIGINT means the user at the terminal insists: the guard steps aside and
+raises ``KeyboardInterrupt`` without saving. A repeated SIGTERM does not escalate: schedulers deliver it
+more than once (SLURM signals every process of the job step, and torchrun forwards the same signal to its
+workers again), and the hard stop after the grace period is SIGKILL anyway.
 
 ``should_stop()`` is collective under ``torch.distributed``: a scheduler may signal the ranks at slightly
 different moments, and ranks that disagreed about which step is the last would wait forever on each
@@ -62,11 +64,16 @@ class PreemptionGuard:
     the previous handlers are restored on exit. Signal handlers can only be installed from the main thread.
     """
 
-    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
+                 escalate: Iterable[int] = (signal.SIGINT,)) -> None:
+        """``signals``: the signals that request a stop. ``escalate``: those of them whose second arrival
+        stops at once without a checkpoint (SIGINT: ``KeyboardInterrupt``; others: exit 128 + signal)."""
         self.signals = tuple(signal.Signals(s) for s in signals)
         if not self.signals:
             raise ValueError("PreemptionGuard needs at least one signal to watch, e.g. signal.SIGTERM")
+        self.escalate = frozenset(signal.Signals(s) for s in escalate)
         self.signum: int | None = None
+        self._received: set[int] = set()  # signals this process's handler saw (not request() / other ranks)
         self._previous: dict[signal.Signals, Any] = {}
 
     # -- state ---------------------------------------------------------------------------------------
@@ -104,12 +111,13 @@ class PreemptionGuard:
 
     # -- handlers ------------------------------------------------------------------------------------
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None and self.signum == signum:
-            # The same signal again: the user or the scheduler insists. Stop now, without a checkpoint.
+        if signum in self._received and signum in self.escalate:
+            # The same signal again: the user insists. Stop now, without a checkpoint.
             self.uninstall()
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
+        self._received.add(signum)
         if self.signum is None:
             self.signum = signum
 
