@@ -4,12 +4,17 @@
 + fp32 scales, never dequantized floats), the optimizer's state (including ecoptim's stochastic-rounding
 generators), the LR scheduler's state, the global torch RNG state, the step and any plain ``extra`` data,
 plus a CRC32 of every tensor. It writes to a temporary file in the same directory, fsyncs it and renames it
-over ``path`` (``os.replace``), so a crash or an error mid-save leaves the previous checkpoint intact.
+over ``path`` (``os.replace``), so a crash or an error mid-save leaves the previous checkpoint intact. A write
+that fails (disk full, I/O error) raises ``CheckpointWriteError`` (an ``OSError``) naming the path and the
+cause, after removing its temporary file; a process killed mid-write can leave only a ``.<name>.*.tmp`` file
+(``atomic_temp_glob``), never a partial ``path``.
 
 ``load_checkpoint`` reads and checks everything first (readable file, checksums, every model entry's
 format / granularity / shape / dtype / scale, the optimizer's groups and state shapes, the scheduler's class)
 and only then loads, so a refused checkpoint leaves the model, optimizer and scheduler untouched. Every
-refusal is a ``ValueError`` naming the file, the parameter and what differs.
+refusal is a ``ValueError`` naming the file, the parameter and what differs; a file that cannot be read or
+fails its checksums raises the subclass ``CorruptCheckpointError`` (``verify_checkpoint`` checks a file alone,
+so that a caller can fall back to an older checkpoint: ``ecoptim.resilience.CheckpointManager``).
 
 ``export_safetensors`` / ``load_safetensors`` store codes (``<name>.codes``, float8 codes as F8_E4M3 /
 F8_E5M2, int4 as packed uint8), scales (``<name>.scale``) and dense tensors, with a JSON description of every
@@ -18,8 +23,10 @@ entry (kind, format, granularity, logical shape, compute dtype, CRC32) in the he
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 import zlib
 from pathlib import Path
@@ -31,13 +38,30 @@ from torch import nn
 from .formats import FloatFormat, QuantSpec, get_format, get_granularity
 from .qtensor import QuantizedTensor
 
-__all__ = ["save_checkpoint", "load_checkpoint", "export_safetensors", "load_safetensors", "CHECKPOINT_FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "verify_checkpoint", "export_safetensors", "load_safetensors",
+           "CHECKPOINT_FORMAT", "CorruptCheckpointError", "CheckpointWriteError", "atomic_temp_glob", "atomic_write"]
 
 CHECKPOINT_FORMAT = "ecoptim.checkpoint"
 CHECKPOINT_VERSION = 1
 SAFETENSORS_FORMAT = "ecoptim.safetensors"
 SAFETENSORS_VERSION = 1
 _MAX_LISTED = 8  # problems listed in one error message
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read, is truncated or fails its checksums (damaged on disk or by an
+    interrupted copy), as opposed to an intact checkpoint that does not match the given model."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, I/O error, ...). The previous file at the target path, if any,
+    is unchanged, and the temporary file was removed. ``errno`` is the cause's errno when it had one."""
+
+
+def atomic_temp_glob(name: str) -> str:
+    """The glob pattern of the temporary files that an atomic write of a file called ``name`` creates next to
+    it (``name`` may itself hold glob wildcards). Only a process killed mid-write leaves one behind."""
+    return f".{name}.*.tmp"
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -90,8 +114,57 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)``, fsync the temp file, rename it over ``path``; remove it on any failure."""
+def _remove_quietly(path: str) -> bool:
+    """Remove ``path``; True if it is gone (or never existed), False if removing it failed."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def _os_error_in_chain(e: BaseException) -> OSError | None:
+    """The first OSError among ``e`` and its causes / contexts (torch's writer wraps the file's OSError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _write_failure(path: Path, cause: BaseException, removed: bool, tmp: str) -> CheckpointWriteError:
+    os_error = _os_error_in_chain(cause)
+    if os_error is not None:
+        cause = os_error
+    errno_ = getattr(cause, "errno", None)
+    what = f"{os.strerror(errno_)} [errno {errno_}]" if errno_ else f"{type(cause).__name__}: {cause}"
+    if errno_ and str(cause) and os.strerror(errno_) not in str(cause):
+        what += f" ({cause})"
+    hint = {errno.ENOSPC: "; free space on that disk or save elsewhere",
+            errno.EDQUOT: "; the disk quota is exhausted: free space or save elsewhere",
+            errno.EFBIG: "; the file exceeds this process's file-size limit (ulimit -f) or the file system's"}.get(
+                errno_, "")
+    left = "" if removed else f"; its temporary file {tmp!r} could not be removed, delete it by hand"
+    err = CheckpointWriteError(f"could not write {str(path)!r}: {what}; the previous file at that path (if any) is "
+                               f"unchanged{left}{hint}")
+    err.errno = errno_
+    return err
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)``, fsync the temp file, rename it over ``path``; remove it on any failure.
+
+    ``path`` then holds either its previous content or the complete new one, never a mix, whenever the
+    process dies. The temporary file is ``atomic_temp_glob(path.name)`` in the same directory.
+
+    An ``OSError`` or ``RuntimeError`` (torch's stream writer reports a failed write as a RuntimeError) is
+    raised again as ``CheckpointWriteError`` naming ``path`` and the cause; other errors (e.g. an unpicklable
+    payload) and interrupts pass through unchanged, the temporary file removed either way.
+    """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -102,11 +175,10 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        raise _write_failure(path, e, _remove_quietly(tmp), tmp) from e
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _remove_quietly(tmp)
         raise
     _fsync_dir(directory)
     return path
@@ -281,7 +353,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         "rng": {"torch": torch.get_rng_state()},
     }
     payload["checksums"] = _checksums(payload)
-    return _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    def write(tmp: str) -> None:
+        # through a Python file object: a failing write then surfaces as an OSError with its errno (ENOSPC,
+        # EIO, ...) behind torch's RuntimeError, which CheckpointWriteError reports
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+
+    return atomic_write(path, write)
 
 
 def _read_checkpoint(path: Path, weights_only: bool = True) -> dict:
@@ -297,8 +375,8 @@ def _read_checkpoint(path: Path, weights_only: bool = True) -> dict:
                              f"does not unpickle ({why}); keep save_checkpoint's `extra` to plain "
                              "data (numbers, strings, lists, dicts, tensors), or pass weights_only=False for a "
                              "file you trust") from e
-        raise ValueError(f"checkpoint {str(path)!r} ({size} bytes) cannot be read: it is truncated, corrupt or not "
-                         f"a torch checkpoint ({type(e).__name__}: {e})") from e
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} ({size} bytes) cannot be read: it is truncated, "
+                                     f"corrupt or not a torch checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not an ecoptim checkpoint (written by save_checkpoint); "
                          "for a bare state_dict use torch.load + model.load_state_dict")
@@ -307,12 +385,24 @@ def _read_checkpoint(path: Path, weights_only: bool = True) -> dict:
                          f"understands ({CHECKPOINT_VERSION}); upgrade ecoptim")
     saved = payload.get("checksums")
     if not isinstance(saved, dict):
-        raise ValueError(f"checkpoint {str(path)!r} has no checksums (corrupt)")
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} has no checksums (corrupt)")
     actual = _checksums(payload)
     bad = [k for k in set(saved) | set(actual) if saved.get(k) != actual.get(k)]
     if bad:
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt: checksum mismatch for {sorted(bad)[:_MAX_LISTED]}")
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} is corrupt: checksum mismatch for "
+                                     f"{sorted(bad)[:_MAX_LISTED]}")
     return payload
+
+
+def verify_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict[str, Any]:
+    """Check that ``path`` is a readable ecoptim checkpoint whose every tensor matches its CRC32.
+
+    Returns ``{"step", "extra"}`` without loading anything into a model. Raises ``FileNotFoundError``,
+    ``CorruptCheckpointError`` (unreadable, truncated, checksum mismatch) or ``ValueError`` (not an ecoptim
+    checkpoint, or a newer version).
+    """
+    payload = _read_checkpoint(Path(path), weights_only)
+    return {"step": payload.get("step"), "extra": payload.get("extra")}
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -415,7 +505,19 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict
     desc = {"format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION, "entries": entries}
     meta = dict(metadata or {})
     meta["ecoptim"] = json.dumps(desc, separators=(",", ":"))
-    return _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+    def write(tmp: str) -> None:
+        try:
+            safetensors.torch.save_file(tensors, tmp, metadata=meta)
+        except Exception as e:
+            # safetensors reports a failed write as "I/O error: ... (os error 28)": keep its errno, so that
+            # atomic_write reports it as the CheckpointWriteError of a full or failing disk
+            found = re.search(r"\(os error (\d+)\)", str(e))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code)) from e
+
+    return atomic_write(path, write)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
