@@ -155,6 +155,12 @@ def _write_failure(path: Path, cause: BaseException, removed: bool, tmp: str) ->
     return err
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)``, fsync the temp file, rename it over ``path``; remove it on any failure.
 
@@ -170,6 +176,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
+        # mkstemp creates the file 0600; a checkpoint gets the permissions any new file gets (umask applies),
+        # so that a shared cluster's group can read it as it reads torch.save's files
+        os.chmod(tmp, 0o666 & ~_current_umask())
         write(tmp)
         with open(tmp, "rb+") as f:
             f.flush()

@@ -383,3 +383,13 @@ def test_a_full_disk_raises_checkpoint_write_error_naming_path_and_cause(tmp_pat
         load_checkpoint(path, mixed_model())
     else:
         load_safetensors(mixed_model(), path)
+
+
+def test_a_checkpoint_gets_the_permissions_of_any_new_file(tmp_path):
+    # mkstemp's temp file is 0600; the renamed checkpoint must follow the umask like torch.save's files
+    old = os.umask(0o022)
+    try:
+        path = ecoptim.checkpoint.atomic_write(tmp_path / "x.bin", lambda p: open(p, "wb").write(b"abc"))
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
