@@ -348,7 +348,12 @@ def _check_elastic(tmp_path: Path, kind: str, rank: int, where: str, steps: int 
     # sometimes fails once ("connectFullMesh ... Connection refused") and is retried as another restart.
     last_complete = every * ((kill_step - 1) // every)
     for r in range(2):
-        assert got[r]["restart"] >= 1 and got[r]["start"] == last_complete, (got[r]["restart"], got[r]["start"])
+        restart, start = got[r]["restart"], got[r]["start"]
+        assert restart >= 1, restart
+        # the first restart resumes from the last complete checkpoint; a later restart (after a failed gloo
+        # re-rendezvous) may resume from a checkpoint the earlier restart completed, never a half-written one
+        assert start == last_complete if restart == 1 else (start >= last_complete and start % every == 0), (
+            restart, start, last_complete)
         _assert_same_state(got[r]["state"], ref[r]["state"], f"{kind} rank {r} after a SIGKILL at {where} "
                                                               f"{kill_step}")
 
