@@ -3,7 +3,7 @@
 Real processes are interrupted at seeded random steps (``tests/fault_worker.py``) and must end with the
 same codes, scales, optimizer state and SR generator state, bit for bit (``torch.equal``), as the same
 training run uninterrupted in this process. The torchrun cases that repeat a fault already covered at
-another point (each torchrun attempt starts new Python processes) run with ECOPTIM_SLOW_TESTS=1.
+another point (each torchrun attempt starts new Python processes) run with `python -m pytest -m slow tests`.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from conftest import TinyLM, lm_loss
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORKER = str(HERE / "fault_worker.py")
-SLOW = pytest.mark.skipif(not os.environ.get("ECOPTIM_SLOW_TESTS"),
-                          reason="heavier repeat of a covered fault; run with ECOPTIM_SLOW_TESTS=1")
+# heavier repeats of covered faults: deselected by default (pyproject's addopts), run with `pytest -m slow`
+SLOW = pytest.mark.slow
 needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
