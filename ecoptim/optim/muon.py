@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import ChainMap
+from collections.abc import Iterator, Mapping
 from typing import Any, Iterable
 
 import torch
@@ -166,9 +166,13 @@ class Muon(QuantOptimizer):
                  ns_steps: int = NS_STEPS, adjust_lr_fn: str | None = None, *, mode: str = "eco",
                  rounding: str = "stochastic", seed: int = 0, nonfinite: str = "skip",
                  injection: str = "secant") -> None:
+        if injection not in INJECTIONS:
+            raise ValueError(f"unknown injection {injection!r}; choose one of {INJECTIONS}")
+        # an optimizer setting like ``nonfinite``, not a group hyper-parameter: a state_dict (ecoptim's or
+        # torch.optim.Muon's) loads whatever this optimizer was constructed with
+        self.injection = injection
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
-                        injection=injection)
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
         super().__init__(params, defaults, mode=mode, rounding=rounding, seed=seed, nonfinite=nonfinite)
 
     def _validate_group(self, group: dict) -> None:
@@ -190,8 +194,6 @@ class Muon(QuantOptimizer):
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 0 <= steps < 100:
             raise ValueError(f"ns_steps must be an int in [0, 100) (torch refuses 100 or more), got {steps!r}")
         check_number("eps", group["eps"])
-        if group["injection"] not in INJECTIONS:
-            raise ValueError(f"unknown injection {group['injection']!r}; choose one of {INJECTIONS}")
         for p in group["params"]:
             if p.ndim != 2:
                 raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: "
@@ -231,13 +233,34 @@ class Muon(QuantOptimizer):
 
     def _inject_(self, e: torch.Tensor, state: dict, group: dict, aux: Any) -> None:
         u, ortho = aux
-        gain = secant_gain(u, ortho) if group["injection"] == "secant" else 1.0
+        gain = secant_gain(u, ortho) if self.injection == "secant" else 1.0
         if gain == 0.0:
             return  # u was 0: nothing was orthogonalised, no gain to divide by
         lr = float(group["lr"])
         coef = eco_muon_coef(lr, adjusted_lr(lr, group["adjust_lr_fn"], e.shape), group["momentum"],
                              group["nesterov"], group["weight_decay"], gain)
         state["momentum_buffer"].add_(e, alpha=coef)
+
+
+class _States(Mapping):
+    """Read-only view of several optimizers' ``state`` dicts (their keys are disjoint). Unlike a ChainMap it never
+    indexes a ``defaultdict`` with a key it lacks (which would create an empty state there)."""
+
+    def __init__(self, *states: Mapping) -> None:
+        self.states = states
+
+    def __getitem__(self, key: Any) -> Any:
+        for st in self.states:
+            if key in st:
+                return st[key]
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator:
+        for st in self.states:
+            yield from st
+
+    def __len__(self) -> int:
+        return sum(len(st) for st in self.states)
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -255,7 +278,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         # only presents them together (what schedulers, zero_grad and memory_report read)
         self.defaults = {}
         self.param_groups = muon.param_groups + adamw.param_groups
-        self.state = ChainMap(muon.state, adamw.state)  # type: ignore[assignment]
+        self.state = _States(muon.state, adamw.state)  # type: ignore[assignment]
         self._optimizer_step_pre_hooks = {}
         self._optimizer_step_post_hooks = {}
         self._optimizer_state_dict_pre_hooks = {}
@@ -293,7 +316,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
-        self.state = ChainMap(self.muon.state, self.adamw.state)  # type: ignore[assignment]
+        self.state = _States(self.muon.state, self.adamw.state)  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"MuonWithAdamW(\n  muon={self.muon!r},\n  adamw={self.adamw!r}\n)"
