@@ -250,3 +250,11 @@ def test_muon_with_adamw_splits_the_model_and_steps_both():
         assert torch.equal(x, y)
     with pytest.raises(ValueError, match="'muon' and 'adamw'"):
         opt2.load_state_dict(opt.muon.state_dict())
+
+
+def test_compare_resolves_the_muon_rows():
+    from ecoptim.app.train import MUON_METHODS, resolve_methods
+    rows = resolve_methods(["muon_mw", "muon_eco_sr", "fp8_mw_sr"])
+    assert [m.name for m in rows] == ["muon_mw", "muon_eco_sr", "fp8_mw_sr"]
+    assert rows[1].optimizer == "muon" and rows[1].mode == "eco" and rows[2].optimizer == "adamw"
+    assert resolve_methods(["muon_eco_sr", "eco_sr"], "int4")[0] is MUON_METHODS["muon_eco_sr"]  # fixed FP8 rows
