@@ -221,6 +221,20 @@ def test_loads_a_torch_muon_state_dict():
         assert torch.equal(x, y)
 
 
+def test_exports_a_state_dict_torch_muon_resumes_bit_for_bit():
+    torch.manual_seed(0)
+    ours = TinyLM()
+    o_ours = ecoptim.Muon(hidden(ours), lr=0.02, mode="master")
+    train(ours, o_ours, batches(2))
+    ref = copy.deepcopy(ours)
+    o_ref = torch.optim.Muon(hidden(ref), lr=0.02)
+    o_ref.load_state_dict(copy.deepcopy(ecoptim.to_torch_state_dict(o_ours)))
+    train(ref, o_ref, batches(2, seed=7))
+    train(ours, o_ours, batches(2, seed=7))
+    for x, y in zip(weights(hidden(ref)), weights(hidden(ours))):
+        assert torch.equal(x, y)
+
+
 def test_muon_with_adamw_splits_the_model_and_steps_both():
     model = hidden_quantized()
     opt = ecoptim.muon_with_adamw(model, lr=0.02, adamw_lr=1e-3, mode="eco")
