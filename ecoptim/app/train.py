@@ -21,11 +21,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..convert import quantize_
 from ..formats import get_format, get_granularity
 from ..memory import memory_report
-from ..optim import AdamW, State8bit
+from ..optim import AdamW, State8bit, muon_with_adamw
 from .corpus import eval_batches, get_batch, load_split
 from .model import LlamaConfig, LlamaLM, is_block_linear
 
-__all__ = ["Method", "METHODS", "ROWS", "FORMAT_TAGS", "DEFAULT_GRANULARITY", "make_methods", "resolve_methods",
+__all__ = ["Method", "METHODS", "MUON_METHODS", "ROWS", "FORMAT_TAGS", "DEFAULT_GRANULARITY", "make_methods", "resolve_methods",
            "Corpus", "load_corpus", "RunResult", "train_run", "lr_lambda", "evaluate", "pretrain", "finetune",
            "BETAS", "EPS", "WEIGHT_DECAY", "GRAD_CLIP"]
 
@@ -60,6 +60,10 @@ class Method:
     granularity: str | None = None
     mode: str = "master"
     rounding: str = "nearest"
+    #: "adamw" (the paper's recipe), "muon" (Muon on the block linears, AdamW on the rest, ``muon_with_adamw``
+    #: with adjust_lr_fn="match_rms_adamw" so that AdamW's lr and decay carry over) or "muon_unit" (the same with
+    #: ECO's unit-gain injection)
+    optimizer: str = "adamw"
 
     @property
     def dense(self) -> bool:
@@ -104,6 +108,17 @@ def make_methods(format: str = "fp8_e4m3", granularity: str | int | None = None)
 #: The paper's table: fp32_mw, fp8_mw_rtn, fp8_mw_sr, fp8_naive_rtn, fp8_naive_sr, fp8_eco_rtn, fp8_eco_sr.
 METHODS: dict[str, Method] = make_methods()
 ROW_KEYS = tuple(r[0] for r in ROWS)
+#: Muon rows (FP8 E4M3, per-row scales; named as they are, not retargeted by --format).
+MUON_METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("muon_fp32", "Muon FP32 (dense)", optimizer="muon"),
+    Method("muon_mw", "Muon FP8 w/ MW + SR", "fp8_e4m3", "row", "master", "stochastic", "muon"),
+    Method("muon_naive_sr", "Muon FP8 w/o MW + SR (naive)", "fp8_e4m3", "row", "naive", "stochastic", "muon"),
+    Method("muon_naive_rtn", "Muon FP8 w/o MW + RTN (naive)", "fp8_e4m3", "row", "naive", "nearest", "muon"),
+    Method("muon_eco_sr", "Muon FP8 ECO + SR", "fp8_e4m3", "row", "eco", "stochastic", "muon"),
+    Method("muon_eco_rtn", "Muon FP8 ECO + RTN", "fp8_e4m3", "row", "eco", "nearest", "muon"),
+    Method("muon_eco_unit_sr", "Muon FP8 ECO (unit gain) + SR", "fp8_e4m3", "row", "eco", "stochastic",
+           "muon_unit"),
+)}
 
 
 def resolve_methods(names: Sequence[str], format: str | None = None,
@@ -120,6 +135,9 @@ def resolve_methods(names: Sequence[str], format: str | None = None,
     parsed: list[tuple[str | None, str]] = []
     for raw in names:
         name = raw.strip().lower()
+        if name in MUON_METHODS:  # fixed rows, any --format
+            parsed.append(("muon", name))
+            continue
         if name == DENSE.name:
             parsed.append((None, name))
             continue
@@ -136,20 +154,21 @@ def resolve_methods(names: Sequence[str], format: str | None = None,
         if tag is not None and tag not in _TAG_TO_FORMAT:
             raise ValueError(f"unknown format tag {tag!r} in method {raw!r}; use one of {sorted(_TAG_TO_FORMAT)}")
         parsed.append((None if tag is None else _TAG_TO_FORMAT[tag], row))
-    explicit = {f for f, _ in parsed if f is not None and f != "fp8_e4m3"}
+    explicit = {f for f, _ in parsed if f is not None and f not in ("fp8_e4m3", "muon")}
     if format is None:
         if len(explicit) > 1:
             raise ValueError(f"methods mix formats {sorted(explicit)}; run one format at a time")
         format = explicit.pop() if explicit else "fp8_e4m3"
     fmt = _canonical_format(format)
     for (f, row), raw in zip(parsed, names):
-        if f is not None and f not in ("fp8_e4m3", fmt):
+        if f is not None and f not in ("fp8_e4m3", "muon", fmt):
             raise ValueError(f"method {raw!r} is a {f} row but the format is {fmt}; drop the prefix or change "
                              "--format")
     table = make_methods(fmt, granularity)
     out: list[Method] = []
     for f, row in parsed:
-        m = DENSE if row == DENSE.name else table[f"{FORMAT_TAGS[fmt]}_{row}"]
+        m = (MUON_METHODS[row] if f == "muon" else DENSE if row == DENSE.name
+             else table[f"{FORMAT_TAGS[fmt]}_{row}"])
         if m in out:
             raise ValueError(f"method {m.name!r} given twice")
         out.append(m)
@@ -245,7 +264,7 @@ def _finite(x: float) -> float | None:
 
 def _build(method: Method, cfg: LlamaConfig, seed: int, lr: float,
            init_state: dict[str, torch.Tensor] | None,
-           state_dtype: torch.dtype | State8bit = torch.float32) -> tuple[LlamaLM, AdamW]:
+           state_dtype: torch.dtype | State8bit = torch.float32) -> tuple[LlamaLM, torch.optim.Optimizer]:
     """Model (same init for every method: seeded here) and its optimizer."""
     torch.manual_seed(seed)
     model = LlamaLM(cfg)
@@ -257,6 +276,13 @@ def _build(method: Method, cfg: LlamaConfig, seed: int, lr: float,
     # Weight decay on matrices only (nanoGPT convention): norms' gains are not decayed.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    if method.optimizer in ("muon", "muon_unit"):
+        block = {id(m.weight) for n, m in model.named_modules() if is_block_linear(m, n)}
+        return model, muon_with_adamw(
+            model, lr=lr, weight_decay=WEIGHT_DECAY, adjust_lr_fn="match_rms_adamw", adamw_lr=lr, adamw_betas=BETAS,
+            adamw_eps=EPS, adamw_weight_decay=WEIGHT_DECAY, muon_filter=lambda name, p: id(p) in block,
+            mode="master" if method.dense else method.mode, rounding=method.rounding, seed=seed,
+            injection="unit" if method.optimizer == "muon_unit" else "secant")
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
     opt = AdamW(groups, lr=lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                 mode="master" if method.dense else method.mode, rounding=method.rounding, seed=seed,
