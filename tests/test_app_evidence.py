@@ -219,8 +219,12 @@ def test_resume_refuses_other_options(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "holds no interrupted run" in capsys.readouterr().err
     assert _quiet_main(argv) == 0
     with pytest.raises(SystemExit):
-        main([*argv, "--lr", "3e-4", "--resume"])
-    assert "used other options (peak_lrs)" in capsys.readouterr().err
+        main([*argv, "--steps", "3", "--resume"])
+    assert "used other options (steps)" in capsys.readouterr().err
+    # more seeds: only the new runs train, the finished one is read back
+    assert _quiet_main([*argv, "--seeds", "0,1", "--resume"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["seed"] for r in res["results"]] == [0, 1]
 
 
 # --- reproducibility ---------------------------------------------------------------------------------------

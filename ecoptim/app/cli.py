@@ -166,7 +166,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float, methods:
                         f"{CHECKPOINT_EVERY}; 0: never)")
     g.add_argument("--resume", action="store_true",
                    help="finish an interrupted command with the same --out and options: finished runs are read "
-                        "back, an interrupted one continues from its checkpoint (same results as one go)")
+                        "back, an interrupted one continues from its checkpoint (same results as one go); more "
+                        "--seeds, --lrs or --methods than before add only the missing runs")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -488,8 +489,9 @@ def run_grid(out: Path, identity: dict[str, Any], lrs: Sequence[float], seeds: S
 
     ``run(method, lr, seed, checkpoint_path, checkpoint_every)`` trains one and returns its ``RunResult``. Each
     finished run is written to ``out/state/<key>.json`` (atomically) and its checkpoint removed; ``resume``
-    reads finished runs back and lets an interrupted one continue from its checkpoint. ``identity`` (everything
-    that decides the results) is stored in ``out/state/run.json``; resuming with other options is refused.
+    reads finished runs back and lets an interrupted one continue from its checkpoint (and, given more learning
+    rates, seeds or methods than before, trains only the missing ones). ``identity`` (everything else that decides
+    the results) is stored in ``out/state/run.json``; resuming with other options is refused.
     Without ``resume`` the state folder is cleared first. ``after_run(result)`` is called before the result is
     stored (e.g. to save a model it carries).
     """
@@ -564,10 +566,13 @@ def _run_config(args: argparse.Namespace, cfg: LlamaConfig, methods: Sequence[Me
 
 
 def _identity(config: dict[str, Any], data: Corpus, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What decides a run's results (for --resume): the config and a fingerprint of the data."""
+    """What decides a run's results besides its (lr, seed, method) key, for --resume: the config and a fingerprint
+    of the data. The learning rates, seeds and methods are left out: each run is stored under its own key, so a
+    resume with more of them adds only the missing runs."""
     import hashlib
     digest = hashlib.sha256(data.train.numpy().tobytes() + data.val.numpy().tobytes()).hexdigest()
-    return {**{k: v for k, v in config.items() if k != "params"}, "data_sha256": digest, **(extra or {})}
+    per_run = ("params", "peak_lrs", "seeds", "methods", "format", "granularity")
+    return {**{k: v for k, v in config.items() if k not in per_run}, "data_sha256": digest, **(extra or {})}
 
 
 def _state_note(args: argparse.Namespace) -> str:
