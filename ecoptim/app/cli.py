@@ -63,7 +63,12 @@ DENSE_MODEL_KIND = "ecoptim-llama-checkpoint-v1"
 CHECKPOINT_EVERY = 50
 # `sweep`: the rows whose gap the theory predicts (naive's SR-noise floor grows like sigma^2 / lr; ECO's does not)
 SWEEP_METHODS = "mw_sr,naive_sr,eco_sr"
-SWEEP_LRS = [1.2e-3, 3e-4, 1e-4]
+SWEEP_LRS = [1e-3, 3e-4, 1e-4]
+SWEEP_PRESET = "tiny"
+SWEEP_STEPS = 600
+SWEEP_SEEDS = (0, 1, 2)
+COMPARE_PRESET = "small"
+FINETUNE_PRESET = "small"
 # --state-dtype: how AdamW keeps the moments of the quantized weights
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": State8bit(),
                 "8bit-sr": State8bit(rounding="stochastic")}
@@ -117,11 +122,11 @@ def _granularity(s: str) -> str | int:
     return int(s) if s.isdigit() else s
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, preset: str) -> None:
     g = p.add_argument_group("model size (a preset, optionally overridden field by field; "
                              "`finetune --checkpoint` uses the checkpoint's own size instead)")
-    g.add_argument("--preset", default="small", choices=sorted(PRESETS),
-                   help="model preset: tiny ~115k params (tests), small ~2.4M (default), base ~10.8M")
+    g.add_argument("--preset", default=preset, choices=sorted(PRESETS),
+                   help=f"model preset: tiny ~115k params, small ~2.4M, base ~10.8M (default {preset})")
     g.add_argument("--d-model", type=_positive_int, help="width")
     g.add_argument("--n-layers", type=_positive_int, help="transformer blocks")
     g.add_argument("--n-heads", type=_positive_int, help="attention heads (must divide --d-model)")
@@ -129,14 +134,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-len", type=_positive_int, help="longest sequence (RoPE table); default from preset")
 
 
-def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float, methods: str, fmt: str | None,
-                  out: str) -> None:
+def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float | None, methods: str, fmt: str | None,
+                  out: str, seeds: Sequence[int] = (0,)) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=_positive_int, default=steps, help=f"optimizer steps per method (default {steps})")
     g.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE,
                    help=f"sequences per step (default {BATCH_SIZE})")
     g.add_argument("--seq-len", type=_positive_int, default=SEQ_LEN, help=f"bytes per sequence (default {SEQ_LEN})")
-    g.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default {lr:g})")
+    if lr is not None:  # sweep takes --lrs instead
+        g.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default {lr:g})")
     g.add_argument("--methods", default=methods,
                    help=f"comma-separated methods (default: {methods}); fp32_mw or [<format>_]<row>, rows: "
                         "mw_rtn, mw_sr, naive_rtn, naive_sr, eco_rtn, eco_sr")
@@ -145,8 +151,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float, methods:
     g.add_argument("--granularity", type=_granularity, default=None,
                    help="scale granularity: row, tensor, group<G> or G (default: per-row for FP8/INT8, "
                         "per-tensor for INT4, as in the paper)")
-    g.add_argument("--seeds", "--seed", dest="seeds", type=_seed_list, default=[0],
-                   help="comma-separated seeds (default 0); each seed gives every method the same initial weights, "
+    g.add_argument("--seeds", "--seed", dest="seeds", type=_seed_list, default=list(seeds),
+                   help=f"comma-separated seeds (default {','.join(map(str, seeds))}); each seed gives every method the same initial weights, "
                         "batches and SR stream; with 2 or more the table reports mean +- sd and 95%% intervals "
                         "of the paired differences")
     g.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="fp32",
@@ -187,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="pre-train every method from the same init and compare (paper Table/Fig. 1)",
                        description="Pre-train one model per method on Shakespeare from the same initial weights "
                                    "and batches, then report final validation loss, memory and speed.")
-    _add_model_args(c)
+    _add_model_args(c, COMPARE_PRESET)
     _add_run_args(c, steps=COMPARE_STEPS, lr=PEAK_LR, methods=",".join(METHODS), fmt=None, out="runs/compare")
     c.add_argument("--corpus", default="shakespeare", choices=CORPORA, help="training corpus (default shakespeare)")
     _add_text_arg(c, "training data")
@@ -197,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("sweep", help="the gaps of naive + SR and ECO + SR to MW + SR against the peak learning rate",
                        description="Run compare's methods at several peak learning rates (and seeds) and plot each "
-                                   "method's paired difference to MW + SR, with 95%% intervals, against the LR.")
-    _add_model_args(w)
-    _add_run_args(w, steps=COMPARE_STEPS, lr=PEAK_LR, methods=SWEEP_METHODS, fmt=None, out="runs/sweep")
+                                   "method's paired difference to MW + SR, with 95% intervals, against the LR.")
+    _add_model_args(w, SWEEP_PRESET)
+    _add_run_args(w, steps=SWEEP_STEPS, lr=None, methods=SWEEP_METHODS, fmt=None, out="runs/sweep",
+                  seeds=SWEEP_SEEDS)
     w.add_argument("--lrs", type=_lr_list, default=SWEEP_LRS,
                    help=f"comma-separated peak learning rates (default {','.join(f'{v:g}' for v in SWEEP_LRS)})")
     w.add_argument("--corpus", default="shakespeare", choices=CORPORA, help="training corpus (default shakespeare)")
@@ -209,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start every method from one dense checkpoint (loaded with --checkpoint, or "
                                    "pre-trained here for --pretrain-steps), cast it to INT4 and fine-tune on "
                                    "Milton; report validation loss before and after.")
-    _add_model_args(f)
+    _add_model_args(f, FINETUNE_PRESET)
     _add_run_args(f, steps=FINETUNE_STEPS, lr=FINETUNE_LR, methods=FINETUNE_METHODS, fmt="int4",
                   out="runs/finetune")
     src = f.add_mutually_exclusive_group()
