@@ -36,7 +36,7 @@ from .corpus import CORPORA
 from .model import PRESETS, LlamaConfig, LlamaLM, is_block_linear
 from .plots import plot_loss_curves, plot_memory_vs_loss, plot_sweep
 from .stats import Interval, mean_interval, paired_interval
-from .train import (BETAS, EPS, GRAD_CLIP, METHODS, WEIGHT_DECAY, Corpus, Method, RunResult, load_corpus,
+from .train import (BETAS, EPS, FINAL_LR_FRAC, GRAD_CLIP, METHODS, WEIGHT_DECAY, Corpus, Method, RunResult, load_corpus,
                     load_text_corpus, pretrain, resolve_methods, train_run, usable_cores)
 
 __all__ = ["main", "build_parser", "format_table", "write_outputs", "load_dense_model", "save_dense_model",
@@ -143,6 +143,9 @@ def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float | None, m
     g.add_argument("--seq-len", type=_positive_int, default=SEQ_LEN, help=f"bytes per sequence (default {SEQ_LEN})")
     if lr is not None:  # sweep takes --lrs instead
         g.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default {lr:g})")
+    g.add_argument("--final-lr-frac", type=_positive_float, default=FINAL_LR_FRAC, metavar="F",
+                   help=f"the cosine schedule ends at F x the peak LR (default {FINAL_LR_FRAC:g}, the paper's); a "
+                        "lower F is where the theory puts naive removal's noise floor (~ sigma^2 / lr)")
     g.add_argument("--methods", default=methods,
                    help=f"comma-separated methods (default: {methods}); fp32_mw or [<format>_]<row>, rows: "
                         "mw_rtn, mw_sr, naive_rtn, naive_sr, eco_rtn, eco_sr")
@@ -569,7 +572,7 @@ def _run_config(args: argparse.Namespace, cfg: LlamaConfig, methods: Sequence[Me
             "final_eval_batches": 4 * args.eval_batches, "corpus": _data_name(args, corpus),
             "data_bytes": {"train": data.train.numel(), "val": data.val.numel()},
             "optimizer": {"betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP,
-                          "schedule": "10% linear warm-up from 0.01x peak, cosine to 0.1x peak"}}
+                          "schedule": f"10% linear warm-up from 0.01x peak, cosine to {args.final_lr_frac:g}x peak"}}
 
 
 def _identity(config: dict[str, Any], data: Corpus, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -589,10 +592,12 @@ def _state_note(args: argparse.Namespace) -> str:
 def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"eval_every": args.eval_every, "eval_batches_n": args.eval_batches,
             "final_eval_batches_n": 4 * args.eval_batches, "threads": args.threads,
-            "state_dtype": STATE_DTYPES[args.state_dtype]}
+            "state_dtype": STATE_DTYPES[args.state_dtype], "final_lr_frac": args.final_lr_frac}
 
 
 def _check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.final_lr_frac > 1:
+        parser.error(f"--final-lr-frac must be in (0, 1], got {args.final_lr_frac:g}")
     if args.checkpoint_every < 0:
         parser.error(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
 
@@ -680,7 +685,8 @@ def cmd_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         say(f"pre-training a dense {LlamaLM(cfg).num_params() / 1e6:.2f}M-param model on {args.pretrain_corpus} "
             f"for {steps} steps")
         pre = pretrain(cfg, steps, args.batch_size, args.seq_len, args.pretrain_lr, args.seeds[0],
-                       load_corpus(args.pretrain_corpus), progress=not args.quiet, **_train_kwargs(args))
+                       load_corpus(args.pretrain_corpus), progress=not args.quiet,
+                       **{**_train_kwargs(args), "final_lr_frac": FINAL_LR_FRAC})  # compare's dense model
         if pre.status != "ok" or pre.state_dict is None:
             print(f"pre-training diverged (val loss {pre.final_val_loss}); lower --pretrain-lr", file=sys.stderr)
             return 1

@@ -29,7 +29,7 @@ from .model import LlamaConfig, LlamaLM, is_block_linear
 
 __all__ = ["Method", "METHODS", "ROWS", "FORMAT_TAGS", "DEFAULT_GRANULARITY", "make_methods", "resolve_methods",
            "Corpus", "load_corpus", "load_text_corpus", "RunResult", "train_run", "lr_lambda", "evaluate", "pretrain",
-           "finetune", "BETAS", "EPS", "WEIGHT_DECAY", "GRAD_CLIP"]
+           "finetune", "BETAS", "EPS", "WEIGHT_DECAY", "GRAD_CLIP", "FINAL_LR_FRAC"]
 
 # The paper's optimizer recipe (Section 5 / the reference notes); shared by every method.
 BETAS = (0.9, 0.98)
@@ -233,9 +233,12 @@ class RunResult:
         return cls(**d)
 
 
-def lr_lambda(steps: int) -> Callable[[int], float]:
+def lr_lambda(steps: int, final_frac: float = FINAL_LR_FRAC) -> Callable[[int], float]:
     """LR multiplier for LambdaLR: linear warm-up from WARMUP_START to 1 over the first WARMUP_FRAC of the
-    steps, then cosine from 1 to FINAL_LR_FRAC at the last step. Never 0 (ECO needs lr > 0)."""
+    steps, then cosine from 1 to ``final_frac`` (default FINAL_LR_FRAC, the paper's 0.1) at the last step.
+    Never 0 (ECO needs lr > 0)."""
+    if not 0 < final_frac <= 1:
+        raise ValueError(f"final_frac must be in (0, 1], got {final_frac}")
     warmup = max(1, round(WARMUP_FRAC * steps))
     decay = max(1, steps - warmup)
 
@@ -243,7 +246,7 @@ def lr_lambda(steps: int) -> Callable[[int], float]:
         if step < warmup:
             return WARMUP_START + (1 - WARMUP_START) * step / warmup
         progress = min(1.0, (step - warmup) / decay)
-        return FINAL_LR_FRAC + (1 - FINAL_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * progress))
+        return final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
 
@@ -331,13 +334,14 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
               diverge_loss: float | None = None, max_nonfinite: int = 10, threads: int | None = None,
               keep_state: bool = False, state_dtype: torch.dtype | State8bit = torch.float32,
               checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 0,
-              stop_after: int | None = None) -> RunResult | None:
+              stop_after: int | None = None, final_lr_frac: float = FINAL_LR_FRAC) -> RunResult | None:
     """Train ``method`` for ``steps`` steps and measure it (see ``RunResult``).
 
     Same ``seed`` => same initial weights (before quantization), same batch order (a ``torch.Generator``
     seeded with ``seed``) and same stochastic-rounding stream, whatever the method.
     ``init_state``: a dense state_dict loaded before quantizing (fine-tuning). ``state_dtype``: AdamW moments
-    of the quantized weights (fp32, or bf16 to save 4 B/param; dense parameters keep fp32).
+    of the quantized weights (fp32, or bf16 to save 4 B/param; dense parameters keep fp32). ``final_lr_frac``:
+    the LR at the last step, as a fraction of ``lr`` (``lr_lambda``).
     Divergence (the run stops, status "diverged", no exception): the EMA of the training loss exceeds
     ``diverge_loss`` (default ln(vocab) + 1, i.e. clearly worse than a uniform guess), a validation loss
     is non-finite, or ``max_nonfinite`` consecutive training losses are non-finite.
@@ -362,7 +366,7 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
         diverge_loss = math.log(cfg.vocab_size) + 1.0
     t_start = time.perf_counter()
     model, opt = _build(method, cfg, seed, lr, init_state, state_dtype)
-    sched = LambdaLR(opt, lr_lambda(steps))
+    sched = LambdaLR(opt, lr_lambda(steps, final_lr_frac))
     gen = torch.Generator().manual_seed(seed)
     val_small = list(eval_batches(data.val, batch_size, seq_len, eval_batches_n))
     val_final = list(eval_batches(data.val, batch_size, seq_len, final_eval_batches_n))
