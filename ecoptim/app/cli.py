@@ -366,6 +366,11 @@ def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
             ref = _ref_method(at_lr, first) if first.format is not None else None
             vs_ref = _paired(loss[name], loss[ref]) if ref is not None else None
             vs_dense = _paired(loss[name], loss["fp32_mw"]) if "fp32_mw" in loss else None
+            # ECO's claim is against naive removal with the same rounding: that paired difference too
+            naive = next((o.method for o in at_lr if first.mode == "eco" and o.mode == "naive"
+                          and o.rounding == first.rounding and o.format == first.format
+                          and o.granularity == first.granularity), None)
+            vs_naive = _paired(loss[name], loss[naive]) if naive is not None else None
             ref_iv = mean_interval([v for v in loss[ref].values() if v is not None]) if ref and any(
                 v is not None for v in loss[ref].values()) else None
             dense_ok = [v for v in loss.get("fp32_mw", {}).values() if v is not None]
@@ -378,6 +383,7 @@ def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
                 "final_val_loss_ci95": [iv.lo, iv.hi] if iv and iv.lo is not None else None,
                 "diff_vs_mw_sr": vs_ref.to_dict() if vs_ref else None,
                 "diff_vs_fp32_mw": vs_dense.to_dict() if vs_dense else None,
+                "diff_vs_naive": vs_naive.to_dict() if vs_naive else None,
                 "gap_vs_fp32_mw_pct": _pct(iv.mean if iv else None, sum(dense_ok) / len(dense_ok) if dense_ok
                                            else None),
                 "gap_vs_mw_sr_pct": _pct(iv.mean if iv else None, ref_iv.mean if ref_iv else None),
@@ -467,14 +473,17 @@ def write_outputs(out: Path, command: str, config: dict[str, Any], results: Sequ
     seeds_note = (f" With {n_seeds} seeds: val loss is mean +- sd over seeds; the difference to MW+SR is the mean "
                   "of the per-seed differences (same initial weights and batches) with its 95% Student-t interval."
                   if n_seeds > 1 else " One seed: no interval; run with --seeds 0,1,2 for intervals.")
+    eco_lines = [f"- {r['label']} minus naive with the same rounding, paired by seed"
+                 + (f" (peak lr {r['peak_lr']:g})" if len({x['peak_lr'] for x in rows}) > 1 else "")
+                 + f": {_fmt_diff(r['diff_vs_naive'])}" for r in rows if r.get("diff_vs_naive")]
     md = [f"# ecoptim {command}", "", title, "", f"Command: `{repro['command']}`" if repro["command"] else "", "",
-          format_table(rows, markdown=True, before=before), "",
+          format_table(rows, markdown=True, before=before), "", *eco_lines, "" if eco_lines else None,
           "Losses: mean cross-entropy in nats per byte on the validation split. Differences: + = worse. Gap vs "
           "fp32 MW is relative. B/param: static memory (weights + scales + AdamW state) measured after step 1."
           + seeds_note,
           f"Run: {wall}torch {info['torch']}, CPU capability {repro['cpu_capability']}, threads "
           f"{repro['threads']}, {info['cpu_count']} CPUs, {info['platform']}.", ""]
-    (out / "results.md").write_text("\n".join(md))
+    (out / "results.md").write_text("\n".join(line for line in md if line is not None))
     plot_memory_vs_loss(results, out / "memory_vs_loss.png", title)
     plot_loss_curves(results, out / "loss_curves.png", title)
     paths = [out / n for n in ("results.json", "results.md", "memory_vs_loss.png", "loss_curves.png")]
