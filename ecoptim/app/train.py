@@ -12,22 +12,24 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..convert import quantize_
 from ..formats import get_format, get_granularity
 from ..memory import memory_report
 from ..optim import AdamW, State8bit, muon_with_adamw
-from .corpus import eval_batches, get_batch, load_split
+from .corpus import eval_batches, get_batch, load_split, load_user_text, split_bytes
 from .model import LlamaConfig, LlamaLM, is_block_linear
 
-__all__ = ["Method", "METHODS", "MUON_METHODS", "ROWS", "FORMAT_TAGS", "DEFAULT_GRANULARITY", "make_methods", "resolve_methods",
-           "Corpus", "load_corpus", "RunResult", "train_run", "lr_lambda", "evaluate", "pretrain", "finetune",
-           "BETAS", "EPS", "WEIGHT_DECAY", "GRAD_CLIP"]
+__all__ = ["Method", "METHODS", "MUON_METHODS", "ROWS", "FORMAT_TAGS", "DEFAULT_GRANULARITY", "make_methods",
+           "resolve_methods", "Corpus", "load_corpus", "load_text_corpus", "RunResult", "train_run", "lr_lambda",
+           "evaluate", "pretrain", "finetune", "BETAS", "EPS", "WEIGHT_DECAY", "GRAD_CLIP", "FINAL_LR_FRAC"]
 
 # The paper's optimizer recipe (Section 5 / the reference notes); shared by every method.
 BETAS = (0.9, 0.98)
@@ -189,7 +191,16 @@ class Corpus:
 
 
 def load_corpus(name: str) -> Corpus:
+    """One of the embedded corpora (``corpus.CORPORA``) with its fixed split."""
     return Corpus(name, load_split(name, "train"), load_split(name, "val"))
+
+
+def load_text_corpus(path: str | os.PathLike) -> Corpus:
+    """The user's own text (a file, or a folder of files read in sorted order) as bytes, split
+    deterministically by ``corpus.split_bytes`` (every 16th block to validation)."""
+    data = load_user_text(path)
+    train, val = split_bytes(data)
+    return Corpus(str(path), train, val)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -222,6 +233,9 @@ class RunResult:
     skipped_steps: int = 0           # steps the optimizer skipped for non-finite gradients
     threads: int = 0                 # torch intra-op threads used
     diverged_at: int | None = None
+    seed: int = 0                    # initial weights, batch order and SR stream
+    peak_lr: float = 0.0
+    resumed_from: int | None = None  # the checkpoint step this run continued from (None: trained in one go)
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # only with keep_state=True
 
     def to_dict(self) -> dict[str, Any]:
@@ -229,10 +243,21 @@ class RunResult:
         d.pop("state_dict")
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunResult":
+        """Inverse of ``to_dict`` (JSON turns the curves' (step, loss) pairs into lists; they come back as tuples)."""
+        d = dict(d)
+        for key in ("val_curve", "train_curve"):
+            d[key] = [(int(s), v) for s, v in d.get(key, [])]
+        return cls(**d)
 
-def lr_lambda(steps: int) -> Callable[[int], float]:
+
+def lr_lambda(steps: int, final_frac: float = FINAL_LR_FRAC) -> Callable[[int], float]:
     """LR multiplier for LambdaLR: linear warm-up from WARMUP_START to 1 over the first WARMUP_FRAC of the
-    steps, then cosine from 1 to FINAL_LR_FRAC at the last step. Never 0 (ECO needs lr > 0)."""
+    steps, then cosine from 1 to ``final_frac`` (default FINAL_LR_FRAC, the paper's 0.1) at the last step.
+    Never 0 (ECO needs lr > 0)."""
+    if not 0 < final_frac <= 1:
+        raise ValueError(f"final_frac must be in (0, 1], got {final_frac}")
     warmup = max(1, round(WARMUP_FRAC * steps))
     decay = max(1, steps - warmup)
 
@@ -240,7 +265,7 @@ def lr_lambda(steps: int) -> Callable[[int], float]:
         if step < warmup:
             return WARMUP_START + (1 - WARMUP_START) * step / warmup
         progress = min(1.0, (step - warmup) / decay)
-        return FINAL_LR_FRAC + (1 - FINAL_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * progress))
+        return final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
 
@@ -333,16 +358,25 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
               data: Corpus, progress: bool = True, *, eval_every: int = 50, eval_batches_n: int = 8,
               final_eval_batches_n: int = 32, init_state: dict[str, torch.Tensor] | None = None,
               diverge_loss: float | None = None, max_nonfinite: int = 10, threads: int | None = None,
-              keep_state: bool = False, state_dtype: torch.dtype | State8bit = torch.float32) -> RunResult:
+              keep_state: bool = False, state_dtype: torch.dtype | State8bit = torch.float32,
+              checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 0,
+              stop_after: int | None = None, final_lr_frac: float = FINAL_LR_FRAC) -> RunResult | None:
     """Train ``method`` for ``steps`` steps and measure it (see ``RunResult``).
 
     Same ``seed`` => same initial weights (before quantization), same batch order (a ``torch.Generator``
     seeded with ``seed``) and same stochastic-rounding stream, whatever the method.
     ``init_state``: a dense state_dict loaded before quantizing (fine-tuning). ``state_dtype``: AdamW moments
-    of the quantized weights (fp32, or bf16 to save 4 B/param; dense parameters keep fp32).
+    of the quantized weights (fp32, or bf16 to save 4 B/param; dense parameters keep fp32). ``final_lr_frac``:
+    the LR at the last step, as a fraction of ``lr`` (``lr_lambda``).
     Divergence (the run stops, status "diverged", no exception): the EMA of the training loss exceeds
     ``diverge_loss`` (default ln(vocab) + 1, i.e. clearly worse than a uniform guess), a validation loss
     is non-finite, or ``max_nonfinite`` consecutive training losses are non-finite.
+
+    Interruption: with ``checkpoint_path`` and ``checkpoint_every`` > 0, the model, optimizer (its SR
+    generator included), scheduler, batch generator and the measurements so far are written atomically
+    (``ecoptim.save_checkpoint``) every ``checkpoint_every`` steps; if the file exists when the run starts, the
+    run continues from it and ends with the same losses and curves as an uninterrupted run. ``stop_after``
+    (for tests of exactly that) returns None after that many steps, as an interruption would.
     """
     if steps < 1 or batch_size < 1 or seq_len < 1:
         raise ValueError("steps, batch_size and seq_len must be positive")
@@ -350,30 +384,48 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     if diverge_loss is None:
         diverge_loss = math.log(cfg.vocab_size) + 1.0
     t_start = time.perf_counter()
     model, opt = _build(method, cfg, seed, lr, init_state, state_dtype)
-    sched = LambdaLR(opt, lr_lambda(steps))
+    sched = LambdaLR(opt, lr_lambda(steps, final_lr_frac))
     gen = torch.Generator().manual_seed(seed)
     val_small = list(eval_batches(data.val, batch_size, seq_len, eval_batches_n))
     val_final = list(eval_batches(data.val, batch_size, seq_len, final_eval_batches_n))
 
-    initial = evaluate(model, val_small)
-    val_curve: list[tuple[int, float | None]] = [(0, _finite(initial))]
-    train_curve: list[tuple[int, float | None]] = []
-    ema: float | None = None
-    nonfinite_run = 0
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    start, resumed_from = 0, None
+    if ckpt is not None and ckpt.exists():
+        loaded = load_checkpoint(ckpt, model, opt, sched)
+        loop = loaded["extra"]
+        if loop.get("steps") != steps or loop.get("method") != method.name or loop.get("seed") != seed:
+            raise ValueError(f"checkpoint {str(ckpt)!r} is of another run ({loop.get('method')}, seed "
+                             f"{loop.get('seed')}, {loop.get('steps')} steps); delete it or use another --out")
+        gen.set_state(loop["generator"])
+        start = resumed_from = int(loaded["step"])
+        initial = loop["initial"]
+        val_curve = [(int(a), b) for a, b in loop["val_curve"]]
+        train_curve = [(int(a), b) for a, b in loop["train_curve"]]
+        ema, nonfinite_run, train_time = loop["ema"], int(loop["nonfinite_run"]), float(loop["train_time"])
+        report_fields: dict[str, Any] | None = loop["report"]
+    else:
+        initial = evaluate(model, val_small)
+        val_curve = [(0, _finite(initial))]
+        train_curve = []
+        ema, nonfinite_run, train_time = None, 0, 0.0
+        report_fields = None
     status, diverged_at = "ok", None
-    report = None
-    train_time, steps_done = 0.0, 0
+    steps_done = start
 
     from tqdm.auto import tqdm  # the `app` extra; imported on first use so the app imports without it
-    bar = tqdm(total=steps, desc=f"{method.name:>14s}", disable=not progress, dynamic_ncols=True, leave=True)
+    bar = tqdm(total=steps, initial=start, desc=f"{method.name:>14s}", disable=not progress, dynamic_ncols=True,
+               leave=True)
     model.train()
-    for step in range(1, steps + 1):
+    for step in range(start + 1, steps + 1):
         x, y = get_batch(data.train, batch_size, seq_len, gen)
         t0 = time.perf_counter()
         _, loss = model(x, y)
@@ -389,8 +441,10 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
         sched.step()
         train_time += time.perf_counter() - t0
         steps_done = step
-        if report is None:  # after the first step, so the optimizer state exists
-            report = memory_report(model, opt)
+        if report_fields is None:  # after the first step, so the optimizer state exists
+            rep = memory_report(model, opt)
+            report_fields = {"bytes_per_param": rep.bytes_per_param, "total_bytes": rep.total_bytes,
+                             "numel": rep.numel}
 
         lv = loss.detach().item()
         if math.isfinite(lv):
@@ -410,6 +464,16 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
         bar.update(1)
         if step % 5 == 0 or step == steps:
             bar.set_postfix(loss=f"{ema:.3f}" if ema is not None else "nan", refresh=False)
+        if ckpt is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            loop = {"method": method.name, "seed": seed, "steps": steps, "generator": gen.get_state(),
+                    "initial": initial, "val_curve": [list(p) for p in val_curve],
+                    "train_curve": [list(p) for p in train_curve], "ema": ema, "nonfinite_run": nonfinite_run,
+                    "train_time": train_time, "report": report_fields}
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(ckpt, model, opt, sched, step=step, extra=loop)
+        if stop_after is not None and step >= stop_after:
+            bar.close()
+            return None
     bar.close()
 
     # The curve's last point uses the same batches as the others (no step in the curve from a change of
@@ -419,16 +483,17 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
     if status == "ok" and not math.isfinite(final):
         status, diverged_at = "diverged", steps_done
     train_curve.append((steps_done, ema))
-    assert report is not None
+    assert report_fields is not None
     return RunResult(
         method=method.name, label=method.label, format=method.format, granularity=method.granularity,
         mode=None if method.dense else method.mode, rounding=None if method.dense else method.rounding,
         steps=steps, steps_done=steps_done, status=status, final_val_loss=_finite(final),
         initial_val_loss=_finite(initial), final_train_loss=ema, val_curve=val_curve, train_curve=train_curve,
-        bytes_per_param=report.bytes_per_param, total_bytes=report.total_bytes, numel=report.numel,
+        bytes_per_param=report_fields["bytes_per_param"], total_bytes=report_fields["total_bytes"],
+        numel=report_fields["numel"],
         tokens_per_s=steps_done * batch_size * seq_len / max(train_time, 1e-9),
         wall_s=time.perf_counter() - t_start, skipped_steps=opt.skipped_steps, threads=threads,
-        diverged_at=diverged_at,
+        diverged_at=diverged_at, seed=seed, peak_lr=lr, resumed_from=resumed_from,
         state_dict={k: v.detach().clone() for k, v in model.state_dict().items()} if keep_state else None,
     )
 
@@ -440,7 +505,9 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
 def pretrain(cfg: LlamaConfig, steps: int, batch_size: int, seq_len: int, lr: float, seed: int, data: Corpus,
              progress: bool = True, **kwargs: Any) -> RunResult:
     """Train a dense fp32 model (the ``fp32_mw`` row) and keep its state_dict in ``result.state_dict``."""
-    return train_run(DENSE, cfg, steps, batch_size, seq_len, lr, seed, data, progress, keep_state=True, **kwargs)
+    result = train_run(DENSE, cfg, steps, batch_size, seq_len, lr, seed, data, progress, keep_state=True, **kwargs)
+    assert result is not None  # None only with stop_after
+    return result
 
 
 def finetune(base_state: dict[str, torch.Tensor], cfg: LlamaConfig, methods: Sequence[Method], steps: int,
@@ -452,5 +519,6 @@ def finetune(base_state: dict[str, torch.Tensor], cfg: LlamaConfig, methods: Seq
     ``initial_val_loss`` is the loss of the quantized checkpoint before any fine-tuning, and
     ``final_val_loss`` the loss after; the dense ``fp32_mw`` row's ``initial_val_loss`` is the checkpoint's own.
     """
-    return [train_run(m, cfg, steps, batch_size, seq_len, lr, seed, data, progress, init_state=base_state,
-                      **kwargs) for m in methods]
+    results = [train_run(m, cfg, steps, batch_size, seq_len, lr, seed, data, progress, init_state=base_state,
+                         **kwargs) for m in methods]
+    return [r for r in results if r is not None]
