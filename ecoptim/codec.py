@@ -4,6 +4,8 @@
     codes   = encode(round(w / scale_b))                  see ``ecoptim.rounding``
     w_hat   = decode(codes) * scale_b                     always computed in fp32
 
+Codes and blocks follow the granularity's storage order (``Granularity.to_storage_order``: the logical order,
+or the transpose of the last two dims for a weight stored (in, out), so that every block is consecutive).
 Dequantization is one deterministic fp32 multiply, so the "fake" (fp32 tensor on the grid) and the
 real (codes + scales) storage produce bit-identical weights.
 
@@ -57,7 +59,7 @@ def compute_scale(w32: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
     nb, bs = spec.granularity.blocks(w32.shape)
     if w32.numel() == 0:
         return torch.ones(nb, dtype=torch.float32, device=w32.device)
-    absmax = w32.reshape(nb, bs).abs().amax(dim=1)
+    absmax = spec.granularity.to_storage_order(w32).reshape(nb, bs).abs().amax(dim=1)
     scale = (absmax / spec.format.max).clamp_(min=_TINY)
     # Near the top of the fp32 range absmax/max can round up so far that max*scale overflows to inf
     # (e.g. INT8 with absmax = FLT_MAX): step such scales one ulp down so every dequantized value is finite.
@@ -94,7 +96,7 @@ def quantize(w: torch.Tensor, spec: QuantSpec, rounding: str = "nearest",
         y = w32.reshape(-1)
     else:
         nb, bs = spec.granularity.blocks(w32.shape)
-        y = (w32.reshape(nb, bs) / scale[:, None]).reshape(-1)
+        y = (spec.granularity.to_storage_order(w32).reshape(nb, bs) / scale[:, None]).reshape(-1)
     if stats is not None:
         stats["saturated"] = stats.get("saturated", 0) + int((y.abs() > saturation_threshold(spec)).sum())
         stats["numel"] = stats.get("numel", 0) + y.numel()
@@ -112,4 +114,4 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor | None, spec: QuantSpec,
     if scale is not None:
         nb, bs = spec.granularity.blocks(shape)
         v = v.reshape(nb, bs) * scale[:, None]
-    return v.reshape(shape).to(dtype)
+    return spec.granularity.from_storage_order(v, shape).to(dtype)

@@ -14,6 +14,7 @@ here, and ``Format.round`` delegates to it.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from .rounding import round_to_grid
 __all__ = [
     "Format", "FloatFormat", "IntFormat", "FP8_E4M3", "FP8_E5M2", "BF16", "FP16", "FP32", "INT8", "INT4",
     "FORMATS", "get_format", "Granularity", "PerTensor", "PerRow", "PerGroup", "Unscaled", "get_granularity",
-    "QuantSpec",
+    "QuantSpec", "IN_DIMS", "with_in_dim",
 ]
 
 
@@ -164,7 +165,11 @@ def get_format(fmt: str | Format) -> Format:
 
 
 class Granularity:
-    """Which elements share one scale. ``blocks`` maps a weight shape to (n_blocks, block_size)."""
+    """Which elements share one scale. ``blocks`` maps a weight shape to (n_blocks, block_size).
+
+    Blocks are consecutive in *storage order*: ``to_storage_order(w)`` (the logical order, except for a
+    transposed weight, see ``PerRow.in_dim``) reshaped to ``(n_blocks, block_size)``.
+    """
 
     def blocks(self, shape: torch.Size) -> tuple[int, int]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -172,16 +177,71 @@ class Granularity:
     def validate(self, shape: torch.Size) -> None:
         self.blocks(shape)
 
+    @property
+    def transposed(self) -> bool:
+        """True when codes are stored in another order than the logical one (``in_dim=-2``): the fused kernel,
+        which reads codes, gradient and moments in one order, does not apply to such a weight."""
+        return False
 
-def _rows_cols(shape: torch.Size) -> tuple[int, int]:
-    # A weight's "row" is one output channel: dim 0; the rest is flattened (conv kernels, 1-D vectors).
+    def to_storage_order(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` (logical shape) in the order its codes are stored; blocks are consecutive in it."""
+        return w
+
+    def from_storage_order(self, v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of ``to_storage_order``: values in storage order back to a contiguous tensor of ``shape``."""
+        return v.reshape(shape)
+
+
+#: The reduction ("input") dimensions a row may run along: None (every dim after dim 0: nn.Linear, conv
+#: kernels), -1 (the last dim; all leading dims index rows: stacked expert weights [E, out, in]), -2 (the
+#: second to last dim; weights stored (in, out) like GPT-2's Conv1D or transposed experts [E, in, out]).
+IN_DIMS = (None, -1, -2)
+
+
+def _check_in_dim(in_dim: int | None) -> None:
+    if in_dim not in IN_DIMS:
+        raise ValueError(f"in_dim must be one of {IN_DIMS} (None: every dim after dim 0; -1: the last dim; -2: the "
+                         f"second to last dim, a weight stored (in, out)), got {in_dim!r}")
+
+
+def _prod(dims: tuple[int, ...] | torch.Size) -> int:
+    n = 1
+    for s in dims:
+        n *= s
+    return n
+
+
+def _rows_cols(shape: torch.Size, in_dim: int | None = None) -> tuple[int, int]:
+    """(rows, row length): a row is one output channel, its elements run along the reduction dims.
+
+    in_dim None: dim 0 is the output channel and the rest is flattened (nn.Linear, conv kernels, 1-D vectors).
+    in_dim -1: every leading dim indexes rows ([E, out, in]: E * out rows of ``in``). in_dim -2: the weight is
+    stored (in, out) in its last two dims ([in, out]: ``out`` rows of ``in``; [E, in, out]: E * out rows).
+    """
     if len(shape) == 0:
         return 1, 1
-    rows = shape[0]
-    cols = 1
-    for s in shape[1:]:
-        cols *= s
-    return rows, cols
+    if in_dim is None:
+        return shape[0], _prod(shape[1:])
+    if in_dim == -1:
+        return _prod(shape[:-1]), shape[-1]
+    if len(shape) < 2:
+        raise ValueError(f"in_dim=-2 (a weight stored (in, out)) needs at least 2 dims, got shape {tuple(shape)}")
+    return _prod(shape[:-2]) * shape[-1], shape[-2]
+
+
+def _storage_order(w: torch.Tensor, in_dim: int | None) -> torch.Tensor:
+    return w.transpose(-2, -1) if in_dim == -2 else w
+
+
+def _from_storage_order(v: torch.Tensor, shape: torch.Size, in_dim: int | None) -> torch.Tensor:
+    if in_dim != -2:
+        return v.reshape(shape)
+    stored = (*shape[:-2], shape[-1], shape[-2])
+    return v.reshape(stored).transpose(-2, -1).contiguous()
+
+
+def _in_dim_suffix(in_dim: int | None) -> str:
+    return "" if in_dim is None else f"[in={in_dim}]"
 
 
 @dataclass(frozen=True)
@@ -209,29 +269,58 @@ class PerTensor(Granularity):
         return "tensor"
 
 
+class _RowLayout(Granularity):
+    """Shared by the per-row and per-group granularities: which dims a row runs along (``in_dim``)."""
+
+    in_dim: int | None
+
+    @property
+    def transposed(self) -> bool:
+        return self.in_dim == -2
+
+    def to_storage_order(self, w: torch.Tensor) -> torch.Tensor:
+        return _storage_order(w, self.in_dim)
+
+    def from_storage_order(self, v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return _from_storage_order(v, shape, self.in_dim)
+
+
 @dataclass(frozen=True)
-class PerRow(Granularity):
-    """One scale per output channel (row of dim 0): the paper's FP8 setting."""
+class PerRow(_RowLayout):
+    """One scale per output channel: the paper's FP8 setting.
 
-    def blocks(self, shape: torch.Size) -> tuple[int, int]:
-        return _rows_cols(shape)
+    ``in_dim`` says which dims a row runs along (``IN_DIMS``): None, every dim after dim 0 (an ``nn.Linear``
+    weight [out, in], a conv kernel); -1, the last dim, so an expert stack [E, out, in] has E * out scales;
+    -2, the second to last dim, for a weight stored (in, out) (GPT-2's ``Conv1D``: one scale per output
+    column; its codes are stored transposed so that each row's codes are consecutive).
+    """
 
-    def __str__(self) -> str:
-        return "row"
-
-
-@dataclass(frozen=True)
-class PerGroup(Granularity):
-    """One scale per ``group_size`` consecutive elements along a row."""
-
-    group_size: int = 128
+    in_dim: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        _check_in_dim(self.in_dim)
 
     def blocks(self, shape: torch.Size) -> tuple[int, int]:
-        rows, cols = _rows_cols(shape)
+        return _rows_cols(shape, self.in_dim)
+
+    def __str__(self) -> str:
+        return "row" + _in_dim_suffix(self.in_dim)
+
+
+@dataclass(frozen=True)
+class PerGroup(_RowLayout):
+    """One scale per ``group_size`` consecutive elements along a row (rows as for ``PerRow(in_dim)``)."""
+
+    group_size: int = 128
+    in_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        _check_in_dim(self.in_dim)
+
+    def blocks(self, shape: torch.Size) -> tuple[int, int]:
+        rows, cols = _rows_cols(shape, self.in_dim)
         if cols % self.group_size:
             raise ValueError(
                 f"group size {self.group_size} does not divide the row length {cols} of a weight of shape "
@@ -239,7 +328,17 @@ class PerGroup(Granularity):
         return rows * cols // self.group_size, self.group_size
 
     def __str__(self) -> str:
-        return f"group{self.group_size}"
+        return f"group{self.group_size}" + _in_dim_suffix(self.in_dim)
+
+
+def with_in_dim(g: Granularity, in_dim: int | None) -> Granularity:
+    """``g`` with its rows running along ``in_dim`` (per-row and per-group granularities; the others, whose
+    blocks do not depend on the layout, are returned unchanged)."""
+    if isinstance(g, PerRow):
+        return PerRow(in_dim)
+    if isinstance(g, PerGroup):
+        return PerGroup(g.group_size, in_dim)
+    return g
 
 
 def get_granularity(g: str | int | Granularity | None, fmt: Format) -> Granularity:
@@ -253,6 +352,12 @@ def get_granularity(g: str | int | Granularity | None, fmt: Format) -> Granulari
         return PerGroup(g)
     if isinstance(g, str):
         s = g.lower()
+        m = re.fullmatch(r"(.+)\[in=(-?\d+)\]", s)
+        if m:  # "row[in=-1]", "group32[in=-2]": the spelling str() gives
+            base = get_granularity(m.group(1), fmt)
+            if isinstance(base, (PerRow, PerGroup)) and base.in_dim is None and int(m.group(2)) in (-1, -2):
+                return with_in_dim(base, int(m.group(2)))
+            raise ValueError(f"unknown granularity {g!r}; '[in=-1]' / '[in=-2]' follow 'row' or 'group<G>'")
         if s in ("tensor", "per_tensor", "pertensor"):
             return PerTensor()
         if s in ("row", "per_row", "channel", "per_channel"):
