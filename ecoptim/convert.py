@@ -351,6 +351,8 @@ def quantize_(model: nn.Module, format: QuantConfig | str | Format = "fp8_e4m3",
             p_spec = spec if explicit_layout else QuantSpec(spec.format, with_in_dim(
                 spec.granularity, infer_in_dim(m, name, p)))
             selected.append((full, p, p_spec, why if default_pick else "selected by filter_fn"))
+        elif default_pick and not by_param and why == "expert weights":
+            skipped.append((full, p, "expert weights a module filter cannot select"))
         else:
             skipped.append((full, p, why if not default_pick else "not selected by filter_fn"))
 
@@ -372,7 +374,7 @@ def quantize_(model: nn.Module, format: QuantConfig | str | Format = "fp8_e4m3",
                 setattr(p, _SPEC_ATTR, p_spec)
 
     unplaced = [(n, p) for n, p, why in skipped
-                if why.startswith("2-D parameter") or (not by_param and p.ndim >= 3 and why == "expert weights")]
+                if why.startswith("2-D parameter") or why.startswith("expert weights a module filter")]
     if unplaced:
         nbytes = sum(p.numel() * p.element_size() for _, p in unplaced)
         names = ", ".join(n for n, _ in unplaced[:4]) + (", ..." if len(unplaced) > 4 else "")

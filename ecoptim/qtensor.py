@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_map_only
 from .codec import check_weight, dequantize, quantize
 from .formats import QuantSpec, get_format, get_granularity
 
-__all__ = ["QuantizedTensor"]
+__all__ = ["QuantizedTensor", "DequantizedView"]
 
 aten = torch.ops.aten
 
@@ -147,11 +147,72 @@ class QuantizedTensor(torch.Tensor):
                                     s.shape, s.dtype)
                 return q
         if func._schema.is_mutable:
-            raise RuntimeError(
-                f"{func} would write into a QuantizedTensor through a dense temporary and lose the update; "
-                "update quantized weights with an ecoptim optimizer or QuantizedTensor.requantize_()")
+            raise RuntimeError(_WRITE_MESSAGE.format(func=func))
         args, kwargs = tree_map_only(QuantizedTensor, lambda t: t.dequantize(), (args, kwargs))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func.is_view:  # an expert w[e], a transpose, unbind: a view of the dequantized values, read-only
+            return tree_map_only(torch.Tensor, DequantizedView, out)
+        return out
+
+
+_WRITE_MESSAGE = ("{func} would write into a QuantizedTensor through a dense temporary and lose the update; "
+                  "update quantized weights with an ecoptim optimizer or QuantizedTensor.requantize_()")
+
+
+def _written_args(func, args: tuple, kwargs: dict) -> list:
+    """The arguments ``func`` writes into (those its schema marks with a write alias, e.g. ``self`` of ``add_``)."""
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            out.append(args[i] if i < len(args) else kwargs.get(a.name))
+    return out
+
+
+class DequantizedView(torch.Tensor):
+    """What a view op (indexing one expert, ``transpose``, ``unbind``, ...) of a ``QuantizedTensor`` returns: the
+    dequantized values of the view, read-only.
+
+    Reading it (``F.linear``, ``torch.bmm``, ``torch._grouped_mm``, ...) computes on the plain dense tensor and
+    returns plain tensors, bit for bit what the same op on the dequantized weight gives. Writing into it raises,
+    because the values are a temporary: a write would be lost instead of reaching the quantized weight. Views of
+    it stay ``DequantizedView``.
+    """
+
+    _dense: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, dense: torch.Tensor) -> "DequantizedView":
+        return torch.Tensor._make_wrapper_subclass(cls, dense.shape, strides=dense.stride(),
+                                                   storage_offset=dense.storage_offset(), dtype=dense.dtype,
+                                                   device=dense.device, requires_grad=False)
+
+    def __init__(self, dense: torch.Tensor) -> None:
+        self._dense = dense
+
+    def __tensor_flatten__(self) -> tuple[list[str], None]:
+        return ["_dense"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, meta: None, outer_size: Any, outer_stride: Any) -> "DequantizedView":
+        return DequantizedView(inner["_dense"])
+
+    def __repr__(self) -> str:
+        return f"DequantizedView({self._dense!r})"
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func._schema.is_mutable and any(isinstance(t, (DequantizedView, QuantizedTensor))
+                                           for t in _written_args(func, args, kwargs)):
+            raise RuntimeError(_WRITE_MESSAGE.format(func=func) + " (this tensor is a view of a quantized weight)")
+        args, kwargs = tree_map_only((DequantizedView, QuantizedTensor), lambda t: t._dense if isinstance(
+            t, DequantizedView) else t.dequantize(), (args, kwargs))
+        out = func(*args, **kwargs)
+        if func.is_view:
+            return tree_map_only(torch.Tensor, DequantizedView, out)
+        return out
 
 
 def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
