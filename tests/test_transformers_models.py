@@ -334,3 +334,27 @@ def test_transformers_trainer_on_the_moe(tmp_path) -> None:
     assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
     after = model.model.layers[0].mlp.experts.gate_up_proj
     assert isinstance(after, QuantizedTensor) and not torch.equal(before, after.codes)  # the experts trained
+
+
+@pytest.mark.skipif(kernels.compiler() is None, reason="no C compiler")
+@pytest.mark.parametrize("fmt,gran", [("fp8_e4m3", "row"), ("int4", "group8"), ("int8", "tensor"), ("bf16", None),
+                                      ("int4", PerRow(in_dim=-2))])
+@pytest.mark.parametrize("mode", ["eco", "naive", "master"])
+def test_fused_equals_reference_on_an_expert_stack(fmt, gran, mode) -> None:
+    # [E, out, in] with rows of very different magnitudes: per-row scales within experts matter
+    torch.manual_seed(3)
+    holder = nn.Module()
+    holder.w = nn.Parameter(torch.randn(3, 8, 16) * torch.logspace(-3, 0, 8)[:, None])
+    ecoptim.quantize_(holder, fmt, gran, filter_fn=lambda m, fqn, name: name == "w")
+    ref, fast = copy.deepcopy(holder), copy.deepcopy(holder)
+    kw = dict(lr=1e-2, weight_decay=0.1, mode=mode, rounding="stochastic", seed=2)
+    o_ref, o_fast = ecoptim.AdamW(ref.parameters(), fused=False, **kw), ecoptim.AdamW(fast.parameters(), **kw)
+    for step in range(3):
+        g = torch.randn(3, 8, 16)
+        for model, opt in ((ref, o_ref), (fast, o_fast)):
+            opt.zero_grad()
+            model.w.grad = g.clone()
+            opt.step()
+        _assert_same_training_state(ref, fast, o_ref, o_fast)
+    transposed = isinstance(gran, PerRow)
+    assert fused.applies(fast.w, fast.w.spec, o_fast.param_groups[0]) == (not transposed)
