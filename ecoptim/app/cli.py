@@ -27,6 +27,7 @@ from ..formats import QuantSpec
 from ..optim import State8bit
 from .corpus import CORPORA
 from .model import PRESETS, LlamaConfig, LlamaLM, is_block_linear
+from .moe import add_moe_args, run_moe_finetune
 from .plots import plot_loss_curves, plot_memory_vs_loss
 from .train import (BETAS, EPS, GRAD_CLIP, METHODS, WEIGHT_DECAY, Method, RunResult, finetune, load_corpus,
                     pretrain, resolve_methods, train_run, usable_cores)
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--corpus", default="milton", choices=CORPORA, help="fine-tuning corpus (default milton)")
     f.add_argument("--save-checkpoint", nargs="?", const="", default=None, metavar="PATH",
                    help="save the pre-trained dense model (default PATH: OUT/pretrained.pt)")
+    add_moe_args(f)
     return parser
 
 
@@ -379,6 +381,13 @@ def cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
 
 
 def cmd_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.arch != "llama":  # the MoE fine-tune (app/moe.py), written and printed as below
+        config, results, title, wall = run_moe_finetune(parser, args, STATE_DTYPES[args.state_dtype])
+        rows = summarize(results)
+        paths = write_outputs(args.out, "finetune", config, results, rows, title, before=True, extra={"wall_s": wall})
+        print(f"{title}\n{format_table(rows, before=True)}\ntotal {wall / 60:.1f} min; wrote "
+              + ", ".join(str(p) for p in paths))
+        return 0
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     pre_info: dict[str, Any]
     if args.checkpoint is not None:
