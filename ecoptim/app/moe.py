@@ -219,8 +219,9 @@ def run_moe_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace,
     """``finetune --arch qwen3-moe``: pre-train the dense MoE, then fine-tune every method from it (AdamW moments
     of the experts in ``state_dtype``). Returns (config, results, title, wall seconds) for ``cli`` to write."""
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    if args.checkpoint is not None:
-        parser.error("--checkpoint holds a Llama model; --arch qwen3-moe pre-trains its own (--pretrain-steps)")
+    if args.checkpoint is not None or args.save_checkpoint is not None:
+        parser.error("--checkpoint / --save-checkpoint hold the Llama model; --arch qwen3-moe pre-trains its own "
+                     "MoE each run (--pretrain-steps)")
     try:
         cfg = _moe_config(args)
         methods = resolve_methods([s for s in args.methods.split(",") if s.strip()], args.format,

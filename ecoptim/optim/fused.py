@@ -64,7 +64,7 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     f, g = spec.format, p.grad  # called per parameter per step: each attribute is read once
     return (f in _KERNEL_FORMATS and type(f).round is Format.round  # a custom rounding override needs the reference
             and spec.scaled == (f is not BF16) and p.is_cpu
-            and not spec.granularity.transposed  # codes stored transposed: the kernel reads grad and moments in their order
+            and not spec.granularity.transposed  # codes in another order than the grad and moments (Conv1D)
             and group["mode"] in ("eco", "naive", "master", "exact", "kahan") and group["lr"] > 0
             and (group["mode"] != "kahan" or _blocks_in_cache(p, spec))
             and g is not None and g.dtype in (torch.float32, torch.bfloat16, torch.float16)
