@@ -44,6 +44,13 @@ def _qwen3_moe(experts_implementation: str = "eager") -> nn.Module:
     return transformers.Qwen3MoeForCausalLM(cfg)
 
 
+def _mixtral() -> nn.Module:
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=32)
+    return transformers.MixtralForCausalLM(cfg)
+
+
 def _switch() -> nn.Module:
     cfg = transformers.SwitchTransformersConfig(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                                 num_decoder_layers=2, num_sparse_encoder_layers=1,
@@ -59,10 +66,10 @@ def _gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(cfg)
 
 
-MODELS = {"llama": _llama, "qwen3_moe": _qwen3_moe, "switch": _switch, "gpt2": _gpt2}
+MODELS = {"llama": _llama, "qwen3_moe": _qwen3_moe, "mixtral": _mixtral, "switch": _switch, "gpt2": _gpt2}
 # the paper's settings: FP8 per row for pre-training, INT4 for the MoE fine-tune (per row here: per tensor
 # leaves nothing to check about rows within experts)
-FORMATS = {"llama": "fp8_e4m3", "qwen3_moe": "int4", "switch": "int4", "gpt2": "fp8_e4m3"}
+FORMATS = {"llama": "fp8_e4m3", "qwen3_moe": "int4", "mixtral": "int4", "switch": "int4", "gpt2": "fp8_e4m3"}
 
 
 def _build(name: str, seed: int = 0) -> nn.Module:
@@ -163,6 +170,26 @@ def test_explicit_in_dim_and_layout_inference() -> None:
         QuantizedTensor.from_float(torch.ones(4), QuantSpec.make("fp8", PerRow(in_dim=-2)))
 
 
+def test_transposed_experts_and_unknown_layouts() -> None:
+    class TransposedExperts(nn.Module):  # as transformers' use_experts_implementation(is_transposed=True) marks them
+        is_transposed = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(3, 16, 8))   # [E, in, out]
+            self.packed = nn.Parameter(torch.randn(24, 16))          # 2-D, layout unknown (e.g. DBRX's w1)
+
+    model = nn.Sequential(TransposedExperts())
+    dense = model[0].gate_up_proj.detach().clone()
+    report = QuantizeReport()
+    with pytest.warns(UserWarning, match=r"leaves 1 parameters dense \(1536 bytes\): 0.packed; their layout"):
+        ecoptim.quantize_(model, "int8", "row", report=report)
+    w = model[0].gate_up_proj
+    assert w.spec.granularity == PerRow(in_dim=-2) and w.scale.shape == (3 * 8,)
+    assert torch.equal(w.scale.view(3, 8), dense.abs().amax(dim=1) / 127)  # per expert and output column
+    assert [e.name for e in report.skipped] == ["0.packed"] and report.skipped[0].nbytes == 1536
+
+
 def test_tied_parameter_is_converted_once_and_stays_tied() -> None:
     a, b = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
     b.weight = a.weight
@@ -230,7 +257,7 @@ def test_writes_into_a_quantized_weight_raise() -> None:
 
 
 # -- 3. whole models -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["llama", "switch", "gpt2"] + [
+@pytest.mark.parametrize("name", ["llama", "mixtral", "switch", "gpt2"] + [
     f"qwen3_moe:{impl}" for impl in ("eager", "batched_mm", "grouped_mm")])
 def test_forward_backward_real_equals_fake(name: str) -> None:
     arch, _, impl = name.partition(":")
