@@ -155,10 +155,8 @@ def _default_choice(facts: _ModelFacts, module: nn.Module, fqn: str, name: str) 
         return False, "router"
     if fqn.rsplit(".", 1)[-1] in HEAD_NAMES or id(module) in facts.heads:
         return False, "output head"
-    if _is_norm(module):
-        return False, "norm"
     if p.ndim < 2:
-        return False, "bias" if name == "bias" else "vector"
+        return False, "norm" if _is_norm(module) else "bias" if name == "bias" else "vector"
     if isinstance(module, nn.Linear) or (name == "weight" and is_conv1d(module)):
         if name != "weight":
             return False, "not a weight"
@@ -168,6 +166,8 @@ def _default_choice(facts: _ModelFacts, module: nn.Module, fqn: str, name: str) 
         return True, "projection"
     if isinstance(module, _ConvNd):
         return False, "convolution"
+    if isinstance(module, nn.MultiheadAttention) and name.endswith("proj_weight"):
+        return True, "projection"  # in_proj_weight [3E, E] and q/k/v_proj_weight: used as F.linear weights
     if p.ndim >= 3:
         return True, "expert weights"
     return False, "2-D parameter of a module ecoptim does not know the layout of"
@@ -177,8 +177,9 @@ def default_filter(model: nn.Module) -> Callable[..., bool]:
     """The paper's choice, extended to transformers' models: every projection and every expert weight, not
     the embeddings, the LM head, norms or MoE routers. ``fn(module, fqn, param_name="weight") -> bool``.
 
-    Selected: the weight of every ``nn.Linear`` and transformers ``Conv1D``, and every parameter with 3 or
-    more dims of any other module but a convolution (stacked experts, e.g. ``mlp.experts.gate_up_proj``).
+    Selected: the weight of every ``nn.Linear`` and transformers ``Conv1D``, the input projections of
+    ``nn.MultiheadAttention``, and every parameter with 3 or more dims of any other module but a convolution
+    (stacked experts, e.g. ``mlp.experts.gate_up_proj``).
     Kept in high precision: ``nn.Embedding`` weights and weights tied to one; heads (a module named as in
     ``HEAD_NAMES``, or projecting onto a vocabulary: out features == some embedding's ``num_embeddings``);
     routers (a name component in ``ROUTER_NAMES``, e.g. ``mlp.gate``, ``router.classifier``); norms; biases

@@ -405,3 +405,19 @@ def test_cli_finetune_qwen3_moe(tmp_path) -> None:
     # the experts are stored in INT4: fewer bytes per parameter than the dense row
     assert res["summary"][2]["bytes_per_param"] < res["summary"][0]["bytes_per_param"]
     assert (out / "loss_curves.png").exists() and (out / "memory_vs_loss.png").exists()
+
+
+def test_multihead_attention_projections_are_selected() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ecoptim.quantize_(layer, "fp8")
+    quantized = {n for n, p in layer.named_parameters() if isinstance(p, QuantizedTensor)}
+    assert quantized == {"self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"}
+    layer.eval()
+    with torch.no_grad():  # torch's fused inference path reads the quantized projections too
+        assert torch.isfinite(layer(torch.randn(2, 5, 16))).all()
+    layer.train()
+    layer(torch.randn(2, 5, 16)).sum().backward()
+    assert layer.self_attn.in_proj_weight.grad is not None
