@@ -123,6 +123,33 @@ class QuantizedTensor(torch.Tensor):
         return (f"QuantizedTensor(shape={tuple(self.shape)}, spec={self.spec}, dtype={self.dtype}, "
                 f"codes={self.codes.dtype})")
 
+    def _dequantize_index(self, dim: int, index: int) -> torch.Tensor | None:
+        """``self.dequantize()[index]`` along dim 0 (one expert of a stack) without dequantizing the others, or
+        None when that slice does not start and end on whole scale blocks (and bytes, for packed INT4)."""
+        if dim not in (0, -self.dim()) or self.dim() < 2 or not self.codes.is_contiguous():
+            return None
+        n_lead = self.shape[0]
+        index = index + n_lead if index < 0 else index
+        if not 0 <= index < n_lead:
+            return None  # out of range: the dense path raises torch's IndexError
+        n = self.numel() // n_lead
+        start = index * n
+        packed = self.codes.numel() != self.numel()  # INT4: two codes per byte
+        if packed and (start % 2 or n % 2):
+            return None
+        scale = self.scale
+        if scale is not None:
+            nb, bs = self.spec.granularity.blocks(self.shape)
+            if nb > 1:
+                if n % bs:
+                    return None
+                scale = scale[start // bs:(start + n) // bs]
+        flat = self.codes.reshape(-1)
+        v = self.spec.format.decode(flat[start // 2:(start + n) // 2] if packed else flat[start:start + n], n)
+        if scale is not None:
+            v = (v.reshape(scale.numel(), -1) * scale[:, None]).reshape(-1) if scale.numel() > 1 else v * scale
+        return self.spec.granularity.from_storage_order(v, self.shape[1:]).to(self.dtype)
+
     def _with(self, codes: torch.Tensor, scale: torch.Tensor | None) -> "QuantizedTensor":
         return QuantizedTensor(codes, scale, self.spec, self.shape, self.dtype)
 
@@ -148,6 +175,10 @@ class QuantizedTensor(torch.Tensor):
                 return q
         if func._schema.is_mutable:
             raise RuntimeError(_WRITE_MESSAGE.format(func=func))
+        if func is aten.select.int and isinstance(args[0], QuantizedTensor) and not kwargs:
+            one = args[0]._dequantize_index(*args[1:])
+            if one is not None:
+                return DequantizedView(one)
         args, kwargs = tree_map_only(QuantizedTensor, lambda t: t.dequantize(), (args, kwargs))
         out = func(*args, **kwargs)
         if func.is_view:  # an expert w[e], a transpose, unbind: a view of the dequantized values, read-only

@@ -421,3 +421,22 @@ def test_multihead_attention_projections_are_selected() -> None:
     layer.train()
     layer(torch.randn(2, 5, 16)).sum().backward()
     assert layer.self_attn.in_proj_weight.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 16), (3, 5, 7), (2, 3, 4, 6)])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4", "bf16"])
+@pytest.mark.parametrize("gran", ["row", "tensor", "group2", "row[in=-1]", "row[in=-2]", "group2[in=-1]"])
+def test_one_expert_is_read_without_dequantizing_the_stack(shape, fmt, gran) -> None:
+    # w[e] dequantizes one expert (an eager expert loop would otherwise dequantize the whole stack E times); the
+    # values are bit for bit those of the whole dequantized stack, whatever the granularity and packing
+    try:
+        q = QuantizedTensor.from_float(torch.randn(*shape), QuantSpec.make(fmt, gran))
+    except ValueError:
+        pytest.skip("granularity does not fit the shape")
+    full = q.dequantize()
+    for e in range(-shape[0], shape[0]):
+        assert torch.equal(q[e]._dense, full[e])
+        one = q._dequantize_index(0, e)
+        assert one is None or torch.equal(one, full[e])
+    packed_odd = fmt == "int4" and (shape[1] * shape[2] * (shape[3] if len(shape) > 3 else 1)) % 2
+    assert (q._dequantize_index(0, 1) is None) == bool(packed_odd)  # an expert of odd size splits a byte
