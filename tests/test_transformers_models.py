@@ -1,7 +1,8 @@
 """Real ``transformers`` models, built from small configs (no hub): quantize, train with ECO, checkpoint.
 
-Llama (dense ``nn.Linear`` projections), Qwen3-MoE (experts fused into 3-D parameters [E, out, in], run by each
-of transformers' expert implementations), Switch Transformers (one ``nn.Linear`` per expert) and GPT-2
+Llama (dense ``nn.Linear`` projections), Qwen3-MoE and Mixtral (experts fused into 3-D parameters [E, out, in];
+Qwen3-MoE run by each of transformers' expert implementations), Switch Transformers (one ``nn.Linear`` per
+expert: transformers 5 builds Mixtral and OLMoE with fused experts) and GPT-2
 (``Conv1D``, weight stored (in, out)). For each: the default filter quantizes at least 95% of the parameters
 outside the embeddings and the LM head; real storage gives the same logits and gradients, bit for bit, as
 fake storage (dense weights on the grid); ECO AdamW's fused kernel equals its reference path bit for bit; a
