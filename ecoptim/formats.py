@@ -1,11 +1,15 @@
 """Number formats and scale granularities, as small immutable value objects.
 
 A *format* says which values a stored code can take (its grid) and how codes are kept in memory.
-A *granularity* says which elements share one absmax scale. Together they make a ``QuantSpec``:
+A *granularity* says which elements share one scale. Together they make a ``QuantSpec``:
 
     scale = absmax(block) / format.max          (one fp32 scale per block)
     code  = round(w / scale)                    (onto the format's grid, see ``ecoptim.rounding``)
     w_hat = code * scale                        (dequantized value, computed in fp32)
+
+A *scale format* (``ScaleFormat``, the spec's third part) says how a block's scale is chosen and stored: the fp32
+absmax scale above (``AbsmaxScale``, every format's default but the block-scaled ones), a power of two stored as
+E8M0 (``E8M0Scale``: MXFP8, MXFP4) or an E4M3 block scale times an fp32 tensor scale (``E4M3TensorScale``: NVFP4).
 
 Every grid here is symmetric, so the rounding code only needs the spacing between neighbouring grid points
 at a given magnitude (``spacing``), the largest finite value (``max``) and whether the grid holds every fp32

@@ -390,9 +390,20 @@ def test_exact_mode_reproduces_master_quantized_weights(fmt):
     train(b, mk(b, "exact"), data)
     for pa, pb in zip(a.parameters(), b.parameters()):
         if isinstance(pa, QuantizedTensor):
-            assert torch.equal(pa.codes, pb.codes) and torch.equal(pa.scale.view(torch.uint8), pb.scale.view(torch.uint8))
+            assert torch.equal(pa.codes, pb.codes)
+            assert torch.equal(pa.scale.view(torch.uint8), pb.scale.view(torch.uint8))
 
 
 def test_block_absmax_is_what_the_scales_see():
     w = torch.arange(64.0).reshape(2, 32) - 20
     assert block_absmax(w, F.QuantSpec.make("mxfp8")).tolist() == [20.0, 43.0]
+
+
+def test_fsdp_refuses_block_scaled_weights_before_sharding():
+    from ecoptim.distributed.fsdp import check_shardable
+
+    for spec in (F.QuantSpec.make("mxfp8"), F.QuantSpec.make("nvfp4"), F.QuantSpec.make("fp4_e2m1", "row"),
+                 F.QuantSpec(F.FP8_E4M3, F.PerRow(), F.E8M0Scale("ceil"))):
+        with pytest.raises(ValueError, match="not supported"):
+            check_shardable(spec, torch.Size((8, 64)), 2)
+    check_shardable(F.QuantSpec.make("fp8_e4m3", "row"), torch.Size((8, 64)), 2)
