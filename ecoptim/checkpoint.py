@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .formats import FloatFormat, QuantSpec, get_format, get_granularity, get_scale_format
+from .formats import QuantSpec, get_format, get_granularity, get_scale_format
 from .qtensor import QuantizedTensor
 
 __all__ = ["save_checkpoint", "load_checkpoint", "export_safetensors", "load_safetensors", "CHECKPOINT_FORMAT"]
@@ -479,8 +479,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                     scale = get(name, e.get("scale"), "scale")
                 else:
                     scale = None if e.get("scale") is None else get(name, e["scale"], "scale")
-                if isinstance(fmt, FloatFormat) and codes.dtype == torch.uint8 and fmt.storage_dtype.itemsize == 1:
-                    codes = codes.view(fmt.storage_dtype)  # a writer that stored fp8 codes as raw bytes
+                stored_as = getattr(fmt, "storage_dtype", None)  # FloatFormat's, or a block-scaled format's elements
+                if stored_as is not None and codes.dtype == torch.uint8 and stored_as.itemsize == 1:
+                    codes = codes.view(stored_as)  # a writer that stored fp8 codes as raw bytes
                 sd[name] = QuantizedTensor(codes, scale, spec, shape, dtype)
             else:
                 raise ValueError(f"{name}: unknown entry kind {e['kind']!r}")

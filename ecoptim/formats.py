@@ -29,7 +29,8 @@ __all__ = [
     "Format", "FloatFormat", "IntFormat", "FP8_E4M3", "FP8_E5M2", "BF16", "FP16", "FP32", "INT8", "INT4",
     "FORMATS", "get_format", "Granularity", "PerTensor", "PerRow", "PerGroup", "Unscaled", "get_granularity",
     "QuantSpec", "FP4_E2M1", "FP4Format", "BlockScaledFormat", "MXFP8", "MXFP4", "NVFP4", "ScaleFormat",
-    "AbsmaxScale", "E8M0Scale", "E4M3TensorScale", "ABSMAX", "SCALE_FORMATS", "get_scale_format",
+    "AbsmaxScale", "E8M0Scale", "E4M3TensorScale", "ABSMAX", "SCALE_FORMATS", "get_scale_format", "E2M1_VALUES",
+    "largest_normal_exponent",
 ]
 
 
