@@ -409,3 +409,15 @@ def test_fsdp_refuses_block_scaled_weights_before_sharding():
         with pytest.raises(ValueError, match="not supported"):
             check_shardable(spec, torch.Size((8, 64)), 2)
     check_shardable(F.QuantSpec.make("fp8_e4m3", "row"), torch.Size((8, 64)), 2)
+
+
+def test_compare_takes_the_block_scaled_formats_with_their_own_block_sizes():
+    from ecoptim.app.cli import build_parser
+    from ecoptim.app.train import make_methods
+
+    for name, gran in (("mxfp8", "group32"), ("mxfp4", "group32"), ("nvfp4", "group16")):
+        args = build_parser().parse_args(["compare", "--format", name])
+        assert args.format == name
+        m = make_methods(name)[f"{name}_eco_sr"]
+        assert (m.format, m.granularity, m.mode, m.rounding) == (name, gran, "eco", "stochastic")
+        assert F.QuantSpec.make(m.format, m.granularity) == F.QuantSpec.make(name)
