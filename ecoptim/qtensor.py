@@ -18,7 +18,7 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from .codec import check_weight, dequantize, quantize
-from .formats import QuantSpec, get_format, get_granularity
+from .formats import QuantSpec, get_format, get_granularity, get_scale_format
 
 __all__ = ["QuantizedTensor", "DequantizedView"]
 
@@ -29,10 +29,16 @@ def _spec_key(spec: QuantSpec) -> tuple[str, str]:
     return str(spec.format), str(spec.granularity)
 
 
+def _scale_key(spec: QuantSpec) -> str:
+    return str(spec.scale)
+
+
 def _rebuild_quantized(codes: torch.Tensor, scale: torch.Tensor | None, fmt: str, gran: str,
                        shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool,
-                       is_param: bool) -> "QuantizedTensor":
-    spec = QuantSpec(get_format(fmt), get_granularity(gran, get_format(fmt)))
+                       is_param: bool, scale_format: str | None = None) -> "QuantizedTensor":
+    # scale_format None: a pickle written before specs named their scale format, i.e. the format's default
+    spec = QuantSpec(get_format(fmt), get_granularity(gran, get_format(fmt)),
+                     None if scale_format is None else get_scale_format(scale_format))
     t = QuantizedTensor(codes, scale, spec, torch.Size(shape), dtype)
     if is_param:
         return torch.nn.Parameter(t, requires_grad=requires_grad)
@@ -88,14 +94,15 @@ class QuantizedTensor(torch.Tensor):
     def __reduce_ex__(self, protocol: int) -> tuple[Any, tuple[Any, ...]]:
         fmt, gran = _spec_key(self.spec)
         return (_rebuild_quantized, (self.codes, self.scale, fmt, gran, tuple(self.shape), self.dtype,
-                                     self.requires_grad, isinstance(self, torch.nn.Parameter)))
+                                     self.requires_grad, isinstance(self, torch.nn.Parameter),
+                                     _scale_key(self.spec)))
 
     def __deepcopy__(self, memo: dict) -> "QuantizedTensor":
         if id(self) in memo:
             return memo[id(self)]
         new = _rebuild_quantized(self.codes.clone(), None if self.scale is None else self.scale.clone(),
                                  *_spec_key(self.spec), tuple(self.shape), self.dtype, self.requires_grad,
-                                 isinstance(self, torch.nn.Parameter))
+                                 isinstance(self, torch.nn.Parameter), _scale_key(self.spec))
         memo[id(self)] = new
         return new
 
@@ -115,7 +122,7 @@ class QuantizedTensor(torch.Tensor):
 
         inner = [(t.dtype, tuple(t.shape), tuple(t.stride()), t.device.type)
                  for t in (self.codes, self.scale) if t is not None]
-        key = repr((type(self).__qualname__, _spec_key(self.spec), tuple(self.shape), self.dtype,
+        key = repr((type(self).__qualname__, _spec_key(self.spec), _scale_key(self.spec), tuple(self.shape), self.dtype,
                     self.requires_grad, inner))
         return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
@@ -256,7 +263,7 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"cannot load a tensor of shape {tuple(src.shape)} into a quantized weight of shape "
                          f"{tuple(dst.shape)}")
     if isinstance(src, QuantizedTensor):
-        if _spec_key(src.spec) != _spec_key(dst.spec):
+        if _spec_key(src.spec) != _spec_key(dst.spec) or _scale_key(src.spec) != _scale_key(dst.spec):
             raise ValueError(f"checkpoint holds a {src.spec} quantized weight but the model expects {dst.spec}; "
                              "quantize the model with the checkpoint's format or load a dense checkpoint")
         if src.codes.shape != dst.codes.shape or (src.scale is None) != (dst.scale is None) or (

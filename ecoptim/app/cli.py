@@ -109,11 +109,12 @@ def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float, methods:
     g.add_argument("--methods", default=methods,
                    help=f"comma-separated methods (default: {methods}); fp32_mw or [<format>_]<row>, rows: "
                         "mw_rtn, mw_sr, naive_rtn, naive_sr, eco_rtn, eco_sr")
-    g.add_argument("--format", default=fmt, choices=["fp8_e4m3", "fp8_e5m2", "int8", "int4"],
+    g.add_argument("--format", default=fmt,
+                   choices=["fp8_e4m3", "fp8_e5m2", "int8", "int4", "mxfp8", "mxfp4", "nvfp4"],
                    help=f"storage format of the quantized rows (default {fmt or 'fp8_e4m3'})")
     g.add_argument("--granularity", type=_granularity, default=None,
                    help="scale granularity: row, tensor, group<G> or G (default: per-row for FP8/INT8, "
-                        "per-tensor for INT4, as in the paper)")
+                        "per-tensor for INT4, as in the paper; group32 for MXFP8/MXFP4, group16 for NVFP4)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batch order and SR (default 0)")
     g.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="fp32",
                    help="AdamW moments of the quantized weights: fp32 (default), bf16 (-4 B/param), 8bit (8-bit "
