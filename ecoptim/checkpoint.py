@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .formats import FloatFormat, QuantSpec, get_format, get_granularity
+from .formats import QuantSpec, get_format, get_granularity, get_scale_format
 from .qtensor import QuantizedTensor
 
 __all__ = ["save_checkpoint", "load_checkpoint", "verify_checkpoint", "export_safetensors", "load_safetensors",
@@ -221,8 +221,9 @@ def _entry_problem(src: Any, dst: torch.Tensor) -> str | None:
         if src.dtype != dst.dtype:
             return f"dtype differs: checkpoint {src.dtype}, model {dst.dtype}"
         return None
-    if (str(src.spec.format), str(src.spec.granularity)) != (str(dst.spec.format), str(dst.spec.granularity)):
-        what = "format" if str(src.spec.format) != str(dst.spec.format) else "granularity"
+    if str(src.spec) != str(dst.spec):
+        what = ("format" if str(src.spec.format) != str(dst.spec.format) else
+                "granularity" if str(src.spec.granularity) != str(dst.spec.granularity) else "scale format")
         return f"{what} differs: checkpoint {src.spec}, model {dst.spec}"
     if src.dtype != dst.dtype:
         return f"compute dtype differs: checkpoint {src.dtype}, model {dst.dtype}"
@@ -230,15 +231,18 @@ def _entry_problem(src: Any, dst: torch.Tensor) -> str | None:
         return (f"codes differ: checkpoint {src.codes.dtype} {tuple(src.codes.shape)}, model {dst.codes.dtype} "
                 f"{tuple(dst.codes.shape)}")
     if dst.scale is not None and src.scale is None:
-        return f"missing scale: the model's {dst.spec} weight needs {dst.scale.numel()} fp32 scales"
+        kind = "fp32" if dst.scale.dtype == torch.float32 else f"{dst.spec.scale} ({_dtype_name(dst.scale.dtype)})"
+        return f"missing scale: the model's {dst.spec} weight needs {dst.scale.numel()} {kind} scales"
     if dst.scale is None and src.scale is not None:
         return f"unexpected scale: the model's {dst.spec} weight is unscaled"
     if src.scale is not None:
-        if src.scale.dtype != torch.float32 or tuple(src.scale.shape) != tuple(dst.scale.shape):
+        if src.scale.dtype != dst.scale.dtype or tuple(src.scale.shape) != tuple(dst.scale.shape):
             return (f"scale differs: checkpoint {src.scale.dtype} {tuple(src.scale.shape)}, model "
                     f"{dst.scale.dtype} {tuple(dst.scale.shape)}")
-        if src.scale.numel() and not bool(((src.scale > 0) & torch.isfinite(src.scale)).all()):
-            return "the checkpoint's scales are not all finite and positive (corrupt checkpoint)"
+        if src.spec.scaled:
+            problem = src.spec.scale.problem(src.scale, src.spec.granularity.blocks(src.shape)[0])
+            if problem is not None:
+                return f"the checkpoint's scale {problem} (corrupt checkpoint)"
     if not _codes_finite(src.codes):
         return "the checkpoint's codes hold NaN/Inf (corrupt checkpoint)"
     return None
@@ -281,7 +285,7 @@ def _expected_state_shape(name: str, p: torch.Tensor, group: dict) -> tuple[int,
     if name == "comp_codes" and spec is not None:
         return (spec.format.code_numel(p.numel()),)
     if name == "comp_scale" and spec is not None:
-        return (spec.granularity.blocks(p.shape)[0],)
+        return spec.scale.stored_shape(spec.granularity.blocks(p.shape)[0])
     return tuple(p.shape)
 
 
@@ -508,6 +512,8 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict
             e = {"kind": "quantized", "format": str(t.spec.format), "granularity": str(t.spec.granularity),
                  "shape": list(t.shape), "dtype": _dtype_name(t.dtype), "codes": put(f"{name}.codes", t.codes),
                  "scale": None if t.scale is None else put(f"{name}.scale", t.scale)}
+            if t.spec.scale != t.spec.format.default_scale:  # named only when not implied by the format
+                e["scale_format"] = str(t.spec.scale)
         else:
             e = {"kind": "dense", "shape": list(t.shape), "dtype": _dtype_name(t.dtype), "data": put(name, t)}
         entries[name] = e
@@ -576,14 +582,17 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 sd[name] = t
             elif e["kind"] == "quantized":
                 fmt = get_format(e["format"])
-                spec = QuantSpec(fmt, get_granularity(e["granularity"], fmt))
+                # no "scale_format": the format's default scale
+                spec = QuantSpec(fmt, get_granularity(e["granularity"], fmt),
+                                 None if e.get("scale_format") is None else get_scale_format(e["scale_format"]))
                 codes = get(name, e.get("codes"), "codes")
                 if spec.scaled:
                     scale = get(name, e.get("scale"), "scale")
                 else:
                     scale = None if e.get("scale") is None else get(name, e["scale"], "scale")
-                if isinstance(fmt, FloatFormat) and codes.dtype == torch.uint8 and fmt.storage_dtype.itemsize == 1:
-                    codes = codes.view(fmt.storage_dtype)  # a writer that stored fp8 codes as raw bytes
+                stored_as = getattr(fmt, "storage_dtype", None)  # FloatFormat's, or a block-scaled format's elements
+                if stored_as is not None and codes.dtype == torch.uint8 and stored_as.itemsize == 1:
+                    codes = codes.view(stored_as)  # a writer that stored fp8 codes as raw bytes
                 sd[name] = QuantizedTensor(codes, scale, spec, shape, dtype)
             else:
                 raise ValueError(f"{name}: unknown entry kind {e['kind']!r}")

@@ -149,11 +149,12 @@ def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float | None, m
     g.add_argument("--methods", default=methods,
                    help=f"comma-separated methods (default: {methods}); fp32_mw or [<format>_]<row>, rows: "
                         "mw_rtn, mw_sr, naive_rtn, naive_sr, eco_rtn, eco_sr")
-    g.add_argument("--format", default=fmt, choices=["fp8_e4m3", "fp8_e5m2", "int8", "int4"],
+    g.add_argument("--format", default=fmt,
+                   choices=["fp8_e4m3", "fp8_e5m2", "int8", "int4", "mxfp8", "mxfp4", "nvfp4"],
                    help=f"storage format of the quantized rows (default {fmt or 'fp8_e4m3'})")
     g.add_argument("--granularity", type=_granularity, default=None,
                    help="scale granularity: row, tensor, group<G> or G (default: per-row for FP8/INT8, "
-                        "per-tensor for INT4, as in the paper)")
+                        "per-tensor for INT4, as in the paper; group32 for MXFP8/MXFP4, group16 for NVFP4)")
     g.add_argument("--seeds", "--seed", dest="seeds", type=_seed_list, default=list(seeds),
                    help=f"comma-separated seeds (default {','.join(map(str, seeds))}); each seed gives every method the same initial weights, "
                         "batches and SR stream; with 2 or more the table reports mean +- sd and 95%% intervals "

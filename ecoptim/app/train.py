@@ -41,11 +41,14 @@ WARMUP_START = 0.01    # x peak lr at step 0 (must be > 0: ECO divides the injec
 FINAL_LR_FRAC = 0.1    # x peak lr at the last step
 
 #: Short names used in method names ("fp8_eco_sr", "int4_eco_sr", ...).
-FORMAT_TAGS = {"fp8_e4m3": "fp8", "fp8_e5m2": "fp8e5m2", "int8": "int8", "int4": "int4"}
+FORMAT_TAGS = {"fp8_e4m3": "fp8", "fp8_e5m2": "fp8e5m2", "int8": "int8", "int4": "int4", "mxfp8": "mxfp8",
+               "mxfp4": "mxfp4", "nvfp4": "nvfp4"}
 #: The paper's scale granularity per format: per-row FP8 for pre-training, per-tensor INT4 for fine-tuning.
-DEFAULT_GRANULARITY = {"fp8_e4m3": "row", "fp8_e5m2": "row", "int8": "row", "int4": "tensor"}
+DEFAULT_GRANULARITY = {"fp8_e4m3": "row", "fp8_e5m2": "row", "int8": "row", "int4": "tensor", "mxfp8": "group32",
+                       "mxfp4": "group32", "nvfp4": "group16"}
 _TAG_TO_FORMAT = {**{v: k for k, v in FORMAT_TAGS.items()}, "e5m2": "fp8_e5m2", "e4m3": "fp8_e4m3"}
-_FORMAT_LABELS = {"fp8_e4m3": "FP8", "fp8_e5m2": "FP8-E5M2", "int8": "INT8", "int4": "INT4"}
+_FORMAT_LABELS = {"fp8_e4m3": "FP8", "fp8_e5m2": "FP8-E5M2", "int8": "INT8", "int4": "INT4", "mxfp8": "MXFP8",
+                  "mxfp4": "MXFP4", "nvfp4": "NVFP4"}
 
 
 @dataclass(frozen=True)
