@@ -388,26 +388,6 @@ def test_fused_equals_reference_on_an_expert_stack(fmt, gran, mode) -> None:
     assert fused.applies(fast.w, fast.w.spec, o_fast.param_groups[0]) == (not transposed)
 
 
-# -- 4. the paper's MoE fine-tune from the command line -----------------------------------------------------
-def test_cli_finetune_qwen3_moe(tmp_path) -> None:
-    import json
-
-    from ecoptim.app.cli import main
-
-    out = tmp_path / "moe"
-    rc = main(["finetune", "--arch", "qwen3-moe", "--pretrain-steps", "4", "--steps", "3", "--batch-size", "2",
-               "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1", "--d-model", "32", "--ffn-hidden", "32",
-               "--methods", "fp32_mw,naive_sr,eco_sr", "--out", str(out), "--quiet", "--threads", "1"])
-    assert rc == 0
-    res = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in res["summary"]] == ["fp32_mw", "int4_naive_sr", "int4_eco_sr"]
-    assert res["config"]["model"]["arch"] == "qwen3-moe" and res["config"]["granularity"] == "row"
-    assert all(r["status"] == "ok" for r in res["summary"])
-    # the experts are stored in INT4: fewer bytes per parameter than the dense row
-    assert res["summary"][2]["bytes_per_param"] < res["summary"][0]["bytes_per_param"]
-    assert (out / "loss_curves.png").exists() and (out / "memory_vs_loss.png").exists()
-
-
 def test_multihead_attention_projections_are_selected() -> None:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
