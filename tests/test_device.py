@@ -171,3 +171,42 @@ def test_quantize_with_stochastic_rounding_gives_the_same_codes_on_cuda():
     b = QuantizedTensor.from_float(w.cuda(), spec, "stochastic", torch.Generator().manual_seed(3))
     assert torch.equal(a.codes.view(torch.uint8), b.codes.view(torch.uint8).cpu()) and torch.equal(a.scale,
                                                                                                     b.scale.cpu())
+
+
+# -- the app and the GPU check on CPU ------------------------------------------------------------------------------
+def test_compare_device_flag(tmp_path, capsys):
+    """``--device cpu`` is today's run (same results); a device torch cannot use is refused with a message."""
+    import json
+
+    from ecoptim.app.cli import main
+    fast = ["compare", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2",
+            "--eval-batches", "1", "--threads", "1", "--quiet", "--steps", "2", "--methods", "fp8_eco_sr"]
+    assert main([*fast, "--out", str(tmp_path / "a")]) == 0
+    assert main([*fast, "--device", "cpu", "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
+    assert a["results"][0]["final_val_loss"] == b["results"][0]["final_val_loss"]
+    assert a["results"][0]["val_curve"] == b["results"][0]["val_curve"]
+    bad = ["tpu"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(SystemExit):
+            main([*fast, "--device", device, "--out", str(tmp_path / "c")])
+        assert "argument --device" in capsys.readouterr().err
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """``benchmarks/gpu_check.py --device cpu --tiny`` runs every stage and writes its JSON and table."""
+    import importlib.util
+    import json
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    rc = gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path),
+                         "--tests", "tests/test_device.py::test_uniforms_are_the_same_function_on_any_device"])
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rc == 0 and not result["errors"] and result["dry_run"], result["errors"]
+    assert result["tests"]["counts"] == {"passed": 1}
+    assert {t["target"] for t in result["targets"]} and all(t["value"] is not None for t in result["targets"])
+    assert result["fp8_matmul"]["dequantize"]["held_bytes"] > result["fp8_matmul"]["fp8"]["held_bytes"]
+    assert "# GPU check on cpu" in (tmp_path / "gpu_check.md").read_text()
