@@ -244,7 +244,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
             lines.append(f"| {r['name']} | {r['step_s'] * 1e3:.2f} | {ratio} | {r['copy_fraction']:.0%} |")
     cmp_ = result.get("compare")
     if cmp_:
-        lines += ["", "## ecoptim compare: tokens/s", "", "| device | method | tokens/s | vs CPU |", "|---|---|---:|---:|"]
+        lines += ["", "## ecoptim compare: tokens/s", "", "| device | method | tokens/s | vs CPU |",
+                  "|---|---|---:|---:|"]
         for dev, run in cmp_["runs"].items():
             for m, v in run.get("tokens_per_s", {"(failed)": float("nan")}).items():
                 sp = cmp_["speedup_vs_cpu"].get(m) if dev != "cpu" else 1.0

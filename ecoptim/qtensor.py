@@ -345,6 +345,8 @@ def fp8_matmul_applies(x: Any, weight: QuantizedTensor, bias: Any = None) -> boo
             and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and x.device == weight.device and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
             and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+            # an E5M2 weight is the left operand (see _scaled_mm_rows), so the token count is a matmul dim too
+            and (spec.format is not FP8_E5M2 or (x.numel() // max(x.shape[-1], 1)) % 16 == 0)
             and weight.codes.is_contiguous() and _fp8_matmul_wanted(x.device))
 
 
@@ -358,10 +360,24 @@ def _rowwise_e4m3(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _weight_scales(weight: QuantizedTensor) -> torch.Tensor:
-    """The weight's fp32 scales as a (1, out) row: one per output row, or the tensor's one repeated."""
+    """The weight's fp32 scales, one per output row (the tensor's one repeated for a per-tensor weight)."""
     n = weight.shape[0]
-    scale = weight.spec.scale.decode(weight.scale).to(torch.float32).reshape(1, -1)
-    return scale.expand(1, n).contiguous() if scale.numel() == 1 else scale
+    scale = weight.spec.scale.decode(weight.scale).to(torch.float32).reshape(-1)
+    return scale.expand(n).contiguous() if scale.numel() == 1 else scale
+
+
+def _scaled_mm_rows(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+    """(a * a_scale[:, None]) @ (b * b_scale[:, None]).T in bf16, for row-major FP8 ``a`` (M, K) and ``b`` (N, K)
+    with fp32 row scales, by ``torch._scaled_mm`` (exact products, fp32 accumulation).
+
+    CUDA's row-wise FP8 kernel takes E5M2 only as its left operand, so an E5M2 ``b`` computes the transposed
+    product (b a^T)^T instead: the same sums."""
+    if b.dtype == torch.float8_e5m2:
+        out = torch._scaled_mm(b, a.t(), scale_a=b_scale.reshape(-1, 1), scale_b=a_scale.reshape(1, -1),
+                               out_dtype=torch.bfloat16)
+        return out.t()
+    return torch._scaled_mm(a, b.t(), scale_a=a_scale.reshape(-1, 1), scale_b=b_scale.reshape(1, -1),
+                            out_dtype=torch.bfloat16)
 
 
 class _FP8Linear(torch.autograd.Function):
@@ -377,11 +393,8 @@ class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
         n, k = weight.shape
-        x2 = x.reshape(-1, k)
-        codes = weight.codes.view(n, k)
-        s_w = _weight_scales(weight)
-        qx, s_x = _rowwise_e4m3(x2)
-        y = torch._scaled_mm(qx, codes.t(), scale_a=s_x, scale_b=s_w, out_dtype=torch.bfloat16).to(x.dtype)
+        qx, s_x = _rowwise_e4m3(x.reshape(-1, k))
+        y = _scaled_mm_rows(qx, s_x, weight.codes.view(n, k), _weight_scales(weight)).to(x.dtype)
         if bias is not None:
             y = y + bias
         ctx.save_for_backward(x, weight)
@@ -395,11 +408,10 @@ class _FP8Linear(torch.autograd.Function):
         dy2 = dy.reshape(-1, n)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            qg, s_g = _rowwise_e4m3(dy2.to(torch.float32) * _weight_scales(weight))
-            codes_t = weight.codes.view(n, k).t().contiguous()  # C as the column-major right operand
-            ones = torch.ones(1, k, dtype=torch.float32, device=dy.device)
-            dx = torch._scaled_mm(qg, codes_t.t(), scale_a=s_g, scale_b=ones, out_dtype=torch.bfloat16)
-            dx = dx.to(x.dtype).reshape(x.shape)
+            qg, s_g = _rowwise_e4m3(dy2.to(torch.float32) * _weight_scales(weight)[None, :])
+            codes_t = weight.codes.view(n, k).t().contiguous()  # C^T row-major: 1 byte per weight, not a dense W
+            ones = torch.ones(k, dtype=torch.float32, device=dy.device)
+            dx = _scaled_mm_rows(qg, s_g, codes_t, ones).to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             dw = dy2.t().mm(x.reshape(-1, k))
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -44,15 +44,21 @@ def _e4m3_bound(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return 2.0 ** -4 * (a.abs() @ w.abs().T) + 2.0 ** -10 * scale * w.abs().sum(dim=1)[None, :]
 
 
+FP8_GPU = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+                             reason="needs a GPU with FP8 matmuls (compute capability >= 8.9)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=FP8_GPU)])
 @pytest.mark.parametrize("fmt,gran", SPECS)
-def test_fp8_linear_agrees_with_the_dequantize_path_within_the_stated_bound(fmt, gran):
+def test_fp8_linear_agrees_with_the_dequantize_path_within_the_stated_bound(fmt, gran, device):
     """Forward and input gradient: the error of E4M3 activations (gradients) plus the bf16 rounding of
     ``_scaled_mm``'s output, element by element; the relative Frobenius error is under 5% (about 2.6% measured).
     The weight and bias gradients are the dense path's maths."""
-    lin = _linear(fmt, gran)
+    lin = _linear(fmt, gran).to(device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 24, 96, generator=g) * torch.logspace(-3, 1, 24)[None, :, None]  # rows of other sizes
-    dy = torch.randn(2, 24, 48, generator=g)
+    rows = torch.logspace(-3, 1, 24)[None, :, None]  # token rows of very different sizes
+    x = (torch.randn(2, 24, 96, generator=g) * rows).to(device)
+    dy = torch.randn(2, 24, 48, generator=g).to(device)
     y0, dx0, dw0, db0 = _forward_backward(lin, x, dy, False)
     y1, dx1, dw1, db1 = _forward_backward(lin, x, dy, True)
     w = lin.weight.dequantize(torch.float32)
@@ -61,7 +67,7 @@ def test_fp8_linear_agrees_with_the_dequantize_path_within_the_stated_bound(fmt,
     assert ((y1 - y0).abs() <= bound_y).all()
     # the input gradient multiplies the E4M3 row-quantized dy * s_w with the codes
     codes = lin.weight.codes.view(48, 96).to(torch.float32)
-    s_w = lin.weight.spec.scale.decode(lin.weight.scale).reshape(1, -1).expand(1, 48)
+    s_w = lin.weight.spec.scale.decode(lin.weight.scale).reshape(1, -1).expand(1, 48).to(device)
     bound_dx = _e4m3_bound(dy.reshape(-1, 48) * s_w, codes.T).reshape(dx0.shape) + slack * dx0.abs() + 1e-6
     assert ((dx1 - dx0).abs() <= bound_dx).all()
     for a, b in ((y1, y0), (dx1, dx0)):
@@ -131,6 +137,7 @@ def test_off_by_default_on_cpu_and_switches(monkeypatch):
 
 @pytest.mark.parametrize("fmt,gran,k,n", [("int8", "row", 96, 48), ("fp8_e4m3", "group32", 96, 48),
                                           ("fp8_e4m3", "row", 90, 48), ("fp8_e4m3", "row", 96, 40),
+                                          ("fp8_e5m2", "row", 96, 48),  # 3 tokens: not a multiple of 16
                                           ("bf16", "none", 96, 48)])
 def test_other_weights_keep_the_dequantize_path(fmt, gran, k, n):
     """Not FP8, other granularities, or matmul dims that are not multiples of 16: the dispatch path, unchanged."""
