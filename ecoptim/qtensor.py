@@ -3,7 +3,9 @@
 It is a wrapper tensor subclass (the torchao pattern): it has the logical shape and compute dtype of the
 weight it replaces but no dense storage of its own. Any torch op that reads it sees the dequantized
 weight (``__torch_dispatch__`` dequantizes on the fly), so ``F.linear(x, weight)`` and autograd work
-unchanged, and the gradient that lands in ``param.grad`` is an ordinary dense tensor.
+unchanged, and the gradient that lands in ``param.grad`` is an ordinary dense tensor. The one exception:
+``F.linear`` of an FP8 weight on a GPU with FP8 matmuls multiplies the FP8 codes directly (``fp8_linear``, within
+a stated tolerance of the dequantized weight's result; ``fp8_matmul`` switches it, see docs/guides/gpu.md).
 
 Boundaries are explicit: ``QuantizedTensor.from_float(w, spec)`` quantizes, ``.dequantize()`` returns
 the dense weight, ``.requantize_(w)`` overwrites codes and scales in place (what optimizers call).
