@@ -301,6 +301,7 @@ _LINEAR = torch.nn.functional.linear
 FP8_MATMUL_ENV = "ECOPTIM_FP8_MATMUL"
 """Environment switch of the FP8 matmul path: 'auto' (default: CUDA GPUs of compute capability >= 8.9),
 '1' (wherever ``torch._scaled_mm`` runs, CPU included) or '0' (never). ``fp8_matmul`` overrides it."""
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # dense tensors (no subclass with its own dispatch)
 _FP8_MAX = 448.0  # float8_e4m3fn's largest finite value: activations and gradients are quantized to E4M3
 _forced: list[bool | None] = [None]  # fp8_matmul's setting (None: the environment's)
@@ -337,15 +338,17 @@ def _fp8_matmul_wanted(device: torch.device) -> bool:
 def fp8_matmul_applies(x: Any, weight: QuantizedTensor, bias: Any = None) -> bool:
     """Whether ``F.linear(x, weight, bias)`` takes the FP8 matmul path (``fp8_linear``): the switch is on
     (``fp8_matmul``), ``weight`` is a 2-D FP8 (E4M3/E5M2) weight with per-row or per-tensor scales stored in
-    logical order, ``x`` a plain fp32/bf16/fp16 tensor of the weight's dtype and device, and both matmul
-    dimensions (in and out features) multiples of 16 (what ``torch._scaled_mm`` needs on a GPU)."""
+    logical order, ``x`` a non-empty plain fp32/bf16/fp16 tensor on the weight's device, of the weight's dtype
+    (any of them under autocast), and both matmul dimensions (in and out features) multiples of 16 (what
+    ``torch._scaled_mm`` needs on a GPU)."""
     spec = weight.spec
     gran = spec.granularity
     return (type(x) in _PLAIN and (bias is None or type(bias) in _PLAIN)
             and spec.format in (FP8_E4M3, FP8_E5M2) and weight.dim() == 2
             and (isinstance(gran, PerTensor) or (isinstance(gran, PerRow) and not gran.transposed))
-            and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and x.device == weight.device and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
+            and x.dtype in _FLOATS and x.device == weight.device
+            and (x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type))
+            and x.dim() >= 1 and x.numel() > 0 and x.shape[-1] == weight.shape[1]
             and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
             # an E5M2 weight is the left operand (see _scaled_mm_rows), so the token count is a matmul dim too
             and (spec.format is not FP8_E5M2 or (x.numel() // max(x.shape[-1], 1)) % 16 == 0)
@@ -388,19 +391,21 @@ class _FP8Linear(torch.autograd.Function):
     forward:   y  = scaled_mm(q(x), C^T; s_x, s_w)                 (q: row-wise E4M3, s_x its row scales)
     backward:  dx = scaled_mm(q(dy * s_w), C; s_g, 1)              (W's scales folded into dy: they run along
                                                                    this matmul's reduction dim)
-               dW = dy^T x                                         (dense, in the compute dtype, as F.linear's)
+               dW = dy^T x                                         (dense, in dy's dtype, as F.linear's)
     ``torch._scaled_mm`` multiplies the FP8 operands exactly and accumulates in fp32; its row-wise form returns
-    bf16, cast to the compute dtype."""
+    bf16, cast to ``out_dtype`` (the compute dtype, or autocast's). Each gradient comes back in its input's
+    dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
         n, k = weight.shape
         qx, s_x = _rowwise_e4m3(x.reshape(-1, k))
-        y = _scaled_mm_rows(qx, s_x, weight.codes.view(n, k), _weight_scales(weight)).to(x.dtype)
+        y = _scaled_mm_rows(qx, s_x, weight.codes.view(n, k), _weight_scales(weight)).to(out_dtype)
         if bias is not None:
-            y = y + bias
+            y = y + bias.to(out_dtype)
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y.reshape(*x.shape[:-1], n)
 
     @staticmethod
@@ -415,10 +420,10 @@ class _FP8Linear(torch.autograd.Function):
             ones = torch.ones(k, dtype=torch.float32, device=dy.device)
             dx = _scaled_mm_rows(qg, s_g, codes_t, ones).to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            dw = dy2.t().mm(x.reshape(-1, k))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0)
-        return dx, dw, db
+            dw = dy2.t().mm(x.reshape(-1, k).to(dy2.dtype)).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            db = dy2.sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None
 
 
 def fp8_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -427,5 +432,7 @@ def fp8_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | No
     weight's scales applied as matmul scales; the weight gradient is dense, as F.linear's. Agrees with the
     dequantize path within the rounding of the activations to E4M3 (relative error <= 2^-4 per element;
     ``tests/test_scaled_mm.py`` bounds the relative Frobenius error at 5%). Call it only where
-    ``fp8_matmul_applies``."""
-    return _FP8Linear.apply(x, weight, bias)
+    ``fp8_matmul_applies``. Under autocast the output has autocast's dtype, as F.linear's."""
+    device_type = x.device.type
+    out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    return _FP8Linear.apply(x, weight, bias, out_dtype)

@@ -192,3 +192,30 @@ def test_fp8_path_is_the_default_only_on_fp8_tensor_core_gpus():
         assert fp8_matmul_applies(torch.randn(4, 96, device="cuda"), lin.weight, lin.bias) == want
     else:
         assert not qtensor.fp8_matmul_applies(torch.randn(4, 96), _linear("fp8_e4m3", "row").weight)
+
+
+def test_under_autocast_the_output_has_autocasts_dtype():
+    """Under bf16 autocast (an fp32 weight, bf16 activations from the layer before): the FP8 path applies, returns
+    bf16 like F.linear under autocast, within the tolerance, and the gradients keep their inputs' dtypes."""
+    lin = _linear("fp8_e4m3", "row")
+    x = torch.randn(32, 96, dtype=torch.bfloat16, requires_grad=True)
+    outs = []
+    for enabled in (False, True):
+        x.grad = None
+        lin.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), fp8_matmul(enabled):
+            assert fp8_matmul_applies(x, lin.weight, lin.bias) == enabled
+            y = lin(x)
+        y.float().square().sum().backward()
+        outs.append((y.detach().float(), x.grad.float(), lin.weight.grad, lin.bias.grad))
+        assert y.dtype == x.grad.dtype == torch.bfloat16
+        assert lin.weight.grad.dtype == lin.bias.grad.dtype == torch.float32
+    for a, b in zip(outs[1], outs[0]):
+        assert float((a - b).norm() / b.norm()) < 0.05  # about 3.3% at most: dy = 2y carries y's error on
+
+
+def test_an_empty_batch_keeps_the_dequantize_path():
+    lin = _linear("fp8_e4m3", "row")
+    with fp8_matmul(True):
+        assert not fp8_matmul_applies(torch.randn(0, 96), lin.weight, lin.bias)
+        assert lin(torch.randn(0, 96)).shape == (0, 48)
