@@ -302,7 +302,13 @@ FP8_MATMUL_ENV = "ECOPTIM_FP8_MATMUL"
 """Environment switch of the FP8 matmul path: 'auto' (default: CUDA GPUs of compute capability >= 8.9),
 '1' (wherever ``torch._scaled_mm`` runs, CPU included) or '0' (never). ``fp8_matmul`` overrides it."""
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # dense tensors (no subclass with its own dispatch)
+
+
+def _dense(t: Any) -> bool:
+    """A tensor with dense values of its own (under torch.compile a fake or functional one), not a quantized
+    weight or a view of one."""
+    return isinstance(t, torch.Tensor) and not isinstance(t, (QuantizedTensor, DequantizedView))
+
 _FP8_MAX = 448.0  # float8_e4m3fn's largest finite value: activations and gradients are quantized to E4M3
 _forced: list[bool | None] = [None]  # fp8_matmul's setting (None: the environment's)
 
@@ -343,7 +349,7 @@ def fp8_matmul_applies(x: Any, weight: QuantizedTensor, bias: Any = None) -> boo
     ``torch._scaled_mm`` needs on a GPU)."""
     spec = weight.spec
     gran = spec.granularity
-    return (type(x) in _PLAIN and (bias is None or type(bias) in _PLAIN)
+    return (_dense(x) and (bias is None or _dense(bias))
             and spec.format in (FP8_E4M3, FP8_E5M2) and weight.dim() == 2
             and (isinstance(gran, PerTensor) or (isinstance(gran, PerRow) and not gran.transposed))
             and x.dtype in _FLOATS and x.device == weight.device
