@@ -309,6 +309,7 @@ def _dense(t: Any) -> bool:
     weight or a view of one."""
     return isinstance(t, torch.Tensor) and not isinstance(t, (QuantizedTensor, DequantizedView))
 
+
 _FP8_MAX = 448.0  # float8_e4m3fn's largest finite value: activations and gradients are quantized to E4M3
 _forced: list[bool | None] = [None]  # fp8_matmul's setting (None: the environment's)
 
