@@ -79,7 +79,11 @@ def run_optim_step(device: str, tiny: bool, out: Path) -> dict[str, Any]:
              "--only", f"{TORCH_ROW},{ECO_ROW},torchao,torch-optimi"] if tiny
             else ["--repeats", "10", "--warmup", "3"])
     argv = ["--device", device, *size, "--out", str(out)]
-    meta, rows = optim_step.main(argv)
+    threads = torch.get_num_threads()
+    try:
+        meta, rows = optim_step.main(argv)
+    finally:  # optim_step sets torch's thread count for its run; a caller's own setting comes back
+        torch.set_num_threads(threads)
     return {"argv": argv, "meta": meta, "rows": rows}
 
 

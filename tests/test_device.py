@@ -202,8 +202,10 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
+    threads = torch.get_num_threads()
     rc = gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path),
                          "--tests", "tests/test_device.py::test_uniforms_are_the_same_function_on_any_device"])
+    assert torch.get_num_threads() == threads  # the suite's setting survives the benchmark inside
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert rc == 0 and not result["errors"] and result["dry_run"], result["errors"]
     assert result["tests"]["counts"] == {"passed": 1}
