@@ -117,11 +117,12 @@ def linear_memory(device: str, n: int = 4096, k: int = 4096, tokens: int = 2048,
     time of ``repeats`` runs. CPU: the allocator's events (``_cpu_bytes``); CUDA: torch.cuda's memory stats."""
     from torch.profiler import record_function
     dev = torch.device(device)
-    torch.manual_seed(0)
-    lin = ecoptim.quantize_(nn.Sequential(nn.Linear(k, n, bias=False)), "fp8_e4m3", "row",
-                            filter_fn=lambda m, name: isinstance(m, nn.Linear))[0].to(dev, dtype)
-    x = torch.randn(tokens, k, device=dev, dtype=dtype, requires_grad=True)
-    dy = torch.randn(tokens, n, device=dev, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):  # seeded here, leaving a caller's global RNG as it was
+        torch.manual_seed(0)
+        lin = ecoptim.quantize_(nn.Sequential(nn.Linear(k, n, bias=False)), "fp8_e4m3", "row",
+                                filter_fn=lambda m, name: isinstance(m, nn.Linear))[0].to(dev, dtype)
+        x = torch.randn(tokens, k, dtype=dtype).to(dev).requires_grad_(True)
+        dy = torch.randn(tokens, n, dtype=dtype).to(dev)
     out: dict[str, Any] = {"shape": [n, k], "tokens": tokens, "dtype": str(dtype), "device": str(dev),
                            "dense_weight_bytes": n * k * torch.tensor([], dtype=dtype).element_size()}
     for name, enabled in (("dequantize", False), ("fp8", True)):

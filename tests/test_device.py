@@ -76,8 +76,8 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], where: 
 
 
 def _kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every C entry point as it is for a tensor off the CPU: not there. ``kernels.uniform`` (called directly,
-    not through a gate) raises, so a call that slipped past its gate fails the test."""
+    """Every C entry point as it is for a tensor off the CPU: not there. ``kernels.uniform`` and the fused op's
+    runner (called directly, not through a gate) raise, so a call that slipped past its gate fails the test."""
     monkeypatch.setattr(kernels, "_lib", None)
     monkeypatch.setattr(kernels, "_tried", True)
 
@@ -85,6 +85,7 @@ def _kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("CPU-only C code called")
 
     monkeypatch.setattr(kernels, "uniform", forbidden)
+    monkeypatch.setattr(fused, "run", forbidden)
 
 
 # -- keys ------------------------------------------------------------------------------------------------------
