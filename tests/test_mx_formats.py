@@ -324,7 +324,7 @@ def test_spec_names_and_bad_input():
 
 
 # -- optimizers --------------------------------------------------------------------------------------
-def test_the_fused_kernel_never_takes_an_mx_or_nvfp4_weight():
+def test_the_fused_kernel_never_takes_an_mx_or_nvfp4_weight_placeholder():
     w = torch.randn(8, 64)
     group = {"lr": 1e-3, "mode": "eco"}
     for spec in (F.QuantSpec.make("mxfp8"), F.QuantSpec.make("mxfp4"), F.QuantSpec.make("nvfp4"),
