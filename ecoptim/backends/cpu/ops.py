@@ -100,8 +100,9 @@ def _run(args: list[StepArgs]) -> torch.Tensor:
     arr = (ctypes.POINTER(StepArgs) * len(args))(*[ctypes.pointer(a) for a in args])
     rc = lib.eco_step_many(arr, len(args), torch.get_num_threads())
     if rc == -2:
-        raise ValueError("ecoptim fused step: 8-bit state blocks that do not tile the weight blocks, or kahan "
-                         "blocks too large for the kernel; nothing was modified")
+        raise ValueError("ecoptim fused step: 8-bit state blocks that do not tile the weight blocks, kahan "
+                         "blocks too large for the kernel, or a two-level (NVFP4) scale in mode 'kahan' or with "
+                         "blocks over 65536 elements; nothing was modified")
     if rc != 0:
         raise MemoryError("ecoptim fused step: could not allocate its block scratch; nothing was modified")
     return torch.tensor([a.result.nonfinite_blocks for a in args], dtype=torch.int64)
