@@ -243,3 +243,42 @@ def test_mx_formats_in_the_scalar_and_avx2_builds(tmp_path, march, isa):
         cc.chmod(0o755)
         cc = str(cc)
     tk._in_another_build(tmp_path, march, _OTHER_BUILD_SCRIPT.format(isa=isa), cc=cc)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_mx_scales_at_the_ends_of_the_fp32_range(name, rounding):
+    """Blocks near fp32's largest value (E8M0 exponents clamped at 127 - emax, where even the ceil rule clamps)
+    and of fp32 subnormals (exponents clamped at -127, scales that are fp32 subnormals themselves)."""
+    shape = (6, 64)
+    spec = SPECS[name]
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    w[0] *= 3e38 / w[0].abs().max()
+    w[1] *= 1e-40
+    w[2] *= 1e-44
+    w[3, :32] *= 1e30
+    for opt_cls, kw in (tk.CASES["adamw"], tk.CASES["sgd"]):
+        lin = nn.Linear(shape[1], shape[0], bias=False)
+        lin.weight = nn.Parameter(QuantizedTensor.from_float(w, spec))
+        ref, fast = nn.Sequential(lin), copy.deepcopy(nn.Sequential(lin))
+        o_ref = opt_cls(ref.parameters(), fused=False, rounding=rounding, **kw)
+        o_fast = opt_cls(fast.parameters(), rounding=rounding, **kw)
+        assert _applies(fast, o_fast)
+        tk._run(ref, fast, o_ref, o_fast, shape, steps=3, scales=(1e-3, 1e-40, 0.0))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("spec,shape", [(F.QuantSpec(F.FP8_E4M3, F.PerTensor(), F.E8M0Scale("ceil")), (300, 301)),
+                                        (F.QuantSpec(F.FP4_E2M1, F.PerRow(), F.E8M0Scale("floor")), (2, 70000)),
+                                        (F.QuantSpec(F.FP4_E2M1, F.PerTensor(), F.E4M3TensorScale()), (64, 1000))])
+def test_mx_scales_of_large_blocks(threads, spec, shape):
+    """E8M0 scales over blocks larger than the kernel's in-cache limit (swept in ranges by all threads), and a
+    per-tensor two-level scale (one block, at the limit's side)."""
+    lin = nn.Linear(shape[1], shape[0], bias=False)
+    lin.weight = nn.Parameter(QuantizedTensor.from_float(torch.randn(shape), spec))
+    ref, fast = nn.Sequential(lin), copy.deepcopy(nn.Sequential(lin))
+    with tk._threads(threads):
+        o_ref = ecoptim.AdamW(ref.parameters(), fused=False, rounding="stochastic", **tk.ADAMW)
+        o_fast = ecoptim.AdamW(fast.parameters(), rounding="stochastic", **tk.ADAMW)
+        assert _applies(fast, o_fast)
+        tk._run(ref, fast, o_ref, o_fast, shape, steps=2)
