@@ -6,7 +6,6 @@ kernel derives from the whole tensor's absmax in a first pass. Every test compar
 states with ``torch.equal`` after every step.
 """
 import copy
-import itertools
 
 import pytest
 import torch

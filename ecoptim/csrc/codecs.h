@@ -19,7 +19,9 @@ static inline int fp8_mantissa_bits(const int fmt) {
 static inline int fp8_min_exponent(const int fmt) {
     return fmt == ECO_FORMAT_FP8_E4M3 ? -6 : fmt == ECO_FORMAT_FP4_E2M1 ? 0 : -14;
 }
-static inline int fp8_bias(const int fmt) { return fmt == ECO_FORMAT_FP8_E4M3 ? 7 : fmt == ECO_FORMAT_FP4_E2M1 ? 1 : 15; }
+static inline int fp8_bias(const int fmt) {
+    return fmt == ECO_FORMAT_FP8_E4M3 ? 7 : fmt == ECO_FORMAT_FP4_E2M1 ? 1 : 15;
+}
 /* formats whose codes are packed two per byte, element 2i in the low nibble */
 static inline int packed_nibbles(const int fmt) { return fmt == ECO_FORMAT_INT4 || fmt == ECO_FORMAT_FP4_E2M1; }
 
@@ -126,7 +128,8 @@ static inline void store_code(void *codes, int64_t j, float q, const int fmt) {
         uint8_t *byte = (uint8_t *)codes + (j >> 1);
         const int sh = 4 * (int)(j & 1);
         /* fp4: encode_fp8's fields with the sign moved from bit 7 to bit 3 */
-        const int nib = fmt == ECO_FORMAT_INT4 ? (int)q + 8 : encode_fp8(fabsf(q), 1, 1) | (int)((f_bits(q) >> 28) & 8u);
+        const int nib =
+            fmt == ECO_FORMAT_INT4 ? (int)q + 8 : encode_fp8(fabsf(q), 1, 1) | (int)((f_bits(q) >> 28) & 8u);
         *byte = (uint8_t)((*byte & ~(0xF << sh)) | (nib << sh));
     } else {
         ((uint8_t *)codes)[j] = encode_fp8(q, fp8_mantissa_bits(fmt), fp8_bias(fmt));

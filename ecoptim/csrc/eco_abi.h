@@ -4,7 +4,7 @@
 #define ECO_ABI_H
 #include <stdint.h>
 
-#define ECO_ABI_HASH 0xed085179u
+#define ECO_ABI_HASH 0xa9900f93u
 
 /* eco_format */
 #define ECO_FORMAT_FP8_E4M3 0 /* fp8 codes (3 mantissa bits, bias 7, max 448) */
@@ -18,7 +18,7 @@
 #define ECO_SCALE_ABSMAX 0 /* fp32 X = absmax / format_max per block (formats.AbsmaxScale) */
 #define ECO_SCALE_E8M0_FLOOR 1 /* one E8M0 byte per block, X = 2^(code - 127), OCP MX's floor rule */
 #define ECO_SCALE_E8M0_CEIL 2 /* as ECO_SCALE_E8M0_FLOOR, the exponent raised where floor's would clamp */
-#define ECO_SCALE_E4M3_TENSOR 3 /* one E4M3 byte s_b per block then the fp32 s_t's 4 bytes, X = s_b * s_t (NVFP4); blocks of at most 65536 elements, not with 'kahan' */
+#define ECO_SCALE_E4M3_TENSOR 3 /* E4M3 s_b per block, then fp32 s_t's 4 bytes: X = s_b * s_t (NVFP4) */
 
 /* eco_dtype */
 #define ECO_DTYPE_FP32 0 /* float */

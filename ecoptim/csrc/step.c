@@ -221,7 +221,8 @@ static void *team_run(void *p) {
         eco_step_args *a = tm->args[k];
         const int64_t bs = a->weights.block_size, nb = a->weights.num_blocks;
         if (nb <= 0 || bs <= 0 || !two_level(a)) continue;
-        const int64_t per = (nb + nt - 1) / nt, b0 = tid * per < nb ? tid * per : nb, b1 = b0 + per < nb ? b0 + per : nb;
+        const int64_t per = (nb + nt - 1) / nt, b0 = tid * per < nb ? tid * per : nb;
+        const int64_t b1 = b0 + per < nb ? b0 + per : nb;
         float *dn = wt + bs, *mf = dn + bs, *vn = mf + bs;
         astat st = {0.0f, INFINITY, 0};
         for (int64_t b = b0; b < b1; b++) astat_merge(&st, sweep_a_checked(a, b, 0, bs, wt, dn, mf, vn));

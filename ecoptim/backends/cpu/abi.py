@@ -36,8 +36,7 @@ ENUMS: dict[str, list[tuple[str, int, str]]] = {
         ("ECO_SCALE_ABSMAX", 0, "fp32 X = absmax / format_max per block (formats.AbsmaxScale)"),
         ("ECO_SCALE_E8M0_FLOOR", 1, "one E8M0 byte per block, X = 2^(code - 127), OCP MX's floor rule"),
         ("ECO_SCALE_E8M0_CEIL", 2, "as ECO_SCALE_E8M0_FLOOR, the exponent raised where floor's would clamp"),
-        ("ECO_SCALE_E4M3_TENSOR", 3, "one E4M3 byte s_b per block then the fp32 s_t's 4 bytes, X = s_b * s_t "
-                                     "(NVFP4); blocks of at most 65536 elements, not with 'kahan'"),
+        ("ECO_SCALE_E4M3_TENSOR", 3, "E4M3 s_b per block, then fp32 s_t's 4 bytes: X = s_b * s_t (NVFP4)"),
     ],
     "eco_dtype": [
         ("ECO_DTYPE_FP32", 0, "float"),

@@ -175,7 +175,8 @@ def sgd_step_cpu(codes, scales, grads, momentum_buffers, master_weights, carried
     _check_lists(n, scales=scales, grads=grads, momentum_buffers=momentum_buffers, master_weights=master_weights,
                  carried_errors=carried_errors, compensation_codes=compensation_codes,
                  compensation_scales=compensation_scales, formats=formats, scale_formats=scale_formats,
-                 block_sizes=block_sizes, first_steps=first_steps, injection_coefs=injection_coefs, grad_scales=grad_scales)
+                 block_sizes=block_sizes, first_steps=first_steps, injection_coefs=injection_coefs,
+                 grad_scales=grad_scales)
     if stochastic and len(sr_keys) != 2 * n:
         raise ValueError("ecoptim fused step: stochastic rounding needs two sr_keys per tensor")
     keep: list[torch.Tensor] = []
