@@ -281,3 +281,36 @@ def test_mx_scales_of_large_blocks(threads, spec, shape):
         o_fast = ecoptim.AdamW(fast.parameters(), rounding="stochastic", **tk.ADAMW)
         assert _applies(fast, o_fast)
         tk._run(ref, fast, o_ref, o_fast, shape, steps=2)
+
+
+@pytest.mark.parametrize("spec,shape", [(F.QuantSpec(F.FP4_E2M1, F.PerTensor()), (5, 7)),
+                                        (F.QuantSpec(F.FP4_E2M1, F.PerTensor(), F.E4M3TensorScale()), (5, 7)),
+                                        (F.QuantSpec(F.FP4_E2M1, F.PerTensor(), F.E8M0Scale("ceil")), (5, 7)),
+                                        (F.QuantSpec(F.FP4_E2M1, F.PerRow(), F.E8M0Scale("floor")), (13, 46)),
+                                        (F.QuantSpec(F.FP4_E2M1, F.PerRow(), F.E4M3TensorScale()), (13, 46))])
+@pytest.mark.parametrize("case", ["adamw", "adamw-8bit-states-b8", "sgd"])
+def test_mx_tails_and_odd_sizes(spec, shape, case):
+    """Rows that are not a multiple of the vector width (scalar tails) and a packed tensor of odd size (its last
+    byte's high nibble is padding, which both paths leave as the code of +0); 8-bit moments in blocks of 8, which
+    tile none of these blocks, are decoded to fp32 around the kernel."""
+    opt_cls, kw = tk.CASES[case]
+    lin = nn.Linear(shape[1], shape[0], bias=False)
+    lin.weight = nn.Parameter(QuantizedTensor.from_float(_weights(shape), spec))
+    ref, fast = nn.Sequential(lin), copy.deepcopy(nn.Sequential(lin))
+    o_ref = opt_cls(ref.parameters(), fused=False, rounding="stochastic", **kw)
+    o_fast = opt_cls(fast.parameters(), rounding="stochastic", **kw)
+    assert _applies(fast, o_fast)
+    tk._run(ref, fast, o_ref, o_fast, shape, steps=3)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_nvfp4_with_8bit_moments_that_tile_its_blocks(rounding):
+    """8-bit moments in blocks of 8 or 16 tile NVFP4's blocks of 16: the kernel reads and writes them in both
+    passes' sweeps."""
+    for case in ("adamw-8bit-states-b8", "adamw-8bit-sr-states"):
+        opt_cls, kw = tk.CASES[case]
+        shape = (24, 96)
+        ref, fast, o_ref, o_fast = _pair("nvfp4", shape, opt_cls, rounding=rounding, **kw)
+        p = next(fast.parameters())
+        assert fused.state8_fits(p, p.spec, kw["state_dtype"].block_size)
+        tk._run(ref, fast, o_ref, o_fast, shape, steps=3)
