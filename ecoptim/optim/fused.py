@@ -26,13 +26,13 @@ Applies to: CPU tensors stored as ``QuantizedTensor`` with FP8 (E4M3, E5M2), INT
 codes and an absmax scale (per row / group / tensor; packed blocks of even size), the MX formats (MXFP8, MXFP4,
 or any of those elements with an E8M0 scale, either rule) and NVFP4 (E4M3 x fp32 two-level scale: blocks of at
 most 65536 elements, not in mode 'kahan'; the kernel sweeps the tensor twice, once for its absmax), or BF16
-codes (unscaled); modes 'eco' and
-'naive', and 'master' / 'exact' (the kernel then reads the fp32 master weights instead of the codes, or adds
-the carried error to them, and writes them back; ``attach_mode_buffer``), and 'kahan' with blocks of at most
-65536 elements (the kernel adds the stored compensation to w_til, and a third sweep quantizes the rounding error
-w_til - w_hat, still in the block's scratch, with its own scale into the compensation; ``attach_compensation``);
-lr > 0; fp32, bf16 or fp16 gradients. Anything else (a larger kahan block, FP16 storage, a custom
-``Format.round``, CUDA tensors), or a machine without a C compiler, takes the reference path.
+codes (unscaled); modes 'eco' and 'naive', and 'master' / 'exact' (the kernel then reads the fp32 master weights
+instead of the codes, or adds the carried error to them, and writes them back; ``attach_mode_buffer``), and
+'kahan' with blocks of at most 65536 elements (the kernel adds the stored compensation to w_til, and a third
+sweep quantizes the rounding error w_til - w_hat, still in the block's scratch, with its own scale into the
+compensation; ``attach_compensation``); lr > 0; fp32, bf16 or fp16 gradients. Anything else (a larger kahan
+block, NVFP4 in mode 'kahan', FP16 storage, a custom ``Format.round``, CUDA tensors), or a machine without a C
+compiler, takes the reference path.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ import torch
 
 from .. import kernels, ops
 from ..backends.cpu import ops as cpu_ops  # registers the CPU kernels of the ops
-from ..formats import BF16, FORMATS, E4M3TensorScale, Format, PerRow, QuantSpec
+from ..formats import BF16, FORMATS, SCALE_FORMATS, E4M3TensorScale, Format, PerRow, QuantSpec
 from ..qtensor import QuantizedTensor
 from .state8 import search_tables
 
@@ -53,6 +53,7 @@ __all__ = ["applies", "Job", "run", "adamw_job", "sgd_job", "state8_fits", "atta
 # the kernel knows these formats' grids by heart (e.g. E4M3: 3 mantissa bits, emin -6, max 448); others (an equal
 # name with another grid included) take the reference path
 _KERNEL_FORMATS = frozenset(FORMATS[name] for name in cpu_ops.FORMATS)
+_KERNEL_SCALES = frozenset(SCALE_FORMATS[name] for name in cpu_ops.SCALE_FORMATS)  # likewise the scale formats
 _SPLIT = 65536  # csrc/step.c's SPLIT: larger blocks are swept in ranges shared by the threads
 
 
@@ -66,7 +67,7 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
         return False
     f, g = spec.format, p.grad  # called per parameter per step: each attribute is read once
     return (f in _KERNEL_FORMATS and type(f).round is Format.round  # a custom rounding override needs the reference
-            and spec.scale.name in cpu_ops.SCALE_FORMATS and _two_level_ok(p, spec, group["mode"])
+            and spec.scale in _KERNEL_SCALES and _two_level_ok(p, spec, group["mode"])
             and spec.scaled == (f is not BF16) and p.is_cpu
             and not spec.granularity.transposed  # codes in another order than the grad and moments (Conv1D)
             and group["mode"] in ("eco", "naive", "master", "exact", "kahan") and group["lr"] > 0
