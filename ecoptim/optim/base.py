@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -149,6 +151,61 @@ class ParamStep:
     grad: torch.Tensor
     state: dict[str, Any]
     spec: QuantSpec | None
+
+
+_GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
+_LAYOUT = operator.attrgetter("layout")
+_VERSION = operator.attrgetter("_version")
+_CODES = operator.attrgetter("codes")
+_SCALE = operator.attrgetter("scale")
+_SPEC = operator.attrgetter("spec")
+
+
+def _same_settings(a: dict, b: dict) -> bool:
+    # a group's settings, compared without tensor arithmetic: a tensor setting counts as unchanged only if it is
+    # the same object
+    return a.keys() == b.keys() and all(
+        x is y or (not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and type(x) is type(y)
+                   and x == y) for x, y in zip(a.values(), (b[k] for k in a)))
+
+
+def _settings(group: dict) -> dict:
+    # what decides how a group is stepped, except its tensors and lr (a scheduler's lr is read every step)
+    return {k: v for k, v in group.items() if k not in ("params", "lr")}
+
+
+@dataclass(eq=False)
+class _GroupPlan:
+    """What a param group's step repeats from one step to the next (``QuantOptimizer.step``): which parameters
+    the kernel steps and the op call that steps them (``fused.GroupCall``), with everything they were derived
+    from, so that a change is detected before the step (``QuantOptimizer._step_planned``) and the group then
+    takes the full route, which plans it anew. Checked every step, with one C-level pass per item over the
+    group's parameters: the group's parameter list (identity), which have a gradient, the group's settings, each
+    kernel parameter's spec, codes and scale (identity and version), state dict and every value in it
+    (identity), its gradient's dtype, shape and layout. The op's CPU kernel checks the data pointers and dtypes
+    it packs itself (``backends/cpu/ops.py``)."""
+
+    group: dict
+    params: list[torch.Tensor]
+    no_grad: list[bool]
+    settings: dict
+    kernel_index: list[int]
+    kernel: list[torch.Tensor]
+    dense: list[torch.Tensor]
+    specs: list[QuantSpec]
+    codes: list[torch.Tensor]
+    scales: list[torch.Tensor | None]
+    weight_tensors: list[torch.Tensor]
+    versions: list[int]
+    states: list[dict]
+    state_values: list[Any]
+    grad_dtypes: list[torch.dtype]
+    grad_shapes: list[torch.Size]
+    grad_layouts: list[torch.layout]
+    step_counts: list[torch.Tensor]
+    call: _fused.GroupCall
 
 
 class QuantOptimizer(Optimizer):
@@ -352,9 +409,26 @@ class QuantOptimizer(Optimizer):
             return loss
         grad_scale = clip.scale if clip is not None else None
         skipped = 0
+        # a group's plan is kept only where this class steps a group's own parameters the base class's way
+        plans: dict[int, _GroupPlan] | None = self.__dict__.setdefault("_step_plans", {}) if (
+            type(self)._params_to_step is QuantOptimizer._params_to_step
+            and type(self).step_group is QuantOptimizer.step_group) else None
         for group in self.param_groups:
+            plan = plans.get(id(group)) if plans is not None else None
+            if plan is not None and plan.group is group:
+                n = self._step_planned(plan, grad_scale, blocks)
+                if n is not None:
+                    skipped += n
+                    continue
             with self._params_to_step(group) as params:
-                skipped += self.step_group(group, params, grad_scale=grad_scale, skip_nonfinite=blocks)
+                n, kernel_step = self._step_group(group, params, grad_scale, blocks)
+            skipped += n
+            if plans is not None:
+                plan = self._plan(group, kernel_step)
+                if plan is None:
+                    plans.pop(id(group), None)
+                else:
+                    plans[id(group)] = plan
         if skipped:
             self.skipped_blocks += skipped
             warnings.warn(f"ecoptim: {skipped} blocks (rows/groups/tensors) had NaN/Inf updates this step and were "
@@ -391,16 +465,23 @@ class QuantOptimizer(Optimizer):
         draws them: the kernel's parameters all at once (``_start_kernel_steps``), unless a quantized parameter
         on the reference path stands between them; that one draws its key in its turn, so then every kernel
         parameter draws its own in its turn too."""
+        return self._step_group(group, params, grad_scale, skip_nonfinite)[0]
+
+    def _step_group(self, group: dict, params: list[ParamStep], grad_scale: float | None,
+                    skip_nonfinite: bool) -> tuple[int, tuple[list[ParamStep], list[_fused.Job]] | None]:
+        """``step_group``, also returning the kernel's parameters and jobs if they were stepped together in one
+        op call after their keys were drawn at once (what a ``_GroupPlan`` repeats), else None."""
         kernel = [_fused.applies(p.param, p.spec, group) for p in params]
         together = all(k or p.spec is None for p, k in zip(params, kernel))
         keys = iter(self._start_kernel_steps(group, [p for p, k in zip(params, kernel) if k]) if together else ())
-        skipped, jobs, job_params = 0, [], []
+        skipped, jobs, job_params, alone = 0, [], [], False
         for p, k in zip(params, kernel):
             if k:
                 key = next(keys) if together else self._start_kernel_steps(group, [p])[0]
                 job = self._kernel_job(p, group, key, grad_scale)
                 if job.after is not None:  # fp32 working moments: stepped alone, now, so that only one tensor's
                     _fused.run([job])       # working copies exist at a time
+                    alone = True
                 else:  # stepped below, all together: one kernel call, one thread team per group
                     jobs.append(job)
                     job_params.append(p)
@@ -413,6 +494,95 @@ class QuantOptimizer(Optimizer):
                 skipped += n_bad
                 if n_bad == job.num_blocks:  # nothing of it was updated: its step did not happen
                     p.state["step"] -= 1
+        return skipped, ((job_params, jobs) if together and jobs and not alone else None)
+
+    def _plan(self, group: dict, kernel_step: tuple[list[ParamStep], list[_fused.Job]] | None) -> _GroupPlan | None:
+        """The plan repeating this step of ``group`` (just taken by ``_step_group``) in later steps, or None
+        where it cannot be repeated that way (see ``_GroupPlan`` and ``fused.GroupCall.of``)."""
+        if kernel_step is None:
+            return None
+        job_params, jobs = kernel_step
+        call = _fused.GroupCall.of(jobs)
+        if call is None:
+            return None
+        params = list(group["params"])
+        index = {id(p): i for i, p in enumerate(params)}
+        kernel = [p.param for p in job_params]
+        if any(id(p) not in index or p.grad is not q.grad for p, q in zip(kernel, job_params)):
+            return None  # stepped tensors other than the group's own parameters
+        kernel_ids = set(map(id, kernel))
+        dense = [p for p in params if p.grad is not None and id(p) not in kernel_ids]
+        if any(spec_of(p) is not None for p in dense):
+            return None
+        states = [p.state for p in job_params]
+        if any(self.state.get(p) is not st for p, st in zip(kernel, states)):
+            return None
+        codes, scales = list(map(_CODES, kernel)), list(map(_SCALE, kernel))
+        weight_tensors = [t for t in chain(codes, scales) if t is not None]
+        grads = [p.grad for p in kernel]
+        return _GroupPlan(
+            group=group, params=params, no_grad=[p.grad is None for p in params], settings=_settings(group),
+            kernel_index=[index[id(p)] for p in kernel], kernel=kernel, dense=dense, specs=list(map(_SPEC, kernel)),
+            codes=codes, scales=scales, weight_tensors=weight_tensors,
+            versions=list(map(_VERSION, weight_tensors)), states=states,
+            state_values=list(chain.from_iterable(map(dict.values, states))), grad_dtypes=list(map(_DTYPE, grads)),
+            grad_shapes=list(map(_SHAPE, grads)), grad_layouts=list(map(_LAYOUT, grads)),
+            step_counts=[st["step"] for st in states], call=call)
+
+    def _step_planned(self, plan: _GroupPlan, grad_scale: float | None, skip_nonfinite: bool) -> int | None:
+        """``plan``'s group stepped as the full route (``_params_to_step`` + ``step_group``) would step it, bit
+        for bit, if nothing the plan was derived from changed; None (nothing done) otherwise."""
+        group, is_ = plan.group, operator.is_
+        params = group["params"]
+        if len(params) != len(plan.params) or not all(map(is_, params, plan.params)):
+            return None
+        grads = list(map(_GRAD, params))
+        lr = group["lr"]
+        if ([g is None for g in grads] != plan.no_grad or isinstance(lr, torch.Tensor) or not lr > 0
+                or not _same_settings(_settings(group), plan.settings)):
+            return None
+        kernel = plan.kernel
+        kernel_grads = [grads[i] for i in plan.kernel_index]
+        if (list(map(_DTYPE, kernel_grads)) != plan.grad_dtypes or list(map(_SHAPE, kernel_grads)) != plan.grad_shapes
+                or list(map(_LAYOUT, kernel_grads)) != plan.grad_layouts
+                or not all(map(is_, map(_SPEC, kernel), plan.specs))
+                or not all(map(is_, map(_CODES, kernel), plan.codes))
+                or not all(map(is_, map(_SCALE, kernel), plan.scales))
+                or list(map(_VERSION, plan.weight_tensors)) != plan.versions):
+            return None
+        states = list(map(self.state.__getitem__, kernel))
+        if not all(map(is_, states, plan.states)):
+            return None
+        values = list(chain.from_iterable(map(dict.values, states)))
+        if len(values) != len(plan.state_values) or not all(map(is_, values, plan.state_values)):
+            return None
+        if any(spec_of(p) is not None for p in plan.dense):
+            return None
+        # the step, as _step_group takes it: step counts and keys of the kernel's parameters, the dense ones on
+        # the reference path, then the kernel's op call
+        step_counts = plan.step_counts
+        torch._foreach_add_(step_counts, 1)
+        steps = torch.stack(step_counts).tolist()
+        keys = (list(chain.from_iterable(draw_keys(self.generator(kernel[0].device), len(kernel))))
+                if group["rounding"] == "stochastic" else [])
+        skipped = 0
+        for p in plan.dense:
+            state = self.state[p]
+            if skip_nonfinite and not _all_finite([p.grad]):
+                skipped += 1
+                if not state:  # skipped before its first step: it keeps no state entry (as _params_to_step)
+                    del self.state[p]
+            else:
+                self._step_reference(ParamStep(p, p.grad, state, None), group, grad_scale)
+        factor = 1.0 if grad_scale is None else grad_scale
+        if group.get("maximize", False):
+            factor = -factor
+        bad = plan.call.run(kernel_grads, steps, lr, factor, keys, skip_nonfinite=skip_nonfinite)
+        if any(bad):
+            for i, (n_bad, num_blocks) in enumerate(zip(bad, plan.call.num_blocks)):
+                skipped += n_bad
+                if n_bad and n_bad == num_blocks:
+                    step_counts[i] -= 1
         return skipped
 
     def _start_kernel_steps(self, group: dict, params: list[ParamStep]) -> list[tuple[int, int] | None]:
