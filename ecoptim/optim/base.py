@@ -163,6 +163,37 @@ _SCALE = operator.attrgetter("scale")
 _SPEC = operator.attrgetter("spec")
 
 
+def _share_counts(counts: list[torch.Tensor]) -> None:
+    """Make the 0-d step counts ``counts`` (CPU, fp32, distinct) views of one tensor, in order, each keeping its
+    value and identity (``Tensor.set_``), so that ``_shared_counts`` finds them: a ``foreach`` add over n 0-d
+    tensors costs microseconds per tensor, one add over their n elements nothing."""
+    if not counts or len(set(map(id, counts))) != len(counts) or not all(
+            t.dim() == 0 and t.dtype == torch.float32 and t.is_cpu and not t.requires_grad for t in counts):
+        return
+    flat = torch.stack(counts)
+    storage = flat.untyped_storage()
+    for i, t in enumerate(counts):
+        t.set_(storage, i, (), ())
+
+
+def _shared_counts(counts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one fp32 tensor whose elements are ``counts``, in order and each once, if they are (see
+    ``_share_counts``), else None."""
+    n = len(counts)
+    if n < 2:
+        return None
+    first = counts[0]
+    if first.dtype != torch.float32 or first.dim() != 0:
+        return None
+    storage = first.untyped_storage()
+    base = storage.data_ptr()
+    if storage.nbytes() != 4 * n or list(map(torch.Tensor.data_ptr, counts)) != list(range(base, base + 4 * n, 4)):
+        return None
+    if set(map(_DTYPE, counts)) != {torch.float32}:
+        return None
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, (n,), (1,))
+
+
 def _same_settings(a: dict, b: dict) -> bool:
     # a group's settings, compared without tensor arithmetic: a tensor setting counts as unchanged only if it is
     # the same object
@@ -204,6 +235,7 @@ class _GroupPlan:
     grad_dtypes: list[torch.dtype]
     grad_shapes: list[torch.Size]
     grad_layouts: list[torch.layout]
+    param_steps: list[ParamStep]
     step_counts: list[torch.Tensor]
     call: _fused.GroupCall
 
@@ -517,6 +549,8 @@ class QuantOptimizer(Optimizer):
         states = [p.state for p in job_params]
         if any(self.state.get(p) is not st for p, st in zip(kernel, states)):
             return None
+        step_counts = [st["step"] for st in states]
+        _share_counts(step_counts)
         codes, scales = list(map(_CODES, kernel)), list(map(_SCALE, kernel))
         weight_tensors = [t for t in chain(codes, scales) if t is not None]
         grads = [p.grad for p in kernel]
@@ -527,7 +561,7 @@ class QuantOptimizer(Optimizer):
             versions=list(map(_VERSION, weight_tensors)), states=states,
             state_values=list(chain.from_iterable(map(dict.values, states))), grad_dtypes=list(map(_DTYPE, grads)),
             grad_shapes=list(map(_SHAPE, grads)), grad_layouts=list(map(_LAYOUT, grads)),
-            step_counts=[st["step"] for st in states], call=call)
+            param_steps=list(job_params), step_counts=step_counts, call=call)
 
     def _step_planned(self, plan: _GroupPlan, grad_scale: float | None, skip_nonfinite: bool) -> int | None:
         """``plan``'s group stepped as the full route (``_params_to_step`` + ``step_group``) would step it, bit
@@ -561,10 +595,10 @@ class QuantOptimizer(Optimizer):
         # the step, as _step_group takes it: step counts and keys of the kernel's parameters, the dense ones on
         # the reference path, then the kernel's op call
         step_counts = plan.step_counts
-        torch._foreach_add_(step_counts, 1)
-        steps = torch.stack(step_counts).tolist()
-        keys = (list(chain.from_iterable(draw_keys(self.generator(kernel[0].device), len(kernel))))
-                if group["rounding"] == "stochastic" else [])
+        keys = self._start_kernel_steps(group, plan.param_steps)
+        shared = _shared_counts(step_counts)
+        steps = shared.tolist() if shared is not None else [t.item() for t in step_counts]
+        keys = list(chain.from_iterable(keys)) if group["rounding"] == "stochastic" else []
         skipped = 0
         for p in plan.dense:
             state = self.state[p]
@@ -594,7 +628,12 @@ class QuantOptimizer(Optimizer):
                 self._init_quantized_state(p.param, p.state, group, p.spec)
         if not params:
             return []
-        torch._foreach_add_([p.state["step"] for p in params], 1)
+        counts = [p.state["step"] for p in params]
+        shared = _shared_counts(counts)
+        if shared is not None:
+            shared.add_(1)  # the same fp32 additions, in one op
+        else:
+            torch._foreach_add_(counts, 1)
         if group["rounding"] != "stochastic":
             return [None] * len(params)
         return draw_keys(self.generator(params[0].param.device), len(params))  # the kernel's are all CPU tensors
