@@ -141,13 +141,15 @@ class _Packed:
         view = self.field(path)
         if isinstance(values, list) and values and values.count(values[0]) == len(values):
             values = values[0]  # one value for all (a group's step count, clip factor, ...): one fill
+        fp = view.dtype == torch.float32
         if isinstance(values, list):
-            # Python floats are doubles; the fp32 fields take them rounded to nearest, as a ctypes c_float does
-            fp = view.dtype == torch.float32
-            view.copy_(torch.frombuffer(array.array("d" if fp else "q", values), dtype=torch.float64 if fp
-                                        else torch.int64))
+            values = torch.frombuffer(array.array("d" if fp else "q", values), dtype=torch.float64 if fp
+                                      else torch.int64)
         else:
-            view.fill_(values)
+            values = torch.tensor(values, dtype=torch.float64 if fp else torch.int64)
+        # Python floats are doubles: the fp32 fields take them rounded to nearest (beyond the fp32 range: +-Inf), as
+        # a ctypes c_float does
+        view.copy_(values)
 
     def set_keys(self, path: str, keys: list[int], first: int, every: int) -> None:
         """Write key pairs into field ``path``: struct k takes ``keys[every*k + first]`` and the next one (the low
