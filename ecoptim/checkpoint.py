@@ -4,12 +4,17 @@
 + fp32 scales, never dequantized floats), the optimizer's state (including ecoptim's stochastic-rounding
 generators), the LR scheduler's state, the global torch RNG state, the step and any plain ``extra`` data,
 plus a CRC32 of every tensor. It writes to a temporary file in the same directory, fsyncs it and renames it
-over ``path`` (``os.replace``), so a crash or an error mid-save leaves the previous checkpoint intact.
+over ``path`` (``os.replace``), so a crash or an error mid-save leaves the previous checkpoint intact. A write
+that fails (disk full, I/O error) raises ``CheckpointWriteError`` (an ``OSError``) naming the path and the
+cause, after removing its temporary file; a process killed mid-write can leave only a ``.<name>.*.tmp`` file
+(``atomic_temp_glob``), never a partial ``path``.
 
 ``load_checkpoint`` reads and checks everything first (readable file, checksums, every model entry's
 format / granularity / shape / dtype / scale, the optimizer's groups and state shapes, the scheduler's class)
 and only then loads, so a refused checkpoint leaves the model, optimizer and scheduler untouched. Every
-refusal is a ``ValueError`` naming the file, the parameter and what differs.
+refusal is a ``ValueError`` naming the file, the parameter and what differs; a file that cannot be read or
+fails its checksums raises the subclass ``CorruptCheckpointError`` (``verify_checkpoint`` checks a file alone,
+so that a caller can fall back to an older checkpoint: ``ecoptim.resilience.CheckpointManager``).
 
 ``export_safetensors`` / ``load_safetensors`` store codes (``<name>.codes``, float8 codes as F8_E4M3 /
 F8_E5M2, int4 as packed uint8), scales (``<name>.scale``) and dense tensors, with a JSON description of every
@@ -18,8 +23,10 @@ entry (kind, format, granularity, logical shape, compute dtype, CRC32) in the he
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 import zlib
 from pathlib import Path
@@ -28,16 +35,33 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .formats import FloatFormat, QuantSpec, get_format, get_granularity
+from .formats import QuantSpec, get_format, get_granularity, get_scale_format
 from .qtensor import QuantizedTensor
 
-__all__ = ["save_checkpoint", "load_checkpoint", "export_safetensors", "load_safetensors", "CHECKPOINT_FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "verify_checkpoint", "export_safetensors", "load_safetensors",
+           "CHECKPOINT_FORMAT", "CorruptCheckpointError", "CheckpointWriteError", "atomic_temp_glob", "atomic_write"]
 
 CHECKPOINT_FORMAT = "ecoptim.checkpoint"
 CHECKPOINT_VERSION = 1
 SAFETENSORS_FORMAT = "ecoptim.safetensors"
 SAFETENSORS_VERSION = 1
 _MAX_LISTED = 8  # problems listed in one error message
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read, is truncated or fails its checksums (damaged on disk or by an
+    interrupted copy), as opposed to an intact checkpoint that does not match the given model."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, I/O error, ...). The previous file at the target path, if any,
+    is unchanged, and the temporary file was removed. ``errno`` is the cause's errno when it had one."""
+
+
+def atomic_temp_glob(name: str) -> str:
+    """The glob pattern of the temporary files that an atomic write of a file called ``name`` creates next to
+    it (``name`` may itself hold glob wildcards). Only a process killed mid-write leaves one behind."""
+    return f".{name}.*.tmp"
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -90,23 +114,80 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)``, fsync the temp file, rename it over ``path``; remove it on any failure."""
+def _remove_quietly(path: str) -> bool:
+    """Remove ``path``; True if it is gone (or never existed), False if removing it failed."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def _os_error_in_chain(e: BaseException) -> OSError | None:
+    """The first OSError among ``e`` and its causes / contexts (torch's writer wraps the file's OSError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _write_failure(path: Path, cause: BaseException, removed: bool, tmp: str) -> CheckpointWriteError:
+    os_error = _os_error_in_chain(cause)
+    if os_error is not None:
+        cause = os_error
+    errno_ = getattr(cause, "errno", None)
+    what = f"{os.strerror(errno_)} [errno {errno_}]" if errno_ else f"{type(cause).__name__}: {cause}"
+    if errno_ and str(cause) and os.strerror(errno_) not in str(cause):
+        what += f" ({cause})"
+    hint = {errno.ENOSPC: "; free space on that disk or save elsewhere",
+            errno.EDQUOT: "; the disk quota is exhausted: free space or save elsewhere",
+            errno.EFBIG: "; the file exceeds this process's file-size limit (ulimit -f) or the file system's"}.get(
+                errno_, "")
+    left = "" if removed else f"; its temporary file {tmp!r} could not be removed, delete it by hand"
+    err = CheckpointWriteError(f"could not write {str(path)!r}: {what}; the previous file at that path (if any) is "
+                               f"unchanged{left}{hint}")
+    err.errno = errno_
+    return err
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)``, fsync the temp file, rename it over ``path``; remove it on any failure.
+
+    ``path`` then holds either its previous content or the complete new one, never a mix, whenever the
+    process dies. The temporary file is ``atomic_temp_glob(path.name)`` in the same directory.
+
+    An ``OSError`` or ``RuntimeError`` (torch's stream writer reports a failed write as a RuntimeError) is
+    raised again as ``CheckpointWriteError`` naming ``path`` and the cause; other errors (e.g. an unpicklable
+    payload) and interrupts pass through unchanged, the temporary file removed either way.
+    """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
+        # mkstemp creates the file 0600; a checkpoint gets the permissions any new file gets (umask applies),
+        # so that a shared cluster's group can read it as it reads torch.save's files
+        os.chmod(tmp, 0o666 & ~_current_umask())
         write(tmp)
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        raise _write_failure(path, e, _remove_quietly(tmp), tmp) from e
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _remove_quietly(tmp)
         raise
     _fsync_dir(directory)
     return path
@@ -140,8 +221,9 @@ def _entry_problem(src: Any, dst: torch.Tensor) -> str | None:
         if src.dtype != dst.dtype:
             return f"dtype differs: checkpoint {src.dtype}, model {dst.dtype}"
         return None
-    if (str(src.spec.format), str(src.spec.granularity)) != (str(dst.spec.format), str(dst.spec.granularity)):
-        what = "format" if str(src.spec.format) != str(dst.spec.format) else "granularity"
+    if str(src.spec) != str(dst.spec):
+        what = ("format" if str(src.spec.format) != str(dst.spec.format) else
+                "granularity" if str(src.spec.granularity) != str(dst.spec.granularity) else "scale format")
         return f"{what} differs: checkpoint {src.spec}, model {dst.spec}"
     if src.dtype != dst.dtype:
         return f"compute dtype differs: checkpoint {src.dtype}, model {dst.dtype}"
@@ -149,15 +231,18 @@ def _entry_problem(src: Any, dst: torch.Tensor) -> str | None:
         return (f"codes differ: checkpoint {src.codes.dtype} {tuple(src.codes.shape)}, model {dst.codes.dtype} "
                 f"{tuple(dst.codes.shape)}")
     if dst.scale is not None and src.scale is None:
-        return f"missing scale: the model's {dst.spec} weight needs {dst.scale.numel()} fp32 scales"
+        kind = "fp32" if dst.scale.dtype == torch.float32 else f"{dst.spec.scale} ({_dtype_name(dst.scale.dtype)})"
+        return f"missing scale: the model's {dst.spec} weight needs {dst.scale.numel()} {kind} scales"
     if dst.scale is None and src.scale is not None:
         return f"unexpected scale: the model's {dst.spec} weight is unscaled"
     if src.scale is not None:
-        if src.scale.dtype != torch.float32 or tuple(src.scale.shape) != tuple(dst.scale.shape):
+        if src.scale.dtype != dst.scale.dtype or tuple(src.scale.shape) != tuple(dst.scale.shape):
             return (f"scale differs: checkpoint {src.scale.dtype} {tuple(src.scale.shape)}, model "
                     f"{dst.scale.dtype} {tuple(dst.scale.shape)}")
-        if src.scale.numel() and not bool(((src.scale > 0) & torch.isfinite(src.scale)).all()):
-            return "the checkpoint's scales are not all finite and positive (corrupt checkpoint)"
+        if src.spec.scaled:
+            problem = src.spec.scale.problem(src.scale, src.spec.granularity.blocks(src.shape)[0])
+            if problem is not None:
+                return f"the checkpoint's scale {problem} (corrupt checkpoint)"
     if not _codes_finite(src.codes):
         return "the checkpoint's codes hold NaN/Inf (corrupt checkpoint)"
     return None
@@ -200,7 +285,7 @@ def _expected_state_shape(name: str, p: torch.Tensor, group: dict) -> tuple[int,
     if name == "comp_codes" and spec is not None:
         return (spec.format.code_numel(p.numel()),)
     if name == "comp_scale" and spec is not None:
-        return (spec.granularity.blocks(p.shape)[0],)
+        return spec.scale.stored_shape(spec.granularity.blocks(p.shape)[0])
     return tuple(p.shape)
 
 
@@ -281,7 +366,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         "rng": {"torch": torch.get_rng_state()},
     }
     payload["checksums"] = _checksums(payload)
-    return _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    def write(tmp: str) -> None:
+        # through a Python file object: a failing write then surfaces as an OSError with its errno (ENOSPC,
+        # EIO, ...) behind torch's RuntimeError, which CheckpointWriteError reports
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+
+    return atomic_write(path, write)
 
 
 def _read_checkpoint(path: Path, weights_only: bool = True) -> dict:
@@ -297,8 +388,8 @@ def _read_checkpoint(path: Path, weights_only: bool = True) -> dict:
                              f"does not unpickle ({why}); keep save_checkpoint's `extra` to plain "
                              "data (numbers, strings, lists, dicts, tensors), or pass weights_only=False for a "
                              "file you trust") from e
-        raise ValueError(f"checkpoint {str(path)!r} ({size} bytes) cannot be read: it is truncated, corrupt or not "
-                         f"a torch checkpoint ({type(e).__name__}: {e})") from e
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} ({size} bytes) cannot be read: it is truncated, "
+                                     f"corrupt or not a torch checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not an ecoptim checkpoint (written by save_checkpoint); "
                          "for a bare state_dict use torch.load + model.load_state_dict")
@@ -307,12 +398,24 @@ def _read_checkpoint(path: Path, weights_only: bool = True) -> dict:
                          f"understands ({CHECKPOINT_VERSION}); upgrade ecoptim")
     saved = payload.get("checksums")
     if not isinstance(saved, dict):
-        raise ValueError(f"checkpoint {str(path)!r} has no checksums (corrupt)")
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} has no checksums (corrupt)")
     actual = _checksums(payload)
     bad = [k for k in set(saved) | set(actual) if saved.get(k) != actual.get(k)]
     if bad:
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt: checksum mismatch for {sorted(bad)[:_MAX_LISTED]}")
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} is corrupt: checksum mismatch for "
+                                     f"{sorted(bad)[:_MAX_LISTED]}")
     return payload
+
+
+def verify_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict[str, Any]:
+    """Check that ``path`` is a readable ecoptim checkpoint whose every tensor matches its CRC32.
+
+    Returns ``{"step", "extra"}`` without loading anything into a model. Raises ``FileNotFoundError``,
+    ``CorruptCheckpointError`` (unreadable, truncated, checksum mismatch) or ``ValueError`` (not an ecoptim
+    checkpoint, or a newer version).
+    """
+    payload = _read_checkpoint(Path(path), weights_only)
+    return {"step": payload.get("step"), "extra": payload.get("extra")}
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -409,13 +512,27 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict
             e = {"kind": "quantized", "format": str(t.spec.format), "granularity": str(t.spec.granularity),
                  "shape": list(t.shape), "dtype": _dtype_name(t.dtype), "codes": put(f"{name}.codes", t.codes),
                  "scale": None if t.scale is None else put(f"{name}.scale", t.scale)}
+            if t.spec.scale != t.spec.format.default_scale:  # named only when not implied by the format
+                e["scale_format"] = str(t.spec.scale)
         else:
             e = {"kind": "dense", "shape": list(t.shape), "dtype": _dtype_name(t.dtype), "data": put(name, t)}
         entries[name] = e
     desc = {"format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION, "entries": entries}
     meta = dict(metadata or {})
     meta["ecoptim"] = json.dumps(desc, separators=(",", ":"))
-    return _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=meta))
+    def write(tmp: str) -> None:
+        try:
+            safetensors.torch.save_file(tensors, tmp, metadata=meta)
+        except Exception as e:
+            # safetensors reports a failed write as "I/O error: ... (os error 28)": keep its errno, so that
+            # atomic_write reports it as the CheckpointWriteError of a full or failing disk
+            found = re.search(r"\(os error (\d+)\)", str(e))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code)) from e
+
+    return atomic_write(path, write)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -465,14 +582,17 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 sd[name] = t
             elif e["kind"] == "quantized":
                 fmt = get_format(e["format"])
-                spec = QuantSpec(fmt, get_granularity(e["granularity"], fmt))
+                # no "scale_format": the format's default scale
+                spec = QuantSpec(fmt, get_granularity(e["granularity"], fmt),
+                                 None if e.get("scale_format") is None else get_scale_format(e["scale_format"]))
                 codes = get(name, e.get("codes"), "codes")
                 if spec.scaled:
                     scale = get(name, e.get("scale"), "scale")
                 else:
                     scale = None if e.get("scale") is None else get(name, e["scale"], "scale")
-                if isinstance(fmt, FloatFormat) and codes.dtype == torch.uint8 and fmt.storage_dtype.itemsize == 1:
-                    codes = codes.view(fmt.storage_dtype)  # a writer that stored fp8 codes as raw bytes
+                stored_as = getattr(fmt, "storage_dtype", None)  # FloatFormat's, or a block-scaled format's elements
+                if stored_as is not None and codes.dtype == torch.uint8 and stored_as.itemsize == 1:
+                    codes = codes.view(stored_as)  # a writer that stored fp8 codes as raw bytes
                 sd[name] = QuantizedTensor(codes, scale, spec, shape, dtype)
             else:
                 raise ValueError(f"{name}: unknown entry kind {e['kind']!r}")

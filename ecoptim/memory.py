@@ -7,6 +7,7 @@ derived from dtype tables.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,6 +29,11 @@ class ParamMemory:
     @property
     def total_bytes(self) -> int:
         return self.weight_bytes + self.scale_bytes + self.state_bytes
+
+    @property
+    def quantized(self) -> bool:
+        """True for a weight stored as codes + scales (a ``QuantizedTensor``)."""
+        return not self.kind.startswith("dense")
 
 
 @dataclass
@@ -54,6 +60,17 @@ class MemoryReport:
     @property
     def total_bytes(self) -> int:
         return self.weight_bytes + self.scale_bytes + self.state_bytes
+
+    @property
+    def quantized_numel(self) -> int:
+        """Elements of the parameters stored quantized."""
+        return sum(p.numel for p in self.params if p.quantized)
+
+    def quantized_fraction(self, exclude: Callable[[str], bool] | None = None) -> float:
+        """Share of the parameters' elements stored quantized, among those whose name ``exclude`` does not
+        match (e.g. ``exclude=lambda n: "embed" in n or "lm_head" in n`` to measure the transformer blocks)."""
+        kept = [p for p in self.params if exclude is None or not exclude(p.name)]
+        return sum(p.numel for p in kept if p.quantized) / max(sum(p.numel for p in kept), 1)
 
     @property
     def bytes_per_param(self) -> float:

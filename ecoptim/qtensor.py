@@ -18,9 +18,9 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from .codec import check_weight, dequantize, quantize
-from .formats import QuantSpec, get_format, get_granularity
+from .formats import QuantSpec, get_format, get_granularity, get_scale_format
 
-__all__ = ["QuantizedTensor"]
+__all__ = ["QuantizedTensor", "DequantizedView"]
 
 aten = torch.ops.aten
 
@@ -29,10 +29,16 @@ def _spec_key(spec: QuantSpec) -> tuple[str, str]:
     return str(spec.format), str(spec.granularity)
 
 
+def _scale_key(spec: QuantSpec) -> str:
+    return str(spec.scale)
+
+
 def _rebuild_quantized(codes: torch.Tensor, scale: torch.Tensor | None, fmt: str, gran: str,
                        shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool,
-                       is_param: bool) -> "QuantizedTensor":
-    spec = QuantSpec(get_format(fmt), get_granularity(gran, get_format(fmt)))
+                       is_param: bool, scale_format: str | None = None) -> "QuantizedTensor":
+    # scale_format None: a pickle written before specs named their scale format, i.e. the format's default
+    spec = QuantSpec(get_format(fmt), get_granularity(gran, get_format(fmt)),
+                     None if scale_format is None else get_scale_format(scale_format))
     t = QuantizedTensor(codes, scale, spec, torch.Size(shape), dtype)
     if is_param:
         return torch.nn.Parameter(t, requires_grad=requires_grad)
@@ -88,14 +94,15 @@ class QuantizedTensor(torch.Tensor):
     def __reduce_ex__(self, protocol: int) -> tuple[Any, tuple[Any, ...]]:
         fmt, gran = _spec_key(self.spec)
         return (_rebuild_quantized, (self.codes, self.scale, fmt, gran, tuple(self.shape), self.dtype,
-                                     self.requires_grad, isinstance(self, torch.nn.Parameter)))
+                                     self.requires_grad, isinstance(self, torch.nn.Parameter),
+                                     _scale_key(self.spec)))
 
     def __deepcopy__(self, memo: dict) -> "QuantizedTensor":
         if id(self) in memo:
             return memo[id(self)]
         new = _rebuild_quantized(self.codes.clone(), None if self.scale is None else self.scale.clone(),
                                  *_spec_key(self.spec), tuple(self.shape), self.dtype, self.requires_grad,
-                                 isinstance(self, torch.nn.Parameter))
+                                 isinstance(self, torch.nn.Parameter), _scale_key(self.spec))
         memo[id(self)] = new
         return new
 
@@ -115,13 +122,40 @@ class QuantizedTensor(torch.Tensor):
 
         inner = [(t.dtype, tuple(t.shape), tuple(t.stride()), t.device.type)
                  for t in (self.codes, self.scale) if t is not None]
-        key = repr((type(self).__qualname__, _spec_key(self.spec), tuple(self.shape), self.dtype,
+        key = repr((type(self).__qualname__, _spec_key(self.spec), _scale_key(self.spec), tuple(self.shape), self.dtype,
                     self.requires_grad, inner))
         return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
     def __repr__(self) -> str:
         return (f"QuantizedTensor(shape={tuple(self.shape)}, spec={self.spec}, dtype={self.dtype}, "
                 f"codes={self.codes.dtype})")
+
+    def _dequantize_index(self, dim: int, index: int) -> torch.Tensor | None:
+        """``self.dequantize()[index]`` along dim 0 (one expert of a stack) without dequantizing the others, or
+        None when that slice does not start and end on whole scale blocks (and bytes, for packed INT4)."""
+        if dim not in (0, -self.dim()) or self.dim() < 2 or not self.codes.is_contiguous():
+            return None
+        n_lead = self.shape[0]
+        index = index + n_lead if index < 0 else index
+        if not 0 <= index < n_lead:
+            return None  # out of range: the dense path raises torch's IndexError
+        n = self.numel() // n_lead
+        start = index * n
+        packed = self.codes.numel() != self.numel()  # INT4: two codes per byte
+        if packed and (start % 2 or n % 2):
+            return None
+        scale = self.scale
+        if scale is not None:
+            nb, bs = self.spec.granularity.blocks(self.shape)
+            if nb > 1:
+                if n % bs:
+                    return None
+                scale = scale[start // bs:(start + n) // bs]
+        flat = self.codes.reshape(-1)
+        v = self.spec.format.decode(flat[start // 2:(start + n) // 2] if packed else flat[start:start + n], n)
+        if scale is not None:
+            v = (v.reshape(scale.numel(), -1) * scale[:, None]).reshape(-1) if scale.numel() > 1 else v * scale
+        return self.spec.granularity.from_storage_order(v, self.shape[1:]).to(self.dtype)
 
     def _with(self, codes: torch.Tensor, scale: torch.Tensor | None) -> "QuantizedTensor":
         return QuantizedTensor(codes, scale, self.spec, self.shape, self.dtype)
@@ -147,11 +181,76 @@ class QuantizedTensor(torch.Tensor):
                                     s.shape, s.dtype)
                 return q
         if func._schema.is_mutable:
-            raise RuntimeError(
-                f"{func} would write into a QuantizedTensor through a dense temporary and lose the update; "
-                "update quantized weights with an ecoptim optimizer or QuantizedTensor.requantize_()")
+            raise RuntimeError(_WRITE_MESSAGE.format(func=func))
+        if func is aten.select.int and isinstance(args[0], QuantizedTensor) and not kwargs:
+            one = args[0]._dequantize_index(*args[1:])
+            if one is not None:
+                return DequantizedView(one)
         args, kwargs = tree_map_only(QuantizedTensor, lambda t: t.dequantize(), (args, kwargs))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func.is_view:  # an expert w[e], a transpose, unbind: a view of the dequantized values, read-only
+            return tree_map_only(torch.Tensor, DequantizedView, out)
+        return out
+
+
+_WRITE_MESSAGE = ("{func} would write into a QuantizedTensor through a dense temporary and lose the update; "
+                  "update quantized weights with an ecoptim optimizer or QuantizedTensor.requantize_()")
+
+
+def _written_args(func, args: tuple, kwargs: dict) -> list:
+    """The arguments ``func`` writes into (those its schema marks with a write alias, e.g. ``self`` of ``add_``)."""
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            out.append(args[i] if i < len(args) else kwargs.get(a.name))
+    return out
+
+
+class DequantizedView(torch.Tensor):
+    """What a view op (indexing one expert, ``transpose``, ``unbind``, ...) of a ``QuantizedTensor`` returns: the
+    dequantized values of the view, read-only.
+
+    Reading it (``F.linear``, ``torch.bmm``, ``torch._grouped_mm``, ...) computes on the plain dense tensor and
+    returns plain tensors, bit for bit what the same op on the dequantized weight gives. Writing into it raises,
+    because the values are a temporary: a write would be lost instead of reaching the quantized weight. Views of
+    it stay ``DequantizedView``.
+    """
+
+    _dense: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, dense: torch.Tensor) -> "DequantizedView":
+        return torch.Tensor._make_wrapper_subclass(cls, dense.shape, strides=dense.stride(),
+                                                   storage_offset=dense.storage_offset(), dtype=dense.dtype,
+                                                   device=dense.device, requires_grad=False)
+
+    def __init__(self, dense: torch.Tensor) -> None:
+        self._dense = dense
+
+    def __tensor_flatten__(self) -> tuple[list[str], None]:
+        return ["_dense"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, meta: None, outer_size: Any, outer_stride: Any) -> "DequantizedView":
+        return DequantizedView(inner["_dense"])
+
+    def __repr__(self) -> str:
+        return f"DequantizedView({self._dense!r})"
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func._schema.is_mutable and any(isinstance(t, (DequantizedView, QuantizedTensor))
+                                           for t in _written_args(func, args, kwargs)):
+            raise RuntimeError(_WRITE_MESSAGE.format(func=func) + " (this tensor is a view of a quantized weight)")
+        args, kwargs = tree_map_only((DequantizedView, QuantizedTensor), lambda t: t._dense if isinstance(
+            t, DequantizedView) else t.dequantize(), (args, kwargs))
+        out = func(*args, **kwargs)
+        if func.is_view:
+            return tree_map_only(torch.Tensor, DequantizedView, out)
+        return out
 
 
 def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -164,7 +263,7 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"cannot load a tensor of shape {tuple(src.shape)} into a quantized weight of shape "
                          f"{tuple(dst.shape)}")
     if isinstance(src, QuantizedTensor):
-        if _spec_key(src.spec) != _spec_key(dst.spec):
+        if _spec_key(src.spec) != _spec_key(dst.spec) or _scale_key(src.spec) != _scale_key(dst.spec):
             raise ValueError(f"checkpoint holds a {src.spec} quantized weight but the model expects {dst.spec}; "
                              "quantize the model with the checkpoint's format or load a dense checkpoint")
         if src.codes.shape != dst.codes.shape or (src.scale is None) != (dst.scale is None) or (

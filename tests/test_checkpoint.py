@@ -342,3 +342,54 @@ def test_non_plain_extra_is_refused_on_load_with_a_hint(tmp_path):
     with pytest.raises(ValueError, match=r"fractions.Fraction.*keep save_checkpoint's `extra` to plain data"):
         load_checkpoint(tmp_path / "ck.pt", m)
     assert load_checkpoint(tmp_path / "ck.pt", m, weights_only=False)["extra"] == {"ratio": fractions.Fraction(1, 3)}
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", "safetensors"])
+def test_a_full_disk_raises_checkpoint_write_error_naming_path_and_cause(tmp_path, monkeypatch, writer):
+    """ENOSPC part way through the write: CheckpointWriteError (an OSError with the errno) names the path and
+    the cause; the previous file is unchanged and loads; no temporary file is left."""
+    import errno
+    from ecoptim.checkpoint import CheckpointWriteError
+    pytest.importorskip("safetensors")
+    import safetensors.torch
+    m = mixed_model()
+    path = tmp_path / ("ck.pt" if writer == "checkpoint" else "m.safetensors")
+    save = (lambda: save_checkpoint(path, m)) if writer == "checkpoint" else (lambda: export_safetensors(m, path))
+    save()
+    before = path.read_bytes()
+    if writer == "checkpoint":
+        real = torch.save
+
+        def half_then_full(obj, f, *a, **k):
+            real(obj, f, *a, **k)
+            f.truncate(f.tell() // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(torch, "save", half_then_full)
+    else:
+        def full(tensors, filename, metadata=None):
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 100)
+            raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(CheckpointWriteError, match=rf"could not write '{path}': No space left on device \[errno 28\]"
+                       r".*previous file at that path \(if any\) is unchanged; free space") as ei:
+        save()
+    monkeypatch.undo()
+    assert ei.value.errno == errno.ENOSPC and isinstance(ei.value, OSError)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == [path.name]
+    if writer == "checkpoint":
+        load_checkpoint(path, mixed_model())
+    else:
+        load_safetensors(mixed_model(), path)
+
+
+def test_a_checkpoint_gets_the_permissions_of_any_new_file(tmp_path):
+    # mkstemp's temp file is 0600; the renamed checkpoint must follow the umask like torch.save's files
+    old = os.umask(0o022)
+    try:
+        path = ecoptim.checkpoint.atomic_write(tmp_path / "x.bin", lambda p: open(p, "wb").write(b"abc"))
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644

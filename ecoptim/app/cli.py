@@ -1,12 +1,17 @@
-"""Command line: ``ecoptim compare`` (the paper's pre-training table) and ``ecoptim finetune`` (INT4 fine-tuning).
+"""Command line: ``ecoptim compare`` (the paper's pre-training table), ``ecoptim sweep`` (the gaps against the
+learning rate) and ``ecoptim finetune`` (INT4 fine-tuning).
 
-    ecoptim compare                                  # 7 methods, FP8 E4M3 per-row, ~10-15 min on 2 CPU cores
-    ecoptim compare --format int4 --granularity group128 --methods fp32_mw,mw_sr,eco_sr
+    ecoptim compare                                  # 7 methods, FP8 E4M3 per-row
+    ecoptim compare --seeds 0,1,2                    # mean +- sd and paired 95% intervals over seeds
+    ecoptim compare --text my_notes/                 # the user's own text, byte-level
+    ecoptim compare --resume                         # finish an interrupted run (same results)
+    ecoptim sweep --lrs 1.2e-3,3e-4,1e-4 --seeds 0,1,2
     ecoptim compare --save-checkpoint                # also keep the dense model for `finetune --checkpoint`
     ecoptim finetune --checkpoint runs/compare/checkpoint.pt
-    ecoptim finetune --pretrain-steps 400            # pre-train a dense model first
 
-Each command writes ``results.json``, ``results.md`` and PNG plots into ``--out`` and prints the table.
+Each command writes ``results.json``, ``results.md`` and PNG plots into ``--out`` and prints the table. Every run
+of a (learning rate, seed, method) is stored under ``OUT/state/`` when it finishes, and checkpointed there every
+``--checkpoint-every`` steps while it trains, so that ``--resume`` redoes nothing that was finished.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import json
 import math
 import os
 import platform
+import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,11 +34,13 @@ from ..formats import QuantSpec
 from ..optim import State8bit
 from .corpus import CORPORA
 from .model import PRESETS, LlamaConfig, LlamaLM, is_block_linear
-from .plots import plot_loss_curves, plot_memory_vs_loss
-from .train import (BETAS, EPS, GRAD_CLIP, METHODS, WEIGHT_DECAY, Method, RunResult, finetune, load_corpus,
-                    pretrain, resolve_methods, train_run, usable_cores)
+from .plots import plot_loss_curves, plot_memory_vs_loss, plot_sweep
+from .stats import Interval, mean_interval, paired_interval
+from .train import (BETAS, EPS, FINAL_LR_FRAC, GRAD_CLIP, METHODS, WEIGHT_DECAY, Corpus, Method, RunResult, load_corpus,
+                    load_text_corpus, pretrain, resolve_methods, train_run, usable_cores)
 
-__all__ = ["main", "build_parser", "format_table", "write_outputs", "load_dense_model", "save_dense_model"]
+__all__ = ["main", "build_parser", "format_table", "write_outputs", "load_dense_model", "save_dense_model",
+           "summarize", "reproducibility_info", "run_grid"]
 
 # Defaults, calibrated on a 2-core CPU: the small preset (2.4M params) takes 0.25-0.45 s per 16x64-byte step
 # (dense / quantized, 1-2 threads), so 7 methods x 300 steps plus evaluation is ~10-15 min. 300 steps already
@@ -51,6 +60,15 @@ FINETUNE_LR = 5e-4
 PRETRAIN_STEPS = COMPARE_STEPS
 FINETUNE_METHODS = "fp32_mw,mw_rtn,mw_sr,naive_rtn,naive_sr,eco_rtn,eco_sr"
 DENSE_MODEL_KIND = "ecoptim-llama-checkpoint-v1"
+CHECKPOINT_EVERY = 50
+# `sweep`: the rows whose gap the theory predicts (naive's SR-noise floor grows like sigma^2 / lr; ECO's does not)
+SWEEP_METHODS = "mw_sr,naive_sr,eco_sr"
+SWEEP_LRS = [1e-3, 3e-4, 1e-4]
+SWEEP_PRESET = "tiny"
+SWEEP_STEPS = 600
+SWEEP_SEEDS = (0, 1, 2)
+COMPARE_PRESET = "small"
+FINETUNE_PRESET = "small"
 # --state-dtype: how AdamW keeps the moments of the quantized weights
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": State8bit(),
                 "8bit-sr": State8bit(rounding="stochastic")}
@@ -80,16 +98,35 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _seed_list(s: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (distinct integers)."""
+    try:
+        seeds = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers, got {s!r}")
+    return seeds
+
+
+def _lr_list(s: str) -> list[float]:
+    """'1e-3,3e-4' -> [0.001, 0.0003] (distinct positive numbers)."""
+    lrs = [_positive_float(v.strip()) for v in s.split(",") if v.strip()]
+    if not lrs or len(set(lrs)) != len(lrs):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated learning rates, got {s!r}")
+    return lrs
+
+
 def _granularity(s: str) -> str | int:
     """'row' | 'tensor' | 'group128' | '128' (a bare number is a group size)."""
     return int(s) if s.isdigit() else s
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, preset: str) -> None:
     g = p.add_argument_group("model size (a preset, optionally overridden field by field; "
                              "`finetune --checkpoint` uses the checkpoint's own size instead)")
-    g.add_argument("--preset", default="small", choices=sorted(PRESETS),
-                   help="model preset: tiny ~115k params (tests), small ~2.4M (default), base ~10.8M")
+    g.add_argument("--preset", default=preset, choices=sorted(PRESETS),
+                   help=f"model preset: tiny ~115k params, small ~2.4M, base ~10.8M (default {preset})")
     g.add_argument("--d-model", type=_positive_int, help="width")
     g.add_argument("--n-layers", type=_positive_int, help="transformer blocks")
     g.add_argument("--n-heads", type=_positive_int, help="attention heads (must divide --d-model)")
@@ -97,23 +134,31 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-len", type=_positive_int, help="longest sequence (RoPE table); default from preset")
 
 
-def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float, methods: str, fmt: str | None,
-                  out: str) -> None:
+def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float | None, methods: str, fmt: str | None,
+                  out: str, seeds: Sequence[int] = (0,)) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=_positive_int, default=steps, help=f"optimizer steps per method (default {steps})")
     g.add_argument("--batch-size", type=_positive_int, default=BATCH_SIZE,
                    help=f"sequences per step (default {BATCH_SIZE})")
     g.add_argument("--seq-len", type=_positive_int, default=SEQ_LEN, help=f"bytes per sequence (default {SEQ_LEN})")
-    g.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default {lr:g})")
+    if lr is not None:  # sweep takes --lrs instead
+        g.add_argument("--lr", type=_positive_float, default=lr, help=f"peak learning rate (default {lr:g})")
+    g.add_argument("--final-lr-frac", type=_positive_float, default=FINAL_LR_FRAC, metavar="F",
+                   help=f"the cosine schedule ends at F x the peak LR (default {FINAL_LR_FRAC:g}, the paper's); a "
+                        "lower F is where the theory puts naive removal's noise floor (~ sigma^2 / lr)")
     g.add_argument("--methods", default=methods,
                    help=f"comma-separated methods (default: {methods}); fp32_mw or [<format>_]<row>, rows: "
                         "mw_rtn, mw_sr, naive_rtn, naive_sr, eco_rtn, eco_sr")
-    g.add_argument("--format", default=fmt, choices=["fp8_e4m3", "fp8_e5m2", "int8", "int4"],
+    g.add_argument("--format", default=fmt,
+                   choices=["fp8_e4m3", "fp8_e5m2", "int8", "int4", "mxfp8", "mxfp4", "nvfp4"],
                    help=f"storage format of the quantized rows (default {fmt or 'fp8_e4m3'})")
     g.add_argument("--granularity", type=_granularity, default=None,
                    help="scale granularity: row, tensor, group<G> or G (default: per-row for FP8/INT8, "
-                        "per-tensor for INT4, as in the paper)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batch order and SR (default 0)")
+                        "per-tensor for INT4, as in the paper; group32 for MXFP8/MXFP4, group16 for NVFP4)")
+    g.add_argument("--seeds", "--seed", dest="seeds", type=_seed_list, default=list(seeds),
+                   help=f"comma-separated seeds (default {','.join(map(str, seeds))}); each seed gives every method the same initial weights, "
+                        "batches and SR stream; with 2 or more the table reports mean +- sd and 95%% intervals "
+                        "of the paired differences")
     g.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="fp32",
                    help="AdamW moments of the quantized weights: fp32 (default), bf16 (-4 B/param), 8bit (8-bit "
                         "block-wise, round to nearest, -5.97 B/param) or 8bit-sr (the same with "
@@ -126,7 +171,20 @@ def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float, methods:
                    help="torch CPU threads (default: the usable cores not already busy with other processes, "
                         "sampled at the start of each run)")
     g.add_argument("--out", type=Path, default=Path(out), help=f"output directory (default {out})")
+    g.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
+                   help=f"write each run's checkpoint (atomically, under OUT/state/) every N steps (default "
+                        f"{CHECKPOINT_EVERY}; 0: never)")
+    g.add_argument("--resume", action="store_true",
+                   help="finish an interrupted command with the same --out and options: finished runs are read "
+                        "back, an interrupted one continues from its checkpoint (same results as one go); more "
+                        "--seeds, --lrs or --methods than before add only the missing runs")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_text_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--text", type=Path, default=None, metavar="PATH",
+                   help=f"{what}: your own text file, or a folder of them (read in sorted order), as bytes; split "
+                        "deterministically into train / validation (every 16th block); replaces --corpus")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,22 +192,35 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ecoptim", description="Quantized training without master weights (ECO): reproduce the paper's "
                                     "comparisons on a small byte-level Llama model (CPU-friendly).")
     parser.add_argument("--version", action="version", version=f"ecoptim {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{compare,finetune}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{compare,sweep,finetune}")
 
     c = sub.add_parser("compare", help="pre-train every method from the same init and compare (paper Table/Fig. 1)",
                        description="Pre-train one model per method on Shakespeare from the same initial weights "
                                    "and batches, then report final validation loss, memory and speed.")
-    _add_model_args(c)
+    _add_model_args(c, COMPARE_PRESET)
     _add_run_args(c, steps=COMPARE_STEPS, lr=PEAK_LR, methods=",".join(METHODS), fmt=None, out="runs/compare")
     c.add_argument("--corpus", default="shakespeare", choices=CORPORA, help="training corpus (default shakespeare)")
+    _add_text_arg(c, "training data")
     c.add_argument("--save-checkpoint", nargs="?", const="", default=None, metavar="PATH",
-                   help="save the dense fp32_mw model (default PATH: OUT/checkpoint.pt) for `finetune --checkpoint`")
+                   help="save the dense fp32_mw model of the first seed (default PATH: OUT/checkpoint.pt) for "
+                        "`finetune --checkpoint`")
+
+    w = sub.add_parser("sweep", help="the gaps of naive + SR and ECO + SR to MW + SR against the peak learning rate",
+                       description="Run compare's methods at several peak learning rates (and seeds) and plot each "
+                                   "method's paired difference to MW + SR, with 95% intervals, against the LR.")
+    _add_model_args(w, SWEEP_PRESET)
+    _add_run_args(w, steps=SWEEP_STEPS, lr=None, methods=SWEEP_METHODS, fmt=None, out="runs/sweep",
+                  seeds=SWEEP_SEEDS)
+    w.add_argument("--lrs", type=_lr_list, default=SWEEP_LRS,
+                   help=f"comma-separated peak learning rates (default {','.join(f'{v:g}' for v in SWEEP_LRS)})")
+    w.add_argument("--corpus", default="shakespeare", choices=CORPORA, help="training corpus (default shakespeare)")
+    _add_text_arg(w, "training data")
 
     f = sub.add_parser("finetune", help="quantize a dense checkpoint to INT4 and fine-tune it on a second corpus",
                        description="Start every method from one dense checkpoint (loaded with --checkpoint, or "
                                    "pre-trained here for --pretrain-steps), cast it to INT4 and fine-tune on "
                                    "Milton; report validation loss before and after.")
-    _add_model_args(f)
+    _add_model_args(f, FINETUNE_PRESET)
     _add_run_args(f, steps=FINETUNE_STEPS, lr=FINETUNE_LR, methods=FINETUNE_METHODS, fmt="int4",
                   out="runs/finetune")
     src = f.add_mutually_exclusive_group()
@@ -161,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"pre-training peak lr (default {PEAK_LR:g})")
     f.add_argument("--pretrain-corpus", default="shakespeare", choices=CORPORA, help="(default shakespeare)")
     f.add_argument("--corpus", default="milton", choices=CORPORA, help="fine-tuning corpus (default milton)")
+    _add_text_arg(f, "fine-tuning data")
     f.add_argument("--save-checkpoint", nargs="?", const="", default=None, metavar="PATH",
                    help="save the pre-trained dense model (default PATH: OUT/pretrained.pt)")
     return parser
@@ -235,28 +307,92 @@ def machine_info() -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "usable_cores": usable_cores()}
 
 
-def _gap(loss: float | None, base: float | None) -> float | None:
+#: Environment variables that select the numerics' code paths (vector ISA of torch's and MKL's kernels, the fused
+#: kernel's build) or the thread pools.
+NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+                "ECOPTIM_KERNEL_MARCH", "ECOPTIM_KERNEL_OPENMP", "ECOPTIM_DISABLE_KERNELS", "OMP_NUM_THREADS",
+                "MKL_NUM_THREADS")
+
+
+def reproducibility_info(results: Sequence[RunResult], argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """What decides the bits of a run (see docs/guides/experiments.md#reproducibility): torch's CPU vector ISA,
+    the library versions and the numerics environment variables; the thread counts used (which do not change
+    the bits) and the command line."""
+    blas = next((ln.strip() for ln in torch.__config__.show().splitlines() if "Math Kernel Library" in ln), None)
+    return {"command": shlex.join(["ecoptim", *argv]) if argv else None,
+            "threads": sorted({r.threads for r in results}),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "versions": {"torch": torch.__version__, "ecoptim": __version__, "python": platform.python_version(),
+                         "blas": blas},
+            "env": {k: os.environ.get(k) for k in NUMERICS_ENV if os.environ.get(k) is not None},
+            "same_bits_when": "same torch/ecoptim versions, same cpu_capability and numerics env; any thread count"}
+
+
+def _ref_method(results: Sequence[RunResult], r: RunResult) -> str | None:
+    """The same-format MW + SR method (the paired reference of r), if it was run."""
+    return next((o.method for o in results if o.format == r.format and o.granularity == r.granularity
+                 and o.mode == "master" and o.rounding == "stochastic"), None)
+
+
+def _pct(value: float | None, base: float | None) -> float | None:
     """Relative gap in percent (positive: worse than the baseline)."""
-    if loss is None or base is None or base == 0:
+    if value is None or base is None or base == 0:
         return None
-    return 100.0 * (loss - base) / base
+    return 100.0 * (value - base) / base
+
+
+def _paired(by_seed: dict[int, float | None], ref_by_seed: dict[int, float | None]) -> Interval | None:
+    seeds = [s for s in by_seed if by_seed[s] is not None and ref_by_seed.get(s) is not None]
+    if not seeds:
+        return None
+    return paired_interval([by_seed[s] for s in seeds], [ref_by_seed[s] for s in seeds])  # type: ignore[misc]
 
 
 def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
-    """One row per method: losses and gaps to the dense baseline and to the same-format MW+SR row."""
-    by_name = {r.method: r for r in results}
-    dense = by_name.get("fp32_mw")
-    base = dense.final_val_loss if dense is not None and dense.status == "ok" else None
+    """One row per (peak LR, method), over its seeds: mean +- sd of the final loss with its 95% interval, and
+    the paired differences (same seed) to the dense baseline and to the same-format MW + SR row, with 95%
+    t-intervals (``stats.paired_interval``). A diverged seed counts in ``status`` and is left out of the means."""
+    lrs = list(dict.fromkeys(r.peak_lr for r in results))
     rows = []
-    for r in results:
-        mw_sr = next((o for o in results if o.format == r.format and o.granularity == r.granularity
-                      and o.mode == "master" and o.rounding == "stochastic"), None)
-        mw_sr_loss = mw_sr.final_val_loss if mw_sr is not None and mw_sr.status == "ok" else None
-        rows.append({"method": r.method, "label": r.label, "initial_val_loss": r.initial_val_loss,
-                     "final_val_loss": r.final_val_loss, "gap_vs_fp32_mw_pct": _gap(r.final_val_loss, base),
-                     "gap_vs_mw_sr_pct": None if r.format is None else _gap(r.final_val_loss, mw_sr_loss),
-                     "bytes_per_param": r.bytes_per_param, "tokens_per_s": r.tokens_per_s,
-                     "skipped_steps": r.skipped_steps, "status": r.status, "wall_s": r.wall_s})
+    for lr in lrs:
+        at_lr = [r for r in results if r.peak_lr == lr]
+        names = list(dict.fromkeys(r.method for r in at_lr))
+        loss = {n: {r.seed: (r.final_val_loss if r.status == "ok" else None) for r in at_lr if r.method == n}
+                for n in names}
+        for name in names:
+            runs = [r for r in at_lr if r.method == name]
+            first = runs[0]
+            ok = [v for v in loss[name].values() if v is not None]
+            iv = mean_interval(ok) if ok else None
+            ref = _ref_method(at_lr, first) if first.format is not None else None
+            vs_ref = _paired(loss[name], loss[ref]) if ref is not None else None
+            vs_dense = _paired(loss[name], loss["fp32_mw"]) if "fp32_mw" in loss else None
+            # ECO's claim is against naive removal with the same rounding: that paired difference too
+            naive = next((o.method for o in at_lr if first.mode == "eco" and o.mode == "naive"
+                          and o.rounding == first.rounding and o.format == first.format
+                          and o.granularity == first.granularity), None)
+            vs_naive = _paired(loss[name], loss[naive]) if naive is not None else None
+            ref_iv = mean_interval([v for v in loss[ref].values() if v is not None]) if ref and any(
+                v is not None for v in loss[ref].values()) else None
+            dense_ok = [v for v in loss.get("fp32_mw", {}).values() if v is not None]
+            n_div = sum(r.status != "ok" for r in runs)
+            inits = [r.initial_val_loss for r in runs if r.initial_val_loss is not None]
+            rows.append({
+                "method": name, "label": first.label, "peak_lr": lr, "seeds": [r.seed for r in runs],
+                "initial_val_loss": sum(inits) / len(inits) if inits else None,
+                "final_val_loss": iv.mean if iv else None, "final_val_loss_sd": iv.sd if iv else None,
+                "final_val_loss_ci95": [iv.lo, iv.hi] if iv and iv.lo is not None else None,
+                "diff_vs_mw_sr": vs_ref.to_dict() if vs_ref else None,
+                "diff_vs_fp32_mw": vs_dense.to_dict() if vs_dense else None,
+                "diff_vs_naive": vs_naive.to_dict() if vs_naive else None,
+                "gap_vs_fp32_mw_pct": _pct(iv.mean if iv else None, sum(dense_ok) / len(dense_ok) if dense_ok
+                                           else None),
+                "gap_vs_mw_sr_pct": _pct(iv.mean if iv else None, ref_iv.mean if ref_iv else None),
+                "bytes_per_param": first.bytes_per_param,
+                "tokens_per_s": sum(r.tokens_per_s for r in runs) / len(runs),
+                "skipped_steps": sum(r.skipped_steps for r in runs),
+                "status": "ok" if n_div == 0 else ("diverged" if len(runs) == 1 else f"{n_div}/{len(runs)} diverged"),
+                "wall_s": sum(r.wall_s for r in runs)})
     return rows
 
 
@@ -264,25 +400,43 @@ def _fmt(v: float | None, spec: str, none: str = "n/a", suffix: str = "") -> str
     return none if v is None else format(v, spec) + suffix
 
 
+def _fmt_diff(d: dict[str, Any] | None) -> str:
+    """'+0.0052 [+0.0031, +0.0073]' (a paired difference in nats with its 95% interval), or the value alone."""
+    if d is None:
+        return "-"
+    if d["lo"] is None:
+        return f"{d['mean']:+.4f}"
+    return f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+
+
 def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False, before: bool = False) -> str:
-    """The results table as fixed-width text (or markdown). ``before`` adds the loss before training."""
-    head = ["method", "description"] + (["val before"] if before else []) + [
-        "val loss", "gap vs fp32 MW", "gap vs MW+SR", "B/param", "tok/s", "skipped", "status"]
+    """The results table as fixed-width text (or markdown). ``before`` adds the loss before training.
+
+    With several seeds, 'val loss' is mean +- sd and the difference to MW+SR is the mean paired difference
+    with its 95% interval, in nats; with several learning rates a 'peak lr' column leads."""
+    many_lrs = len({r["peak_lr"] for r in rows}) > 1
+    head = (["peak lr"] if many_lrs else []) + ["method", "description"] + (["val before"] if before else []) + [
+        "val loss", "diff vs MW+SR (nats, 95% CI)", "gap vs fp32 MW", "B/param", "tok/s", "skipped", "seeds",
+        "status"]
     body = []
     for r in rows:
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}"
-        body.append([r["method"], r["label"]] + ([_fmt(r["initial_val_loss"], ".4f")] if before else []) + [
-            _fmt(r["final_val_loss"], ".4f", "-"), _fmt(r["gap_vs_fp32_mw_pct"], "+.2f", suffix="%"),
-            _fmt(r["gap_vs_mw_sr_pct"], "+.2f", "-", "%"), f"{r['bytes_per_param']:.2f}", f"{r['tokens_per_s']:.0f}",
-            str(r["skipped_steps"]), status])
+        loss = _fmt(r["final_val_loss"], ".4f", "-")
+        if r["final_val_loss_sd"] is not None:
+            loss += f" +- {r['final_val_loss_sd']:.4f}"
+        body.append(([f"{r['peak_lr']:g}"] if many_lrs else []) + [r["method"], r["label"]] + (
+            [_fmt(r["initial_val_loss"], ".4f")] if before else []) + [
+            loss, _fmt_diff(r["diff_vs_mw_sr"]), _fmt(r["gap_vs_fp32_mw_pct"], "+.2f", suffix="%"),
+            f"{r['bytes_per_param']:.2f}", f"{r['tokens_per_s']:.0f}", str(r["skipped_steps"]),
+            str(len(r["seeds"])), r["status"]])
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         return "\n".join(lines)
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(head)]
-    right = {i for i in range(len(head)) if i >= 2}
+    first_num = head.index("method") + 2
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.rjust(w) if i >= first_num else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(row) for row in body])
 
 
@@ -297,40 +451,148 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
 def write_outputs(out: Path, command: str, config: dict[str, Any], results: Sequence[RunResult],
                   rows: Sequence[dict[str, Any]], title: str, before: bool = False,
-                  extra: dict[str, Any] | None = None) -> list[Path]:
-    """results.json, results.md, memory_vs_loss.png, loss_curves.png; returns the paths written."""
+                  extra: dict[str, Any] | None = None, argv: Sequence[str] | None = None) -> list[Path]:
+    """results.json, results.md, memory_vs_loss.png, loss_curves.png (and sweep.png for a sweep); returns the
+    paths written. ``argv``: the command line's arguments, recorded with the results."""
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "config": config, "machine": machine_info(), "summary": list(rows),
-               "results": [r.to_dict() for r in results], **(extra or {})}
-    (out / "results.json").write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
+    repro = reproducibility_info(results, argv)
+    payload = {"command": command, "command_line": repro["command"], "config": config, "machine": machine_info(),
+               "reproducibility": repro, "summary": list(rows), "results": [r.to_dict() for r in results],
+               **(extra or {})}
+    _write_json_atomic(out / "results.json", payload)
     info = payload["machine"]
     wall = f"{extra['wall_s'] / 60:.1f} min, " if extra and "wall_s" in extra else ""
-    md = [f"# ecoptim {command}", "", title, "", format_table(rows, markdown=True, before=before), "",
-          "Losses: mean cross-entropy in nats per byte on the validation split. Gaps are relative "
-          "(+ = worse). B/param: static memory (weights + scales + AdamW state) measured after step 1.",
-          f"Run: {wall}torch {info['torch']}, {info['cpu_count']} CPUs, {info['platform']}.", ""]
-    (out / "results.md").write_text("\n".join(md))
+    n_seeds = max(len(r["seeds"]) for r in rows)
+    seeds_note = (f" With {n_seeds} seeds: val loss is mean +- sd over seeds; the difference to MW+SR is the mean "
+                  "of the per-seed differences (same initial weights and batches) with its 95% Student-t interval."
+                  if n_seeds > 1 else " One seed: no interval; run with --seeds 0,1,2 for intervals.")
+    eco_lines = [f"- {r['label']} minus naive with the same rounding, paired by seed"
+                 + (f" (peak lr {r['peak_lr']:g})" if len({x['peak_lr'] for x in rows}) > 1 else "")
+                 + f": {_fmt_diff(r['diff_vs_naive'])}" for r in rows if r.get("diff_vs_naive")]
+    md = [f"# ecoptim {command}", "", title, "", f"Command: `{repro['command']}`" if repro["command"] else "", "",
+          format_table(rows, markdown=True, before=before), "", *eco_lines, "" if eco_lines else None,
+          "Losses: mean cross-entropy in nats per byte on the validation split. Differences: + = worse. Gap vs "
+          "fp32 MW is relative. B/param: static memory (weights + scales + AdamW state) measured after step 1."
+          + seeds_note,
+          f"Run: {wall}torch {info['torch']}, CPU capability {repro['cpu_capability']}, threads "
+          f"{repro['threads']}, {info['cpu_count']} CPUs, {info['platform']}.", ""]
+    (out / "results.md").write_text("\n".join(line for line in md if line is not None))
     plot_memory_vs_loss(results, out / "memory_vs_loss.png", title)
     plot_loss_curves(results, out / "loss_curves.png", title)
-    return [out / n for n in ("results.json", "results.md", "memory_vs_loss.png", "loss_curves.png")]
+    paths = [out / n for n in ("results.json", "results.md", "memory_vs_loss.png", "loss_curves.png")]
+    if len({r["peak_lr"] for r in rows}) > 1:
+        plot_sweep(rows, out / "sweep.png", title)
+        paths.append(out / "sweep.png")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running the grid of (learning rate, seed, method), resumable
+# --------------------------------------------------------------------------------------------------------
+
+def _run_key(lr: float, seed: int, method: Method) -> str:
+    return f"lr{lr:g}_seed{seed}_{method.name}"
+
+
+def run_grid(out: Path, identity: dict[str, Any], lrs: Sequence[float], seeds: Sequence[int],
+             methods: Sequence[Method], run: Any, *, resume: bool, checkpoint_every: int,
+             after_run: Any = None) -> list[RunResult]:
+    """Train every (lr, seed, method), learning rate outermost, then seed, so an interruption leaves whole seeds.
+
+    ``run(method, lr, seed, checkpoint_path, checkpoint_every)`` trains one and returns its ``RunResult``. Each
+    finished run is written to ``out/state/<key>.json`` (atomically) and its checkpoint removed; ``resume``
+    reads finished runs back and lets an interrupted one continue from its checkpoint (and, given more learning
+    rates, seeds or methods than before, trains only the missing ones). ``identity`` (everything else that decides
+    the results) is stored in ``out/state/run.json``; resuming with other options is refused.
+    Without ``resume`` the state folder is cleared first. ``after_run(result)`` is called before the result is
+    stored (e.g. to save a model it carries).
+    """
+    state = out / "state"
+    ident_path = state / "run.json"
+    ident = json.loads(json.dumps(_json_safe(identity)))
+    if resume:
+        if not ident_path.is_file():
+            raise ValueError(f"--resume: {str(state)!r} holds no interrupted run; run without --resume")
+        saved = json.loads(ident_path.read_text())
+        if saved != ident:
+            diff = sorted(k for k in set(saved) | set(ident) if saved.get(k) != ident.get(k))
+            raise ValueError(f"--resume: the run in {str(state)!r} used other options ({', '.join(diff)}); "
+                             "resume with the same options, or drop --resume to start again")
+    else:
+        if state.exists():
+            shutil.rmtree(state)
+        state.mkdir(parents=True)
+        _write_json_atomic(ident_path, ident)
+    results = []
+    for lr in lrs:
+        for seed in seeds:
+            for m in methods:
+                key = _run_key(lr, seed, m)
+                done, ckpt = state / f"{key}.json", state / f"{key}.pt"
+                if done.is_file():
+                    results.append(RunResult.from_dict(json.loads(done.read_text())))
+                    continue
+                r = run(m, lr, seed, ckpt, checkpoint_every)
+                if after_run is not None:
+                    after_run(r)
+                _write_json_atomic(done, r.to_dict())
+                ckpt.unlink(missing_ok=True)
+                results.append(r)
+    return results
 
 
 # --------------------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------------------
 
-def _run_config(args: argparse.Namespace, cfg: LlamaConfig, methods: Sequence[Method]) -> dict[str, Any]:
+def _load_data(parser: argparse.ArgumentParser, args: argparse.Namespace, corpus: str) -> Corpus:
+    """The embedded corpus, or the user's --text, checked to hold enough bytes for the batches and evaluation."""
+    try:
+        data = load_text_corpus(args.text) if args.text is not None else load_corpus(corpus)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    need = args.batch_size * args.seq_len + 1
+    if data.val.numel() < need or data.train.numel() < args.seq_len + 1:
+        parser.error(f"--text {str(args.text)!r}: {data.train.numel()} training / {data.val.numel()} validation "
+                     f"bytes; validation needs at least --batch-size x --seq-len + 1 = {need} (a text of about "
+                     f"{16 * need} bytes); give more text or lower --batch-size / --seq-len")
+    return data
+
+
+def _data_name(args: argparse.Namespace, corpus: str) -> str:
+    return f"text:{args.text}" if args.text is not None else corpus
+
+
+def _run_config(args: argparse.Namespace, cfg: LlamaConfig, methods: Sequence[Method], data: Corpus,
+                corpus: str) -> dict[str, Any]:
     return {"model": cfg.to_dict(), "params": LlamaLM(cfg).num_params(), "methods": [m.name for m in methods],
             "format": next((m.format for m in methods if not m.dense), None),
             "granularity": next((m.granularity for m in methods if not m.dense), None),
-            "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "peak_lr": args.lr,
-            "seed": args.seed, "state_dtype": args.state_dtype, "eval_every": args.eval_every,
-            "eval_batches": args.eval_batches,
-            "final_eval_batches": 4 * args.eval_batches, "corpus": args.corpus,
+            "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "peak_lrs": list(getattr(args, "lrs", None) or [args.lr]), "seeds": list(args.seeds),
+            "state_dtype": args.state_dtype, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
+            "final_eval_batches": 4 * args.eval_batches, "corpus": _data_name(args, corpus),
+            "data_bytes": {"train": data.train.numel(), "val": data.val.numel()},
             "optimizer": {"betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP,
-                          "schedule": "10% linear warm-up from 0.01x peak, cosine to 0.1x peak"}}
+                          "schedule": f"10% linear warm-up from 0.01x peak, cosine to {args.final_lr_frac:g}x peak"}}
+
+
+def _identity(config: dict[str, Any], data: Corpus, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What decides a run's results besides its (lr, seed, method) key, for --resume: the config and a fingerprint
+    of the data. The learning rates, seeds and methods are left out: each run is stored under its own key, so a
+    resume with more of them adds only the missing runs."""
+    import hashlib
+    digest = hashlib.sha256(data.train.numpy().tobytes() + data.val.numpy().tobytes()).hexdigest()
+    per_run = ("params", "peak_lrs", "seeds", "methods", "format", "granularity")
+    return {**{k: v for k, v in config.items() if k not in per_run}, "data_sha256": digest, **(extra or {})}
 
 
 def _state_note(args: argparse.Namespace) -> str:
@@ -340,45 +602,77 @@ def _state_note(args: argparse.Namespace) -> str:
 def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"eval_every": args.eval_every, "eval_batches_n": args.eval_batches,
             "final_eval_batches_n": 4 * args.eval_batches, "threads": args.threads,
-            "state_dtype": STATE_DTYPES[args.state_dtype]}
+            "state_dtype": STATE_DTYPES[args.state_dtype], "final_lr_frac": args.final_lr_frac}
 
 
-def cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.final_lr_frac > 1:
+        parser.error(f"--final-lr-frac must be in (0, 1], got {args.final_lr_frac:g}")
+    if args.checkpoint_every < 0:
+        parser.error(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+
+
+def _pretrain_grid(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str,
+                   lrs: Sequence[float], corpus: str) -> int:
+    """compare and sweep: every (lr, seed, method) from scratch on the training data."""
+    _check_run_args(parser, args)
     cfg, methods = _resolve(parser, args)
-    if args.save_checkpoint is not None and not any(m.dense for m in methods):
+    save_dense = getattr(args, "save_checkpoint", None)
+    if save_dense is not None and not any(m.dense for m in methods):
         parser.error("--save-checkpoint saves the dense fp32_mw model; include fp32_mw in --methods")
-    data = load_corpus(args.corpus)
-    config = _run_config(args, cfg, methods)
+    data = _load_data(parser, args, corpus)
+    config = _run_config(args, cfg, methods, data, corpus)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    say(f"ecoptim compare: {config['params'] / 1e6:.2f}M-param model {cfg.to_dict()}, {len(methods)} methods x "
-        f"{args.steps} steps of {args.batch_size}x{args.seq_len} bytes, peak lr {args.lr:g}, corpus {args.corpus}")
-    t0 = time.perf_counter()
-    results = []
-    for m in methods:
-        keep = m.dense and args.save_checkpoint is not None
-        r = train_run(m, cfg, args.steps, args.batch_size, args.seq_len, args.lr, args.seed, data,
-                      progress=not args.quiet, keep_state=keep, **_train_kwargs(args))
-        if keep:
-            path = Path(args.save_checkpoint) if args.save_checkpoint else args.out / "checkpoint.pt"
-            save_dense_model(path, cfg, r.state_dict or {}, {"steps": args.steps, "corpus": args.corpus,
-                                                             "final_val_loss": r.final_val_loss})
+    say(f"ecoptim {command}: {config['params'] / 1e6:.2f}M-param model {cfg.to_dict()}, {len(methods)} methods x "
+        f"{len(args.seeds)} seeds x {len(lrs)} peak lr x {args.steps} steps of {args.batch_size}x{args.seq_len} "
+        f"bytes, corpus {config['corpus']}")
+    dense_path = (Path(save_dense) if save_dense else args.out / "checkpoint.pt") if save_dense is not None else None
+
+    def run(m: Method, lr: float, seed: int, ckpt: Path, every: int) -> RunResult:
+        keep = dense_path is not None and m.dense and seed == args.seeds[0] and lr == lrs[0]
+        r = train_run(m, cfg, args.steps, args.batch_size, args.seq_len, lr, seed, data,
+                      progress=not args.quiet, keep_state=keep, checkpoint_path=ckpt, checkpoint_every=every,
+                      **_train_kwargs(args))
+        assert r is not None
+        return r
+
+    def after_run(r: RunResult) -> None:
+        if r.state_dict is not None and dense_path is not None:
+            save_dense_model(dense_path, cfg, r.state_dict, {"steps": args.steps, "corpus": config["corpus"],
+                                                            "seed": r.seed, "final_val_loss": r.final_val_loss})
             r.state_dict = None
-            say(f"saved dense checkpoint to {path}")
-        results.append(r)
+            say(f"saved dense checkpoint to {dense_path}")
+
+    t0 = time.perf_counter()
+    try:
+        results = run_grid(args.out, _identity(config, data), lrs, args.seeds, methods, run, resume=args.resume,
+                           checkpoint_every=args.checkpoint_every, after_run=after_run)
+    except ValueError as e:
+        parser.error(str(e))
     wall = time.perf_counter() - t0
     rows = summarize(results)
     fmt = config["format"] or "-"
-    title = (f"{config['params'] / 1e6:.2f}M-param Llama, {args.corpus}, {args.steps} steps x "
-             f"{args.batch_size}x{args.seq_len} bytes, {fmt}/{config['granularity']}, peak lr {args.lr:g}"
-             + _state_note(args))
-    paths = write_outputs(args.out, "compare", config, results, rows, title, extra={"wall_s": wall})
+    lr_note = f"peak lr {lrs[0]:g}" if len(lrs) == 1 else f"peak lr {', '.join(f'{v:g}' for v in lrs)}"
+    title = (f"{config['params'] / 1e6:.2f}M-param Llama, {config['corpus']}, {args.steps} steps x "
+             f"{args.batch_size}x{args.seq_len} bytes, {fmt}/{config['granularity']}, {lr_note}, "
+             f"seeds {','.join(map(str, args.seeds))}" + _state_note(args))
+    paths = write_outputs(args.out, command, config, results, rows, title, extra={"wall_s": wall}, argv=args.argv)
     print(title)
     print(format_table(rows))
-    print(f"total {wall / 60:.1f} min; wrote {', '.join(str(p) for p in paths)}")
+    print(f"total {wall / 60:.1f} min (this invocation); wrote {', '.join(str(p) for p in paths)}")
     return 0
 
 
+def cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    return _pretrain_grid(parser, args, "compare", [args.lr], args.corpus)
+
+
+def cmd_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    return _pretrain_grid(parser, args, "sweep", args.lrs, args.corpus)
+
+
 def cmd_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    _check_run_args(parser, args)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     pre_info: dict[str, Any]
     if args.checkpoint is not None:
@@ -400,41 +694,60 @@ def cmd_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         steps = args.pretrain_steps or PRETRAIN_STEPS
         say(f"pre-training a dense {LlamaLM(cfg).num_params() / 1e6:.2f}M-param model on {args.pretrain_corpus} "
             f"for {steps} steps")
-        pre = pretrain(cfg, steps, args.batch_size, args.seq_len, args.pretrain_lr, args.seed,
-                       load_corpus(args.pretrain_corpus), progress=not args.quiet, **_train_kwargs(args))
+        pre = pretrain(cfg, steps, args.batch_size, args.seq_len, args.pretrain_lr, args.seeds[0],
+                       load_corpus(args.pretrain_corpus), progress=not args.quiet,
+                       **{**_train_kwargs(args), "final_lr_frac": FINAL_LR_FRAC})  # compare's dense model
         if pre.status != "ok" or pre.state_dict is None:
             print(f"pre-training diverged (val loss {pre.final_val_loss}); lower --pretrain-lr", file=sys.stderr)
             return 1
         state = pre.state_dict
         pre_info = {"pretrain_steps": steps, "pretrain_lr": args.pretrain_lr, "pretrain_corpus": args.pretrain_corpus,
-                    "pretrain_val_loss": pre.final_val_loss}
+                    "pretrain_seed": args.seeds[0], "pretrain_val_loss": pre.final_val_loss}
         if args.save_checkpoint is not None:
             path = Path(args.save_checkpoint) if args.save_checkpoint else args.out / "pretrained.pt"
             save_dense_model(path, cfg, state, {"steps": steps, "corpus": args.pretrain_corpus,
                                                "final_val_loss": pre.final_val_loss})
             say(f"saved dense checkpoint to {path}")
-    data = load_corpus(args.corpus)
-    config = {**_run_config(args, cfg, methods), "source": pre_info}
+    data = _load_data(parser, args, args.corpus)
+    config = {**_run_config(args, cfg, methods, data, args.corpus), "source": pre_info}
+
+    def run(m: Method, lr: float, seed: int, ckpt: Path, every: int) -> RunResult:
+        r = train_run(m, cfg, args.steps, args.batch_size, args.seq_len, lr, seed, data, progress=not args.quiet,
+                      init_state=state, checkpoint_path=ckpt, checkpoint_every=every, **_train_kwargs(args))
+        assert r is not None
+        return r
+
+    import hashlib
+    base = hashlib.sha256(b"".join(v.detach().contiguous().numpy().tobytes() for v in state.values()
+                                   if v.dtype != torch.bfloat16)).hexdigest()
     t0 = time.perf_counter()
-    results = finetune(state, cfg, methods, args.steps, args.batch_size, args.seq_len, args.lr, args.seed, data,
-                       progress=not args.quiet, **_train_kwargs(args))
+    try:
+        results = run_grid(args.out, _identity(config, data, {"base_model_sha256": base}), [args.lr], args.seeds,
+                           methods, run, resume=args.resume, checkpoint_every=args.checkpoint_every)
+    except ValueError as e:
+        parser.error(str(e))
     wall = time.perf_counter() - t0
     rows = summarize(results)
-    title = (f"fine-tune {config['params'] / 1e6:.2f}M-param Llama on {args.corpus}: {config['format']}/"
+    title = (f"fine-tune {config['params'] / 1e6:.2f}M-param Llama on {config['corpus']}: {config['format']}/"
              f"{config['granularity']}, {args.steps} steps x {args.batch_size}x{args.seq_len} bytes, "
-             f"peak lr {args.lr:g}" + _state_note(args))
-    paths = write_outputs(args.out, "finetune", config, results, rows, title, before=True, extra={"wall_s": wall})
+             f"peak lr {args.lr:g}, seeds {','.join(map(str, args.seeds))}" + _state_note(args))
+    paths = write_outputs(args.out, "finetune", config, results, rows, title, before=True, extra={"wall_s": wall},
+                          argv=args.argv)
     print(title)
     print(format_table(rows, before=True))
     print("val before: the checkpoint after casting to the method's format (fp32_mw: the dense checkpoint)")
-    print(f"total {wall / 60:.1f} min; wrote {', '.join(str(p) for p in paths)}")
+    print(f"total {wall / 60:.1f} min (this invocation); wrote {', '.join(str(p) for p in paths)}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ecoptim`` console script and ``python -m ecoptim``."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command == "compare":
         return cmd_compare(parser, args)
+    if args.command == "sweep":
+        return cmd_sweep(parser, args)
     return cmd_finetune(parser, args)

@@ -18,14 +18,20 @@ otherwise to training.  Each split is the concatenation of its blocks in
 corpus order.  Validation is thus 1/16 = 6.25% of the data (slightly less for
 Milton, whose length is not a multiple of 128 KiB) spread evenly over all
 works, and the two splits are disjoint and together cover every byte.
+
+The user's own text (``load_user_text``: a file, or every file of a folder in sorted order) is split by the
+same rule (``split_bytes``), with smaller blocks when the text is under 512 KiB so that validation still
+holds at least 4 blocks spread over the text.
 """
 
 from __future__ import annotations
 
 import functools
 import lzma
+import os
 from collections.abc import Iterator, Sequence
 from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -39,6 +45,8 @@ __all__ = [
     "get_batch",
     "load_split",
     "load_text",
+    "load_user_text",
+    "split_bytes",
 ]
 
 CORPORA: tuple[str, ...] = ("shakespeare", "milton")
@@ -80,10 +88,46 @@ def load_split(name: str, split: str) -> torch.Tensor:
     _check_name(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    data = torch.frombuffer(bytearray(load_text(name)), dtype=torch.uint8)
-    block = torch.arange(data.numel()) // SPLIT_BLOCK_BYTES
+    train, val = split_bytes(load_text(name))
+    return val if split == "val" else train
+
+
+def split_bytes(text: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``text`` into (train, val) byte tokens (1-D ``torch.uint8``) by the module's block rule.
+
+    Blocks are ``SPLIT_BLOCK_BYTES`` long, or ``len(text) // (4 * SPLIT_PERIOD)`` (at least 1) for a text under
+    ``4 * SPLIT_PERIOD * SPLIT_BLOCK_BYTES`` bytes, so every text has validation blocks spread over all of it.
+    Deterministic: the same bytes always give the same split.
+    """
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else torch.empty(0, dtype=torch.uint8)
+    block_bytes = SPLIT_BLOCK_BYTES
+    if len(text) < 4 * SPLIT_PERIOD * SPLIT_BLOCK_BYTES:
+        block_bytes = max(1, len(text) // (4 * SPLIT_PERIOD))
+    block = torch.arange(data.numel()) // block_bytes
     is_val = block % SPLIT_PERIOD == SPLIT_PERIOD - 1
-    return data[is_val if split == "val" else ~is_val]
+    return data[~is_val], data[is_val]
+
+
+def load_user_text(path: str | os.PathLike) -> bytes:
+    """The bytes of a text file, or of every non-hidden file under a folder (recursively, in sorted relative-path
+    order, joined by a newline), for training on one's own data.
+
+    Raises:
+        ValueError: if ``path`` does not exist, or a folder holds no readable non-empty file.
+    """
+    root = Path(path)
+    if root.is_file():
+        return root.read_bytes()
+    if not root.is_dir():
+        raise ValueError(f"--text {str(root)!r} does not exist; give a text file or a folder of text files")
+    files = sorted((p for p in root.rglob("*") if p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                   key=lambda p: p.relative_to(root).as_posix())
+    parts = [p.read_bytes() for p in files]
+    parts = [b for b in parts if b]
+    if not parts:
+        raise ValueError(f"--text folder {str(root)!r} holds no non-empty files")
+    return b"\n".join(parts)
 
 
 class ByteTokenizer:

@@ -12,22 +12,24 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..convert import quantize_
 from ..formats import get_format, get_granularity
 from ..memory import memory_report
-from ..optim import AdamW, State8bit
-from .corpus import eval_batches, get_batch, load_split
+from ..optim import AdamW, State8bit, muon_with_adamw
+from .corpus import eval_batches, get_batch, load_split, load_user_text, split_bytes
 from .model import LlamaConfig, LlamaLM, is_block_linear
 
-__all__ = ["Method", "METHODS", "ROWS", "FORMAT_TAGS", "DEFAULT_GRANULARITY", "make_methods", "resolve_methods",
-           "Corpus", "load_corpus", "RunResult", "train_run", "lr_lambda", "evaluate", "pretrain", "finetune",
-           "BETAS", "EPS", "WEIGHT_DECAY", "GRAD_CLIP"]
+__all__ = ["Method", "METHODS", "MUON_METHODS", "ROWS", "FORMAT_TAGS", "DEFAULT_GRANULARITY", "make_methods",
+           "resolve_methods", "Corpus", "load_corpus", "load_text_corpus", "RunResult", "train_run", "lr_lambda",
+           "evaluate", "pretrain", "finetune", "BETAS", "EPS", "WEIGHT_DECAY", "GRAD_CLIP", "FINAL_LR_FRAC"]
 
 # The paper's optimizer recipe (Section 5 / the reference notes); shared by every method.
 BETAS = (0.9, 0.98)
@@ -39,11 +41,14 @@ WARMUP_START = 0.01    # x peak lr at step 0 (must be > 0: ECO divides the injec
 FINAL_LR_FRAC = 0.1    # x peak lr at the last step
 
 #: Short names used in method names ("fp8_eco_sr", "int4_eco_sr", ...).
-FORMAT_TAGS = {"fp8_e4m3": "fp8", "fp8_e5m2": "fp8e5m2", "int8": "int8", "int4": "int4"}
+FORMAT_TAGS = {"fp8_e4m3": "fp8", "fp8_e5m2": "fp8e5m2", "int8": "int8", "int4": "int4", "mxfp8": "mxfp8",
+               "mxfp4": "mxfp4", "nvfp4": "nvfp4"}
 #: The paper's scale granularity per format: per-row FP8 for pre-training, per-tensor INT4 for fine-tuning.
-DEFAULT_GRANULARITY = {"fp8_e4m3": "row", "fp8_e5m2": "row", "int8": "row", "int4": "tensor"}
+DEFAULT_GRANULARITY = {"fp8_e4m3": "row", "fp8_e5m2": "row", "int8": "row", "int4": "tensor", "mxfp8": "group32",
+                       "mxfp4": "group32", "nvfp4": "group16"}
 _TAG_TO_FORMAT = {**{v: k for k, v in FORMAT_TAGS.items()}, "e5m2": "fp8_e5m2", "e4m3": "fp8_e4m3"}
-_FORMAT_LABELS = {"fp8_e4m3": "FP8", "fp8_e5m2": "FP8-E5M2", "int8": "INT8", "int4": "INT4"}
+_FORMAT_LABELS = {"fp8_e4m3": "FP8", "fp8_e5m2": "FP8-E5M2", "int8": "INT8", "int4": "INT4", "mxfp8": "MXFP8",
+                  "mxfp4": "MXFP4", "nvfp4": "NVFP4"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,10 @@ class Method:
     granularity: str | None = None
     mode: str = "master"
     rounding: str = "nearest"
+    #: "adamw" (the paper's recipe), "muon" (Muon on the block linears, AdamW on the rest, ``muon_with_adamw``
+    #: with adjust_lr_fn="match_rms_adamw" so that AdamW's lr and decay carry over) or "muon_unit" (the same with
+    #: ECO's unit-gain injection)
+    optimizer: str = "adamw"
 
     @property
     def dense(self) -> bool:
@@ -104,6 +113,17 @@ def make_methods(format: str = "fp8_e4m3", granularity: str | int | None = None)
 #: The paper's table: fp32_mw, fp8_mw_rtn, fp8_mw_sr, fp8_naive_rtn, fp8_naive_sr, fp8_eco_rtn, fp8_eco_sr.
 METHODS: dict[str, Method] = make_methods()
 ROW_KEYS = tuple(r[0] for r in ROWS)
+#: Muon rows (FP8 E4M3, per-row scales; named as they are, not retargeted by --format).
+MUON_METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("muon_fp32", "Muon FP32 (dense)", optimizer="muon"),
+    Method("muon_mw", "Muon FP8 w/ MW + SR", "fp8_e4m3", "row", "master", "stochastic", "muon"),
+    Method("muon_naive_sr", "Muon FP8 w/o MW + SR (naive)", "fp8_e4m3", "row", "naive", "stochastic", "muon"),
+    Method("muon_naive_rtn", "Muon FP8 w/o MW + RTN (naive)", "fp8_e4m3", "row", "naive", "nearest", "muon"),
+    Method("muon_eco_sr", "Muon FP8 ECO + SR", "fp8_e4m3", "row", "eco", "stochastic", "muon"),
+    Method("muon_eco_rtn", "Muon FP8 ECO + RTN", "fp8_e4m3", "row", "eco", "nearest", "muon"),
+    Method("muon_eco_unit_sr", "Muon FP8 ECO (unit gain) + SR", "fp8_e4m3", "row", "eco", "stochastic",
+           "muon_unit"),
+)}
 
 
 def resolve_methods(names: Sequence[str], format: str | None = None,
@@ -120,6 +140,9 @@ def resolve_methods(names: Sequence[str], format: str | None = None,
     parsed: list[tuple[str | None, str]] = []
     for raw in names:
         name = raw.strip().lower()
+        if name in MUON_METHODS:  # fixed rows, any --format
+            parsed.append(("muon", name))
+            continue
         if name == DENSE.name:
             parsed.append((None, name))
             continue
@@ -136,20 +159,21 @@ def resolve_methods(names: Sequence[str], format: str | None = None,
         if tag is not None and tag not in _TAG_TO_FORMAT:
             raise ValueError(f"unknown format tag {tag!r} in method {raw!r}; use one of {sorted(_TAG_TO_FORMAT)}")
         parsed.append((None if tag is None else _TAG_TO_FORMAT[tag], row))
-    explicit = {f for f, _ in parsed if f is not None and f != "fp8_e4m3"}
+    explicit = {f for f, _ in parsed if f is not None and f not in ("fp8_e4m3", "muon")}
     if format is None:
         if len(explicit) > 1:
             raise ValueError(f"methods mix formats {sorted(explicit)}; run one format at a time")
         format = explicit.pop() if explicit else "fp8_e4m3"
     fmt = _canonical_format(format)
     for (f, row), raw in zip(parsed, names):
-        if f is not None and f not in ("fp8_e4m3", fmt):
+        if f is not None and f not in ("fp8_e4m3", "muon", fmt):
             raise ValueError(f"method {raw!r} is a {f} row but the format is {fmt}; drop the prefix or change "
                              "--format")
     table = make_methods(fmt, granularity)
     out: list[Method] = []
     for f, row in parsed:
-        m = DENSE if row == DENSE.name else table[f"{FORMAT_TAGS[fmt]}_{row}"]
+        m = (MUON_METHODS[row] if f == "muon" else DENSE if row == DENSE.name
+             else table[f"{FORMAT_TAGS[fmt]}_{row}"])
         if m in out:
             raise ValueError(f"method {m.name!r} given twice")
         out.append(m)
@@ -170,7 +194,16 @@ class Corpus:
 
 
 def load_corpus(name: str) -> Corpus:
+    """One of the embedded corpora (``corpus.CORPORA``) with its fixed split."""
     return Corpus(name, load_split(name, "train"), load_split(name, "val"))
+
+
+def load_text_corpus(path: str | os.PathLike) -> Corpus:
+    """The user's own text (a file, or a folder of files read in sorted order) as bytes, split
+    deterministically by ``corpus.split_bytes`` (every 16th block to validation)."""
+    data = load_user_text(path)
+    train, val = split_bytes(data)
+    return Corpus(str(path), train, val)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -203,6 +236,9 @@ class RunResult:
     skipped_steps: int = 0           # steps the optimizer skipped for non-finite gradients
     threads: int = 0                 # torch intra-op threads used
     diverged_at: int | None = None
+    seed: int = 0                    # initial weights, batch order and SR stream
+    peak_lr: float = 0.0
+    resumed_from: int | None = None  # the checkpoint step this run continued from (None: trained in one go)
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # only with keep_state=True
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,10 +246,21 @@ class RunResult:
         d.pop("state_dict")
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunResult":
+        """Inverse of ``to_dict`` (JSON turns the curves' (step, loss) pairs into lists; they come back as tuples)."""
+        d = dict(d)
+        for key in ("val_curve", "train_curve"):
+            d[key] = [(int(s), v) for s, v in d.get(key, [])]
+        return cls(**d)
 
-def lr_lambda(steps: int) -> Callable[[int], float]:
+
+def lr_lambda(steps: int, final_frac: float = FINAL_LR_FRAC) -> Callable[[int], float]:
     """LR multiplier for LambdaLR: linear warm-up from WARMUP_START to 1 over the first WARMUP_FRAC of the
-    steps, then cosine from 1 to FINAL_LR_FRAC at the last step. Never 0 (ECO needs lr > 0)."""
+    steps, then cosine from 1 to ``final_frac`` (default FINAL_LR_FRAC, the paper's 0.1) at the last step.
+    Never 0 (ECO needs lr > 0)."""
+    if not 0 < final_frac <= 1:
+        raise ValueError(f"final_frac must be in (0, 1], got {final_frac}")
     warmup = max(1, round(WARMUP_FRAC * steps))
     decay = max(1, steps - warmup)
 
@@ -221,7 +268,7 @@ def lr_lambda(steps: int) -> Callable[[int], float]:
         if step < warmup:
             return WARMUP_START + (1 - WARMUP_START) * step / warmup
         progress = min(1.0, (step - warmup) / decay)
-        return FINAL_LR_FRAC + (1 - FINAL_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * progress))
+        return final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
 
@@ -245,7 +292,7 @@ def _finite(x: float) -> float | None:
 
 def _build(method: Method, cfg: LlamaConfig, seed: int, lr: float,
            init_state: dict[str, torch.Tensor] | None,
-           state_dtype: torch.dtype | State8bit = torch.float32) -> tuple[LlamaLM, AdamW]:
+           state_dtype: torch.dtype | State8bit = torch.float32) -> tuple[LlamaLM, torch.optim.Optimizer]:
     """Model (same init for every method: seeded here) and its optimizer."""
     torch.manual_seed(seed)
     model = LlamaLM(cfg)
@@ -257,6 +304,13 @@ def _build(method: Method, cfg: LlamaConfig, seed: int, lr: float,
     # Weight decay on matrices only (nanoGPT convention): norms' gains are not decayed.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    if method.optimizer in ("muon", "muon_unit"):
+        block = {id(m.weight) for n, m in model.named_modules() if is_block_linear(m, n)}
+        return model, muon_with_adamw(
+            model, lr=lr, weight_decay=WEIGHT_DECAY, adjust_lr_fn="match_rms_adamw", adamw_lr=lr, adamw_betas=BETAS,
+            adamw_eps=EPS, adamw_weight_decay=WEIGHT_DECAY, muon_filter=lambda name, p: id(p) in block,
+            mode="master" if method.dense else method.mode, rounding=method.rounding, seed=seed,
+            injection="unit" if method.optimizer == "muon_unit" else "secant")
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
     opt = AdamW(groups, lr=lr, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                 mode="master" if method.dense else method.mode, rounding=method.rounding, seed=seed,
@@ -307,16 +361,25 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
               data: Corpus, progress: bool = True, *, eval_every: int = 50, eval_batches_n: int = 8,
               final_eval_batches_n: int = 32, init_state: dict[str, torch.Tensor] | None = None,
               diverge_loss: float | None = None, max_nonfinite: int = 10, threads: int | None = None,
-              keep_state: bool = False, state_dtype: torch.dtype | State8bit = torch.float32) -> RunResult:
+              keep_state: bool = False, state_dtype: torch.dtype | State8bit = torch.float32,
+              checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 0,
+              stop_after: int | None = None, final_lr_frac: float = FINAL_LR_FRAC) -> RunResult | None:
     """Train ``method`` for ``steps`` steps and measure it (see ``RunResult``).
 
     Same ``seed`` => same initial weights (before quantization), same batch order (a ``torch.Generator``
     seeded with ``seed``) and same stochastic-rounding stream, whatever the method.
     ``init_state``: a dense state_dict loaded before quantizing (fine-tuning). ``state_dtype``: AdamW moments
-    of the quantized weights (fp32, or bf16 to save 4 B/param; dense parameters keep fp32).
+    of the quantized weights (fp32, or bf16 to save 4 B/param; dense parameters keep fp32). ``final_lr_frac``:
+    the LR at the last step, as a fraction of ``lr`` (``lr_lambda``).
     Divergence (the run stops, status "diverged", no exception): the EMA of the training loss exceeds
     ``diverge_loss`` (default ln(vocab) + 1, i.e. clearly worse than a uniform guess), a validation loss
     is non-finite, or ``max_nonfinite`` consecutive training losses are non-finite.
+
+    Interruption: with ``checkpoint_path`` and ``checkpoint_every`` > 0, the model, optimizer (its SR
+    generator included), scheduler, batch generator and the measurements so far are written atomically
+    (``ecoptim.save_checkpoint``) every ``checkpoint_every`` steps; if the file exists when the run starts, the
+    run continues from it and ends with the same losses and curves as an uninterrupted run. ``stop_after``
+    (for tests of exactly that) returns None after that many steps, as an interruption would.
     """
     if steps < 1 or batch_size < 1 or seq_len < 1:
         raise ValueError("steps, batch_size and seq_len must be positive")
@@ -324,30 +387,48 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     if diverge_loss is None:
         diverge_loss = math.log(cfg.vocab_size) + 1.0
     t_start = time.perf_counter()
     model, opt = _build(method, cfg, seed, lr, init_state, state_dtype)
-    sched = LambdaLR(opt, lr_lambda(steps))
+    sched = LambdaLR(opt, lr_lambda(steps, final_lr_frac))
     gen = torch.Generator().manual_seed(seed)
     val_small = list(eval_batches(data.val, batch_size, seq_len, eval_batches_n))
     val_final = list(eval_batches(data.val, batch_size, seq_len, final_eval_batches_n))
 
-    initial = evaluate(model, val_small)
-    val_curve: list[tuple[int, float | None]] = [(0, _finite(initial))]
-    train_curve: list[tuple[int, float | None]] = []
-    ema: float | None = None
-    nonfinite_run = 0
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    start, resumed_from = 0, None
+    if ckpt is not None and ckpt.exists():
+        loaded = load_checkpoint(ckpt, model, opt, sched)
+        loop = loaded["extra"]
+        if loop.get("steps") != steps or loop.get("method") != method.name or loop.get("seed") != seed:
+            raise ValueError(f"checkpoint {str(ckpt)!r} is of another run ({loop.get('method')}, seed "
+                             f"{loop.get('seed')}, {loop.get('steps')} steps); delete it or use another --out")
+        gen.set_state(loop["generator"])
+        start = resumed_from = int(loaded["step"])
+        initial = loop["initial"]
+        val_curve = [(int(a), b) for a, b in loop["val_curve"]]
+        train_curve = [(int(a), b) for a, b in loop["train_curve"]]
+        ema, nonfinite_run, train_time = loop["ema"], int(loop["nonfinite_run"]), float(loop["train_time"])
+        report_fields: dict[str, Any] | None = loop["report"]
+    else:
+        initial = evaluate(model, val_small)
+        val_curve = [(0, _finite(initial))]
+        train_curve = []
+        ema, nonfinite_run, train_time = None, 0, 0.0
+        report_fields = None
     status, diverged_at = "ok", None
-    report = None
-    train_time, steps_done = 0.0, 0
+    steps_done = start
 
     from tqdm.auto import tqdm  # the `app` extra; imported on first use so the app imports without it
-    bar = tqdm(total=steps, desc=f"{method.name:>14s}", disable=not progress, dynamic_ncols=True, leave=True)
+    bar = tqdm(total=steps, initial=start, desc=f"{method.name:>14s}", disable=not progress, dynamic_ncols=True,
+               leave=True)
     model.train()
-    for step in range(1, steps + 1):
+    for step in range(start + 1, steps + 1):
         x, y = get_batch(data.train, batch_size, seq_len, gen)
         t0 = time.perf_counter()
         _, loss = model(x, y)
@@ -363,8 +444,10 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
         sched.step()
         train_time += time.perf_counter() - t0
         steps_done = step
-        if report is None:  # after the first step, so the optimizer state exists
-            report = memory_report(model, opt)
+        if report_fields is None:  # after the first step, so the optimizer state exists
+            rep = memory_report(model, opt)
+            report_fields = {"bytes_per_param": rep.bytes_per_param, "total_bytes": rep.total_bytes,
+                             "numel": rep.numel}
 
         lv = loss.detach().item()
         if math.isfinite(lv):
@@ -384,6 +467,16 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
         bar.update(1)
         if step % 5 == 0 or step == steps:
             bar.set_postfix(loss=f"{ema:.3f}" if ema is not None else "nan", refresh=False)
+        if ckpt is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            loop = {"method": method.name, "seed": seed, "steps": steps, "generator": gen.get_state(),
+                    "initial": initial, "val_curve": [list(p) for p in val_curve],
+                    "train_curve": [list(p) for p in train_curve], "ema": ema, "nonfinite_run": nonfinite_run,
+                    "train_time": train_time, "report": report_fields}
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(ckpt, model, opt, sched, step=step, extra=loop)
+        if stop_after is not None and step >= stop_after:
+            bar.close()
+            return None
     bar.close()
 
     # The curve's last point uses the same batches as the others (no step in the curve from a change of
@@ -393,16 +486,17 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
     if status == "ok" and not math.isfinite(final):
         status, diverged_at = "diverged", steps_done
     train_curve.append((steps_done, ema))
-    assert report is not None
+    assert report_fields is not None
     return RunResult(
         method=method.name, label=method.label, format=method.format, granularity=method.granularity,
         mode=None if method.dense else method.mode, rounding=None if method.dense else method.rounding,
         steps=steps, steps_done=steps_done, status=status, final_val_loss=_finite(final),
         initial_val_loss=_finite(initial), final_train_loss=ema, val_curve=val_curve, train_curve=train_curve,
-        bytes_per_param=report.bytes_per_param, total_bytes=report.total_bytes, numel=report.numel,
+        bytes_per_param=report_fields["bytes_per_param"], total_bytes=report_fields["total_bytes"],
+        numel=report_fields["numel"],
         tokens_per_s=steps_done * batch_size * seq_len / max(train_time, 1e-9),
         wall_s=time.perf_counter() - t_start, skipped_steps=opt.skipped_steps, threads=threads,
-        diverged_at=diverged_at,
+        diverged_at=diverged_at, seed=seed, peak_lr=lr, resumed_from=resumed_from,
         state_dict={k: v.detach().clone() for k, v in model.state_dict().items()} if keep_state else None,
     )
 
@@ -414,7 +508,9 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
 def pretrain(cfg: LlamaConfig, steps: int, batch_size: int, seq_len: int, lr: float, seed: int, data: Corpus,
              progress: bool = True, **kwargs: Any) -> RunResult:
     """Train a dense fp32 model (the ``fp32_mw`` row) and keep its state_dict in ``result.state_dict``."""
-    return train_run(DENSE, cfg, steps, batch_size, seq_len, lr, seed, data, progress, keep_state=True, **kwargs)
+    result = train_run(DENSE, cfg, steps, batch_size, seq_len, lr, seed, data, progress, keep_state=True, **kwargs)
+    assert result is not None  # None only with stop_after
+    return result
 
 
 def finetune(base_state: dict[str, torch.Tensor], cfg: LlamaConfig, methods: Sequence[Method], steps: int,
@@ -426,5 +522,6 @@ def finetune(base_state: dict[str, torch.Tensor], cfg: LlamaConfig, methods: Seq
     ``initial_val_loss`` is the loss of the quantized checkpoint before any fine-tuning, and
     ``final_val_loss`` the loss after; the dense ``fp32_mw`` row's ``initial_val_loss`` is the checkpoint's own.
     """
-    return [train_run(m, cfg, steps, batch_size, seq_len, lr, seed, data, progress, init_state=base_state,
-                      **kwargs) for m in methods]
+    results = [train_run(m, cfg, steps, batch_size, seq_len, lr, seed, data, progress, init_state=base_state,
+                         **kwargs) for m in methods]
+    return [r for r in results if r is not None]

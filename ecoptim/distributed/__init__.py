@@ -11,10 +11,11 @@ ZeRO-1    ZeroRedundancyQuantized(params, optimizer_class=AdamW, ...)   bit-exac
 1-bit     OneBitAdamW(..., warmup_steps) + model.register_comm_hook(opt, onebit_hook)
 DCP       save_checkpoint / load_checkpoint           torch.distributed.checkpoint, resharding-capable
 tools     run_workers(fn, world_size)                 run fn on N local processes, return their results
+          init_from_torchrun("gloo")                  init_process_group that survives torchrun restarts
 """
 from .ddp import (ReplicaDivergenceError, assert_replicas_identical, broadcast_module_, ddp, replica_digests,
                   sync_optimizer_rng_, unwrap)
-from .launch import WorkerTimeout, run_workers
+from .launch import WorkerTimeout, init_from_torchrun, run_workers
 from .fsdp import (FSDPAdamW, FSDPQuantizedTensor, FSDPSGD, check_shardable, fully_shard_quantized, gather_full,
                    local_shard, sharded_optimizer, to_fsdp_quantized_)
 from .checkpoint import checkpoint_tensors, load_checkpoint, save_checkpoint
@@ -23,7 +24,7 @@ from .compression import (EF_METHODS, Compressor, ErrorFeedbackState, Identity, 
                           ef_hook, register_ef_hook, wire_bytes)
 
 __all__ = ["ddp", "broadcast_module_", "sync_optimizer_rng_", "replica_digests", "assert_replicas_identical",
-           "ReplicaDivergenceError", "unwrap", "run_workers", "WorkerTimeout",
+           "ReplicaDivergenceError", "unwrap", "run_workers", "WorkerTimeout", "init_from_torchrun",
            "Compressor", "TopK", "ScaledSign", "Identity", "ErrorFeedbackState", "ef_hook", "allreduce_hook",
            "register_ef_hook", "EF_METHODS", "wire_bytes",
            "FSDPQuantizedTensor", "fully_shard_quantized", "to_fsdp_quantized_", "sharded_optimizer", "FSDPAdamW",

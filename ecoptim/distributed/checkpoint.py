@@ -2,6 +2,17 @@
 
     save_checkpoint(path, model, optimizer, ef_state=None)     # collective: every rank calls it
     load_checkpoint(path, model, optimizer, ef_state=None)     # in place, bit for bit
+    manager = DistributedCheckpointManager(root, keep=3)        # root/step-<n>, newest complete one wins
+    manager.save(step, model, optimizer, ef_state); manager.load_latest(model, optimizer, ef_state)
+
+Completeness. A checkpoint directory is complete only once it holds the marker file ``.ecoptim-complete``,
+which rank 0 writes atomically after every rank finished ``dcp.save`` (a barrier) and which lists every
+file of the checkpoint with its size. ``load_checkpoint`` refuses a directory without it, or whose files
+are missing or have other sizes (``IncompleteCheckpointError``), before touching the model: a rank that
+died mid-save, a disk that filled up or a copy that was cut short leaves no marker, so a half-written
+checkpoint is never taken as complete. Saving over an existing directory first removes its marker (and
+then its old files), so that directory is incomplete until the new save finishes; saving each step to a
+fresh directory (``DistributedCheckpointManager``) always leaves the previous complete one to resume from.
 
 What is stored (flat keys, all plain dtypes so DCP never has to understand ``QuantizedTensor``):
 
@@ -25,7 +36,13 @@ world size matches (otherwise generators are re-seeded and error-feedback buffer
 """
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import re
+import shutil
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,12 +50,23 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from ..checkpoint import CorruptCheckpointError, atomic_write
 from ..formats import PerTensor, Unscaled
 from ..qtensor import QuantizedTensor
 from .compression import ErrorFeedbackState
 from .ddp import unwrap
 
-__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_tensors"]
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_tensors", "COMPLETE_MARKER", "IncompleteCheckpointError",
+           "check_complete", "write_completion_marker", "DistributedCheckpointManager"]
+
+COMPLETE_MARKER = ".ecoptim-complete"
+MARKER_FORMAT = "ecoptim.dcp-complete"
+MARKER_VERSION = 1
+
+
+class IncompleteCheckpointError(CorruptCheckpointError):
+    """A distributed checkpoint directory whose save never finished (no completion marker) or whose files no
+    longer match the marker (missing, truncated)."""
 
 
 def _obj(o: Any) -> torch.Tensor:
@@ -132,16 +160,114 @@ def checkpoint_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None
     return sd
 
 
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _is_dcp_file(name: str) -> bool:
+    return name.endswith(".distcp") or name.startswith(".metadata") or (name.startswith("__") and ".metadata" in name)
+
+
+def _invalidate(directory: Path) -> None:
+    """Make ``directory`` incomplete before anything in it changes: marker first (synced), then old files."""
+    marker = directory / COMPLETE_MARKER
+    if marker.exists():
+        marker.unlink()
+        try:  # the removal must reach the disk before any data file changes
+            fd = os.open(directory, os.O_RDONLY)
+        except OSError:  # e.g. Windows: directories cannot be opened
+            fd = None
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    if directory.is_dir():
+        for f in directory.iterdir():
+            if f.is_file() and _is_dcp_file(f.name):
+                f.unlink()
+
+
+def write_completion_marker(path: str | os.PathLike, world_size: int, step: int | None = None) -> Path:
+    """Write ``path/.ecoptim-complete`` atomically: every file of the checkpoint with its size, the world size
+    and the step. ``save_checkpoint`` calls it on rank 0 once every rank has finished writing."""
+    directory = Path(path)
+    files = {f.name: f.stat().st_size for f in sorted(directory.iterdir())
+             if f.is_file() and f.name != COMPLETE_MARKER and _is_dcp_file(f.name) and not f.name.endswith(".tmp")}
+    body = json.dumps({"format": MARKER_FORMAT, "version": MARKER_VERSION, "world_size": world_size, "step": step,
+                       "files": files}, indent=1)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(body)
+
+    return atomic_write(directory / COMPLETE_MARKER, write)
+
+
+def check_complete(path: str | os.PathLike) -> dict[str, Any]:
+    """The completion marker of the checkpoint directory ``path`` (``{"world_size", "step", "files"}``), after
+    checking that every file it lists is there with its size; ``IncompleteCheckpointError`` otherwise."""
+    directory = Path(path)
+    where = f"distributed checkpoint {str(directory)!r}"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{where} does not exist (or is not a directory)")
+    marker = directory / COMPLETE_MARKER
+    if not marker.exists():
+        raise IncompleteCheckpointError(
+            f"{where} is incomplete: it has no {COMPLETE_MARKER} marker, so its save never finished (a rank died, "
+            "the job was killed or the disk failed mid-save); load the previous checkpoint "
+            "(DistributedCheckpointManager.load_latest does)")
+    try:
+        info = json.loads(marker.read_text())
+        files = info["files"]
+        if info.get("format") != MARKER_FORMAT or not isinstance(files, dict):
+            raise ValueError("unknown format")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise IncompleteCheckpointError(f"{where}: its {COMPLETE_MARKER} marker is unreadable ({e})") from e
+    if ".metadata" not in files:
+        raise IncompleteCheckpointError(f"{where}: its marker lists no .metadata file (not a DCP checkpoint)")
+    for name, size in files.items():
+        f = directory / name
+        if not f.is_file():
+            raise IncompleteCheckpointError(f"{where} is damaged: its file {name!r} is missing")
+        if f.stat().st_size != size:
+            raise IncompleteCheckpointError(f"{where} is damaged: its file {name!r} has {f.stat().st_size} bytes, "
+                                            f"the save wrote {size} (truncated or overwritten)")
+    return info
+
+
 def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    ef_state: ErrorFeedbackState | None = None) -> None:
-    """Save model (codes + scales), optimizer and error-feedback state with DCP (a collective)."""
+                    ef_state: ErrorFeedbackState | None = None, *, step: int | None = None) -> None:
+    """Save model (codes + scales), optimizer and error-feedback state with DCP (a collective).
+
+    Returns once the checkpoint is complete on every rank: rank 0 first invalidates an existing checkpoint
+    at ``path``, every rank writes its part, and after a barrier rank 0 writes the completion marker.
+    """
+    directory = Path(path)
+    if _rank() == 0:
+        _invalidate(directory)
+    _barrier()
     dcp.save(checkpoint_tensors(model, optimizer, ef_state), checkpoint_id=path)
+    _barrier()
+    if _rank() == 0:
+        write_completion_marker(directory, _world_size(), step)
+    _barrier()
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    ef_state: ErrorFeedbackState | None = None) -> None:
-    """Load a ``save_checkpoint`` checkpoint into ``model`` / ``optimizer`` / ``ef_state`` in place."""
+                    ef_state: ErrorFeedbackState | None = None) -> dict[str, Any]:
+    """Load a ``save_checkpoint`` checkpoint into ``model`` / ``optimizer`` / ``ef_state`` in place.
+
+    Refuses (``IncompleteCheckpointError``, nothing loaded) a checkpoint whose save did not finish. Returns
+    the completion marker's ``{"step", "world_size", ...}``.
+    """
     from torch.distributed.checkpoint import FileSystemReader
+    info = check_complete(path)
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     DTensor = _dtensor_cls()
     md = FileSystemReader(path).read_metadata().state_dict_metadata
@@ -221,3 +347,93 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         for key in ef_keys:
             pname, _, k = key[len(f"ef.rank{rank}."):].rpartition(".")
             ef_state.buffers.setdefault(by_name[pname], {})[k] = sd[key]
+    return {"step": info.get("step"), "world_size": info.get("world_size")}
+
+
+class DistributedCheckpointManager:
+    """Distributed checkpoints of one run as ``root/step-<n>`` directories; keeps the ``keep`` newest complete
+    ones. ``save`` and ``load_latest`` are collectives (every rank calls them at the same point)."""
+
+    def __init__(self, root: str | os.PathLike, keep: int = 2, prefix: str = "step-") -> None:
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a positive int (complete checkpoints to keep), got {keep!r}")
+        if not prefix or "/" in prefix or "\\" in prefix:
+            raise ValueError(f"prefix {prefix!r} must be a plain directory name part")
+        self.root = Path(root)
+        self.keep = keep
+        self.prefix = prefix
+        self._pattern = re.compile(rf"{re.escape(prefix)}(\d+)")
+
+    def path(self, step: int) -> Path:
+        """The directory of the checkpoint of ``step``."""
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        return self.root / f"{self.prefix}{step:08d}"
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """``(step, directory)`` of every checkpoint directory under ``root``, complete or not, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for d in self.root.iterdir():
+            m = self._pattern.fullmatch(d.name)
+            if m is not None and d.is_dir():
+                found.append((int(m.group(1)), d))
+        return sorted(found)
+
+    def latest(self) -> tuple[int, Path] | None:
+        """The newest complete checkpoint (``(step, directory)``), skipping incomplete or damaged ones with a
+        ``RuntimeWarning`` naming each; None if there is none. Reads the file system on the calling rank only."""
+        for step, d in reversed(self.checkpoints()):
+            try:
+                check_complete(d)
+            except (IncompleteCheckpointError, FileNotFoundError) as e:
+                warnings.warn(f"skipping {e}", RuntimeWarning, stacklevel=2)
+                continue
+            return step, d
+        return None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+             ef_state: ErrorFeedbackState | None = None) -> Path:
+        """Save ``step`` to its own directory (collective); then rank 0 deletes all but the ``keep`` newest
+        complete checkpoints, and incomplete ones older than the newest complete one."""
+        path = self.path(step)
+        if _rank() == 0:
+            path.mkdir(parents=True, exist_ok=True)
+        _barrier()
+        save_checkpoint(str(path), model, optimizer, ef_state, step=step)
+        if _rank() == 0:
+            self._prune(path)
+        _barrier()
+        return path
+
+    def _prune(self, newest: Path) -> None:
+        complete = []
+        for step, d in reversed(self.checkpoints()):
+            try:
+                check_complete(d)
+            except (IncompleteCheckpointError, FileNotFoundError):
+                if complete:  # an incomplete save older than a complete checkpoint: nothing will resume from it
+                    shutil.rmtree(d, ignore_errors=True)
+                continue
+            complete.append(d)
+            if len(complete) > self.keep and d != newest:
+                # marker first: a crash mid-removal leaves an incomplete directory, never a "complete" torso
+                (d / COMPLETE_MARKER).unlink(missing_ok=True)
+                shutil.rmtree(d, ignore_errors=True)
+
+    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    ef_state: ErrorFeedbackState | None = None) -> int | None:
+        """Load the newest complete checkpoint (collective: rank 0 picks it, every rank loads the same one).
+        Returns its step, or None when there is none (a fresh start)."""
+        choice = [None]
+        if _rank() == 0:
+            found = self.latest()
+            choice = [None if found is None else (found[0], str(found[1]))]
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            return None
+        step, path = choice[0]
+        load_checkpoint(path, model, optimizer, ef_state)
+        return step

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..codec import quantize
 from ..convert import spec_of
-from ..formats import IntFormat, PerGroup, PerRow, PerTensor, QuantSpec, Unscaled
+from ..formats import ABSMAX, BlockScaledFormat, FP4Format, IntFormat, PerGroup, PerRow, PerTensor, QuantSpec, Unscaled
 from ..optim import SGD, AdamW
 from ..optim.base import ParamStep
 from ..qtensor import QuantizedTensor
@@ -72,6 +72,9 @@ def check_shardable(spec: QuantSpec, shape: torch.Size, world_size: int, name: s
     """Raise a ValueError naming the problem if a quantized weight cannot be row-sharded ``world_size`` ways."""
     if len(shape) < 1:
         raise ValueError(f"{name}: a 0-d quantized weight cannot be sharded")
+    if spec.scale != ABSMAX or isinstance(spec.format, (BlockScaledFormat, FP4Format)):
+        raise ValueError(f"{name}: FSDP row sharding of {spec} weights (MX / NVFP4 / FP4 codes, E8M0 or two-level "
+                         "scales) is not supported; use DDP, or an fp32-scaled FP8/INT format for FSDP")
     if isinstance(spec.granularity, PerTensor) and world_size > 1:
         raise ValueError(f"{name}: per-tensor scales cannot be sharded (one absmax over rows held by different "
                          "ranks); quantize with granularity='row' or 'group<G>' for FSDP")

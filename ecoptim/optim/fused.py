@@ -40,7 +40,7 @@ import torch
 
 from .. import kernels, ops
 from ..backends.cpu import ops as cpu_ops  # registers the CPU kernels of the ops
-from ..formats import BF16, FORMATS, INT4, Format, PerRow, QuantSpec
+from ..formats import ABSMAX, BF16, FORMATS, INT4, Format, PerRow, QuantSpec
 from ..qtensor import QuantizedTensor
 from .state8 import search_tables
 
@@ -63,7 +63,9 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
         return False
     f, g = spec.format, p.grad  # called per parameter per step: each attribute is read once
     return (f in _KERNEL_FORMATS and type(f).round is Format.round  # a custom rounding override needs the reference
+            and spec.scale == ABSMAX  # the kernel computes fp32 absmax scales (E8M0 / NVFP4 scales: the reference)
             and spec.scaled == (f is not BF16) and p.is_cpu
+            and not spec.granularity.transposed  # codes in another order than the grad and moments (Conv1D)
             and group["mode"] in ("eco", "naive", "master", "exact", "kahan") and group["lr"] > 0
             and (group["mode"] != "kahan" or _blocks_in_cache(p, spec))
             and g is not None and g.dtype in (torch.float32, torch.bfloat16, torch.float16)

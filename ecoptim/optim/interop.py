@@ -280,7 +280,7 @@ def _torch_defaults(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     cls = getattr(optimizer, "torch_class", None)
     if cls is None:
         raise TypeError(f"{type(optimizer).__name__} has no torch.optim counterpart (torch_class)")
-    return cls([torch.zeros(1)]).defaults
+    return cls([torch.zeros(1, 1)]).defaults  # 2-D: torch.optim.Muon takes matrices only
 
 
 def to_torch_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
