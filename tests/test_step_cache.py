@@ -35,7 +35,7 @@ def _trio(opt_cls=ecoptim.AdamW, **kw):
     models = [copy.deepcopy(m) for _ in range(3)]
     opts = [opt_cls(models[0].parameters(), **kw), opt_cls(models[1].parameters(), **kw),
             opt_cls(models[2].parameters(), fused=False, **kw)]
-    opts[1]._plan = lambda group, kernel_step: None
+    opts[1]._plan = lambda group, params, kernel_step: None
     return models, opts
 
 

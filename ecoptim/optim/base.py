@@ -39,7 +39,7 @@ import operator
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, compress
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -154,6 +154,8 @@ class ParamStep:
 
 
 _GRAD = operator.attrgetter("grad")
+_PARAM = operator.attrgetter("param")
+_STATE = operator.attrgetter("state")
 _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 _LAYOUT = operator.attrgetter("layout")
@@ -208,34 +210,49 @@ def _settings(group: dict) -> dict:
 
 
 @dataclass(eq=False)
-class _GroupPlan:
-    """What a param group's step repeats from one step to the next (``QuantOptimizer.step``): which parameters
-    the kernel steps and the op call that steps them (``fused.GroupCall``), with everything they were derived
-    from, so that a change is detected before the step (``QuantOptimizer._step_planned``) and the group then
-    takes the full route, which plans it anew. Checked every step, with one C-level pass per item over the
-    group's parameters: the group's parameter list (identity), which have a gradient, the group's settings, each
-    kernel parameter's spec, codes and scale (identity and version), state dict and every value in it
-    (identity), its gradient's dtype, shape and layout. The op's CPU kernel checks the data pointers and dtypes
-    it packs itself (``backends/cpu/ops.py``)."""
+class _StepList:
+    """The ``ParamStep`` list ``QuantOptimizer._params_to_step`` gave a param group, with what it was derived from
+    (the group's parameter list, which of them had a gradient, their state dicts and specs), so that the next
+    step can hand the same objects on with only the gradients refreshed, after checking that nothing else
+    changed (identity checks, one C-level pass per item over the group's parameters)."""
 
     group: dict
     params: list[torch.Tensor]
-    no_grad: list[bool]
+    has_grad: list[bool]
+    stepped: list[torch.Tensor]
+    states: list[dict]
+    specs: list[QuantSpec | None]
+    steps: list[ParamStep]
+
+
+@dataclass(eq=False)
+class _GroupPlan:
+    """What ``step_group`` repeats from one step of a param group to the next: which of the stepped parameters
+    the kernel steps and the op call that steps them (``fused.GroupCall``), with everything they were derived
+    from, so that a change is detected before the step (``QuantOptimizer._step_planned``) and the group then
+    takes the full route, which plans it anew. Checked every step, with one C-level pass per item over the
+    stepped parameters (``ParamStep``\\ s): each one's tensor, state dict and spec (identity); the group's
+    settings; for the kernel's parameters their codes and scale (identity, version, contiguity), every value in
+    their state dict (identity), their gradient's dtype, shape and layout. The op's CPU kernel checks the data
+    pointers and dtypes it packs itself (``backends/cpu/ops.py``)."""
+
+    group: dict
+    params: list[torch.Tensor]
+    states: list[dict]
+    specs: list[QuantSpec | None]
     settings: dict
-    kernel_index: list[int]
+    kernel_index: list[int] | None  # positions of the kernel's parameters among ``params`` (None: all of them)
+    dense_index: list[int]
     kernel: list[torch.Tensor]
-    dense: list[torch.Tensor]
-    specs: list[QuantSpec]
     codes: list[torch.Tensor]
     scales: list[torch.Tensor | None]
     weight_tensors: list[torch.Tensor]
     versions: list[int]
-    states: list[dict]
+    kernel_states: list[dict]
     state_values: list[Any]
     grad_dtypes: list[torch.dtype]
     grad_shapes: list[torch.Size]
     grad_layouts: list[torch.layout]
-    param_steps: list[ParamStep]
     step_counts: list[torch.Tensor]
     call: _fused.GroupCall
 
@@ -441,44 +458,70 @@ class QuantOptimizer(Optimizer):
             return loss
         grad_scale = clip.scale if clip is not None else None
         skipped = 0
-        # a group's plan is kept only where this class steps a group's own parameters the base class's way
-        plans: dict[int, _GroupPlan] | None = self.__dict__.setdefault("_step_plans", {}) if (
-            type(self)._params_to_step is QuantOptimizer._params_to_step
-            and type(self).step_group is QuantOptimizer.step_group) else None
         for group in self.param_groups:
-            plan = plans.get(id(group)) if plans is not None else None
-            if plan is not None and plan.group is group:
-                n = self._step_planned(plan, grad_scale, blocks)
-                if n is not None:
-                    skipped += n
-                    continue
             with self._params_to_step(group) as params:
-                n, kernel_step = self._step_group(group, params, grad_scale, blocks)
-            skipped += n
-            if plans is not None:
-                plan = self._plan(group, kernel_step)
-                if plan is None:
-                    plans.pop(id(group), None)
-                else:
-                    plans[id(group)] = plan
+                skipped += self.step_group(group, params, grad_scale=grad_scale, skip_nonfinite=blocks)
+        self._drop_stale_plans()
         if skipped:
             self.skipped_blocks += skipped
             warnings.warn(f"ecoptim: {skipped} blocks (rows/groups/tensors) had NaN/Inf updates this step and were "
                           "left unchanged (nonfinite='skip_blocks')", RuntimeWarning, stacklevel=2)
         return loss
 
+    def _kept(self, name: str) -> dict[int, Any]:
+        # per-group things kept between steps (by the group's id; each entry holds its group, so that the id
+        # stays the group's while kept). In the instance's __dict__, created on first use: an unpickled or
+        # loaded optimizer (torch's __setstate__) starts without them.
+        return self.__dict__.setdefault(name, {})
+
+    def _drop_stale_plans(self) -> None:
+        """Forget what was kept for groups no longer in ``param_groups`` (replaced by ``load_state_dict``, or
+        passed to ``step_group`` as a copy), so that their tensors are not kept alive."""
+        live = {id(g): g for g in self.param_groups}
+        for name in ("_step_lists", "_step_plans"):
+            kept = self._kept(name)
+            for k in [k for k, v in kept.items() if live.get(k) is not v.group]:
+                del kept[k]
+
     @contextmanager
     def _params_to_step(self, group: dict) -> Iterator[list[ParamStep]]:
         """The parameters of ``group`` that have a gradient, in parameter order, for ``step_group`` (a context:
         a subclass that steps other tensors than the parameters, e.g. FSDP's local shards, undoes its set-up
-        after the step)."""
-        params = [ParamStep(p, p.grad, self.state[p], spec_of(p)) for p in group["params"] if p.grad is not None]
+        after the step). The list and its ``ParamStep`` objects are kept from one step to the next and handed on
+        again, their gradients refreshed, while the group's parameters, which of them have a gradient, their
+        state dicts and specs are the same objects (checked every step)."""
+        params = self._param_steps(group)
         try:
             yield params
         finally:
-            for p in params:
-                if not p.state:  # skipped before its first step (nonfinite='skip_blocks'): it keeps no state entry
-                    del self.state[p.param]
+            if not all(map(_STATE, params)):
+                for p in params:
+                    if not p.state:  # skipped before its first step (nonfinite='skip_blocks'): it keeps no state entry
+                        del self.state[p.param]
+
+    def _param_steps(self, group: dict) -> list[ParamStep]:
+        """``_params_to_step``'s list for ``group``: the kept one with this step's gradients, or a new one."""
+        lists = self._kept("_step_lists")
+        params = group["params"]
+        grads = list(map(_GRAD, params))
+        kept = lists.get(id(group))
+        if kept is not None and kept.group is group and len(params) == len(kept.params) and all(
+                map(operator.is_, params, kept.params)):
+            has_grad = [g is not None for g in grads]
+            if has_grad == kept.has_grad:
+                stepped = kept.stepped
+                if len(stepped) != len(params):
+                    grads = list(compress(grads, has_grad))
+                if all(map(operator.is_, map(self.state.__getitem__, stepped), kept.states)) and all(
+                        map(operator.is_, map(spec_of, stepped), kept.specs)):
+                    steps = kept.steps
+                    for s, g in zip(steps, grads):
+                        s.grad = g
+                    return steps
+        steps = [ParamStep(p, g, self.state[p], spec_of(p)) for p, g in zip(params, grads) if g is not None]
+        lists[id(group)] = _StepList(group, list(params), [g is not None for g in grads], list(map(_PARAM, steps)),
+                                     list(map(_STATE, steps)), list(map(_SPEC, steps)), steps)
+        return steps
 
     @torch.no_grad()
     def step_group(self, group: dict, params: list[ParamStep], *, grad_scale: float | None = None,
@@ -496,8 +539,25 @@ class QuantOptimizer(Optimizer):
         Stochastic-rounding keys are drawn one per quantized tensor in parameter order, as the reference path
         draws them: the kernel's parameters all at once (``_start_kernel_steps``), unless a quantized parameter
         on the reference path stands between them; that one draws its key in its turn, so then every kernel
-        parameter draws its own in its turn too."""
-        return self._step_group(group, params, grad_scale, skip_nonfinite)[0]
+        parameter draws its own in its turn too.
+
+        A group stepped with all its kernel parameters in one op call keeps that call (a ``_GroupPlan``): the
+        next call with the same parameters, states, specs, settings and gradient dtypes/shapes repeats it with
+        this step's gradients, step counts, lr, clip factor and keys, and skips the per-parameter work of
+        choosing the path and building the kernel's arguments; the bits are the same."""
+        plans = self._kept("_step_plans")
+        plan = plans.get(id(group))
+        if plan is not None and plan.group is group:
+            skipped = self._step_planned(plan, params, grad_scale, skip_nonfinite)
+            if skipped is not None:
+                return skipped
+        skipped, kernel_step = self._step_group(group, params, grad_scale, skip_nonfinite)
+        plan = self._plan(group, params, kernel_step)
+        if plan is None:
+            plans.pop(id(group), None)
+        else:
+            plans[id(group)] = plan
+        return skipped
 
     def _step_group(self, group: dict, params: list[ParamStep], grad_scale: float | None,
                     skip_nonfinite: bool) -> tuple[int, tuple[list[ParamStep], list[_fused.Job]] | None]:
@@ -528,90 +588,88 @@ class QuantOptimizer(Optimizer):
                     p.state["step"] -= 1
         return skipped, ((job_params, jobs) if together and jobs and not alone else None)
 
-    def _plan(self, group: dict, kernel_step: tuple[list[ParamStep], list[_fused.Job]] | None) -> _GroupPlan | None:
-        """The plan repeating this step of ``group`` (just taken by ``_step_group``) in later steps, or None
-        where it cannot be repeated that way (see ``_GroupPlan`` and ``fused.GroupCall.of``)."""
+    def _plan(self, group: dict, params: list[ParamStep],
+              kernel_step: tuple[list[ParamStep], list[_fused.Job]] | None) -> _GroupPlan | None:
+        """The plan repeating this step of ``params`` with ``group`` (just taken by ``_step_group``) in later
+        steps, or None where it cannot be repeated that way (see ``_GroupPlan`` and ``fused.GroupCall.of``)."""
         if kernel_step is None:
             return None
         job_params, jobs = kernel_step
         call = _fused.GroupCall.of(jobs)
         if call is None:
             return None
-        params = list(group["params"])
-        index = {id(p): i for i, p in enumerate(params)}
-        kernel = [p.param for p in job_params]
-        if any(id(p) not in index or p.grad is not q.grad for p, q in zip(kernel, job_params)):
-            return None  # stepped tensors other than the group's own parameters
-        kernel_ids = set(map(id, kernel))
-        dense = [p for p in params if p.grad is not None and id(p) not in kernel_ids]
-        if any(spec_of(p) is not None for p in dense):
+        position = {id(p): i for i, p in enumerate(params)}
+        kernel_index = [position.get(id(p), -1) for p in job_params]
+        # the kernel's parameters with their own state entries (not, e.g., FSDP's per-step views of a shard's
+        # state, which would never be the same objects again)
+        if -1 in kernel_index or any(self.state.get(p.param) is not p.state for p in job_params):
             return None
-        states = [p.state for p in job_params]
-        if any(self.state.get(p) is not st for p, st in zip(kernel, states)):
+        kernel_set = set(kernel_index)
+        dense_index = [i for i in range(len(params)) if i not in kernel_set]
+        if any(params[i].spec is not None for i in dense_index):
             return None
+        kernel = list(map(_PARAM, job_params))
+        states = list(map(_STATE, job_params))
         step_counts = [st["step"] for st in states]
         _share_counts(step_counts)
         codes, scales = list(map(_CODES, kernel)), list(map(_SCALE, kernel))
         weight_tensors = [t for t in chain(codes, scales) if t is not None]
-        grads = [p.grad for p in kernel]
+        grads = list(map(_GRAD, job_params))
         return _GroupPlan(
-            group=group, params=params, no_grad=[p.grad is None for p in params], settings=_settings(group),
-            kernel_index=[index[id(p)] for p in kernel], kernel=kernel, dense=dense, specs=list(map(_SPEC, kernel)),
-            codes=codes, scales=scales, weight_tensors=weight_tensors,
-            versions=list(map(_VERSION, weight_tensors)), states=states,
+            group=group, params=list(map(_PARAM, params)), states=list(map(_STATE, params)),
+            specs=list(map(_SPEC, params)), settings=_settings(group),
+            kernel_index=None if kernel_index == list(range(len(params))) else kernel_index,
+            dense_index=dense_index, kernel=kernel, codes=codes, scales=scales, weight_tensors=weight_tensors,
+            versions=list(map(_VERSION, weight_tensors)), kernel_states=states,
             state_values=list(chain.from_iterable(map(dict.values, states))), grad_dtypes=list(map(_DTYPE, grads)),
-            grad_shapes=list(map(_SHAPE, grads)), grad_layouts=list(map(_LAYOUT, grads)),
-            param_steps=list(job_params), step_counts=step_counts, call=call)
+            grad_shapes=list(map(_SHAPE, grads)), grad_layouts=list(map(_LAYOUT, grads)), step_counts=step_counts,
+            call=call)
 
-    def _step_planned(self, plan: _GroupPlan, grad_scale: float | None, skip_nonfinite: bool) -> int | None:
-        """``plan``'s group stepped as the full route (``_params_to_step`` + ``step_group``) would step it, bit
-        for bit, if nothing the plan was derived from changed; None (nothing done) otherwise."""
+    def _step_planned(self, plan: _GroupPlan, params: list[ParamStep], grad_scale: float | None,
+                      skip_nonfinite: bool) -> int | None:
+        """``params`` stepped as ``_step_group`` would step them, bit for bit, by repeating ``plan``, if nothing
+        the plan was derived from changed; None (nothing done) otherwise."""
         group, is_ = plan.group, operator.is_
-        params = group["params"]
-        if len(params) != len(plan.params) or not all(map(is_, params, plan.params)):
+        if (len(params) != len(plan.params) or not all(map(is_, map(_PARAM, params), plan.params))
+                or not all(map(is_, map(_STATE, params), plan.states))
+                or not all(map(is_, map(_SPEC, params), plan.specs))):
             return None
-        grads = list(map(_GRAD, params))
         lr = group["lr"]
-        if ([g is None for g in grads] != plan.no_grad or isinstance(lr, torch.Tensor) or not lr > 0
-                or not _same_settings(_settings(group), plan.settings)):
+        if isinstance(lr, torch.Tensor) or not lr > 0 or not _same_settings(_settings(group), plan.settings):
+            return None
+        kernel_steps = params if plan.kernel_index is None else [params[i] for i in plan.kernel_index]
+        grads = list(map(_GRAD, kernel_steps))
+        if any(g is None for g in grads):
             return None
         kernel = plan.kernel
-        kernel_grads = [grads[i] for i in plan.kernel_index]
-        if (list(map(_DTYPE, kernel_grads)) != plan.grad_dtypes or list(map(_SHAPE, kernel_grads)) != plan.grad_shapes
-                or list(map(_LAYOUT, kernel_grads)) != plan.grad_layouts
-                or not all(map(is_, map(_SPEC, kernel), plan.specs))
+        if (list(map(_DTYPE, grads)) != plan.grad_dtypes or list(map(_SHAPE, grads)) != plan.grad_shapes
+                or list(map(_LAYOUT, grads)) != plan.grad_layouts
                 or not all(map(is_, map(_CODES, kernel), plan.codes))
                 or not all(map(is_, map(_SCALE, kernel), plan.scales))
-                or list(map(_VERSION, plan.weight_tensors)) != plan.versions):
+                or list(map(_VERSION, plan.weight_tensors)) != plan.versions
+                or not all(map(torch.Tensor.is_contiguous, plan.weight_tensors))):
             return None
-        states = list(map(self.state.__getitem__, kernel))
-        if not all(map(is_, states, plan.states)):
-            return None
-        values = list(chain.from_iterable(map(dict.values, states)))
+        values = list(chain.from_iterable(map(dict.values, plan.kernel_states)))
         if len(values) != len(plan.state_values) or not all(map(is_, values, plan.state_values)):
-            return None
-        if any(spec_of(p) is not None for p in plan.dense):
             return None
         # the step, as _step_group takes it: step counts and keys of the kernel's parameters, the dense ones on
         # the reference path, then the kernel's op call
         step_counts = plan.step_counts
-        keys = self._start_kernel_steps(group, plan.param_steps)
+        keys = self._start_kernel_steps(group, kernel_steps)
         shared = _shared_counts(step_counts)
         steps = shared.tolist() if shared is not None else [t.item() for t in step_counts]
         keys = list(chain.from_iterable(keys)) if group["rounding"] == "stochastic" else []
         skipped = 0
-        for p in plan.dense:
-            state = self.state[p]
+        for i in plan.dense_index:
+            p = params[i]
             if skip_nonfinite and not _all_finite([p.grad]):
                 skipped += 1
-                if not state:  # skipped before its first step: it keeps no state entry (as _params_to_step)
-                    del self.state[p]
             else:
-                self._step_reference(ParamStep(p, p.grad, state, None), group, grad_scale)
+                self._step_reference(p, group, grad_scale)
         factor = 1.0 if grad_scale is None else grad_scale
         if group.get("maximize", False):
             factor = -factor
-        bad = plan.call.run(kernel_grads, steps, lr, factor, keys, skip_nonfinite=skip_nonfinite)
+        bad = plan.call.run(grads, steps, lr, factor, keys, skip_nonfinite=skip_nonfinite)
         if any(bad):
             for i, (n_bad, num_blocks) in enumerate(zip(bad, plan.call.num_blocks)):
                 skipped += n_bad
