@@ -122,6 +122,7 @@ class _Packed:
         self.pointers = (ctypes.POINTER(StepArgs) * n)(*map(ctypes.pointer, self.array))
         self.raw = torch.frombuffer(self.array, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
         self.views: dict[str, torch.Tensor] = {}
+        self.key: tuple = ()  # what the structs were packed from (see _packed)
 
     def field(self, path: str, pairs: bool = False) -> torch.Tensor:
         """Field ``path`` ("struct.field") of every struct: an (n,) tensor (an (n, 2) one for a key pair)."""
@@ -161,15 +162,24 @@ class _Packed:
 _PACKED: collections.OrderedDict[tuple, _Packed] = collections.OrderedDict()
 
 
-def _packed(key: tuple, n: int, pack) -> _Packed:
-    """The structs kept for ``key``, or new ones filled in by ``pack(array)`` (and kept)."""
-    entry = _PACKED.get(key)
-    if entry is not None:
-        _PACKED.move_to_end(key)
+def _packed(key: tuple, first: torch.Tensor | None, pack) -> _Packed:
+    """The structs kept for ``key``, or new ones filled in by ``pack(array)`` (and kept).
+
+    Kept under a short key (the op, the tensor count and the data pointer of the first weight, ``first``: a
+    param group's),
+    holding the full one: a hit costs one comparison of the full key (no hashing of its thousands of entries),
+    and the full key differing (a tensor of the group replaced) repacks and replaces that group's entry."""
+    n = key[1]
+    short = (key[0], n, 0 if first is None else first.data_ptr())
+    entry = _PACKED.get(short)
+    if entry is not None and entry.key == key:
+        _PACKED.move_to_end(short)
         return entry
     entry = _Packed(n)
     pack(entry.array)
-    _PACKED[key] = entry
+    entry.key = key
+    _PACKED[short] = entry
+    _PACKED.move_to_end(short)
     while len(_PACKED) > _KEPT_CALLS:
         _PACKED.popitem(last=False)
     return entry
@@ -210,7 +220,6 @@ def _set_key(pair, keys, k: int) -> None:
     pair[0], pair[1] = keys[2 * k] & 0xFFFFFFFF, keys[2 * k + 1] & 0xFFFFFFFF
 
 
-@torch.library.register_kernel("ecoptim::adamw_step_", "cpu")
 def adamw_step_cpu(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, master_weights,
                    carried_errors, compensation_codes, compensation_scales, formats, block_sizes, steps,
                    injection_coefs, grad_scales, sr_keys, state8_block_sizes, state8_keys, state8_tables, *, lr,
@@ -271,7 +280,7 @@ def adamw_step_cpu(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, ex
             h.eps = eps
             h.neg_step_size = -(lr / (1 - beta1 ** step))
 
-    entry = _packed(key, n, pack)
+    entry = _packed(key, codes[0] if n else None, pack)
     _set_gradients(entry, grads)
     if stochastic:
         entry.set_keys("hyper.sr_key", sr_keys, 0, 2)
@@ -291,7 +300,6 @@ def adamw_step_cpu(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, ex
     return _run(entry)
 
 
-@torch.library.register_kernel("ecoptim::sgd_step_", "cpu")
 def sgd_step_cpu(codes, scales, grads, momentum_buffers, master_weights, carried_errors, compensation_codes,
                  compensation_scales, formats, block_sizes, first_steps, injection_coefs, grad_scales, sr_keys, *, lr,
                  momentum, dampening, nesterov, weight_decay, inject, stochastic) -> torch.Tensor:
@@ -327,7 +335,7 @@ def sgd_step_cpu(codes, scales, grads, momentum_buffers, master_weights, carried
             h.weight_decay, h.momentum, h.one_minus_dampening, h.neg_lr = weight_decay, momentum, 1 - dampening, -lr
             h.nesterov, h.first_step = int(nesterov), int(first_steps[k])
 
-    entry = _packed(key, n, pack)
+    entry = _packed(key, codes[0] if n else None, pack)
     _set_gradients(entry, grads)
     if stochastic:
         entry.set_keys("hyper.sr_key", sr_keys, 0, 2)
@@ -341,6 +349,10 @@ def sgd_step_cpu(codes, scales, grads, momentum_buffers, master_weights, carried
     entry.set("hyper.first_step", [int(f) for f in first_steps])
     return _run(entry)
 
+
+# registered by name, so that the module's names stay the functions (register_kernel as a decorator returns None)
+torch.library.register_kernel("ecoptim::adamw_step_", "cpu", adamw_step_cpu)
+torch.library.register_kernel("ecoptim::sgd_step_", "cpu", sgd_step_cpu)
 
 # the ops this module implements (imported for their registration)
 IMPLEMENTS = (ops.adamw_step_, ops.sgd_step_)
