@@ -156,6 +156,20 @@ def _op_args(jobs: list[Job]) -> dict:
         state8_tables=[*search_tables(7), *search_tables(8)] if eight_bit else [], state8_stochastic=state8_sr)
 
 
+def _short_forms(args: dict) -> dict:
+    """The op's arguments ``args`` with the lists that allow it in their short form (``ecoptim.ops``): one entry
+    for equal ones, none for all-None optional tensors."""
+    short = {}
+    for name, values in args.items():
+        if isinstance(values, list) and len(values) > 1:
+            if name in ops.SHARED_VALUE_LISTS and values.count(values[0]) == len(values):
+                values = values[:1]
+            elif name in ops.OPTIONAL_TENSOR_LISTS and all(v is None for v in values):
+                values = []
+        short[name] = values
+    return short
+
+
 def _call_op(optimizer: str, args: dict) -> torch.Tensor:
     return (ops.sgd_step_ if optimizer == "sgd" else ops.adamw_step_)(**args)
 
@@ -209,7 +223,7 @@ class GroupCall:
 
     def __init__(self, jobs: list[Job]) -> None:
         self.optimizer = jobs[0].optimizer
-        self.args = _op_args(jobs)
+        self.args = _short_forms(_op_args(jobs))
         self.numels = [j.numel for j in jobs]
         self.num_blocks = [j.num_blocks for j in jobs]
         self.injection_coef_of = jobs[0].injection_coef_of
@@ -231,11 +245,14 @@ class GroupCall:
         """One step (``run``'s semantics and result): ``steps`` the step counts (after their increment), ``lr``
         the group's, ``grad_scale`` the factor of every gradient, ``sr_keys`` two per tensor (empty: to
         nearest)."""
-        n = len(self.numels)
         coef_of = self.injection_coef_of
-        coefs = {s: coef_of(s, lr) for s in set(steps)}  # one per distinct step count (usually one a group)
-        args = dict(self.args, grads=grads, lr=lr, grad_scales=[grad_scale] * n, sr_keys=sr_keys,
-                    injection_coefs=list(map(coefs.__getitem__, steps)))
+        first = steps[0] if steps else 0.0
+        if steps.count(first) == len(steps):  # one step count for the group (the usual case): the op's short form
+            steps, coefs = [first], [coef_of(first, lr)]
+        else:
+            by_step = {s: coef_of(s, lr) for s in set(steps)}
+            coefs = list(map(by_step.__getitem__, steps))
+        args = dict(self.args, grads=grads, lr=lr, grad_scales=[grad_scale], sr_keys=sr_keys, injection_coefs=coefs)
         if self.optimizer != "sgd":
             args["steps"] = steps
         bad = _call_op(self.optimizer, args).tolist()

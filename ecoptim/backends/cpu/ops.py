@@ -46,6 +46,22 @@ def _check_lists(n: int, **lists) -> None:
                              "tensor")
 
 
+def _full_lists(n: int, lists: dict[str, list]) -> dict[str, list]:
+    """``lists`` (name -> the op's argument) with every short form (``ecoptim.ops``: one entry standing for every
+    tensor's, or an empty optional tensor list) written out to n entries; a list of another length is refused
+    (``_check_lists``)."""
+    full = {}
+    for name, values in lists.items():
+        if len(values) != n:
+            if len(values) == 1 and name in ops.SHARED_VALUE_LISTS:
+                values = values * n
+            elif not values and name in ops.OPTIONAL_TENSOR_LISTS:
+                values = [None] * n
+        full[name] = values
+    _check_lists(n, **full)
+    return full
+
+
 def _readable_grads(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients as the kernel reads them: contiguous fp32 or bf16 (fp16 converted, exactly)."""
     if all(map(torch.Tensor.is_contiguous, grads)) and torch.float16 not in set(map(_DTYPE, grads)):
@@ -226,11 +242,14 @@ def adamw_step_cpu(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, ex
                    beta1, beta2, eps, weight_decay, inject, stochastic, state8_stochastic) -> torch.Tensor:
     """``ecoptim::adamw_step_`` on CPU tensors."""
     n = len(codes)
-    _check_lists(n, scales=scales, grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                 exp_avg_absmax=exp_avg_absmax, exp_avg_sq_absmax=exp_avg_sq_absmax, master_weights=master_weights,
-                 carried_errors=carried_errors, compensation_codes=compensation_codes,
-                 compensation_scales=compensation_scales, formats=formats, block_sizes=block_sizes, steps=steps,
-                 injection_coefs=injection_coefs, grad_scales=grad_scales, state8_block_sizes=state8_block_sizes)
+    (scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, master_weights, carried_errors,
+     compensation_codes, compensation_scales, formats, block_sizes, steps, injection_coefs, grad_scales,
+     state8_block_sizes) = _full_lists(n, dict(
+        scales=scales, grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, exp_avg_absmax=exp_avg_absmax,
+        exp_avg_sq_absmax=exp_avg_sq_absmax, master_weights=master_weights, carried_errors=carried_errors,
+        compensation_codes=compensation_codes, compensation_scales=compensation_scales, formats=formats,
+        block_sizes=block_sizes, steps=steps, injection_coefs=injection_coefs, grad_scales=grad_scales,
+        state8_block_sizes=state8_block_sizes)).values()
     if stochastic and len(sr_keys) != 2 * n:
         raise ValueError("ecoptim fused step: stochastic rounding needs two sr_keys per tensor")
     moment_dtypes = tuple(map(_DTYPE, exp_avg))
@@ -305,10 +324,12 @@ def sgd_step_cpu(codes, scales, grads, momentum_buffers, master_weights, carried
                  momentum, dampening, nesterov, weight_decay, inject, stochastic) -> torch.Tensor:
     """``ecoptim::sgd_step_`` on CPU tensors."""
     n = len(codes)
-    _check_lists(n, scales=scales, grads=grads, momentum_buffers=momentum_buffers, master_weights=master_weights,
-                 carried_errors=carried_errors, compensation_codes=compensation_codes,
-                 compensation_scales=compensation_scales, formats=formats, block_sizes=block_sizes,
-                 first_steps=first_steps, injection_coefs=injection_coefs, grad_scales=grad_scales)
+    (scales, grads, momentum_buffers, master_weights, carried_errors, compensation_codes, compensation_scales,
+     formats, block_sizes, first_steps, injection_coefs, grad_scales) = _full_lists(n, dict(
+        scales=scales, grads=grads, momentum_buffers=momentum_buffers, master_weights=master_weights,
+        carried_errors=carried_errors, compensation_codes=compensation_codes,
+        compensation_scales=compensation_scales, formats=formats, block_sizes=block_sizes, first_steps=first_steps,
+        injection_coefs=injection_coefs, grad_scales=grad_scales)).values()
     if stochastic and len(sr_keys) != 2 * n:
         raise ValueError("ecoptim fused step: stochastic rounding needs two sr_keys per tensor")
     grads = _readable_grads(grads)
