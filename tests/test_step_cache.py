@@ -1,7 +1,8 @@
-"""A param group's planned step (``QuantOptimizer._step_planned``: the kernel's op call kept from one step to the
-next) and the CPU backend's kept argument structs: every change between steps (storage, dtypes, shapes, group
-membership, state, mode buffers, lr, clip) is detected before the step, and every step stays bit-identical to
-the reference path (``fused=False``) and to an optimizer that plans nothing."""
+"""A param group's planned step (``QuantOptimizer._step_planned``, consulted inside ``step_group``: the kernel's
+op call kept from one step to the next), the kept ``ParamStep`` list of ``_params_to_step`` and the CPU backend's
+kept argument structs: every change between steps (storage, dtypes, shapes, group membership, state, specs,
+mode buffers, lr, clip) is detected before the step, every step goes through ``step_group``, and every step
+stays bit-identical to the reference path (``fused=False``) and to an optimizer that plans nothing."""
 from __future__ import annotations
 
 import copy
@@ -166,9 +167,21 @@ def _edit_codes_in_place(models, opts):
         m[0].weight.codes.view(torch.uint8)[:4] = 0x38  # version bumped, same storage
 
 
+def _replace_state_dict(models, opts):
+    for m, o in zip(models, opts):  # a new state dict (new tensors, same values) for one weight
+        o.state[m[2].weight] = {k: v.clone() for k, v in o.state[m[2].weight].items()}
+
+
+def _replace_spec(models, opts):
+    for m in models:  # an equal spec, another object: what the plan was derived from is no longer the weight's
+        p = m[1].weight
+        p.spec = QuantSpec.make("fp8_e4m3", "row")
+
+
 CHANGES = {"codes": _replace_codes, "grad-dtype": _grad_dtype, "shape": _reshape, "add-group": _add_group,
            "remove-param": _remove_param, "load-state-dict": _load_state, "state-tensors": _replace_state,
-           "mode-buffer": _replace_mode_buffer, "codes-edited": _edit_codes_in_place}
+           "mode-buffer": _replace_mode_buffer, "codes-edited": _edit_codes_in_place,
+           "state-dict": _replace_state_dict, "spec": _replace_spec}
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
@@ -197,6 +210,97 @@ def test_skip_blocks_on_a_planned_step_equals_the_reference(monkeypatch):
     with pytest.warns(RuntimeWarning, match="NaN/Inf"):
         _step(models, opts, 3, bad_row=True)
     assert planned[-1] is not None and opts[0].skipped_blocks > 0
+
+
+def test_every_step_goes_through_step_group(monkeypatch):
+    """One step route: ``step()`` hands every group's ``ParamStep`` list to ``step_group`` each step, planned steps
+    included (the plan is consulted inside it)."""
+    models, opts = _trio()
+    planned = _planned(monkeypatch, opts[0])
+    calls = []
+    real = opts[0].step_group
+    monkeypatch.setattr(opts[0], "step_group", lambda group, params, **kw: calls.append(
+        [p.param for p in params]) or real(group, params, **kw))
+    for step in range(4):
+        _step(models, opts, step)
+    stepped = [p for p in models[0].parameters()]
+    assert [list(map(id, c)) for c in calls] == [list(map(id, stepped))] * 4
+    assert len(planned) == 3 and all(r is not None for r in planned)  # steps 2-4 repeated step 1's plan
+
+
+def test_a_parameter_without_gradient_is_detected(monkeypatch):
+    models, opts = _trio()
+    planned = _planned(monkeypatch, opts[0])
+    for step in range(3):
+        _step(models, opts, step)
+    _grads(models, 3)
+    for m in models:
+        m[2].weight.grad = None  # not stepped this time
+    for o in opts:
+        o.step()
+    _assert_same(models, opts, "step 3")
+    assert planned[-1] is None  # seen: the full route stepped the group
+    for step in range(4, 7):
+        _step(models, opts, step)
+    assert planned[-1] is not None
+
+
+def test_step_group_with_other_params_takes_the_full_route(monkeypatch):
+    """``step_group`` checks what it is handed against the plan, not what ``step()`` would hand it: a subset of the
+    group's parameters (as a subclass may pass) is stepped by the full route, bit-identical."""
+    models, opts = _trio()
+    planned = _planned(monkeypatch, opts[0])
+    for step in range(3):
+        _step(models, opts, step)
+    _grads(models, 3)
+    for o in opts:
+        group = o.param_groups[0]
+        with o._params_to_step(group) as params:
+            assert o.step_group(group, params[::2]) == 0
+    _assert_same(models, opts, "subset")
+    assert planned[-1] is None
+    for step in range(4, 7):
+        _step(models, opts, step)
+    assert planned[-1] is not None
+
+
+def test_plans_of_replaced_groups_are_dropped():
+    """What is kept between steps belongs to the optimizer's current groups: groups replaced by
+    ``load_state_dict`` leave nothing (and no tensors) behind."""
+    models, opts = _trio()
+    for step in range(2):
+        _step(models, opts, step)
+    old = opts[0].param_groups[0]
+    opts[0].load_state_dict(copy.deepcopy(opts[0].state_dict()))
+    _step(models, opts, 2)
+    live = {id(g) for g in opts[0].param_groups}
+    for kept in (opts[0]._step_plans, opts[0]._step_lists):
+        assert set(kept) <= live and all(v.group is not old for v in kept.values())
+
+
+def test_short_forms_of_the_op_lists_give_the_same_bits():
+    """One entry for equal per-tensor values and empty optional tensor lists (``ecoptim.ops``) step exactly as the
+    written-out lists do."""
+    full = _adamw_args(3, 4.0, 1e-3, 1)  # a GroupCall's arguments: in short form where allowed
+    for name in ops.SHARED_VALUE_LISTS:
+        if name in full and len(full[name]) == 1:
+            full[name] = full[name] * 3
+    for name in ops.OPTIONAL_TENSOR_LISTS:
+        if name in full and not full[name]:
+            full[name] = [None] * 3
+    assert len(full["steps"]) == len(full["formats"]) == len(full["master_weights"]) == 3
+    short = {k: v[:1] if k in ops.SHARED_VALUE_LISTS and len(v) == 3 else
+             [] if k in ops.OPTIONAL_TENSOR_LISTS and all(t is None for t in v) else v for k, v in full.items()}
+    assert short["steps"] == [4.0] and short["master_weights"] == []
+    copies = {k: [t.clone() if isinstance(t, torch.Tensor) else t for t in v] if k in (
+        "codes", "scales", "exp_avg", "exp_avg_sq") else v for k, v in full.items()}
+    copies = dict(copies, **{k: v for k, v in short.items() if k not in ("codes", "scales", "exp_avg", "exp_avg_sq")})
+    assert ops.adamw_step_(**full).tolist() == ops.adamw_step_(**copies).tolist() == [0, 0, 0]
+    for k in ("codes", "scales", "exp_avg", "exp_avg_sq"):
+        for a, b in zip(full[k], copies[k]):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), k
+    with pytest.raises(ValueError, match="grads has 1 entries for 3 tensors"):
+        ops.adamw_step_(**dict(full, grads=full["grads"][:1]))  # gradients have no short form
 
 
 def _adamw_args(n: int, step: float, lr: float, seed: int) -> dict:
