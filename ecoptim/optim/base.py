@@ -30,6 +30,12 @@ Parameters that are not quantized get the plain update in their own dtype, exact
 Fused kernel: ``step_group`` gives the group's kernel parameters their step counts in one foreach add and
 their stochastic-rounding keys in one draw (in parameter order, the keys the reference path would draw), and
 steps them in one kernel call; the results are bit-identical to the reference path's.
+
+Thousands of tensors: the per-parameter Python work of a step is done once per param group and repeated while
+nothing it was derived from changes. ``_params_to_step`` hands on the group's kept ``ParamStep`` list (fresh
+gradients), and ``step_group`` repeats the group's kept op call (``_GroupPlan``) after checking the
+``ParamStep``\ s it is handed against it; any change sends the group down the full route, which plans anew
+(``tests/test_step_cache.py``, ``docs/performance-notes.md``).
 """
 from __future__ import annotations
 
