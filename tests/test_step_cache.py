@@ -264,6 +264,20 @@ def test_step_group_with_other_params_takes_the_full_route(monkeypatch):
     assert planned[-1] is not None
 
 
+def test_nothing_kept_holds_a_steps_gradients():
+    """Between steps, what is kept (the ParamStep list, the plan's op call) holds no gradient: zero_grad frees them."""
+    models, opts = _trio()
+    for step in range(3):
+        _step(models, opts, step)
+    grads = [p.grad for p in models[0].parameters()]
+    for o in opts:
+        o.zero_grad()
+    kept = opts[0]._step_lists[id(opts[0].param_groups[0])].steps
+    assert all(s.grad is None for s in kept)
+    call = opts[0]._step_plans[id(opts[0].param_groups[0])].call
+    assert not any(t is g for t in call.args["grads"] for g in grads)
+
+
 def test_plans_of_replaced_groups_are_dropped():
     """What is kept between steps belongs to the optimizer's current groups: groups replaced by
     ``load_state_dict`` leave nothing (and no tensors) behind."""
@@ -311,7 +325,7 @@ def _adamw_args(n: int, step: float, lr: float, seed: int) -> dict:
         jobs.append(fused.adamw_job(p, torch.randn(4, 16, generator=g), p.spec, torch.zeros(4, 16),
                                     torch.zeros(4, 16), (i, 7 + i), step=step, lr=lr, beta1=0.9, beta2=0.99,
                                     eps=1e-8, weight_decay=0.1, coef=0.5, inject=True))
-    return fused.GroupCall(jobs).args
+    return dict(fused.GroupCall(jobs).args, grads=[j.grad for j in jobs], sr_keys=[k for j in jobs for k in j.sr_key])
 
 
 def test_kept_structs_equal_freshly_packed_ones(monkeypatch):

@@ -34,7 +34,7 @@ steps them in one kernel call; the results are bit-identical to the reference pa
 Thousands of tensors: the per-parameter Python work of a step is done once per param group and repeated while
 nothing it was derived from changes. ``_params_to_step`` hands on the group's kept ``ParamStep`` list (fresh
 gradients), and ``step_group`` repeats the group's kept op call (``_GroupPlan``) after checking the
-``ParamStep``\ s it is handed against it; any change sends the group down the full route, which plans anew
+``ParamStep`` objects it is handed against it; any change sends the group down the full route, which plans anew
 (``tests/test_step_cache.py``, ``docs/performance-notes.md``).
 """
 from __future__ import annotations
@@ -150,8 +150,9 @@ class ParamStep:
     """One parameter of a param group, as ``QuantOptimizer.step_group`` steps it.
 
     ``param``: the tensor updated in place (the parameter itself, or the rank-local shard of an FSDP parameter);
-    ``grad``: its gradient (``param.grad`` is the same tensor: ``fused.applies`` reads it there); ``state``: its
-    optimizer state (filled on its first step); ``spec``: its quantization, None for a dense parameter."""
+    ``grad``: its gradient (``param.grad`` is the same tensor: ``fused.applies`` reads it there; None between
+    steps in the list ``_params_to_step`` keeps); ``state``: its optimizer state (filled on its first step);
+    ``spec``: its quantization, None for a dense parameter."""
 
     param: torch.Tensor
     grad: torch.Tensor
@@ -237,7 +238,7 @@ class _GroupPlan:
     the kernel steps and the op call that steps them (``fused.GroupCall``), with everything they were derived
     from, so that a change is detected before the step (``QuantOptimizer._step_planned``) and the group then
     takes the full route, which plans it anew. Checked every step, with one C-level pass per item over the
-    stepped parameters (``ParamStep``\\ s): each one's tensor, state dict and spec (identity); the group's
+    stepped parameters (``ParamStep`` objects): each one's tensor, state dict and spec (identity); the group's
     settings; for the kernel's parameters their codes and scale (identity, version, contiguity), every value in
     their state dict (identity), their gradient's dtype, shape and layout. The op's CPU kernel checks the data
     pointers and dtypes it packs itself (``backends/cpu/ops.py``)."""
@@ -504,6 +505,8 @@ class QuantOptimizer(Optimizer):
                 for p in params:
                     if not p.state:  # skipped before its first step (nonfinite='skip_blocks'): it keeps no state entry
                         del self.state[p.param]
+            for p in params:  # the kept list must not keep this step's gradients alive (zero_grad frees them)
+                p.grad = None
 
     def _param_steps(self, group: dict) -> list[ParamStep]:
         """``_params_to_step``'s list for ``group``: the kept one with this step's gradients, or a new one."""

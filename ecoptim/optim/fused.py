@@ -223,7 +223,8 @@ class GroupCall:
 
     def __init__(self, jobs: list[Job]) -> None:
         self.optimizer = jobs[0].optimizer
-        self.args = _short_forms(_op_args(jobs))
+        # the first step's per-step arguments are dropped: its gradients are not kept alive between steps
+        self.args = dict(_short_forms(_op_args(jobs)), grads=[], sr_keys=[])
         self.numels = [j.numel for j in jobs]
         self.num_blocks = [j.num_blocks for j in jobs]
         self.injection_coef_of = jobs[0].injection_coef_of
