@@ -344,7 +344,8 @@ def test_kept_structs_equal_freshly_packed_ones(monkeypatch):
     args = _adamw_args(3, 1.0, 1e-3, 0)
     ops.adamw_step_(**args)
     later = dict(args, steps=[5.0, 5.0, 6.0], lr=3e-3, grad_scales=[0.25, 0.25, -0.25], injection_coefs=[1.0, 2.0, 3.0],
-                 sr_keys=[2 ** 32 - 1, 2 ** 31, 5, 6, 7, 8], grads=[g.to(torch.bfloat16) for g in args["grads"]])
+                 sr_keys=[2 ** 32 - 1, 2 ** 31, 5, 6, 7, 8],
+                 grads=[g if i == 0 else g.to(torch.bfloat16) for i, g in enumerate(args["grads"])])  # mixed dtypes
     ops.adamw_step_(**later)
     assert len(cpu_ops._PACKED) == 1  # the second call reused the first one's structs
     kept = bytes(next(iter(cpu_ops._PACKED.values())).array)

@@ -216,7 +216,11 @@ def _weights_key(codes, scales, grads, formats, block_sizes, master_weights, car
 
 def _set_gradients(entry: _Packed, grads: list[torch.Tensor]) -> None:
     entry.set("gradient.values", list(_pointers(grads)))
-    entry.set("gradient.dtype", [Dtype.BF16 if d == torch.bfloat16 else Dtype.FP32 for d in map(_DTYPE, grads)])
+    dtypes = list(map(_DTYPE, grads))
+    if dtypes.count(dtypes[0] if dtypes else None) == len(dtypes):  # one dtype for all (the usual case): one fill
+        entry.set("gradient.dtype", Dtype.BF16 if dtypes and dtypes[0] == torch.bfloat16 else Dtype.FP32)
+    else:
+        entry.set("gradient.dtype", [Dtype.BF16 if d == torch.bfloat16 else Dtype.FP32 for d in dtypes])
 
 
 def _run(entry: _Packed) -> torch.Tensor:
