@@ -663,17 +663,11 @@ class QuantOptimizer(Optimizer):
             return None
         # the step, as _step_group takes it: step counts and keys of the kernel's parameters, the dense ones on
         # the reference path, then the kernel's op call
-        # (_start_kernel_steps' work, for states that exist: one add, one draw)
         step_counts = plan.step_counts
+        keys = self._start_kernel_steps(group, kernel_steps)
         shared = _shared_counts(step_counts)
-        if shared is not None:
-            shared.add_(1)
-            steps = shared.tolist()
-        else:
-            torch._foreach_add_(step_counts, 1)
-            steps = [t.item() for t in step_counts]
-        keys = (list(chain.from_iterable(draw_keys(self.generator(kernel[0].device), len(kernel))))
-                if group["rounding"] == "stochastic" else [])
+        steps = shared.tolist() if shared is not None else [t.item() for t in step_counts]
+        keys = list(chain.from_iterable(keys)) if group["rounding"] == "stochastic" else []
         skipped = 0
         for i in plan.dense_index:
             p = params[i]
