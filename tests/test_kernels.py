@@ -259,10 +259,10 @@ def test_fused_path_is_taken_and_can_be_turned_off(monkeypatch):
     assert fused.applies(p, ecoptim.convert.spec_of(p), o_fast.param_groups[0])
     assert not fused.applies(p, ecoptim.convert.spec_of(p), o_ref.param_groups[0])  # fused=False
     calls = []
-    real = fused.run
-    monkeypatch.setattr(fused, "run", lambda jobs, **kw: calls.append(len(jobs)) or real(jobs, **kw))
+    real = ecoptim.ops.adamw_step_  # the op: the one boundary of the fused path, planned steps included
+    monkeypatch.setattr(ecoptim.ops, "adamw_step_", lambda **kw: calls.append(len(kw["codes"])) or real(**kw))
     _run(ref, fast, o_ref, o_fast, shape, steps=2)
-    assert calls == [1, 1]  # one job per step from the fused optimizer, none from the reference one
+    assert calls == [1, 1]  # one tensor per step from the fused optimizer, none from the reference one
 
 
 def test_bad_fused_argument_is_refused_at_construction():
