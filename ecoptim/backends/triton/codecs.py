@@ -139,7 +139,9 @@ def round_stochastic(y, u, FMT: tl.constexpr):
         fl = low.to(tl.float32) * (2.0 ** -16)
         up = u < tl.where(neg, 1.0 - fl, fl)
         q = top + tl.where(up != neg, 0x10000, 0).to(tl.uint32)
-        return float_of(tl.where(low == 0, b, q))
+        q = tl.where(low == 0, b, q)
+        # the reference computes floor + {0, 1}, which is +0 where the result is zero (-0 + 0 = +0, -1 + 1 = +0)
+        return float_of(tl.where(q == 0x80000000, 0, q))
     elif FMT == INT8 or FMT == INT4:
         f = tl.floor(y)
         return f + tl.where(u < y - f, 1.0, 0.0)

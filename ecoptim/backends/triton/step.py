@@ -29,6 +29,13 @@ __all__ = ["step_kernel", "compensation_kernel"]
 
 
 @triton.jit
+def _maximum(a, b):
+    # the reductions' combine (not tl.max: a function of triton's standard library is compiled, not interpreted,
+    # when triton was imported before TRITON_INTERPRET was set, so the kernels use only their own functions)
+    return tl.maximum(a, b)
+
+
+@triton.jit
 def _w_til(j, mask, codes, scale, grad, exp_avg, exp_avg_sq, master, carried, comp, comp_scale, grad_scale,
            decay, lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size, weight_decay,
            momentum, one_minus_dampening, neg_lr, ADAMW: tl.constexpr, FMT: tl.constexpr, GRAD_BF16: tl.constexpr,
@@ -97,7 +104,7 @@ def _quantize_elems(j, mask, s, codes, scale, grad, exp_avg, exp_avg_sq, master,
         if INJECT:
             m = tl.fma(coef, err, m)  # m.add_(e, alpha=coef)
         _store_f32(exp_avg, j, m, mask, STATE_BF16)
-    eamax = tl.max(tl.where(mask, tl.abs(err), 0.0), axis=0)
+    eamax = tl.reduce(tl.where(mask, tl.abs(err), 0.0), 0, _maximum)
     return code_of(q, FMT), eamax
 
 
@@ -152,8 +159,8 @@ def step_kernel(codes, scales, grad, exp_avg, exp_avg_sq, master, carried, comp,
                             GRAD_BF16, STATE_BF16, HAS_MASTER, HAS_CARRIED, KAHAN, FROM_M, HAS_WD, HAS_MOM, FIRST,
                             NESTEROV)
         ok = is_finite(w)
-        tl.store(tile_amax + pid, tl.max(tl.where(mask & ok, tl.abs(w), 0.0), axis=0))
-        tl.store(tile_bad + pid, tl.max(tl.where(mask & (~ok), 1, 0), axis=0))
+        tl.store(tile_amax + pid, tl.reduce(tl.where(mask & ok, tl.abs(w), 0.0), 0, _maximum))
+        tl.store(tile_bad + pid, tl.reduce(tl.where(mask & (~ok), 1, 0), 0, _maximum))
     else:
         if tl.load(block_bad + b) == 0:
             if SCALED:
