@@ -26,7 +26,7 @@ from .step import compensation_kernel, step_kernel
 
 __all__ = ["adamw_step", "sgd_step", "MAX_TILE", "IMPLEMENTS"]
 
-MAX_TILE = 1024  # elements per program: a larger block is split into tiles, met by the per-block reduction
+MAX_TILE = 1024  # elements per program: smaller blocks share a program, larger ones are split into tiles
 _NUM_WARPS = 4
 
 
@@ -102,9 +102,12 @@ def _step_tensor(adamw: bool, codes: torch.Tensor, scales: torch.Tensor | None, 
     nb = n // block_size
     if nb == 0:
         return torch.zeros((), dtype=torch.int64, device=dev)
-    tile = min(max(triton.next_power_of_2(block_size), 16), MAX_TILE)
-    ntiles = triton.cdiv(block_size, tile)
-    grid = (nb * ntiles,)
+    if block_size <= MAX_TILE:  # several whole blocks per program
+        tile = max(triton.next_power_of_2(block_size), 16)
+        bpp, ntiles = MAX_TILE // tile, 1
+    else:  # tiles of one block per program
+        tile, bpp, ntiles = MAX_TILE, 1, triton.cdiv(block_size, MAX_TILE)
+    grid = (triton.cdiv(nb, bpp) * ntiles,)
     scaled = fmt != "bf16"
     kahan = comp is not None
     if grad.dtype == torch.float16:
@@ -125,8 +128,8 @@ def _step_tensor(adamw: bool, codes: torch.Tensor, scales: torch.Tensor | None, 
                 comp_scales if kahan and scaled else dummy, ebuf, tile_amax, tile_bad]
     consts = dict(ADAMW=adamw, FMT=FORMAT_IDS[fmt], SCALED=scaled, GRAD_BF16=grad.dtype == torch.int16,
                   STATE_BF16=state_bf16, HAS_MASTER=master is not None, HAS_CARRIED=carried is not None, KAHAN=kahan,
-                  TILE=tile, **flags)
-    args = [block_size, ntiles, fmax, *scalars.values()]
+                  BPP=bpp, TILE=tile, **flags)
+    args = [nb, block_size, ntiles, fmax, *scalars.values()]
     # phase 0: per-tile statistics of w_til, reduced per block (a max: exact in any order)
     step_kernel[grid](*pointers, dummy, dummy, dummy, *args, PHASE=0, **consts, num_warps=_NUM_WARPS,
                       enable_fp_fusion=False)
@@ -140,9 +143,9 @@ def _step_tensor(adamw: bool, codes: torch.Tensor, scales: torch.Tensor | None, 
     if kahan:  # phase 2: the compensation, from e's absmax per block (phase 1 left it in tile_amax)
         block_eamax = tile_amax.view(nb, ntiles).amax(1)
         new_comp_scales = comp_scales.clone() if scaled else dummy
-        compensation_kernel[grid](comp_i, new_comp_scales, ebuf, block_eamax, block_bad, block_size, ntiles, fmax,
-                                  FMT=FORMAT_IDS[fmt], SCALED=scaled, TILE=tile, num_warps=_NUM_WARPS,
-                                  enable_fp_fusion=False)
+        compensation_kernel[grid](comp_i, new_comp_scales, ebuf, block_eamax, block_bad, nb, block_size, ntiles,
+                                  fmax, FMT=FORMAT_IDS[fmt], SCALED=scaled, BPP=bpp, TILE=tile,
+                                  num_warps=_NUM_WARPS, enable_fp_fusion=False)
         if scaled:
             comp_scales.copy_(new_comp_scales)
     return block_bad.sum().to(torch.int64)

@@ -104,27 +104,29 @@ def _quantize_elems(j, mask, s, codes, scale, grad, exp_avg, exp_avg_sq, master,
         if INJECT:
             m = tl.fma(coef, err, m)  # m.add_(e, alpha=coef)
         _store_f32(exp_avg, j, m, mask, STATE_BF16)
-    eamax = tl.reduce(tl.where(mask, tl.abs(err), 0.0), 0, _maximum)
+    eamax = tl.reduce(tl.where(mask, tl.abs(err), 0.0), 1, _maximum, keep_dims=True)
     return code_of(q, FMT), eamax
 
 
 @triton.jit
 def step_kernel(codes, scales, grad, exp_avg, exp_avg_sq, master, carried, comp, comp_scales, ebuf, tile_amax,
-                tile_bad, block_amax, block_bad, new_scales, block_size, ntiles, fmax, grad_scale, decay, lerp_coeff,
-                beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size, weight_decay, momentum,
-                one_minus_dampening, neg_lr, coef, k1, k2, PHASE: tl.constexpr, ADAMW: tl.constexpr,
+                tile_bad, block_amax, block_bad, new_scales, num_blocks, block_size, ntiles, fmax, grad_scale, decay,
+                lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size, weight_decay,
+                momentum, one_minus_dampening, neg_lr, coef, k1, k2, PHASE: tl.constexpr, ADAMW: tl.constexpr,
                 FMT: tl.constexpr, SCALED: tl.constexpr, GRAD_BF16: tl.constexpr, STATE_BF16: tl.constexpr,
                 SR: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_CARRIED: tl.constexpr, KAHAN: tl.constexpr,
                 INJECT: tl.constexpr, FROM_M: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr,
-                FIRST: tl.constexpr, NESTEROV: tl.constexpr, TILE: tl.constexpr):
-    """Phase 0 or 1 (``PHASE``) of one tile (see the module docstring). The fp32 scalars arrive as their int32
-    bit patterns (rounded from the Python floats on the host, as ATen rounds Python scalars), the key words as
-    int32 bit patterns."""
+                FIRST: tl.constexpr, NESTEROV: tl.constexpr, BPP: tl.constexpr, TILE: tl.constexpr):
+    """Phase 0 or 1 (``PHASE``) of a program's [BPP, TILE] tile: BPP blocks of at most TILE elements (small
+    blocks, ntiles = 1), or tile t of one block (BPP = 1). The fp32 scalars arrive as their int32 bit patterns
+    (rounded from the Python floats on the host, as ATen rounds Python scalars), the key words likewise."""
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // ntiles
     t = pid % ntiles
+    b = (pid // ntiles) * BPP + tl.arange(0, BPP).to(tl.int64)[:, None]  # [BPP, 1]: the program's blocks
+    row_ok = b < num_blocks
     start = b * block_size + t * TILE
     lim = block_size - t * TILE  # elements of the block from this tile's start
+    stat = b * ntiles + t  # the tile's entry in tile_amax / tile_bad
     fmax = fmax.to(tl.float32, bitcast=True)
     grad_scale = grad_scale.to(tl.float32, bitcast=True)
     decay = decay.to(tl.float32, bitcast=True)
@@ -142,65 +144,67 @@ def step_kernel(codes, scales, grad, exp_avg, exp_avg_sq, master, carried, comp,
     k1 = k1.to(tl.uint32, bitcast=True)
     k2 = k2.to(tl.uint32, bitcast=True)
     if SCALED:
-        scale = tl.load(scales + b)  # the old scale: w_hat = decode(code) * scale
+        scale = tl.load(scales + b, mask=row_ok, other=1.0)  # the old scale: w_hat = decode(code) * scale
     else:
         scale = 1.0  # x * 1 is exact: the same bits as no multiply
     if KAHAN and SCALED:
-        comp_scale = tl.load(comp_scales + b)
+        comp_scale = tl.load(comp_scales + b, mask=row_ok, other=1.0)
     else:
         comp_scale = 1.0
     if PHASE == 0:
-        i = tl.arange(0, TILE)
+        i = tl.arange(0, TILE)[None, :]
         j = start + i
-        mask = i < lim
+        mask = row_ok & (i < lim)
         w, m, v, d = _w_til(j, mask, codes, scale, grad, exp_avg, exp_avg_sq, master, carried, comp, comp_scale,
                             grad_scale, decay, lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, eps,
                             neg_step_size, weight_decay, momentum, one_minus_dampening, neg_lr, ADAMW, FMT,
                             GRAD_BF16, STATE_BF16, HAS_MASTER, HAS_CARRIED, KAHAN, FROM_M, HAS_WD, HAS_MOM, FIRST,
                             NESTEROV)
         ok = is_finite(w)
-        tl.store(tile_amax + pid, tl.reduce(tl.where(mask & ok, tl.abs(w), 0.0), 0, _maximum))
-        tl.store(tile_bad + pid, tl.reduce(tl.where(mask & (~ok), 1, 0), 0, _maximum))
+        amax = tl.reduce(tl.where(mask & ok, tl.abs(w), 0.0), 1, _maximum, keep_dims=True)
+        bad = tl.reduce(tl.where(mask & (~ok), 1, 0), 1, _maximum, keep_dims=True)
+        tl.store(tile_amax + stat, amax, mask=row_ok)
+        tl.store(tile_bad + stat, bad, mask=row_ok)
     else:
-        if tl.load(block_bad + b) == 0:
-            if SCALED:
-                s = block_scale(tl.load(block_amax + b), fmax)
-                if t == 0:
-                    tl.store(new_scales + b, s)
-            else:
-                s = 1.0
-            if FMT == INT4:
-                i = tl.arange(0, TILE // 2)
-                even = start + 2 * i
-                mask_even = 2 * i < lim
-                mask_odd = 2 * i + 1 < lim
-                lo, eamax_lo = _quantize_elems(
-                    even, mask_even, s, codes, scale, grad, exp_avg, exp_avg_sq, master, carried, comp, comp_scale,
-                    ebuf, fmax, grad_scale, decay, lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, eps,
-                    neg_step_size, weight_decay, momentum, one_minus_dampening, neg_lr, coef, k1, k2, ADAMW, FMT,
-                    GRAD_BF16, STATE_BF16, SR, HAS_MASTER, HAS_CARRIED, KAHAN, INJECT, FROM_M, HAS_WD, HAS_MOM,
-                    FIRST, NESTEROV)
-                hi, eamax_hi = _quantize_elems(
-                    even + 1, mask_odd, s, codes, scale, grad, exp_avg, exp_avg_sq, master, carried, comp,
-                    comp_scale, ebuf, fmax, grad_scale, decay, lerp_coeff, beta2, one_minus_beta2,
-                    bias_correction2_sqrt, eps, neg_step_size, weight_decay, momentum, one_minus_dampening, neg_lr,
-                    coef, k1, k2, ADAMW, FMT, GRAD_BF16, STATE_BF16, SR, HAS_MASTER, HAS_CARRIED, KAHAN, INJECT,
-                    FROM_M, HAS_WD, HAS_MOM, FIRST, NESTEROV)
-                _store_nibbles(codes, even, lo, hi, mask_even, mask_odd)
-                eamax = tl.maximum(eamax_lo, eamax_hi)
-            else:
-                i = tl.arange(0, TILE)
-                j = start + i
-                mask = i < lim
-                c, eamax = _quantize_elems(
-                    j, mask, s, codes, scale, grad, exp_avg, exp_avg_sq, master, carried, comp, comp_scale, ebuf,
-                    fmax, grad_scale, decay, lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, eps,
-                    neg_step_size, weight_decay, momentum, one_minus_dampening, neg_lr, coef, k1, k2, ADAMW, FMT,
-                    GRAD_BF16, STATE_BF16, SR, HAS_MASTER, HAS_CARRIED, KAHAN, INJECT, FROM_M, HAS_WD, HAS_MOM,
-                    FIRST, NESTEROV)
-                tl.store(codes + j, c, mask=mask)
-            if KAHAN:
-                tl.store(tile_amax + pid, eamax)
+        # blocks without NaN/Inf only: every store below is masked by `good`, so a bad block keeps its bytes
+        good = row_ok & (tl.load(block_bad + b, mask=row_ok, other=1) == 0)
+        if SCALED:
+            s = block_scale(tl.load(block_amax + b, mask=good, other=1.0), fmax)
+            tl.store(new_scales + b, s, mask=good & (b * 0 + t == 0))  # the block's first tile
+        else:
+            s = 1.0
+        if FMT == INT4:
+            i = tl.arange(0, TILE // 2)[None, :]
+            even = start + 2 * i
+            mask_even = good & (2 * i < lim)
+            mask_odd = good & (2 * i + 1 < lim)
+            lo, eamax_lo = _quantize_elems(
+                even, mask_even, s, codes, scale, grad, exp_avg, exp_avg_sq, master, carried, comp, comp_scale,
+                ebuf, fmax, grad_scale, decay, lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, eps,
+                neg_step_size, weight_decay, momentum, one_minus_dampening, neg_lr, coef, k1, k2, ADAMW, FMT,
+                GRAD_BF16, STATE_BF16, SR, HAS_MASTER, HAS_CARRIED, KAHAN, INJECT, FROM_M, HAS_WD, HAS_MOM,
+                FIRST, NESTEROV)
+            hi, eamax_hi = _quantize_elems(
+                even + 1, mask_odd, s, codes, scale, grad, exp_avg, exp_avg_sq, master, carried, comp,
+                comp_scale, ebuf, fmax, grad_scale, decay, lerp_coeff, beta2, one_minus_beta2,
+                bias_correction2_sqrt, eps, neg_step_size, weight_decay, momentum, one_minus_dampening, neg_lr,
+                coef, k1, k2, ADAMW, FMT, GRAD_BF16, STATE_BF16, SR, HAS_MASTER, HAS_CARRIED, KAHAN, INJECT,
+                FROM_M, HAS_WD, HAS_MOM, FIRST, NESTEROV)
+            _store_nibbles(codes, even, lo, hi, mask_even, mask_odd)
+            eamax = tl.maximum(eamax_lo, eamax_hi)
+        else:
+            i = tl.arange(0, TILE)[None, :]
+            j = start + i
+            mask = good & (i < lim)
+            c, eamax = _quantize_elems(
+                j, mask, s, codes, scale, grad, exp_avg, exp_avg_sq, master, carried, comp, comp_scale, ebuf,
+                fmax, grad_scale, decay, lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, eps,
+                neg_step_size, weight_decay, momentum, one_minus_dampening, neg_lr, coef, k1, k2, ADAMW, FMT,
+                GRAD_BF16, STATE_BF16, SR, HAS_MASTER, HAS_CARRIED, KAHAN, INJECT, FROM_M, HAS_WD, HAS_MOM,
+                FIRST, NESTEROV)
+            tl.store(codes + j, c, mask=mask)
+        if KAHAN:
+            tl.store(tile_amax + stat, eamax, mask=good)
 
 
 @triton.jit
@@ -224,33 +228,34 @@ def _compensation_codes(ebuf, j, mask, cs, fmax, FMT: tl.constexpr):
 
 
 @triton.jit
-def compensation_kernel(comp, new_comp_scales, ebuf, block_eamax, block_bad, block_size, ntiles, fmax,
-                        FMT: tl.constexpr, SCALED: tl.constexpr, TILE: tl.constexpr):
+def compensation_kernel(comp, new_comp_scales, ebuf, block_eamax, block_bad, num_blocks, block_size, ntiles, fmax,
+                        FMT: tl.constexpr, SCALED: tl.constexpr, BPP: tl.constexpr, TILE: tl.constexpr):
     """Phase 2, mode 'kahan': e = w_til - w_hat (``ebuf``) quantized to nearest into the compensation, with the
-    block scale of e (its absmax per block: ``block_eamax``), as the reference's quantize(w_til - w_hat)."""
+    block scale of e (its absmax per block: ``block_eamax``), as the reference's quantize(w_til - w_hat); tiles
+    as in ``step_kernel``."""
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // ntiles
     t = pid % ntiles
+    b = (pid // ntiles) * BPP + tl.arange(0, BPP).to(tl.int64)[:, None]
+    row_ok = b < num_blocks
     start = b * block_size + t * TILE
     lim = block_size - t * TILE
     fmax = fmax.to(tl.float32, bitcast=True)
-    if tl.load(block_bad + b) == 0:
-        if SCALED:
-            cs = block_scale(tl.load(block_eamax + b), fmax)
-            if t == 0:
-                tl.store(new_comp_scales + b, cs)
-        else:
-            cs = 1.0
-        if FMT == INT4:
-            i = tl.arange(0, TILE // 2)
-            even = start + 2 * i
-            mask_even = 2 * i < lim
-            mask_odd = 2 * i + 1 < lim
-            lo = _compensation_codes(ebuf, even, mask_even, cs, fmax, FMT)
-            hi = _compensation_codes(ebuf, even + 1, mask_odd, cs, fmax, FMT)
-            _store_nibbles(comp, even, lo, hi, mask_even, mask_odd)
-        else:
-            i = tl.arange(0, TILE)
-            j = start + i
-            mask = i < lim
-            tl.store(comp + j, _compensation_codes(ebuf, j, mask, cs, fmax, FMT), mask=mask)
+    good = row_ok & (tl.load(block_bad + b, mask=row_ok, other=1) == 0)
+    if SCALED:
+        cs = block_scale(tl.load(block_eamax + b, mask=good, other=1.0), fmax)
+        tl.store(new_comp_scales + b, cs, mask=good & (b * 0 + t == 0))
+    else:
+        cs = 1.0
+    if FMT == INT4:
+        i = tl.arange(0, TILE // 2)[None, :]
+        even = start + 2 * i
+        mask_even = good & (2 * i < lim)
+        mask_odd = good & (2 * i + 1 < lim)
+        lo = _compensation_codes(ebuf, even, mask_even, cs, fmax, FMT)
+        hi = _compensation_codes(ebuf, even + 1, mask_odd, cs, fmax, FMT)
+        _store_nibbles(comp, even, lo, hi, mask_even, mask_odd)
+    else:
+        i = tl.arange(0, TILE)[None, :]
+        j = start + i
+        mask = good & (i < lim)
+        tl.store(comp + j, _compensation_codes(ebuf, j, mask, cs, fmax, FMT), mask=mask)
