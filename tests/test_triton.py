@@ -19,6 +19,8 @@ import copy
 import importlib
 import itertools
 import os
+import sys
+import warnings
 
 import pytest
 import torch
@@ -51,14 +53,25 @@ def _interpreted():
             os.environ["TRITON_INTERPRET"] = old
 
 
+def _kernel_modules():
+    """The kernel modules, defined under the interpreter without a GPU: imported now, or imported again where
+    another test module imported them compiled (a CUDA kernel registered again replaces itself)."""
+    names = ("codecs", "rng", "adamw", "sgd", "step", "ops")
+    loaded = sys.modules.get("ecoptim.backends.triton.step")
+    again = not CUDA and loaded is not None and not type(loaded.step_kernel).__name__.startswith("Interpreted")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [importlib.reload(sys.modules[f"ecoptim.backends.triton.{n}"]) if again
+                else importlib.import_module(f"ecoptim.backends.triton.{n}") for n in names]
+
+
 with _interpreted():
     import triton
     import triton.language as tl
 
     from ecoptim.backends import triton as triton_backend
-    from ecoptim.backends.triton import codecs as tcodecs, rng as trng
 
-    triton_ops = triton_backend.load_ops()
+    tcodecs, trng, _, _, _, triton_ops = _kernel_modules()
 
     @triton.jit
     def _uniform_kernel(out, j0, k1, k2, N: tl.constexpr):
@@ -232,7 +245,7 @@ def test_pending_clip_is_folded_into_the_gradients(triton_route, opt):
          before_step=lambda a, b: (a.clip_grad_norm_(0.1), b.clip_grad_norm_(0.1)))
 
 
-@pytest.mark.parametrize("shape,gran", [((5, 7), "tensor"), ((3, 1500), "row"), ((2, 2500), "tensor")])
+@pytest.mark.parametrize("shape,gran", [((5, 7), "tensor"), ((2, 1100), "row"), ((3, 701), "tensor")])
 @pytest.mark.parametrize("fmt", ["int4", "fp8_e4m3"])
 def test_odd_sizes_and_blocks_of_several_tiles(triton_route, shape, gran, fmt):
     """An odd-sized tensor (packed int4: the last byte's high nibble is padding), and blocks of more than one

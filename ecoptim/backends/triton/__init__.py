@@ -24,13 +24,18 @@ def load_ops() -> ModuleType:
     return importlib.import_module(__name__ + ".ops")
 
 
+_cuda_ready: bool | None = None
+
+
 def cuda_ready() -> bool:
     """Whether the kernels can step CUDA tensors here: triton imports and a CUDA device exists (then the kernels
-    are registered for the ops)."""
-    if not (available() and torch.cuda.is_available()):
-        return False
-    load_ops()
-    return True
+    are registered for the ops). Asked per parameter per step: answered once."""
+    global _cuda_ready
+    if _cuda_ready is None:
+        _cuda_ready = available() and torch.cuda.is_available()
+        if _cuda_ready:
+            load_ops()
+    return _cuda_ready
 
 
 def applies(p: torch.Tensor, spec, group: dict) -> bool:

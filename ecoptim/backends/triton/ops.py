@@ -90,6 +90,17 @@ def _check(n: int, codes, scales, grads, formats, block_sizes, moments: dict, bu
                                  f"the gradient's device ({g.device})")
         if fmt != "bf16" and scales[k] is None:
             raise ValueError(f"ecoptim fused step (triton): format {fmt} needs its block scales")
+        if codes[k].numel() != ((n_el + 1) // 2 if fmt == "int4" else n_el):
+            raise ValueError(f"ecoptim fused step (triton): tensor {k} has {codes[k].numel()} codes for a gradient "
+                             f"of {n_el} elements")
+        for name, t in (*((key, v[k]) for key, v in moments.items()), ("master_weights", buffers["master_weights"][k]),
+                        ("carried_errors", buffers["carried_errors"][k])):
+            if t is not None and (t.numel() != n_el or t.dtype not in (torch.float32, torch.bfloat16)):
+                raise ValueError(f"ecoptim fused step (triton): {name} of tensor {k} must hold the gradient's "
+                                 f"{n_el} elements in fp32 (or bf16 moments), got {t.numel()} of {t.dtype}")
+        kinds = {v[k].dtype for v in moments.values() if v[k] is not None}
+        if len(kinds) > 1:
+            raise ValueError(f"ecoptim fused step (triton): the moments of tensor {k} must share one dtype")
 
 
 def _step_tensor(adamw: bool, codes: torch.Tensor, scales: torch.Tensor | None, grad: torch.Tensor,
@@ -151,7 +162,8 @@ def _step_tensor(adamw: bool, codes: torch.Tensor, scales: torch.Tensor | None, 
     return block_bad.sum().to(torch.int64)
 
 
-def _counts(counts: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+def _counts(counts: list[torch.Tensor]) -> torch.Tensor:
+    # the op's result: one int64 count of NaN/Inf blocks per tensor, on the tensors' device
     if not counts:
         return torch.empty(0, dtype=torch.int64)
     return torch.stack(counts)
@@ -189,7 +201,7 @@ def adamw_step(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_av
         counts.append(_step_tensor(True, codes[k], scales[k], grads[k], exp_avg[k], exp_avg_sq[k], master_weights[k],
                                    carried_errors[k], compensation_codes[k], compensation_scales[k], formats[k],
                                    block_sizes[k], scalars, flags))
-    return _counts(counts, grads)
+    return _counts(counts)
 
 
 def sgd_step(codes, scales, grads, momentum_buffers, master_weights, carried_errors, compensation_codes,
@@ -219,7 +231,7 @@ def sgd_step(codes, scales, grads, momentum_buffers, master_weights, carried_err
         counts.append(_step_tensor(False, codes[k], scales[k], grads[k], buf, None, master_weights[k],
                                    carried_errors[k], compensation_codes[k], compensation_scales[k], formats[k],
                                    block_sizes[k], scalars, flags))
-    return _counts(counts, grads)
+    return _counts(counts)
 
 
 torch.library.register_kernel("ecoptim::adamw_step_", "cuda", adamw_step)
