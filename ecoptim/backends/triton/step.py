@@ -108,7 +108,13 @@ def _quantize_elems(j, mask, s, codes, scale, grad, exp_avg, exp_avg_sq, master,
     return code_of(q, FMT), eamax
 
 
-@triton.jit
+# the fp32 scalars and key words arrive as int32 bit patterns: never specialized on their value (a pattern equal
+# to 1 would become a constant, and the keys change every step)
+_BIT_ARGS = ["fmax", "grad_scale", "decay", "lerp_coeff", "beta2", "one_minus_beta2", "bias_correction2_sqrt", "eps",
+             "neg_step_size", "weight_decay", "momentum", "one_minus_dampening", "neg_lr", "coef", "k1", "k2"]
+
+
+@triton.jit(do_not_specialize=_BIT_ARGS)
 def step_kernel(codes, scales, grad, exp_avg, exp_avg_sq, master, carried, comp, comp_scales, ebuf, tile_amax,
                 tile_bad, block_amax, block_bad, new_scales, num_blocks, block_size, ntiles, fmax, grad_scale, decay,
                 lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size, weight_decay,
@@ -227,7 +233,7 @@ def _compensation_codes(ebuf, j, mask, cs, fmax, FMT: tl.constexpr):
     return code_of(round_nearest(y, FMT), FMT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["fmax"])
 def compensation_kernel(comp, new_comp_scales, ebuf, block_eamax, block_bad, num_blocks, block_size, ntiles, fmax,
                         FMT: tl.constexpr, SCALED: tl.constexpr, BPP: tl.constexpr, TILE: tl.constexpr):
     """Phase 2, mode 'kahan': e = w_til - w_hat (``ebuf``) quantized to nearest into the compensation, with the
