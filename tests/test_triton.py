@@ -17,8 +17,11 @@ and on a GPU it always runs.
 import contextlib
 import copy
 import importlib
+import importlib.util
 import itertools
+import json
 import os
+import subprocess
 import sys
 import warnings
 
@@ -336,6 +339,27 @@ def test_cuda_matches_the_cpu_reference(fmt, gran, opt):
     fast.to("cuda")
     o_fast = opt_cls(fast.parameters(), rounding="nearest", **kw)
     _run(ref, fast, o_ref, o_fast, SHAPE, fused.applies)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
+                    reason="triton without its NVIDIA backend")
+def test_compiled_kernels_keep_the_reference_operations():
+    """What the interpreter cannot see, from the PTX of the kernels compiled for sm_90 (no GPU needed): every fp32
+    multiply / add / subtract carries an explicit rounding mode (never contracted into an fma), the fmas are
+    exactly those the kernels ask for, division and square root are IEEE, and nothing flushes subnormals but the
+    stochastic rounding's floor (harmless: ``codecs.round_stochastic``)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "ecoptim.backends.triton.ptx"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, c in json.loads(run.stdout).items():
+        assert c["fma.rn.f32"] == c["fma_per_element"] * c["elements"], name
+        assert c["mul.f32"] == c["add.f32"] == c["sub.f32"] == 0, name
+        assert not any(c[op] for op in ("div.approx", "div.full", "sqrt.approx", "rcp.approx", "ex2.approx",
+                                        "lg2.approx")), name
+        assert c["ftz"] == c["floor_ftz"], name
+        if name.startswith("adamw"):
+            assert c["sqrt.rn.f32"] == c["elements"], name
 
 
 def test_uniforms_are_the_reference_stream():

@@ -127,7 +127,11 @@ def round_nearest(y, FMT: tl.constexpr):
 @triton.jit
 def round_stochastic(y, u, FMT: tl.constexpr):
     """``y`` (scaled and clamped) rounded up to the next grid value with probability (y - floor) / spacing, given
-    the uniform ``u``: rounding.round_stochastic's comparisons (y / spacing and the fraction are exact)."""
+    the uniform ``u``: rounding.round_stochastic's comparisons (y / spacing and the fraction are exact).
+
+    On NVIDIA GPUs ``tl.floor`` compiles to ``cvt.rmi.ftz`` (a subnormal argument flushed to zero first). That
+    changes the floor of a negative subnormal r only (-0 instead of -1), and the result is +0 either way: with -1,
+    r - floor rounds to 1 > u and -1 + 1 = +0; with -0, r - floor = r < 0 <= u and -0 + 0 = +0."""
     if FMT == BF16:
         # the bf16 spacing is the unit of bit 16 (subnormals included): the fraction is L / 2^16 above zero and
         # 1 - L / 2^16 below (L = the low 16 bits); "up" adds a grid step to the magnitude above zero, "not up"

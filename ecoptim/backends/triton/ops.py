@@ -24,10 +24,11 @@ from ...formats import FORMATS
 from .codecs import FORMAT_IDS
 from .step import compensation_kernel, step_kernel
 
-__all__ = ["adamw_step", "sgd_step", "MAX_TILE", "IMPLEMENTS"]
+__all__ = ["adamw_step", "sgd_step", "MAX_TILE", "LAUNCH_OPTIONS", "IMPLEMENTS"]
 
 MAX_TILE = 1024  # elements per program: smaller blocks share a program, larger ones are split into tiles
-_NUM_WARPS = 4
+# every launch's compile options: no contraction of a multiply and an add into an fma (the reference rounds both)
+LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=False)
 
 
 def _f32_bits(x: float) -> int:
@@ -142,13 +143,12 @@ def _step_tensor(adamw: bool, codes: torch.Tensor, scales: torch.Tensor | None, 
                   BPP=bpp, TILE=tile, **flags)
     args = [nb, block_size, ntiles, fmax, *scalars.values()]
     # phase 0: per-tile statistics of w_til, reduced per block (a max: exact in any order)
-    step_kernel[grid](*pointers, dummy, dummy, dummy, *args, PHASE=0, **consts, num_warps=_NUM_WARPS,
-                      enable_fp_fusion=False)
+    step_kernel[grid](*pointers, dummy, dummy, dummy, *args, PHASE=0, **consts, **LAUNCH_OPTIONS)
     block_amax = tile_amax.view(nb, ntiles).amax(1)
     block_bad = tile_bad.view(nb, ntiles).amax(1)
     # phase 1: quantize and write the finite blocks
     step_kernel[grid](*pointers, block_amax, block_bad, new_scales, *args, PHASE=1, **consts,
-                      num_warps=_NUM_WARPS, enable_fp_fusion=False)
+                      **LAUNCH_OPTIONS)
     if scaled:
         scales.copy_(new_scales)
     if kahan:  # phase 2: the compensation, from e's absmax per block (phase 1 left it in tile_amax)
@@ -156,7 +156,7 @@ def _step_tensor(adamw: bool, codes: torch.Tensor, scales: torch.Tensor | None, 
         new_comp_scales = comp_scales.clone() if scaled else dummy
         compensation_kernel[grid](comp_i, new_comp_scales, ebuf, block_eamax, block_bad, nb, block_size, ntiles,
                                   fmax, FMT=FORMAT_IDS[fmt], SCALED=scaled, BPP=bpp, TILE=tile,
-                                  num_warps=_NUM_WARPS, enable_fp_fusion=False)
+                                  **LAUNCH_OPTIONS)
         if scaled:
             comp_scales.copy_(new_comp_scales)
     return block_bad.sum().to(torch.int64)
