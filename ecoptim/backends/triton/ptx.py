@@ -63,7 +63,7 @@ def _signature(kind: str, consts: dict) -> dict:
         sig = dict(codes=code, scales="*fp32", grad="*i16" if consts["GRAD_BF16"] else "*fp32", exp_avg=state,
                    exp_avg_sq=state, master="*fp32", carried="*fp32", comp=code, comp_scales="*fp32", ebuf="*fp32",
                    tile_amax="*fp32", tile_bad="*i32", block_amax="*fp32", block_bad="*i32", new_scales="*fp32",
-                   num_blocks="i32", block_size="i32", ntiles="i32", **{name: "i32" for name in step._BIT_ARGS})
+                   num_blocks="i32", block_size="i32", ntiles="i32", **{name: "i32" for name in step.BIT_ARGS})
     sig.update({name: "constexpr" for name in consts})
     return sig
 

@@ -25,7 +25,7 @@ from .codecs import INT4, BF16, block_scale, code_of, f32_to_bf16, is_finite, ro
 from .rng import uniform
 from .sgd import sgd_w_til
 
-__all__ = ["step_kernel", "compensation_kernel"]
+__all__ = ["step_kernel", "compensation_kernel", "BIT_ARGS"]
 
 
 @triton.jit
@@ -110,11 +110,11 @@ def _quantize_elems(j, mask, s, codes, scale, grad, exp_avg, exp_avg_sq, master,
 
 # the fp32 scalars and key words arrive as int32 bit patterns: never specialized on their value (a pattern equal
 # to 1 would become a constant, and the keys change every step)
-_BIT_ARGS = ["fmax", "grad_scale", "decay", "lerp_coeff", "beta2", "one_minus_beta2", "bias_correction2_sqrt", "eps",
+BIT_ARGS = ["fmax", "grad_scale", "decay", "lerp_coeff", "beta2", "one_minus_beta2", "bias_correction2_sqrt", "eps",
              "neg_step_size", "weight_decay", "momentum", "one_minus_dampening", "neg_lr", "coef", "k1", "k2"]
 
 
-@triton.jit(do_not_specialize=_BIT_ARGS)
+@triton.jit(do_not_specialize=BIT_ARGS)
 def step_kernel(codes, scales, grad, exp_avg, exp_avg_sq, master, carried, comp, comp_scales, ebuf, tile_amax,
                 tile_bad, block_amax, block_bad, new_scales, num_blocks, block_size, ntiles, fmax, grad_scale, decay,
                 lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size, weight_decay,
