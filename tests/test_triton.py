@@ -10,9 +10,8 @@ The interpreter computes every operation exactly as written (IEEE fp32, true fma
 and bit manipulations; that the GPU build keeps them (no contraction into fma, the ``_rn`` division and square
 root) only a GPU run shows: ``test_cuda_matches_the_cpu_reference`` does, against the CPU reference.
 
-The interpreter runs about 20 programs per second here, so the default matrix is a covering design (every format
-and granularity with every mode, roundings and optimizers alternating); ``pytest -m slow`` runs the full product,
-and on a GPU it always runs.
+The default matrix is a covering design (every format and granularity with every mode, roundings and optimizers
+alternating); ``pytest -m slow`` adds the rest of the full product.
 """
 import contextlib
 import copy
@@ -185,14 +184,15 @@ SHAPE = (4, 32)
 
 
 def _matrix():
-    """The full product; on CPU the cases off a covering design (every format/granularity with every mode, the
-    rounding and the optimizer alternating so that every pair of values meets) are marked slow."""
+    """The full product; the cases off a covering design (every format/granularity with every mode, the rounding
+    and the optimizer alternating so that every pair of values meets) are marked slow: the interpreter runs about
+    20 programs a second, and on a GPU each case compiles its own kernel variants (about a second each)."""
     cases = []
     for k, ((fmt, gran), mode, rounding, opt) in enumerate(itertools.product(FORMATS_GRANS, MODES, ROUNDINGS,
                                                                                OPTIMIZERS)):
         i, j = FORMATS_GRANS.index((fmt, gran)), MODES.index(mode)
         cover = ROUNDINGS.index(rounding) == (i + j) % 2 and list(OPTIMIZERS).index(opt) == (i // 2 + j) % 2
-        marks = () if cover or CUDA else (pytest.mark.slow,)
+        marks = () if cover else (pytest.mark.slow,)
         cases.append(pytest.param(fmt, gran, mode, rounding, opt, marks=marks,
                                   id=f"{opt}-{fmt}-{gran}-{mode}-{rounding}"))
     return cases
