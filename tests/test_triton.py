@@ -33,6 +33,7 @@ from ecoptim import kernels, rng
 from ecoptim.convert import spec_of
 from ecoptim.optim import fused
 from ecoptim.qtensor import QuantizedTensor
+from conftest import TinyLM, batches, lm_loss
 
 pytest.importorskip("triton")  # only a guard for machines without triton: the `test` extra installs it
 # the interpreter computes masked-off lanes too (e.g. 0/0 where eps = 0), which numpy reports
@@ -258,6 +259,32 @@ def test_odd_sizes_and_blocks_of_several_tiles(triton_route, shape, gran, fmt):
     ref, fast, o_ref, o_fast = _pair(shape, fmt, gran, ecoptim.AdamW, mode="kahan", rounding="stochastic",
                                      **ADAMW)
     _run(ref, fast, o_ref, o_fast, shape, triton_route, steps=2)
+
+
+def test_a_model_of_several_tensors_in_one_op_call(triton_route):
+    """A small transformer (conftest.TinyLM): its quantized linear layers stepped together, one op call per group
+    (tensors of several shapes, keys drawn in parameter order), its dense parameters on torch's update."""
+    opt_cls, kw = OPTIMIZERS["adamw"]
+    torch.manual_seed(0)
+    model = ecoptim.quantize_(TinyLM(layers=1), "fp8_e4m3", "row").to(DEVICE)
+    ref, fast = copy.deepcopy(model), copy.deepcopy(model)
+    o_ref, o_fast = opt_cls(ref.parameters(), fused=False, **kw), opt_cls(fast.parameters(), **kw)
+    for step, idx in enumerate(batches(2)):
+        for m, o in ((ref, o_ref), (fast, o_fast)):
+            o.zero_grad()
+            lm_loss(m, idx.to(DEVICE)).backward()
+        quantized = [p for p in fast.parameters() if isinstance(p, QuantizedTensor)]
+        assert len(quantized) > 1 and all(triton_route(p, spec_of(p), o_fast.param_groups[0]) for p in quantized)
+        o_ref.step()
+        o_fast.step()
+        for a, b in zip(ref.parameters(), fast.parameters()):
+            if isinstance(a, QuantizedTensor):
+                assert _same_tensor(a.codes, b.codes) and _same_tensor(a.scale, b.scale), f"step {step}"
+            else:
+                assert torch.equal(a.detach(), b.detach()), f"step {step}"
+            for k, v in o_ref.state[a].items():
+                if isinstance(v, torch.Tensor):
+                    assert _same_tensor(v, o_fast.state[b][k]), f"state {k!r} at step {step}"
 
 
 @pytest.mark.parametrize("gran", ["row", "tensor"])
