@@ -31,8 +31,9 @@ instead of the codes, or adds the carried error to them, and writes them back; `
 'kahan' with blocks of at most 65536 elements (the kernel adds the stored compensation to w_til, and a third
 sweep quantizes the rounding error w_til - w_hat, still in the block's scratch, with its own scale into the
 compensation; ``attach_compensation``); lr > 0; fp32, bf16 or fp16 gradients. Anything else (a larger kahan
-block, NVFP4 in mode 'kahan', FP16 storage, a custom ``Format.round``, CUDA tensors), or a machine without a C
-compiler, takes the reference path.
+block, NVFP4 in mode 'kahan', FP16 storage, a custom ``Format.round``), or a machine without a C compiler, takes
+the reference path. CUDA tensors take the op's CUDA kernel, the Triton kernels of ``ecoptim/backends/triton``
+(``triton_backend.applies``), where triton imports and the case is one they cover, else the reference path.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from typing import Callable
 import torch
 
 from .. import kernels, ops
+from ..backends import triton as triton_backend  # the CUDA kernels (Triton), loaded only where triton imports
 from ..backends.cpu import ops as cpu_ops  # registers the CPU kernels of the ops
 from ..formats import BF16, FORMATS, SCALE_FORMATS, E4M3TensorScale, Format, PerRow, QuantSpec
 from ..qtensor import QuantizedTensor
@@ -65,6 +67,8 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     if (group.get("fused") is False or group.get("amsgrad") or isinstance(group["lr"], torch.Tensor)
             or spec is None or not isinstance(p, QuantizedTensor)):
         return False
+    if p.is_cuda:  # the op's CUDA kernel: the Triton kernels (ecoptim/backends/triton), for the cases they reproduce
+        return triton_backend.applies(p, spec, group)
     f, g = spec.format, p.grad  # called per parameter per step: each attribute is read once
     return (f in _KERNEL_FORMATS and type(f).round is Format.round  # a custom rounding override needs the reference
             and spec.scale in _KERNEL_SCALES and _two_level_ok(p, spec, group["mode"])

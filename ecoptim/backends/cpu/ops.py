@@ -55,17 +55,9 @@ def _check_lists(n: int, **lists) -> None:
 
 
 def _full_lists(n: int, lists: dict[str, list]) -> dict[str, list]:
-    """``lists`` (name -> the op's argument) with every short form (``ecoptim.ops``: one entry standing for every
-    tensor's, or an empty optional tensor list) written out to n entries; a list of another length is refused
-    (``_check_lists``)."""
-    full = {}
-    for name, values in lists.items():
-        if len(values) != n:
-            if len(values) == 1 and name in ops.SHARED_VALUE_LISTS:
-                values = values * n
-            elif not values and name in ops.OPTIONAL_TENSOR_LISTS:
-                values = [None] * n
-        full[name] = values
+    """``lists`` (name -> the op's argument) with every short form written out to n entries
+    (``ops.expand_short_forms``); a list of another length is refused (``_check_lists``)."""
+    full = ops.expand_short_forms(n, lists)
     _check_lists(n, **full)
     return full
 
