@@ -13,6 +13,7 @@ what the paper stores in INT4, and they hold most of an MoE's parameters.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -133,7 +134,10 @@ def add_arch_args(p: argparse.ArgumentParser) -> None:
 
 def moe_config_from_args(args: argparse.Namespace) -> MoeConfig:
     """The ``MoeConfig`` that ``--d-model``, ``--n-layers``, ``--n-heads``, ``--ffn-hidden``, ``--max-seq-len``,
-    ``--experts`` and ``--top-k`` give (each left out: ``MoeConfig``'s default). Raises ValueError for bad sizes."""
+    ``--experts`` and ``--top-k`` give (each left out: ``MoeConfig``'s default). Raises ValueError for bad sizes
+    or when ``transformers`` is not installed."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ValueError("--arch qwen3-moe needs the `transformers` package: pip install transformers")
     d = MoeConfig()
     if args.experts < 1:
         raise ValueError(f"--experts must be >= 1, got {args.experts}")
