@@ -92,9 +92,9 @@ class MoeLM(nn.Module):
             moe_intermediate_size=cfg.expert_hidden, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
             num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.d_model // cfg.n_heads, num_experts=cfg.num_experts,
             num_experts_per_tok=cfg.top_k, max_position_embeddings=cfg.max_seq_len, use_cache=False,
-            tie_word_embeddings=False)
-        # The eager expert loop: the reference implementation, and the one whose w[e] dequantizes one expert only.
-        hf._experts_implementation = "eager"
+            tie_word_embeddings=False,
+            # the eager expert loop: the reference implementation, and the one whose w[e] dequantizes one expert
+            experts_implementation="eager")
         self.lm = transformers.Qwen3MoeForCausalLM(hf)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
