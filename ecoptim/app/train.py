@@ -29,8 +29,8 @@ from .model import LlamaConfig, LlamaLM, is_block_linear
 
 __all__ = ["Method", "METHODS", "MUON_METHODS", "ROWS", "FORMAT_TAGS", "DEFAULT_GRANULARITY", "make_methods",
            "resolve_methods", "Corpus", "load_corpus", "load_text_corpus", "RunResult", "ModelConfig", "build_model",
-           "train_run", "lr_lambda",
-           "evaluate", "pretrain", "finetune", "BETAS", "EPS", "WEIGHT_DECAY", "GRAD_CLIP", "FINAL_LR_FRAC"]
+           "train_run", "lr_lambda", "evaluate", "pretrain", "finetune", "BETAS", "EPS", "WEIGHT_DECAY", "GRAD_CLIP",
+           "FINAL_LR_FRAC"]
 
 # The paper's optimizer recipe (Section 5 / the reference notes); shared by every method.
 BETAS = (0.9, 0.98)
