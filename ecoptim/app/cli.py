@@ -8,6 +8,7 @@ learning rate) and ``ecoptim finetune`` (INT4 fine-tuning).
     ecoptim sweep --lrs 1.2e-3,3e-4,1e-4 --seeds 0,1,2
     ecoptim compare --save-checkpoint                # also keep the dense model for `finetune --checkpoint`
     ecoptim finetune --checkpoint runs/compare/checkpoint.pt
+    ecoptim finetune --arch qwen3-moe --seeds 0,1,2  # the paper's MoE fine-tune: INT4 experts of a Qwen3-MoE
 
 Each command writes ``results.json``, ``results.md`` and PNG plots into ``--out`` and prints the table. Every run
 of a (learning rate, seed, method) is stored under ``OUT/state/`` when it finishes, and checkpointed there every
@@ -34,10 +35,11 @@ from ..formats import QuantSpec
 from ..optim import State8bit
 from .corpus import CORPORA
 from .model import PRESETS, LlamaConfig, LlamaLM, is_block_linear
+from .moe import MOE_GRANULARITY, MoeConfig, add_arch_args, check_quantizable, moe_config_from_args, quantized_summary
 from .plots import plot_loss_curves, plot_memory_vs_loss, plot_sweep
 from .stats import Interval, mean_interval, paired_interval
-from .train import (BETAS, EPS, FINAL_LR_FRAC, GRAD_CLIP, METHODS, WEIGHT_DECAY, Corpus, Method, RunResult, load_corpus,
-                    load_text_corpus, pretrain, resolve_methods, train_run, usable_cores)
+from .train import (BETAS, EPS, FINAL_LR_FRAC, GRAD_CLIP, METHODS, WEIGHT_DECAY, Corpus, Method, RunResult, build_model,
+                    load_corpus, load_text_corpus, pretrain, resolve_methods, train_run, usable_cores)
 
 __all__ = ["main", "build_parser", "format_table", "write_outputs", "load_dense_model", "save_dense_model",
            "summarize", "reproducibility_info", "run_grid"]
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text_arg(f, "fine-tuning data")
     f.add_argument("--save-checkpoint", nargs="?", const="", default=None, metavar="PATH",
                    help="save the pre-trained dense model (default PATH: OUT/pretrained.pt)")
+    add_arch_args(f)
     return parser
 
 
@@ -276,11 +279,17 @@ def _check_quantizable(cfg: LlamaConfig, methods: Sequence[Method]) -> None:
                     raise ValueError(f"{m.name}: {fqn}.weight: {e}") from None
 
 
-def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[LlamaConfig, list[Method]]:
+def _resolve(parser: argparse.ArgumentParser,
+             args: argparse.Namespace) -> tuple[LlamaConfig | MoeConfig, list[Method]]:
+    moe = getattr(args, "arch", "llama") == "qwen3-moe"
     try:
-        cfg = _model_config(args)
-        methods = resolve_methods([s for s in args.methods.split(",") if s.strip()], args.format, args.granularity)
-        _check_quantizable(cfg, methods)
+        cfg = moe_config_from_args(args) if moe else _model_config(args)
+        granularity = MOE_GRANULARITY if moe and args.granularity is None else args.granularity
+        methods = resolve_methods([s for s in args.methods.split(",") if s.strip()], args.format, granularity)
+        if isinstance(cfg, MoeConfig):
+            check_quantizable(cfg, methods)
+        else:
+            _check_quantizable(cfg, methods)
     except ValueError as e:
         parser.error(str(e))
     if args.seq_len > cfg.max_seq_len:
@@ -588,9 +597,13 @@ def _data_name(args: argparse.Namespace, corpus: str) -> str:
     return f"text:{args.text}" if args.text is not None else corpus
 
 
-def _run_config(args: argparse.Namespace, cfg: LlamaConfig, methods: Sequence[Method], data: Corpus,
+def _model_label(cfg: LlamaConfig | MoeConfig) -> str:
+    return cfg.label if isinstance(cfg, MoeConfig) else "Llama"
+
+
+def _run_config(args: argparse.Namespace, cfg: LlamaConfig | MoeConfig, methods: Sequence[Method], data: Corpus,
                 corpus: str) -> dict[str, Any]:
-    return {"model": cfg.to_dict(), "params": LlamaLM(cfg).num_params(), "methods": [m.name for m in methods],
+    return {"model": cfg.to_dict(), "params": build_model(cfg).num_params(), "methods": [m.name for m in methods],
             "format": next((m.format for m in methods if not m.dense), None),
             "granularity": next((m.granularity for m in methods if not m.dense), None),
             "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -696,6 +709,9 @@ def cmd_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     _check_run_args(parser, args)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     pre_info: dict[str, Any]
+    if args.arch != "llama" and (args.checkpoint is not None or args.save_checkpoint is not None):
+        parser.error(f"--checkpoint / --save-checkpoint hold the app's Llama; --arch {args.arch} pre-trains its "
+                     "own model each run (--pretrain-steps)")
     if args.checkpoint is not None:
         try:
             cfg, state, meta = load_dense_model(args.checkpoint)
@@ -713,8 +729,8 @@ def cmd_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     else:
         cfg, methods = _resolve(parser, args)
         steps = args.pretrain_steps or PRETRAIN_STEPS
-        say(f"pre-training a dense {LlamaLM(cfg).num_params() / 1e6:.2f}M-param model on {args.pretrain_corpus} "
-            f"for {steps} steps")
+        say(f"pre-training a dense {build_model(cfg).num_params() / 1e6:.2f}M-param {_model_label(cfg)} on "
+            f"{args.pretrain_corpus} for {steps} steps")
         pre = pretrain(cfg, steps, args.batch_size, args.seq_len, args.pretrain_lr, args.seeds[0],
                        load_corpus(args.pretrain_corpus), progress=not args.quiet,
                        **{**_train_kwargs(args), "final_lr_frac": FINAL_LR_FRAC})  # compare's dense model
@@ -731,6 +747,9 @@ def cmd_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
             say(f"saved dense checkpoint to {path}")
     data = _load_data(parser, args, args.corpus)
     config = {**_run_config(args, cfg, methods, data, args.corpus), "source": pre_info}
+    quantized = next((m for m in methods if not m.dense), None)
+    if isinstance(cfg, MoeConfig) and quantized is not None:
+        config["quantized"] = quantized_summary(cfg, quantized)
 
     def run(m: Method, lr: float, seed: int, ckpt: Path, every: int) -> RunResult:
         r = train_run(m, cfg, args.steps, args.batch_size, args.seq_len, lr, seed, data, progress=not args.quiet,
@@ -749,9 +768,9 @@ def cmd_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         parser.error(str(e))
     wall = time.perf_counter() - t0
     rows = summarize(results)
-    title = (f"fine-tune {config['params'] / 1e6:.2f}M-param Llama on {config['corpus']}: {config['format']}/"
-             f"{config['granularity']}, {args.steps} steps x {args.batch_size}x{args.seq_len} bytes, "
-             f"peak lr {args.lr:g}, seeds {','.join(map(str, args.seeds))}" + _state_note(args))
+    title = (f"fine-tune {config['params'] / 1e6:.2f}M-param {_model_label(cfg)} on {config['corpus']}: "
+             f"{config['format']}/{config['granularity']}, {args.steps} steps x {args.batch_size}x{args.seq_len} "
+             f"bytes, peak lr {args.lr:g}, seeds {','.join(map(str, args.seeds))}" + _state_note(args))
     paths = write_outputs(args.out, "finetune", config, results, rows, title, before=True, extra={"wall_s": wall},
                           argv=args.argv)
     print(title)
