@@ -518,7 +518,8 @@ class QuantOptimizer(Optimizer):
         """``_params_to_step``'s list for ``group``: the kept one with this step's gradients, or a new one."""
         lists = self._kept("_step_lists")
         params = group["params"]
-        grads = list(map(_GRAD, params))
+        with torch._C.DisableTorchFunctionSubclass():  # .grad of a QuantizedTensor without its Python handler
+            grads = list(map(_GRAD, params))
         kept = lists.get(id(group))
         if kept is not None and kept.group is group and len(params) == len(kept.params) and all(
                 map(operator.is_, params, kept.params)):
