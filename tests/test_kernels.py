@@ -613,3 +613,10 @@ def test_all_finite_kernel_agrees_with_torch(threads):
             d[76] = bad
             assert kernels.all_finite([a, d]) is False
         assert kernels.all_finite([a[::2]]) is None  # not contiguous: the caller falls back to torch
+
+
+@pytest.mark.parametrize("gran", ["tensor", "row"])
+def test_an_empty_weight_steps_on_both_paths(gran):
+    """A weight with no elements (e.g. a 0-row layer) has no block: both paths step it without touching its scale."""
+    ref, fast, o_ref, o_fast = _pair((0, 4), "fp8_e4m3", gran, ecoptim.SGD, lr=1e-4, momentum=0.9)
+    _run(ref, fast, o_ref, o_fast, (0, 4), steps=2)

@@ -600,7 +600,7 @@ class QuantOptimizer(Optimizer):
         if jobs:
             for p, job, n_bad in zip(job_params, jobs, _fused.run(jobs, skip_nonfinite=skip_nonfinite)):
                 skipped += n_bad
-                if n_bad == job.num_blocks:  # nothing of it was updated: its step did not happen
+                if n_bad and n_bad == job.num_blocks:  # nothing of it was updated: its step did not happen
                     p.state["step"] -= 1
         return skipped, ((job_params, jobs) if together and jobs and not alone else None)
 

@@ -71,7 +71,8 @@ def _readable_grads(grads: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _check_scale(name: str, t: torch.Tensor | None, scale_format: int, num_blocks: int) -> None:
     # the kernel writes num_blocks scales in this layout: a tensor of another size would be written out of bounds
-    if t is not None and not (t.is_contiguous() and t.numel() * t.element_size() ==
+    # (an empty weight has no block, and its scale is neither read nor written)
+    if t is not None and num_blocks and not (t.is_contiguous() and t.numel() * t.element_size() ==
                               _SCALE_BYTES[scale_format](num_blocks)):
         raise ValueError(f"ecoptim fused step: {name} holds {t.numel() * t.element_size()} bytes, but a scale of "
                          f"{num_blocks} blocks in its scale format takes {_SCALE_BYTES[scale_format](num_blocks)} "
