@@ -15,18 +15,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .codecs import bf16_to_f32, decode
+from .codecs import decode, load_f32, load_weight
 
-__all__ = ["load_f32", "adamw_w_til"]
-
-
-@triton.jit
-def load_f32(ptr, j, mask, IS_BF16: tl.constexpr):
-    """Elements ``j`` of an fp32 array, or of a bf16 one passed as int16 bits, as fp32."""
-    if IS_BF16:
-        return bf16_to_f32(tl.load(ptr + j, mask=mask, other=0))
-    else:
-        return tl.load(ptr + j, mask=mask, other=0.0)
+__all__ = ["adamw_w_til"]
 
 
 @triton.jit
@@ -35,12 +26,7 @@ def adamw_w_til(j, mask, codes, scale, grad, exp_avg, exp_avg_sq, master, carrie
                 FMT: tl.constexpr, GRAD_BF16: tl.constexpr, STATE_BF16: tl.constexpr, HAS_MASTER: tl.constexpr,
                 HAS_CARRIED: tl.constexpr, KAHAN: tl.constexpr, FROM_M: tl.constexpr):
     """(w_til, m, v, denom) of elements ``j`` (see the module docstring); nothing is written."""
-    if HAS_MASTER:
-        w = tl.load(master + j, mask=mask, other=0.0)
-    else:
-        w = decode(codes, j, mask, FMT) * scale
-    if HAS_CARRIED:
-        w = w + tl.load(carried + j, mask=mask, other=0.0)
+    w = load_weight(codes, scale, master, carried, j, mask, FMT, HAS_MASTER, HAS_CARRIED)
     w = w * decay
     g = load_f32(grad, j, mask, GRAD_BF16) * grad_scale
     m = load_f32(exp_avg, j, mask, STATE_BF16)

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 __all__ = ["FP8_E4M3", "FP8_E5M2", "INT8", "BF16", "INT4", "FORMAT_IDS", "bits_of", "float_of", "bf16_to_f32",
-           "f32_to_bf16", "decode", "round_nearest", "round_stochastic", "code_of", "block_scale", "is_finite"]
+           "f32_to_bf16", "decode", "round_nearest", "round_stochastic", "code_of", "block_scale", "is_finite",
+           "load_f32", "load_weight"]
 
 # format ids (the kernels' FMT constexpr); the values of ecoptim/backends/cpu/abi.py's eco_format
 FP8_E4M3: tl.constexpr = tl.constexpr(0)
@@ -199,3 +200,26 @@ def block_scale(amax, fmax):
     s = tl.where(s < 2.0 ** -126, 2.0 ** -126, s)
     over = (~is_finite(s * fmax)) & is_finite(s)
     return tl.where(over, float_of(bits_of(s) - 1), s)
+
+
+@triton.jit
+def load_f32(ptr, j, mask, IS_BF16: tl.constexpr):
+    """Elements ``j`` of an fp32 array, or of a bf16 one passed as int16 bits, as fp32."""
+    if IS_BF16:
+        return bf16_to_f32(tl.load(ptr + j, mask=mask, other=0))
+    else:
+        return tl.load(ptr + j, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_weight(codes, scale, master, carried, j, mask, FMT: tl.constexpr, HAS_MASTER: tl.constexpr,
+                HAS_CARRIED: tl.constexpr):
+    """The weight an update starts from at elements ``j``: decode(code) * scale, or the master weight (mode
+    'master'), plus the carried error (mode 'exact')."""
+    if HAS_MASTER:
+        w = tl.load(master + j, mask=mask, other=0.0)
+    else:
+        w = decode(codes, j, mask, FMT) * scale
+    if HAS_CARRIED:
+        w = w + tl.load(carried + j, mask=mask, other=0.0)
+    return w

@@ -13,8 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .adamw import load_f32
-from .codecs import decode
+from .codecs import decode, load_f32, load_weight
 
 __all__ = ["sgd_w_til"]
 
@@ -25,12 +24,7 @@ def sgd_w_til(j, mask, codes, scale, grad, buf, master, carried, comp, comp_scal
               STATE_BF16: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_CARRIED: tl.constexpr, KAHAN: tl.constexpr,
               HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr):
     """(w_til, m) of elements ``j`` (m is g without momentum); nothing is written."""
-    if HAS_MASTER:
-        w = tl.load(master + j, mask=mask, other=0.0)
-    else:
-        w = decode(codes, j, mask, FMT) * scale
-    if HAS_CARRIED:
-        w = w + tl.load(carried + j, mask=mask, other=0.0)
+    w = load_weight(codes, scale, master, carried, j, mask, FMT, HAS_MASTER, HAS_CARRIED)
     g = load_f32(grad, j, mask, GRAD_BF16) * grad_scale
     if HAS_WD:
         g = tl.fma(weight_decay, w, g)
