@@ -391,3 +391,21 @@ def test_cli_state_dtype_4bit_and_pinned_fp8_rows():
     assert ms[1].format == "nvfp4" and ms[1].state_dtype is None and ms[3].state_dtype == "4bit-sr"
     with pytest.raises(ValueError, match="quantized AdamW rows"):
         resolve_methods(["fp32_mw@fp32"], "nvfp4")
+
+
+def test_compare_pairs_fp4_rows_with_the_fp8_mw_sr_row_when_no_same_format_one_ran():
+    from ecoptim.app.cli import summarize
+    from ecoptim.app.train import RunResult
+
+    def run(method, fmt, gran, mode, seed, loss):
+        return RunResult(method, method, fmt, gran, mode, "stochastic", 10, 10, "ok", loss, 5.0, loss, seed=seed,
+                         peak_lr=1e-3)
+    results = [run("fp8_mw_sr@fp32", "fp8_e4m3", "row", "master", s, 2.0 + 0.01 * s) for s in range(3)]
+    results += [run("nvfp4_eco_sr", "nvfp4", "group16", "eco", s, 2.1 + 0.01 * s + 0.001 * s * s) for s in range(3)]
+    rows = {r["method"]: r for r in summarize(results)}
+    d = rows["nvfp4_eco_sr"]["diff_vs_mw_sr"]
+    assert d is not None and abs(d["mean"] - (0.1 + 0.005 / 3)) < 1e-9 and d["lo"] < d["mean"] < d["hi"]
+    # a same-format MW + SR row, when run, is the reference instead
+    results += [run("nvfp4_mw_sr", "nvfp4", "group16", "master", s, 2.05) for s in range(3)]
+    rows = {r["method"]: r for r in summarize(results)}
+    assert abs(rows["nvfp4_eco_sr"]["diff_vs_mw_sr"]["mean"] - (2.1 + 0.01 + 0.005 / 3 - 2.05)) < 1e-9
