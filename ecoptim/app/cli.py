@@ -582,9 +582,11 @@ def _data_name(args: argparse.Namespace, corpus: str) -> str:
 
 def _run_config(args: argparse.Namespace, cfg: LlamaConfig, methods: Sequence[Method], data: Corpus,
                 corpus: str) -> dict[str, Any]:
+    quantized = [m for m in methods if not m.dense]
+    # the --format rows describe the run (a pinned fp8_e4m3_ reference row may come first)
+    main = next((m for m in quantized if m.format == getattr(args, "format", None)), quantized[0] if quantized else None)
     return {"model": cfg.to_dict(), "params": LlamaLM(cfg).num_params(), "methods": [m.name for m in methods],
-            "format": next((m.format for m in methods if not m.dense), None),
-            "granularity": next((m.granularity for m in methods if not m.dense), None),
+            "format": main.format if main else None, "granularity": main.granularity if main else None,
             "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "peak_lrs": list(getattr(args, "lrs", None) or [args.lr]), "seeds": list(args.seeds),
             "state_dtype": args.state_dtype, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
