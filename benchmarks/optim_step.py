@@ -2,6 +2,7 @@
 
     python benchmarks/optim_step.py                      # ~25M parameters in 20 tensors
     python benchmarks/optim_step.py --rows 512 --cols 640 --tensors 8 --repeats 3   # quick
+    python benchmarks/optim_step.py --device cuda        # on a GPU (what benchmarks/gpu_check.py runs)
 
 Every configuration steps the same shapes in one process, one after the other, and is timed as the median
 of ``--repeats`` steps after ``--warmup`` steps, round-robin over the configurations. Reported per row:
@@ -16,6 +17,7 @@ Rows marked "+ clip" time gradient clipping (max norm 1.0, which these gradients
 as a training loop runs them: torch.nn.utils.clip_grad_norm_ (a norm pass, then every gradient rewritten) before
 torch's step, ecoptim's ``opt.clip_grad_norm_`` (one norm pass that is also the NaN/Inf check; the factor is
 applied inside the step) before ecoptim's; their ratio is to "torch AdamW fused (fp32) + clip".
+``--device cuda`` puts weights, gradients and states on the GPU and synchronizes around every timed step.
 Results go to ``<out>/optim_step.json`` and ``<out>/optim_step.md``.
 """
 from __future__ import annotations
@@ -54,6 +56,21 @@ def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, clip: bool) -> N
     elif clip:
         nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
     opt.step()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU runs asynchronously: a step's time is only known after it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds ``fn()`` takes, with the device's queue drained before and after."""
+    synchronize(device)
+    t = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t
 
 
 def _model(weights: list[torch.Tensor], dtype: torch.dtype) -> nn.Module:
@@ -160,17 +177,16 @@ def configs(args: argparse.Namespace) -> list[Config]:
     return out
 
 
-def copy_bandwidth(numel: int, repeats: int) -> float:
-    src, dst = torch.randn(numel), torch.empty(numel)
-    times = []
-    for _ in range(repeats + 2):
-        t = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t)
+def copy_bandwidth(numel: int, repeats: int, device: torch.device | str = "cpu") -> float:
+    """Bytes per second of a plain fp32 copy of ``numel`` elements on ``device`` (read + write)."""
+    device = torch.device(device)
+    src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
+    times = [timed(lambda: dst.copy_(src), device) for _ in range(repeats + 2)]
     return 2 * 4 * numel / statistics.median(times[2:])
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """Run the benchmark; returns (meta, rows), also written as JSON and markdown (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--cols", type=int, default=1280)
@@ -178,19 +194,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="cpu", help="where weights, gradients and states live: cpu or cuda")
     ap.add_argument("--only", default="", help="comma-separated substrings; run only matching configurations")
     ap.add_argument("--out", default=None, help="directory for the JSON and markdown reports (default: "
                     "benchmarks/results, or none with --only: a partial run never replaces the full one)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(args.rows, args.cols, generator=g) * 0.02 for _ in range(args.tensors)]
-    grads = [torch.randn(args.rows, args.cols, generator=g) * 1e-3 for _ in range(args.tensors)]
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)  # drawn on CPU: the same values on every device
+    weights = [(torch.randn(args.rows, args.cols, generator=g) * 0.02).to(device) for _ in range(args.tensors)]
+    grads = [(torch.randn(args.rows, args.cols, generator=g) * 1e-3).to(device) for _ in range(args.tensors)]
     numel = args.rows * args.cols * args.tensors
-    bw_copy = copy_bandwidth(args.rows * args.cols * args.tensors, args.repeats)
-    print(f"{numel / 1e6:.1f}M parameters in {args.tensors} tensors; copy bandwidth {bw_copy / 1e9:.2f} GB/s; "
-          f"{args.threads} threads")
+    bw_copy = copy_bandwidth(args.rows * args.cols * args.tensors, args.repeats, device)
+    print(f"{numel / 1e6:.1f}M parameters in {args.tensors} tensors on {device}; copy bandwidth "
+          f"{bw_copy / 1e9:.2f} GB/s; {args.threads} threads")
     # Build every configuration first, then time them round-robin (one step of each per round, in a fresh
     # random order), so that machine noise (other processes, frequency changes, torch's OpenMP workers still
     # spinning after the previous row) is spread over all rows instead of hitting one.
@@ -208,13 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.repeats):
         # a fresh order every round: no row always runs right after the same one
         for cfg, model, opt, times in rnd.sample(built, len(built)):
-            t = time.perf_counter()
-            clip_and_step(model, opt, cfg.clip)
-            times.append(time.perf_counter() - t)
+            times.append(timed(lambda: clip_and_step(model, opt, cfg.clip), device))
             if isinstance(opt, QuantOptimizer) and opt.nonfinite != "skip_blocks" and not cfg.clip:  # its NaN/Inf pass
-                t = time.perf_counter()
-                opt._grads_finite()
-                check_times[cfg.name].append(time.perf_counter() - t)
+                check_times[cfg.name].append(timed(opt._grads_finite, device))
     rows = []
     for cfg, model, opt, times in built:
         dt = statistics.median(times)
@@ -236,9 +250,11 @@ def main(argv: list[str] | None = None) -> None:
         r["time_vs_torch_fused"] = r["step_s"] / b if b else None
     meta = run_meta("optim_step.py", argv, args.threads, numel=numel, tensors=args.tensors,
                     shape=[args.rows, args.cols], copy_bandwidth_gbs=bw_copy / 1e9, repeats=args.repeats,
-                    warmup=args.warmup)
+                    warmup=args.warmup, device=str(device),
+                    device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     lines = [f"{machine_line(meta)}; "
-             f"{numel / 1e6:.1f}M params in {args.tensors} tensors of {args.rows}x{args.cols}; plain copy "
+             f"{numel / 1e6:.1f}M params in {args.tensors} tensors of {args.rows}x{args.cols} on "
+             f"{meta['device_name']}; plain copy "
              f"{bw_copy / 1e9:.2f} GB/s. Command: `{meta['command']}`", "",
              "| optimizer | step (ms) | of which NaN/Inf check (ms) | time vs torch fused | GB/s | % of copy | "
              "static B/param |",
@@ -249,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {r['name']} | {r['step_s'] * 1e3:.1f} | {check} | {ratio} | "
                      f"{r['bandwidth_gbs']:.2f} | {r['copy_fraction']:.0%} | {r['static_bytes_per_param']:.3f} |")
     write_report(args.out or (None if args.only else "benchmarks/results"), "optim_step", meta, rows, lines)
+    return meta, rows
 
 
 if __name__ == "__main__":

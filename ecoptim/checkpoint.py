@@ -39,7 +39,8 @@ from .formats import QuantSpec, get_format, get_granularity, get_scale_format
 from .qtensor import QuantizedTensor
 
 __all__ = ["save_checkpoint", "load_checkpoint", "verify_checkpoint", "export_safetensors", "load_safetensors",
-           "CHECKPOINT_FORMAT", "CorruptCheckpointError", "CheckpointWriteError", "atomic_temp_glob", "atomic_write"]
+           "CHECKPOINT_FORMAT", "CorruptCheckpointError", "CheckpointWriteError", "atomic_temp_glob", "atomic_write",
+           "numbered_checkpoints"]
 
 CHECKPOINT_FORMAT = "ecoptim.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -62,6 +63,21 @@ def atomic_temp_glob(name: str) -> str:
     """The glob pattern of the temporary files that an atomic write of a file called ``name`` creates next to
     it (``name`` may itself hold glob wildcards). Only a process killed mid-write leaves one behind."""
     return f".{name}.*.tmp"
+
+
+def numbered_checkpoints(directory: Path, name_pattern: re.Pattern[str], *, directories: bool
+                         ) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the entries of ``directory`` whose whole name matches ``name_pattern`` (its first group
+    is the step), oldest first: files, or with ``directories`` directories (distributed checkpoints). A missing
+    ``directory`` holds none. Nothing is opened or validated."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        m = name_pattern.fullmatch(entry.name)
+        if m is not None and (entry.is_dir() if directories else entry.is_file()):
+            found.append((int(m.group(1)), entry))
+    return sorted(found)
 
 
 # -- helpers -------------------------------------------------------------------------------------------

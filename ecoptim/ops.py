@@ -6,9 +6,10 @@ the same schema. The fake implementations below give the result's shape and dtyp
 ``FakeTensorMode`` / ``torch.compile``.
 
 Per tensor i (lists of one entry per tensor): ``codes[i]`` holds the weight in ``formats[i]`` (a
-``ecoptim.formats`` name: fp8_e4m3, fp8_e5m2, int8, int4 (packed, two per byte), bf16) with one scale
-``scales[i]`` per block of ``block_sizes[i]`` elements (None for unscaled bf16); ``grads[i]`` its gradient
-(fp32, bf16 or fp16). Per block, with w_hat = decode(codes) * scale:
+``ecoptim.formats`` name: fp8_e4m3, fp8_e5m2, int8, int4 and fp4_e2m1 (packed, two per byte), bf16, mxfp8,
+mxfp4, nvfp4) with one scale per block of ``block_sizes[i]`` elements in ``scales[i]`` (None for unscaled bf16),
+stored as ``scale_formats[i]`` says (a ``formats.SCALE_FORMATS`` name: absmax, e8m0, e8m0_ceil, e4m3_fp32);
+``grads[i]`` its gradient (fp32, bf16 or fp16). Per block, with w_hat = decode(codes) * scale:
 
     g     = grad * grad_scale                                   # a pending clip folded in (fp32)
     AdamW (adamw_step_; step t = steps[i]):
@@ -19,6 +20,8 @@ Per tensor i (lists of one entry per tensor): ``codes[i]`` holds the weight in `
     (1 - dampening) * g ;  d = g + momentum * m (nesterov) or m ;  w_til = w_hat - lr * d
     scale = absmax(w_til) / format_max ;  w_hat' = round(w_til / scale) * scale       (to nearest, or
                                                                stochastically with the key sr_keys[2i:2i+2])
+    (the absmax scale; E8M0 and E4M3 x fp32 scales are chosen from the block absmax as ``formats.E8M0Scale`` and
+    ``formats.E4M3TensorScale`` say, the latter from the whole tensor's absmax too)
     e     = w_til - w_hat'
     inject (ECO):  AdamW  m = m + injection_coefs[i] * e * denom ;  SGD  m = m + injection_coefs[i] * e
 
@@ -34,7 +37,8 @@ and re-encoded in the step with the codec's search tables (``state8_tables``: ``
 ``(8)``, six tensors), rounded stochastically with ``state8_keys[4i:4i+4]`` if ``state8_stochastic``.
 
 A block whose w_til holds NaN/Inf is left exactly as it was (codes, scale, moments, buffers); the result holds
-how many such blocks each tensor had (int64, one per tensor).
+how many such blocks each tensor had (int64, one per tensor). With an e4m3_fp32 scale every block depends on the
+tensor's absmax, so one such block leaves the whole tensor as it was and all its blocks are counted.
 
 The gradient checks that decide whether and how to step (``kernels.all_finite``, ``kernels.sumsq``) and the
 stochastic-rounding stream (``kernels.uniform``, a cross-check of ``ecoptim.rng``) stay plain functions: their
@@ -57,7 +61,7 @@ def _modes(first: str) -> str:
             f"Tensor({d}!)?[] compensation_scales")
 
 
-_PER_TENSOR = "str[] formats, int[] block_sizes"
+_PER_TENSOR = "str[] formats, str[] scale_formats, int[] block_sizes"
 
 ADAMW_STEP_SCHEMA = (
     f"({_WEIGHTS}, Tensor(c!)[] exp_avg, Tensor(d!)[] exp_avg_sq, Tensor(e!)?[] exp_avg_absmax, "

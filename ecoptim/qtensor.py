@@ -3,7 +3,9 @@
 It is a wrapper tensor subclass (the torchao pattern): it has the logical shape and compute dtype of the
 weight it replaces but no dense storage of its own. Any torch op that reads it sees the dequantized
 weight (``__torch_dispatch__`` dequantizes on the fly), so ``F.linear(x, weight)`` and autograd work
-unchanged, and the gradient that lands in ``param.grad`` is an ordinary dense tensor.
+unchanged, and the gradient that lands in ``param.grad`` is an ordinary dense tensor. The one exception:
+``F.linear`` of an FP8 weight on a GPU with FP8 matmuls multiplies the FP8 codes directly (``fp8_linear``, within
+a stated tolerance of the dequantized weight's result; ``fp8_matmul`` switches it, see docs/guides/gpu.md).
 
 Boundaries are explicit: ``QuantizedTensor.from_float(w, spec)`` quantizes, ``.dequantize()`` returns
 the dense weight, ``.requantize_(w)`` overwrites codes and scales in place (what optimizers call).
@@ -12,15 +14,17 @@ silently updating a temporary copy.
 """
 from __future__ import annotations
 
-from typing import Any
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch.utils._pytree import tree_map_only
 
 from .codec import check_weight, dequantize, quantize
-from .formats import QuantSpec, get_format, get_granularity, get_scale_format
+from .formats import FP8_E4M3, FP8_E5M2, PerRow, PerTensor, QuantSpec, get_format, get_granularity, get_scale_format
 
-__all__ = ["QuantizedTensor", "DequantizedView"]
+__all__ = ["QuantizedTensor", "DequantizedView", "fp8_matmul", "fp8_matmul_applies", "fp8_linear", "FP8_MATMUL_ENV"]
 
 aten = torch.ops.aten
 
@@ -161,7 +165,17 @@ class QuantizedTensor(torch.Tensor):
         return QuantizedTensor(codes, scale, self.spec, self.shape, self.dtype)
 
     # -- dispatch -------------------------------------------------------------------------------------
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        # F.linear of an FP8 weight may run on the FP8 codes (``fp8_linear``); every other op goes on to
+        # __torch_dispatch__ as with torch's disabled torch-function handler
+        if func is _LINEAR:
+            kwargs = kwargs or {}
+            x, weight = args[0] if args else kwargs.get("input"), args[1] if len(args) > 1 else kwargs.get("weight")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if isinstance(weight, QuantizedTensor) and fp8_matmul_applies(x, weight, bias):
+                return fp8_linear(x, weight, bias)
+        return torch._C._disabled_torch_function_impl(func, types, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -280,3 +294,152 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"cannot load a {src.dtype} tensor into a quantized weight; expected a float tensor")
     dst.requantize_(src.to(torch.float32))
     return dst
+
+
+# -- FP8 matmuls ---------------------------------------------------------------------------------------------------
+_LINEAR = torch.nn.functional.linear
+FP8_MATMUL_ENV = "ECOPTIM_FP8_MATMUL"
+"""Environment switch of the FP8 matmul path: 'auto' (default: CUDA GPUs of compute capability >= 8.9),
+'1' (wherever ``torch._scaled_mm`` runs, CPU included) or '0' (never). ``fp8_matmul`` overrides it."""
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _dense(t: Any) -> bool:
+    """A tensor with dense values of its own (under torch.compile a fake or functional one), not a quantized
+    weight or a view of one."""
+    return isinstance(t, torch.Tensor) and not isinstance(t, (QuantizedTensor, DequantizedView))
+
+
+_FP8_MAX = 448.0  # float8_e4m3fn's largest finite value: activations and gradients are quantized to E4M3
+_forced: list[bool | None] = [None]  # fp8_matmul's setting (None: the environment's)
+
+
+@contextmanager
+def fp8_matmul(enabled: bool | None = True) -> Iterator[None]:
+    """Within the block, FP8 weights' linears use the FP8 matmul path (``fp8_linear``) wherever it applies
+    (``enabled=True``, CPU included, e.g. to test it), never (False), or per ``ECOPTIM_FP8_MATMUL`` (None)."""
+    if enabled not in (None, True, False):
+        raise ValueError(f"fp8_matmul(enabled=) takes True, False or None, got {enabled!r}")
+    before = _forced[0]
+    _forced[0] = enabled
+    try:
+        yield
+    finally:
+        _forced[0] = before
+
+
+def _fp8_matmul_wanted(device: torch.device) -> bool:
+    if _forced[0] is not None:
+        return _forced[0]
+    env = os.environ.get(FP8_MATMUL_ENV, "auto").strip().lower()
+    if env in ("1", "on", "true"):
+        return True
+    if env in ("0", "off", "false"):
+        return False
+    if env != "auto":
+        raise ValueError(f"{FP8_MATMUL_ENV}={env!r}: use 'auto', '1' or '0'")
+    # FP8 tensor cores: Ada (8.9) and Hopper (9.0) and later
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_matmul_applies(x: Any, weight: QuantizedTensor, bias: Any = None) -> bool:
+    """Whether ``F.linear(x, weight, bias)`` takes the FP8 matmul path (``fp8_linear``): the switch is on
+    (``fp8_matmul``), ``weight`` is a 2-D FP8 (E4M3/E5M2) weight with per-row or per-tensor scales stored in
+    logical order, ``x`` a non-empty plain fp32/bf16/fp16 tensor on the weight's device, of the weight's dtype
+    (any of them under autocast), and both matmul dimensions (in and out features) multiples of 16 (what
+    ``torch._scaled_mm`` needs on a GPU)."""
+    spec = weight.spec
+    gran = spec.granularity
+    return (_dense(x) and (bias is None or _dense(bias))
+            and spec.format in (FP8_E4M3, FP8_E5M2) and weight.dim() == 2
+            and (isinstance(gran, PerTensor) or (isinstance(gran, PerRow) and not gran.transposed))
+            and x.dtype in _FLOATS and x.device == weight.device
+            and (x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type))
+            and x.dim() >= 1 and x.numel() > 0 and x.shape[-1] == weight.shape[1]
+            and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+            # an E5M2 weight is the left operand (see _scaled_mm_rows), so the token count is a matmul dim too
+            and (spec.format is not FP8_E5M2 or (x.numel() // max(x.shape[-1], 1)) % 16 == 0)
+            and weight.codes.is_contiguous() and _fp8_matmul_wanted(x.device))
+
+
+def _rowwise_e4m3(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D tensor as E4M3 codes with one fp32 scale per row: a ~= codes * scale, scale = absmax(row) / 448
+    (1 for an all-zero row), codes rounded to nearest."""
+    a32 = a.to(torch.float32)
+    scale = a32.abs().amax(dim=1, keepdim=True).div_(_FP8_MAX)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (a32 / scale).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def _weight_scales(weight: QuantizedTensor) -> torch.Tensor:
+    """The weight's fp32 scales, one per output row (the tensor's one repeated for a per-tensor weight)."""
+    n = weight.shape[0]
+    scale = weight.spec.scale.decode(weight.scale).to(torch.float32).reshape(-1)
+    return scale.expand(n).contiguous() if scale.numel() == 1 else scale
+
+
+def _scaled_mm_rows(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+    """(a * a_scale[:, None]) @ (b * b_scale[:, None]).T in bf16, for row-major FP8 ``a`` (M, K) and ``b`` (N, K)
+    with fp32 row scales, by ``torch._scaled_mm`` (exact products, fp32 accumulation).
+
+    CUDA's row-wise FP8 kernel takes E5M2 only as its left operand, so an E5M2 ``b`` computes the transposed
+    product (b a^T)^T instead: the same sums."""
+    if b.dtype == torch.float8_e5m2:
+        out = torch._scaled_mm(b, a.t(), scale_a=b_scale.reshape(-1, 1), scale_b=a_scale.reshape(1, -1),
+                               out_dtype=torch.bfloat16)
+        return out.t()
+    return torch._scaled_mm(a, b.t(), scale_a=a_scale.reshape(-1, 1), scale_b=b_scale.reshape(1, -1),
+                            out_dtype=torch.bfloat16)
+
+
+class _FP8Linear(torch.autograd.Function):
+    """y = x W^T + b with W = diag(s_w) C (C: the weight's FP8 codes, s_w: its row scales) on FP8 matmuls.
+
+    forward:   y  = scaled_mm(q(x), C^T; s_x, s_w)                 (q: row-wise E4M3, s_x its row scales)
+    backward:  dx = scaled_mm(q(dy * s_w), C; s_g, 1)              (W's scales folded into dy: they run along
+                                                                   this matmul's reduction dim)
+               dW = dy^T x                                         (dense, in dy's dtype, as F.linear's)
+    ``torch._scaled_mm`` multiplies the FP8 operands exactly and accumulates in fp32; its row-wise form returns
+    bf16, cast to ``out_dtype`` (the compute dtype, or autocast's). Each gradient comes back in its input's
+    dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
+        n, k = weight.shape
+        qx, s_x = _rowwise_e4m3(x.reshape(-1, k))
+        y = _scaled_mm_rows(qx, s_x, weight.codes.view(n, k), _weight_scales(weight)).to(out_dtype)
+        if bias is not None:
+            y = y + bias.to(out_dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        n, k = weight.shape
+        dy2 = dy.reshape(-1, n)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            qg, s_g = _rowwise_e4m3(dy2.to(torch.float32) * _weight_scales(weight)[None, :])
+            codes_t = weight.codes.view(n, k).t().contiguous()  # C^T row-major: 1 byte per weight, not a dense W
+            ones = torch.ones(k, dtype=torch.float32, device=dy.device)
+            dx = _scaled_mm_rows(qg, s_g, codes_t, ones).to(x.dtype).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            dw = dy2.t().mm(x.reshape(-1, k).to(dy2.dtype)).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            db = dy2.sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None
+
+
+def fp8_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on FP8 matmuls (``torch._scaled_mm``) without a dense weight: the forward
+    and the input gradient multiply the weight's FP8 codes with E4M3 row-quantized activations (gradients), the
+    weight's scales applied as matmul scales; the weight gradient is dense, as F.linear's. Agrees with the
+    dequantize path within the rounding of the activations to E4M3 (relative error <= 2^-4 per element;
+    ``tests/test_scaled_mm.py`` bounds the relative Frobenius error at 5%). Call it only where
+    ``fp8_matmul_applies``. Under autocast the output has autocast's dtype, as F.linear's."""
+    device_type = x.device.type
+    out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    return _FP8Linear.apply(x, weight, bias, out_dtype)

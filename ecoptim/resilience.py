@@ -52,7 +52,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import CorruptCheckpointError, atomic_temp_glob, load_checkpoint, save_checkpoint, verify_checkpoint
+from .checkpoint import (CorruptCheckpointError, atomic_temp_glob, load_checkpoint, numbered_checkpoints,
+                         save_checkpoint, verify_checkpoint)
 
 __all__ = ["PreemptionGuard", "CheckpointManager", "preemption_callback"]
 
@@ -175,12 +176,7 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """``(step, path)`` of every checkpoint in the directory, oldest first (not validated)."""
-        found = []
-        for p in self.directory.iterdir():
-            m = self._pattern.fullmatch(p.name)
-            if m is not None and p.is_file():
-                found.append((int(m.group(1)), p))
-        return sorted(found)
+        return numbered_checkpoints(self.directory, self._pattern, directories=False)
 
     def stray_temp_files(self) -> list[Path]:
         """Temporary files of this manager's checkpoints that a process killed mid-save left behind."""

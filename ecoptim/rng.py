@@ -13,12 +13,21 @@ before) and the uniform for flat element index i is a hash of (key, i):
 with ``mix32`` the "lowbias32" integer hash (xor-shift / multiply, a bijection on 32 bits with full avalanche).
 The fused CPU kernel (``ecoptim/csrc/rng.h``) computes the same function, so the reference and fast paths
 round every element with the same number. ``tests/test_kernels.py`` checks uniformity and independence.
+
+The same stream on every device: the uniforms are integer arithmetic (exact on any device, ``uniform_torch``),
+and the keys come from a CPU generator (``KEY_DEVICE``) whatever device the rounded tensor lives on: the
+optimizers keep one CPU generator (``QuantOptimizer.generator``), because ``torch.randint`` on a CUDA generator
+(Philox) gives other numbers than on a CPU one (Mersenne Twister) for the same seed. So a seed gives the same keys,
+uniforms and rounded bits on CPU and CUDA (``tests/test_device.py``), and reading a key never waits for a GPU.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["draw_key", "draw_keys", "uniform", "uniform_torch", "mix32"]
+__all__ = ["KEY_DEVICE", "draw_key", "draw_keys", "uniform", "uniform_torch", "mix32"]
+
+KEY_DEVICE = "cpu"
+"""Where the optimizers' stochastic-rounding keys are drawn, for tensors on any device (see the module docstring)."""
 
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B
@@ -34,7 +43,8 @@ def draw_keys(generator: torch.Generator | None, n: int) -> list[tuple[int, int]
     """``n`` keys in one draw: the same keys, and the same generator state after, as ``n`` calls of ``draw_key``
     (torch draws a CPU tensor's random numbers one element after another, tested); the optimizers draw a param
     group's keys this way, saving a torch call per tensor."""
-    device = generator.device if generator is not None else "cpu"
+    # the generator's own device: a CUDA generator passed in explicitly draws on CUDA (other keys than a CPU one)
+    device = generator.device if generator is not None else KEY_DEVICE
     k = torch.randint(0, 2 ** 32, (2 * n,), generator=generator, device=device, dtype=torch.int64).tolist()
     return [(k[i], k[i + 1]) for i in range(0, 2 * n, 2)]
 

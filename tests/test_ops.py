@@ -42,7 +42,7 @@ def _sgd_inputs(n=2, device="cpu"):
     grads = [torch.full((4, 8), 1e-3, device=device) for _ in range(n)]
     bufs = [torch.zeros(4, 8, device=device) for _ in range(n)]
     none = [None] * n
-    return ((codes, scales, grads, bufs, none, none, none, none, ["int8"] * n, [8] * n, [True] * n,
+    return ((codes, scales, grads, bufs, none, none, none, none, ["int8"] * n, ["absmax"] * n, [8] * n, [True] * n,
              [0.0] * n, [1.0] * n, []),
             dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, inject=False,
                  stochastic=False))
@@ -61,8 +61,8 @@ def test_fake_implementation_gives_the_result_shape_and_dtype():
 def _adamw_inputs(n=2):
     (codes, scales, grads, _, none, *_), _ = _sgd_inputs(n)
     moments = [torch.zeros(4, 8) for _ in range(n)], [torch.zeros(4, 8) for _ in range(n)]
-    return ((codes, scales, grads, *moments, none, none, none, none, none, none, ["int8"] * n, [8] * n, [1.0] * n,
-             [0.0] * n, [1.0] * n, [], [0] * n, [], []),
+    return ((codes, scales, grads, *moments, none, none, none, none, none, none, ["int8"] * n, ["absmax"] * n, [8] * n,
+             [1.0] * n, [0.0] * n, [1.0] * n, [], [0] * n, [], []),
             dict(lr=1e-2, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1, inject=True, stochastic=False,
                  state8_stochastic=False))
 
@@ -126,7 +126,7 @@ def test_op_called_directly_equals_the_reference_path(rounding):
     m, v = torch.zeros(6, 24), torch.zeros(6, 24)
     none = [None]
     bad = ops.adamw_step_([p.codes], [p.scale], [grad], [m], [v], none, none, none, none, none, none,
-                          ["fp8_e4m3"], [24], [1.0], [eco_adamw_coef(1.0, 3e-3, 0.9, 0.1)], [1.0],
+                          ["fp8_e4m3"], ["absmax"], [24], [1.0], [eco_adamw_coef(1.0, 3e-3, 0.9, 0.1)], [1.0],
                           list(key) if key else [], [0], [], [], lr=3e-3, beta1=0.9, beta2=0.98, eps=1e-9,
                           weight_decay=0.1, inject=True, stochastic=key is not None, state8_stochastic=False)
     assert bad.tolist() == [0]

@@ -118,6 +118,19 @@ def _lr_list(s: str) -> list[float]:
     return lrs
 
 
+def _device(s: str) -> str:
+    try:
+        device = torch.device(s)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {s!r}; use cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {s!r}; use cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"--device {s}: no CUDA GPU is visible to torch "
+                                         "(torch.cuda.is_available() is False); use --device cpu")
+    return str(device)
+
+
 def _granularity(s: str) -> str | int:
     """'row' | 'tensor' | 'group128' | '128' (a bare number is a group size)."""
     return int(s) if s.isdigit() else s
@@ -170,6 +183,9 @@ def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float | None, m
                    help=f"steps between validation-loss points (default {EVAL_EVERY})")
     g.add_argument("--eval-batches", type=_positive_int, default=8,
                    help="validation batches per curve point (the final loss uses 4x as many; default 8)")
+    g.add_argument("--device", type=_device, default="cpu",
+                   help="where models, optimizer states and batches live: cpu (default) or cuda[:N]; the initial "
+                        "weights, batches and stochastic-rounding stream are the same on every device")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: the usable cores not already busy with other processes, "
                         "sampled at the start of each run)")
@@ -311,14 +327,15 @@ def load_dense_model(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], 
 def machine_info() -> dict[str, Any]:
     return {"torch": torch.__version__, "ecoptim": __version__, "python": platform.python_version(),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "usable_cores": usable_cores()}
+            "cpu_count": os.cpu_count(), "usable_cores": usable_cores(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 #: Environment variables that select the numerics' code paths (vector ISA of torch's and MKL's kernels, the fused
 #: kernel's build) or the thread pools.
 NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
                 "ECOPTIM_KERNEL_MARCH", "ECOPTIM_KERNEL_OPENMP", "ECOPTIM_DISABLE_KERNELS", "OMP_NUM_THREADS",
-                "MKL_NUM_THREADS")
+                "MKL_NUM_THREADS", "ECOPTIM_FP8_MATMUL")
 
 
 def reproducibility_info(results: Sequence[RunResult], argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -591,6 +608,9 @@ def _run_config(args: argparse.Namespace, cfg: LlamaConfig, methods: Sequence[Me
             "peak_lrs": list(getattr(args, "lrs", None) or [args.lr]), "seeds": list(args.seeds),
             "state_dtype": args.state_dtype, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
             "final_eval_batches": 4 * args.eval_batches, "corpus": _data_name(args, corpus),
+            # named only off the CPU: a run on another device computes other bits (its matmuls), so --resume must
+            # not mix them, while the identity of CPU runs stays what it was
+            **({} if args.device == "cpu" else {"device": args.device}),
             "data_bytes": {"train": data.train.numel(), "val": data.val.numel()},
             "optimizer": {"betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP,
                           "schedule": f"10% linear warm-up from 0.01x peak, cosine to {args.final_lr_frac:g}x peak"}}
@@ -615,7 +635,8 @@ def _train_kwargs(args: argparse.Namespace, method: Method | None = None) -> dic
     state = method.state_dtype if method is not None and method.state_dtype is not None else args.state_dtype
     return {"eval_every": args.eval_every, "eval_batches_n": args.eval_batches,
             "final_eval_batches_n": 4 * args.eval_batches, "threads": args.threads,
-            "state_dtype": STATE_DTYPES[state], "final_lr_frac": args.final_lr_frac}
+            "state_dtype": STATE_DTYPES[state], "final_lr_frac": args.final_lr_frac,
+            "device": args.device}
 
 
 def _check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -313,8 +313,9 @@ def _finite(x: float) -> float | None:
 
 def _build(method: Method, cfg: LlamaConfig, seed: int, lr: float,
            init_state: dict[str, torch.Tensor] | None,
-           state_dtype: torch.dtype | State8bit = torch.float32) -> tuple[LlamaLM, torch.optim.Optimizer]:
-    """Model (same init for every method: seeded here) and its optimizer."""
+           state_dtype: torch.dtype | State8bit = torch.float32,
+           device: torch.device = torch.device("cpu")) -> tuple[LlamaLM, torch.optim.Optimizer]:
+    """Model (same init for every method: seeded here) on ``device``, and its optimizer."""
     torch.manual_seed(seed)
     model = LlamaLM(cfg)
     if init_state is not None:
@@ -322,6 +323,8 @@ def _build(method: Method, cfg: LlamaConfig, seed: int, lr: float,
     if not method.dense:
         # RTN for the initial cast (the paper quantizes the initial weights once, deterministically).
         quantize_(model, method.format, method.granularity, filter_fn=is_block_linear)
+    # initialised and quantized on CPU, then moved: the same initial weights and codes on every device
+    model.to(device)
     # Weight decay on matrices only (nanoGPT convention): norms' gains are not decayed.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -384,14 +387,17 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
               diverge_loss: float | None = None, max_nonfinite: int = 10, threads: int | None = None,
               keep_state: bool = False, state_dtype: torch.dtype | State8bit = torch.float32,
               checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 0,
-              stop_after: int | None = None, final_lr_frac: float = FINAL_LR_FRAC) -> RunResult | None:
+              stop_after: int | None = None, final_lr_frac: float = FINAL_LR_FRAC,
+              device: str | torch.device = "cpu") -> RunResult | None:
     """Train ``method`` for ``steps`` steps and measure it (see ``RunResult``).
 
     Same ``seed`` => same initial weights (before quantization), same batch order (a ``torch.Generator``
     seeded with ``seed``) and same stochastic-rounding stream, whatever the method.
     ``init_state``: a dense state_dict loaded before quantizing (fine-tuning). ``state_dtype``: AdamW moments
     of the quantized weights (fp32, or bf16 to save 4 B/param; dense parameters keep fp32). ``final_lr_frac``:
-    the LR at the last step, as a fraction of ``lr`` (``lr_lambda``).
+    the LR at the last step, as a fraction of ``lr`` (``lr_lambda``). ``device``: where the model, its optimizer
+    state and the batches live (e.g. "cuda"); initial weights, batches and the SR stream are the same on every
+    device (drawn on CPU), and the step times include waiting for the device.
     Divergence (the run stops, status "diverged", no exception): the EMA of the training loss exceeds
     ``diverge_loss`` (default ln(vocab) + 1, i.e. clearly worse than a uniform guess), a validation loss
     is non-finite, or ``max_nonfinite`` consecutive training losses are non-finite.
@@ -410,16 +416,18 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
         raise ValueError(f"lr must be > 0, got {lr}")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    device = torch.device(device)
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     if diverge_loss is None:
         diverge_loss = math.log(cfg.vocab_size) + 1.0
     t_start = time.perf_counter()
-    model, opt = _build(method, cfg, seed, lr, init_state, state_dtype)
+    model, opt = _build(method, cfg, seed, lr, init_state, state_dtype, device)
     sched = LambdaLR(opt, lr_lambda(steps, final_lr_frac))
     gen = torch.Generator().manual_seed(seed)
-    val_small = list(eval_batches(data.val, batch_size, seq_len, eval_batches_n))
-    val_final = list(eval_batches(data.val, batch_size, seq_len, final_eval_batches_n))
+    val_small = [(x.to(device), y.to(device)) for x, y in eval_batches(data.val, batch_size, seq_len, eval_batches_n)]
+    val_final = [(x.to(device), y.to(device))
+                 for x, y in eval_batches(data.val, batch_size, seq_len, final_eval_batches_n)]
 
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     start, resumed_from = 0, None
@@ -451,6 +459,7 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
     model.train()
     for step in range(start + 1, steps + 1):
         x, y = get_batch(data.train, batch_size, seq_len, gen)
+        x, y = x.to(device), y.to(device)
         t0 = time.perf_counter()
         _, loss = model(x, y)
         loss.backward()
@@ -463,6 +472,8 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's GPU work is queued, not done, when step() returns
         train_time += time.perf_counter() - t0
         steps_done = step
         if report_fields is None:  # after the first step, so the optimizer state exists
@@ -518,7 +529,7 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
         tokens_per_s=steps_done * batch_size * seq_len / max(train_time, 1e-9),
         wall_s=time.perf_counter() - t_start, skipped_steps=opt.skipped_steps, threads=threads,
         diverged_at=diverged_at, seed=seed, peak_lr=lr, resumed_from=resumed_from,
-        state_dict={k: v.detach().clone() for k, v in model.state_dict().items()} if keep_state else None,
+        state_dict={k: v.detach().clone().cpu() for k, v in model.state_dict().items()} if keep_state else None,
     )
 
 

@@ -9,6 +9,7 @@
 #include "blockstat.h"
 #include "codecs.h"
 #include "eco_abi.h"
+#include "scales.h"
 #include "state8.h"
 #include "vec.h"
 
@@ -24,8 +25,8 @@ static inline adamw_scalars adamw_scalars_of(const eco_step_args *a, int64_t b) 
     const eco_hyper *h = &a->hyper;
     const int from_m = h->one_minus_beta1 < 0.5f;
     const adamw_scalars k = {
-        a->weights.scales ? a->weights.scales[b] : 1.0f,
-        a->modes.compensation_scales ? a->modes.compensation_scales[b] : 1.0f,
+        scale_of(a->weights.scales, a->weights.scale_format, b, a->weights.num_blocks),
+        scale_of(a->modes.compensation_scales, a->weights.scale_format, b, a->weights.num_blocks),
         h->decay_factor, from_m ? h->one_minus_beta1 : h->one_minus_beta1 - 1.0f, h->beta2, h->one_minus_beta2,
         h->bias_correction2_sqrt, h->eps, h->neg_step_size, h->grad_scale, from_m};
     return k;

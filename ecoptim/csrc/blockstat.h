@@ -52,8 +52,10 @@ static inline void astat_acc_fold(astat *st, astat_acc acc) {
 }
 #endif
 /* May a sweep divide the block by s with v_div_mk? Every nonzero |w| <= amax ~ s*fmax, so the quotient cannot
- * overflow; it must not be subnormal (|w|/s >= 2^-124) and the residual must be normal (|w| >= 2^-90). */
+ * overflow; it must not be subnormal (|w|/s >= 2^-124) and the residual must be normal (|w| >= 2^-90); s itself
+ * must be normal (an E8M0 or NVFP4 scale can be an fp32 subnormal, whose reciprocal may overflow). */
 static inline int markstein_ok(float s, astat st) {
-    return st.minnz == INFINITY || (st.minnz >= 0x1p-90f && (double)st.minnz >= (double)s * 0x1p-124);
+    return s >= 0x1p-126f &&
+           (st.minnz == INFINITY || (st.minnz >= 0x1p-90f && (double)st.minnz >= (double)s * 0x1p-124));
 }
 #endif

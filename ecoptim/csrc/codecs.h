@@ -11,10 +11,19 @@
 #include "eco_abi.h"
 #include "vec.h"
 
-/* the fp8 formats' grids: mantissa bits, smallest normal exponent, exponent bias (FP8_E4M3/E5M2 in formats.py) */
-static inline int fp8_mantissa_bits(const int fmt) { return fmt == ECO_FORMAT_FP8_E4M3 ? 3 : 2; }
-static inline int fp8_min_exponent(const int fmt) { return fmt == ECO_FORMAT_FP8_E4M3 ? -6 : -14; }
-static inline int fp8_bias(const int fmt) { return fmt == ECO_FORMAT_FP8_E4M3 ? 7 : 15; }
+/* the small float formats' grids: mantissa bits, smallest normal exponent, exponent bias (FP8_E4M3, FP8_E5M2 and
+ * FP4_E2M1 in formats.py) */
+static inline int fp8_mantissa_bits(const int fmt) {
+    return fmt == ECO_FORMAT_FP8_E4M3 ? 3 : fmt == ECO_FORMAT_FP4_E2M1 ? 1 : 2;
+}
+static inline int fp8_min_exponent(const int fmt) {
+    return fmt == ECO_FORMAT_FP8_E4M3 ? -6 : fmt == ECO_FORMAT_FP4_E2M1 ? 0 : -14;
+}
+static inline int fp8_bias(const int fmt) {
+    return fmt == ECO_FORMAT_FP8_E4M3 ? 7 : fmt == ECO_FORMAT_FP4_E2M1 ? 1 : 15;
+}
+/* formats whose codes are packed two per byte, element 2i in the low nibble */
+static inline int packed_nibbles(const int fmt) { return fmt == ECO_FORMAT_INT4 || fmt == ECO_FORMAT_FP4_E2M1; }
 
 /* the bits of an fp32 and back */
 static inline float bits_f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -40,12 +49,23 @@ static inline float ld_scalar(const void *p, int64_t j, const int bf) {
     return bf ? bf16_to_f32(((const uint16_t *)p)[j]) : ((const float *)p)[j];
 }
 
+/* an fp4 E2M1 code (bit 3 the sign, bits 2:1 the exponent, bit 0 the mantissa) as its fp32 value: the fields
+ * placed as an fp32's exponent and mantissa fields give the value * 2^-126 (code 1, 0.5, lands on an fp32
+ * subnormal), so one exact multiply by 2^126 finishes the decode (as the vector e4m3 decode below) */
+static inline float fp4_value(uint32_t n) { return bits_f(((n & 7u) << 22) | ((n & 8u) << 28)) * 0x1p126f; }
+
+/* an E4M3 code as its fp32 value, the same way (the NVFP4 block scales) */
+static inline float e4m3_value(uint8_t c) {
+    return bits_f(((uint32_t)(int32_t)(int8_t)c << 20) & 0x87F00000u) * 0x1p120f;
+}
+
 /* code j as its exact fp32 value (fp8 through torch's own decode table) */
 static inline float decode_scalar(const void *codes, const float *lut, int64_t j, const int fmt) {
     const uint8_t *c = (const uint8_t *)codes;
     if (fmt == ECO_FORMAT_INT8) return (float)((const int8_t *)c)[j];
     if (fmt == ECO_FORMAT_BF16) return bf16_to_f32(((const uint16_t *)c)[j]);
     if (fmt == ECO_FORMAT_INT4) return (float)((int)((c[j >> 1] >> (4 * (j & 1))) & 0xF) - 8);
+    if (fmt == ECO_FORMAT_FP4_E2M1) return fp4_value((c[j >> 1] >> (4 * (j & 1))) & 0xFu);
     return lut[c[j]];
 }
 /* fp32 grid value q (|q| <= max, on the grid) -> fp8 code */
@@ -103,11 +123,14 @@ static inline void store_code(void *codes, int64_t j, float q, const int fmt) {
         ((uint16_t *)codes)[j] = (uint16_t)(f_bits(q) >> 16);
     } else if (fmt == ECO_FORMAT_INT8) {
         ((int8_t *)codes)[j] = (int8_t)q;
-    } else if (fmt == ECO_FORMAT_INT4) {
+    } else if (packed_nibbles(fmt)) {
         /* one nibble: blocks and thread ranges start at even indices, so no byte is shared */
         uint8_t *byte = (uint8_t *)codes + (j >> 1);
         const int sh = 4 * (int)(j & 1);
-        *byte = (uint8_t)((*byte & ~(0xF << sh)) | (((int)q + 8) << sh));
+        /* fp4: encode_fp8's fields with the sign moved from bit 7 to bit 3 */
+        const int nib =
+            fmt == ECO_FORMAT_INT4 ? (int)q + 8 : encode_fp8(fabsf(q), 1, 1) | (int)((f_bits(q) >> 28) & 8u);
+        *byte = (uint8_t)((*byte & ~(0xF << sh)) | (nib << sh));
     } else {
         ((uint8_t *)codes)[j] = encode_fp8(q, fp8_mantissa_bits(fmt), fp8_bias(fmt));
     }
@@ -138,6 +161,11 @@ static inline vf v_decode_p(const void *codes, int64_t j, const int fmt) {
     const uint8_t *c = (const uint8_t *)codes;
     if (fmt == ECO_FORMAT_BF16) return v_ld(codes, j, 1);
     if (fmt == ECO_FORMAT_INT4) return vf_of_i(vi_sub(v_nibbles(c + j / 2), vi_set1(8))); /* j is even */
+    if (fmt == ECO_FORMAT_FP4_E2M1) { /* fp4_value, VL lanes */
+        const vi n = v_nibbles(c + j / 2);
+        const vi f = vi_or(vi_slli(vi_and(n, vi_set1(7)), 22), vi_slli(vi_and(n, vi_set1(8)), 28));
+        return vf_mul(vf_cast(f), vf_set1(0x1p126f));
+    }
     if (fmt == ECO_FORMAT_INT8) return vf_of_i(vi_ld_i8(c + j));
     if (fmt == ECO_FORMAT_FP8_E5M2) return v_e5m2(c + j);
     const vi f = vi_and(vi_slli(vi_ld_i8(c + j), 20), vi_set1((int)0x87F00000u));
@@ -151,6 +179,11 @@ static inline void v_store_codes(void *codes, int64_t j, vf q, const int fmt, co
     }
     if (fmt == ECO_FORMAT_INT4) { /* q + 8 in 1 .. 15 */
         v_st_nibbles(c + j / 2, vi_add(vi_of_f(q), vi_set1(8)));
+        return;
+    }
+    if (fmt == ECO_FORMAT_FP4_E2M1) { /* |q| * 2^-126 puts the fp4 fields at bits 23..22, as for fp8 below */
+        const vi mag = vi_cast(vf_mul(vf_andnot(vf_set1(-0.0f), q), vf_set1(0x1p-126f)));
+        v_st_nibbles(c + j / 2, vi_or(vi_srli(mag, 22), vi_slli(vi_srli(vi_cast(q), 31), 3)));
         return;
     }
     if (fmt == ECO_FORMAT_INT8) { /* q is an integer in [-127, 127] */

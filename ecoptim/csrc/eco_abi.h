@@ -4,7 +4,7 @@
 #define ECO_ABI_H
 #include <stdint.h>
 
-#define ECO_ABI_HASH 0x9b60e3ffu
+#define ECO_ABI_HASH 0xa9900f93u
 
 /* eco_format */
 #define ECO_FORMAT_FP8_E4M3 0 /* fp8 codes (3 mantissa bits, bias 7, max 448) */
@@ -12,6 +12,13 @@
 #define ECO_FORMAT_INT8 2 /* int8 codes in [-127, 127] */
 #define ECO_FORMAT_BF16 3 /* bf16 bits, unscaled (scales is NULL) */
 #define ECO_FORMAT_INT4 4 /* two codes per byte, q + 8, element 2i in the low nibble (blocks start at even indices) */
+#define ECO_FORMAT_FP4_E2M1 5 /* fp4 codes (1 mantissa bit, bias 1, max 6; sign in bit 3), packed as INT4's */
+
+/* eco_scale_format */
+#define ECO_SCALE_ABSMAX 0 /* fp32 X = absmax / format_max per block (formats.AbsmaxScale) */
+#define ECO_SCALE_E8M0_FLOOR 1 /* one E8M0 byte per block, X = 2^(code - 127), OCP MX's floor rule */
+#define ECO_SCALE_E8M0_CEIL 2 /* as ECO_SCALE_E8M0_FLOOR, the exponent raised where floor's would clamp */
+#define ECO_SCALE_E4M3_TENSOR 3 /* E4M3 s_b per block, then fp32 s_t's 4 bytes: X = s_b * s_t (NVFP4) */
 
 /* eco_dtype */
 #define ECO_DTYPE_FP32 0 /* float */
@@ -30,12 +37,13 @@
 /* eco_weights: the weight: its codes and per-block scales */
 typedef struct {
     void *codes; /* num_blocks * block_size elements in `format`, updated in place */
-    float *scales; /* num_blocks absmax scales, updated in place; NULL for unscaled bf16 */
+    void *scales; /* the num_blocks scales in `scale_format`'s layout, updated in place; NULL for unscaled bf16 */
     const float *fp8_table; /* fp8 formats: the fp32 value of each of the 256 codes (torch's decode) */
     int64_t num_blocks; /* blocks (rows, groups or the tensor), one scale each */
     int64_t block_size; /* elements per block */
     int32_t format; /* eco_format */
     float format_max; /* the format's largest finite value (the scale maps the block absmax onto it) */
+    int32_t scale_format; /* eco_scale_format: how a block's scale is chosen and stored */
 } eco_weights;
 
 /* eco_gradient: the gradient, read once */
@@ -77,7 +85,8 @@ typedef struct {
     /* 'kahan': the compensation, stored like the weight (codes in its format), added to w_til and replaced by the
      * rounded error; blocks of at most 65536 elements */
     void *compensation_codes;
-    float *compensation_scales; /* 'kahan': the compensation's num_blocks scales (NULL if unscaled) */
+    /* 'kahan': the compensation's num_blocks scales, stored like the weight's (NULL if unscaled) */
+    void *compensation_scales;
 } eco_mode_buffers;
 
 /* eco_hyper: the step's scalars, already rounded to fp32 as ATen rounds Python scalars */

@@ -12,16 +12,18 @@
 #include "codecs.h"
 #include "eco_abi.h"
 #include "rng.h"
+#include "scales.h"
 #include "state8.h"
 #include "vec.h"
 
-/* codec.compute_scale for one block */
-static inline float block_scale(const eco_step_args *a, float amax) {
-    if (a->weights.scales == NULL) return 1.0f; /* unscaled (bf16): the absmax only served the finiteness check */
-    float s = amax / a->weights.format_max;
-    if (s < 0x1p-126f) s = 0x1p-126f;
-    if (isinf(s * a->weights.format_max) && !isinf(s)) s = nextafterf(s, 0.0f);
-    return s;
+/* codec.compute_scale for one block of absmax amax, in the weight's scale format (tensor_scale: the new s_t of
+ * an E4M3_TENSOR scale) */
+static inline scale_pick block_scale(const eco_step_args *a, float amax, float tensor_scale) {
+    if (a->weights.scales == NULL) { /* unscaled (bf16): the absmax only served the finiteness check */
+        const scale_pick one = {1.0f, 0u};
+        return one;
+    }
+    return pick_scale(a->weights.scale_format, amax, a->weights.format_max, tensor_scale);
 }
 
 /* encode both 8-bit moments of elements [lo, hi) of block b (in the scratch: m8 and vn), one state block
@@ -102,7 +104,7 @@ static inline __attribute__((always_inline)) void quantize_sweep_vec(
         const int64_t n = base + k + ahead;
         if (adam) _mm_prefetch(pf_v + n * state_bytes, PF_HINT);
         if ((k & 63) == 0)
-            _mm_prefetch(pf_codes + (fmt == ECO_FORMAT_BF16 ? 2 * n : fmt == ECO_FORMAT_INT4 ? n / 2 : n), PF_HINT);
+            _mm_prefetch(pf_codes + (fmt == ECO_FORMAT_BF16 ? 2 * n : packed_nibbles(fmt) ? n / 2 : n), PF_HINT);
         for (int u = 0; u < 16; u += VL)
             quantize_update_vec(c, base, k + u, lo, wt, dn, mf, vn, acc, vidx, has_m, inject, kahan, storage, fmt, sr,
                                 adam);

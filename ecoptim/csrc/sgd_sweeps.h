@@ -10,6 +10,7 @@
 #include "blockstat.h"
 #include "codecs.h"
 #include "eco_abi.h"
+#include "scales.h"
 #include "vec.h"
 
 /* sweep A over elements [lo, hi) of block b (grad_dtype: the gradient's eco_dtype; storage: the momentum's
@@ -19,8 +20,9 @@ static inline __attribute__((always_inline)) astat sgd_sweep_a(const eco_step_ar
                                                                 const int grad_dtype, const int storage,
                                                                 const int fmt) {
     const int64_t base = b * a->weights.block_size;
-    const float sc = a->weights.scales ? a->weights.scales[b] : 1.0f; /* unscaled: x * 1 is exact */
-    const float csc = a->modes.compensation_scales ? a->modes.compensation_scales[b] : 1.0f; /* mode 'kahan' */
+    const int64_t nb = a->weights.num_blocks;
+    const float sc = scale_of(a->weights.scales, a->weights.scale_format, b, nb);
+    const float csc = scale_of(a->modes.compensation_scales, a->weights.scale_format, b, nb); /* mode 'kahan' */
     const float wd = a->hyper.weight_decay, mom = a->hyper.momentum, omd = a->hyper.one_minus_dampening,
                 nl = a->hyper.neg_lr;
     const int first = a->hyper.first_step, nest = a->hyper.nesterov, has_mom = mom != 0.0f;

@@ -23,6 +23,7 @@
  *   eco_abi.h           the argument structs and entry points, generated from ecoptim/backends/cpu/abi.py
  *   vec.h               the vector layer: vec_avx512.h (16 lanes) or vec_avx2.h (8 lanes), or scalar code only
  *   codecs.h            codes <-> fp32 for every format, bf16, rounding to nearest / stochastic
+ *   scales.h            block scales as stored (fp32 absmax, E8M0, NVFP4's E4M3 x fp32) <-> fp32, a new one
  *   rng.h               the stochastic-rounding uniforms
  *   blockstat.h         a block's absmax / smallest magnitude / finiteness
  *   state8.h            the 8-bit state codec (state8.c: its entry point eco_state8)
@@ -60,7 +61,7 @@ static astat sweep_a(const eco_step_args *a, int64_t b, int64_t lo, int64_t hi, 
                    : sgd_sweep_a(a, b, lo, hi, wt, mf, vec, G, S, F);
 #define A_FMTS(G, S)                                                                                          \
     A_CASE(G, S, ECO_FORMAT_FP8_E4M3) A_CASE(G, S, ECO_FORMAT_FP8_E5M2) A_CASE(G, S, ECO_FORMAT_INT8)         \
-    A_CASE(G, S, ECO_FORMAT_BF16) A_CASE(G, S, ECO_FORMAT_INT4)
+    A_CASE(G, S, ECO_FORMAT_BF16) A_CASE(G, S, ECO_FORMAT_INT4) A_CASE(G, S, ECO_FORMAT_FP4_E2M1)
     A_FMTS(ECO_DTYPE_FP32, ECO_STATE_FP32) A_FMTS(ECO_DTYPE_FP32, ECO_STATE_BF16)
     A_FMTS(ECO_DTYPE_BF16, ECO_STATE_FP32) A_FMTS(ECO_DTYPE_BF16, ECO_STATE_BF16)
     A_FMTS(ECO_DTYPE_FP32, ECO_STATE_EIGHT_BIT) A_FMTS(ECO_DTYPE_BF16, ECO_STATE_EIGHT_BIT)
@@ -92,22 +93,30 @@ static void sweep_b_any(const eco_step_args *a, int64_t b, int64_t lo, int64_t h
     else
 #define B_FMTS(S, R)                                                                                          \
     B_CASE(S, ECO_FORMAT_FP8_E4M3, R) B_CASE(S, ECO_FORMAT_FP8_E5M2, R) B_CASE(S, ECO_FORMAT_INT8, R)         \
-    B_CASE(S, ECO_FORMAT_BF16, R) B_CASE(S, ECO_FORMAT_INT4, R)
+    B_CASE(S, ECO_FORMAT_BF16, R) B_CASE(S, ECO_FORMAT_INT4, R) B_CASE(S, ECO_FORMAT_FP4_E2M1, R)
     B_FMTS(ECO_STATE_FP32, 0) B_FMTS(ECO_STATE_FP32, 1) B_FMTS(ECO_STATE_BF16, 0) B_FMTS(ECO_STATE_BF16, 1)
     B_FMTS(ECO_STATE_EIGHT_BIT, 0) B_FMTS(ECO_STATE_EIGHT_BIT, 1) {}
 #undef B_FMTS
 #undef B_CASE
     if (a->modes.compensation_codes == NULL) return;
-    const float cs = block_scale(a, e.amax); /* the compensation is scaled iff the weight is */
+    /* the compensation is scaled iff the weight is, in its scale format (not E4M3_TENSOR: refused) */
+    const scale_pick cp = block_scale(a, e.amax, 0.0f);
+    const float cs = cp.x;
     const int cmk = markstein_ok(cs, e);
     switch (a->weights.format) {
     case ECO_FORMAT_FP8_E4M3: sweep_c(a, b, hi - lo, cs, cmk, wt, ECO_FORMAT_FP8_E4M3); break;
     case ECO_FORMAT_FP8_E5M2: sweep_c(a, b, hi - lo, cs, cmk, wt, ECO_FORMAT_FP8_E5M2); break;
     case ECO_FORMAT_INT8: sweep_c(a, b, hi - lo, cs, cmk, wt, ECO_FORMAT_INT8); break;
     case ECO_FORMAT_BF16: sweep_c(a, b, hi - lo, cs, cmk, wt, ECO_FORMAT_BF16); break;
+    case ECO_FORMAT_FP4_E2M1: sweep_c(a, b, hi - lo, cs, cmk, wt, ECO_FORMAT_FP4_E2M1); break;
     default: sweep_c(a, b, hi - lo, cs, cmk, wt, ECO_FORMAT_INT4); break;
     }
-    if (a->modes.compensation_scales) a->modes.compensation_scales[b] = cs;
+    if (a->modes.compensation_scales) store_scale(a->modes.compensation_scales, a->weights.scale_format, b, cp);
+}
+
+/* a two-level scale (NVFP4's s_b * s_t): every block's scale depends on the whole tensor's absmax */
+static inline int two_level(const eco_step_args *a) {
+    return a->weights.scales != NULL && a->weights.scale_format == ECO_SCALE_E4M3_TENSOR;
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -157,9 +166,9 @@ static void *team_run(void *p) {
         for (int64_t b = first; b < last; b++) {
             const astat st = sweep_a_checked(a, b, 0, bs, wt, dn, mf, vn);
             if (st.bad) { bad++; continue; } /* nothing of this block was written */
-            const float s = block_scale(a, st.amax);
-            if (a->weights.scales) a->weights.scales[b] = s;
-            sweep_b_any(a, b, 0, bs, s, markstein_ok(s, st), wt, dn, mf, vn);
+            const scale_pick s = block_scale(a, st.amax, 0.0f);
+            if (a->weights.scales) store_scale(a->weights.scales, a->weights.scale_format, b, s);
+            sweep_b_any(a, b, 0, bs, s.x, markstein_ok(s.x, st), wt, dn, mf, vn);
         }
         if (bad) __atomic_fetch_add(&a->result.nonfinite_blocks, bad, __ATOMIC_RELAXED);
     }
@@ -184,7 +193,8 @@ static void *team_run(void *p) {
             team_barrier(tm);
             st = tm->partial[0];
             for (int t = 1; t < nt; t++) astat_merge(&st, tm->partial[t]); /* every thread gets the same */
-            const float s = st.bad ? 0.0f : block_scale(a, st.amax);
+            const scale_pick sp = st.bad ? (scale_pick){0.0f, 0u} : block_scale(a, st.amax, 0.0f);
+            const float s = sp.x;
             if (!st.bad) {
                 const int mk = markstein_ok(s, st);
                 for (int64_t r = lo; r < hi; r += RANGE) {
@@ -196,20 +206,57 @@ static void *team_run(void *p) {
             team_barrier(tm); /* every pass-2 sweep A has read the old scale; partials are reused */
             if (tid == 0) {
                 if (st.bad) a->result.nonfinite_blocks++;
-                else if (a->weights.scales) a->weights.scales[b] = s;
+                else if (a->weights.scales) store_scale(a->weights.scales, a->weights.scale_format, b, sp);
             }
+        }
+    }
+    /* Two-level scales (NVFP4): a block's scale s_b * s_t depends on the tensor's absmax through s_t, so the
+     * tensor's blocks (each at most SPLIT elements) are shared out evenly and swept twice, as a large block is:
+     * pass 1 runs sweep A over every block for the statistics only; they meet at a barrier, where every thread
+     * derives the same s_t; pass 2 runs sweep A again block by block, each followed by sweep B with its new scale
+     * (the block's own s_b is rewritten right after its sweep A has read it; s_t only after the closing barrier,
+     * once every block has read the old one). A NaN/Inf anywhere leaves the whole tensor as it was, every block
+     * counted: a new s_t would change the value of every other block. */
+    for (int k = 0; k < tm->n; k++) {
+        eco_step_args *a = tm->args[k];
+        const int64_t bs = a->weights.block_size, nb = a->weights.num_blocks;
+        if (nb <= 0 || bs <= 0 || !two_level(a)) continue;
+        const int64_t per = (nb + nt - 1) / nt, b0 = tid * per < nb ? tid * per : nb;
+        const int64_t b1 = b0 + per < nb ? b0 + per : nb;
+        float *dn = wt + bs, *mf = dn + bs, *vn = mf + bs;
+        astat st = {0.0f, INFINITY, 0};
+        for (int64_t b = b0; b < b1; b++) astat_merge(&st, sweep_a_checked(a, b, 0, bs, wt, dn, mf, vn));
+        tm->partial[tid] = st;
+        team_barrier(tm);
+        st = tm->partial[0];
+        for (int t = 1; t < nt; t++) astat_merge(&st, tm->partial[t]); /* every thread gets the same */
+        const float tensor_scale = st.bad ? 0.0f : pick_tensor_scale(st.amax, a->weights.format_max);
+        if (!st.bad) {
+            for (int64_t b = b0; b < b1; b++) {
+                const astat sb = sweep_a_checked(a, b, 0, bs, wt, dn, mf, vn);
+                const scale_pick s = block_scale(a, sb.amax, tensor_scale);
+                store_scale(a->weights.scales, ECO_SCALE_E4M3_TENSOR, b, s);
+                sweep_b_any(a, b, 0, bs, s.x, markstein_ok(s.x, sb), wt, dn, mf, vn);
+            }
+        }
+        team_barrier(tm); /* every pass-2 sweep A has read the old s_t; partials are reused */
+        if (tid == 0) {
+            if (st.bad) a->result.nonfinite_blocks = nb;
+            else store_tensor_scale(a->weights.scales, nb, tensor_scale);
         }
     }
     return NULL;
 }
 
 /* Step n tensors with up to nthreads threads. Returns 0, -1 if scratch memory could not be allocated, or -2
- * for 8-bit moments whose blocks do not fit or a kahan block larger than SPLIT (then nothing was modified).
+ * for 8-bit moments whose blocks do not fit, a kahan block larger than SPLIT, or a two-level (NVFP4) scale with
+ * blocks larger than SPLIT or in mode 'kahan' (then nothing was modified).
  * Each args->result.nonfinite_blocks counts the blocks whose update came out NaN/Inf: those blocks are left
- * exactly as they were (codes, scale, moments). */
+ * exactly as they were (codes, scale, moments); with a two-level scale, the whole tensor and all its blocks. */
 int32_t eco_step_many(eco_step_args *const *args, int32_t n, int32_t nthreads) {
     int64_t small = 0, total = 0; /* small: the largest block of at most SPLIT elements */
     int big = 0;                  /* any larger block (swept RANGE elements at a time, behind barriers)? */
+    int coop = 0;                 /* any large block or two-level scale (all threads together, behind barriers)? */
     for (int k = 0; k < n; k++) { /* 8-bit moments: AdamW, state blocks (a power of two >= 8) tiling each block */
         const eco_step_args *a = args[k];
         const int64_t bs = a->weights.block_size, s8bs = a->state8.block_size;
@@ -217,6 +264,8 @@ int32_t eco_step_many(eco_step_args *const *args, int32_t n, int32_t nthreads) {
             (a->hyper.optimizer != ECO_OPTIMIZER_ADAMW || bs > SPLIT || s8bs < 8 || (s8bs & (s8bs - 1)) || bs % s8bs))
             return -2;
         if (a->modes.compensation_codes && bs > SPLIT) return -2; /* kahan: the error must stay in the scratch */
+        /* two-level scales: blocks swept whole from the scratch; kahan's compensation would need a pass of its own */
+        if (two_level(a) && (bs > SPLIT || a->modes.compensation_codes)) return -2;
     }
     for (int k = 0; k < n; k++) {
         const int64_t nb = args[k]->weights.num_blocks, bs = args[k]->weights.block_size;
@@ -225,6 +274,7 @@ int32_t eco_step_many(eco_step_args *const *args, int32_t n, int32_t nthreads) {
         total += nb * bs;
         if (bs <= SPLIT) small = bs > small ? bs : small;
         else big = 1;
+        coop |= bs > SPLIT || two_level(args[k]);
     }
     int nt = nthreads < 1 ? 1 : (nthreads > ECO_MAX_THREADS ? ECO_MAX_THREADS : nthreads);
     if (total < 32768) nt = 1; /* starting a thread costs more than sweeping this little */
@@ -233,7 +283,7 @@ int32_t eco_step_many(eco_step_args *const *args, int32_t n, int32_t nthreads) {
     if (!cend) return -1;
     for (int k = 0; k < n; k++) {
         const int64_t nb = args[k]->weights.num_blocks, bs = args[k]->weights.block_size;
-        const int small_blocks = nb > 0 && bs > 0 && bs <= SPLIT;
+        const int small_blocks = nb > 0 && bs > 0 && bs <= SPLIT && !two_level(args[k]);
         cblk[k] = small_blocks ? (CHUNK / bs > 1 ? CHUNK / bs : 1) : 1;
         cend[k] = (k ? cend[k - 1] : 0) + (small_blocks ? (nb + cblk[k] - 1) / cblk[k] : 0);
     }
@@ -262,9 +312,9 @@ int32_t eco_step_many(eco_step_args *const *args, int32_t n, int32_t nthreads) {
     }
 #else
     pthread_barrier_t bar;
-    if (big && pthread_barrier_init(&bar, NULL, (unsigned)nt) != 0) { free(scratch); free(cend); return -1; }
+    if (coop && pthread_barrier_init(&bar, NULL, (unsigned)nt) != 0) { free(scratch); free(cend); return -1; }
     for (int t = 0; t < nt; t++) tm[t].bar = &bar;
-    if (big) {
+    if (coop) {
         /* Barriers need every member running at once: if a thread cannot be created, the step runs on one */
         const int ran = eco_run_together(team_run, tm, sizeof(team), nt);
         pthread_barrier_destroy(&bar);

@@ -50,7 +50,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from ..checkpoint import CorruptCheckpointError, atomic_write
+from ..checkpoint import CorruptCheckpointError, atomic_write, numbered_checkpoints
 from ..formats import PerTensor, Unscaled
 from ..qtensor import QuantizedTensor
 from .compression import ErrorFeedbackState
@@ -372,14 +372,7 @@ class DistributedCheckpointManager:
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """``(step, directory)`` of every checkpoint directory under ``root``, complete or not, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = []
-        for d in self.root.iterdir():
-            m = self._pattern.fullmatch(d.name)
-            if m is not None and d.is_dir():
-                found.append((int(m.group(1)), d))
-        return sorted(found)
+        return numbered_checkpoints(self.root, self._pattern, directories=True)
 
     def latest(self) -> tuple[int, Path] | None:
         """The newest complete checkpoint (``(step, directory)``), skipping incomplete or damaged ones with a

@@ -44,6 +44,7 @@ from ..formats import ABSMAX, BlockScaledFormat, FP4Format, IntFormat, PerGroup,
 from ..optim import SGD, AdamW
 from ..optim.base import ParamStep
 from ..qtensor import QuantizedTensor
+from ..rng import KEY_DEVICE
 
 __all__ = ["FSDPQuantizedTensor", "to_fsdp_quantized_", "fully_shard_quantized", "sharded_optimizer", "FSDPAdamW",
            "FSDPSGD", "fsdp_status_report", "local_shard", "gather_full", "check_shardable"]
@@ -303,14 +304,14 @@ class _ShardedMixin:
         return bool(ok)
 
     def generator(self, device: torch.device) -> torch.Generator:  # type: ignore[override]
-        """Per-rank stochastic-rounding stream: ranks round disjoint shards, so their draws must differ."""
-        key = str(device)
-        if key not in self._generators:
+        """Per-rank stochastic-rounding stream: ranks round disjoint shards, so their draws must differ. On CPU
+        for every ``device``, as ``QuantOptimizer.generator`` (the same keys on CPU and CUDA)."""
+        if KEY_DEVICE not in self._generators:
             rank = dist.get_rank() if dist.is_initialized() else 0
-            g = torch.Generator(device=device)
+            g = torch.Generator(device=KEY_DEVICE)
             g.manual_seed((self.seed * 1_000_003 + rank) % (2 ** 63))
-            self._generators[key] = g
-        return self._generators[key]
+            self._generators[KEY_DEVICE] = g
+        return self._generators[KEY_DEVICE]
 
     @contextmanager
     def _params_to_step(self, group: dict) -> Iterator[list[ParamStep]]:  # type: ignore[override]

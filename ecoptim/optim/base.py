@@ -48,7 +48,7 @@ from ..codec import dequantize, quantize
 from ..convert import spec_of
 from ..formats import QuantSpec
 from ..qtensor import QuantizedTensor
-from ..rng import draw_keys
+from ..rng import KEY_DEVICE, draw_keys
 from ..rounding import check_rounding
 from . import fused as _fused
 from .hyper import check_flag, check_impl_flags, check_lr
@@ -250,13 +250,19 @@ class QuantOptimizer(Optimizer):
 
     # -- RNG ----------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
-        """The stochastic-rounding generator for ``device`` (seeded from ``seed``, saved in state_dict)."""
-        key = str(device)
-        if key not in self._generators:
-            g = torch.Generator(device=device)
+        """The generator that stochastic rounding of tensors on ``device`` draws its keys from (seeded from
+        ``seed``, saved in state_dict): one CPU generator, whatever ``device`` is.
+
+        Why CPU for every device: a key is two 32-bit words drawn with ``torch.randint``, and a CUDA generator
+        (Philox) gives other numbers than a CPU one (Mersenne Twister) for the same seed. Drawing every key on
+        CPU makes the stochastic-rounding stream a function of the seed and the parameter order only: the same
+        keys, hence (``rng.uniform``, a hash of key and element index) the same uniforms and the same bits on
+        CPU and CUDA, and no device synchronisation to read a key."""
+        if KEY_DEVICE not in self._generators:
+            g = torch.Generator(device=KEY_DEVICE)
             g.manual_seed(self.seed)
-            self._generators[key] = g
-        return self._generators[key]
+            self._generators[KEY_DEVICE] = g
+        return self._generators[KEY_DEVICE]
 
     def rng_states(self) -> dict[str, torch.Tensor]:
         """The stochastic-rounding generators' states, by device (what ``state_dict`` saves under 'rng')."""
@@ -427,7 +433,7 @@ class QuantOptimizer(Optimizer):
         torch._foreach_add_([p.state["step"] for p in params], 1)
         if group["rounding"] != "stochastic":
             return [None] * len(params)
-        return draw_keys(self.generator(params[0].param.device), len(params))  # the kernel's are all CPU tensors
+        return draw_keys(self.generator(params[0].param.device), len(params))
 
     def _kernel_job(self, p: ParamStep, group: dict, key: tuple[int, int] | None,
                     grad_scale: float | None) -> _fused.Job:

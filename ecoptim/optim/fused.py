@@ -23,14 +23,17 @@ encoded in sweep B (after the injection), a state block at a time, with the code
 (``state8_fits``, ``attach_state8``); other 8-bit moments are decoded to fp32 working copies around the call.
 4-bit moments (``state8.State4bit``) take the reference path.
 
-Applies to: CPU tensors stored as ``QuantizedTensor`` with FP8 (E4M3, E5M2), INT8 or packed INT4 codes and an
-absmax scale (per row / group / tensor; INT4 blocks of even size) or BF16 codes (unscaled); modes 'eco' and
-'naive', and 'master' / 'exact' (the kernel then reads the fp32 master weights instead of the codes, or adds
-the carried error to them, and writes them back; ``attach_mode_buffer``), and 'kahan' with blocks of at most
-65536 elements (the kernel adds the stored compensation to w_til, and a third sweep quantizes the rounding error
-w_til - w_hat, still in the block's scratch, with its own scale into the compensation; ``attach_compensation``);
-lr > 0; fp32, bf16 or fp16 gradients. Anything else (a larger kahan block, FP16 storage, a custom
-``Format.round``, CUDA tensors), or a machine without a C compiler, takes the reference path.
+Applies to: CPU tensors stored as ``QuantizedTensor`` with FP8 (E4M3, E5M2), INT8 or packed INT4 / FP4 (E2M1)
+codes and an absmax scale (per row / group / tensor; packed blocks of even size), the MX formats (MXFP8, MXFP4,
+or any of those elements with an E8M0 scale, either rule) and NVFP4 (E4M3 x fp32 two-level scale: blocks of at
+most 65536 elements, not in mode 'kahan'; the kernel sweeps the tensor twice, once for its absmax), or BF16
+codes (unscaled); modes 'eco' and 'naive', and 'master' / 'exact' (the kernel then reads the fp32 master weights
+instead of the codes, or adds the carried error to them, and writes them back; ``attach_mode_buffer``), and
+'kahan' with blocks of at most 65536 elements (the kernel adds the stored compensation to w_til, and a third
+sweep quantizes the rounding error w_til - w_hat, still in the block's scratch, with its own scale into the
+compensation; ``attach_compensation``); lr > 0; fp32, bf16 or fp16 gradients. Anything else (a larger kahan
+block, NVFP4 in mode 'kahan', FP16 storage, a custom ``Format.round``, CUDA tensors), or a machine without a C
+compiler, takes the reference path.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import torch
 
 from .. import kernels, ops
 from ..backends.cpu import ops as cpu_ops  # registers the CPU kernels of the ops
-from ..formats import ABSMAX, BF16, FORMATS, INT4, Format, PerRow, QuantSpec
+from ..formats import BF16, FORMATS, SCALE_FORMATS, E4M3TensorScale, Format, PerRow, QuantSpec
 from ..qtensor import QuantizedTensor
 from .state8 import State4bit, search_tables
 
@@ -51,6 +54,7 @@ __all__ = ["applies", "Job", "run", "adamw_job", "sgd_job", "state8_fits", "atta
 # the kernel knows these formats' grids by heart (e.g. E4M3: 3 mantissa bits, emin -6, max 448); others (an equal
 # name with another grid included) take the reference path
 _KERNEL_FORMATS = frozenset(FORMATS[name] for name in cpu_ops.FORMATS)
+_KERNEL_SCALES = frozenset(SCALE_FORMATS[name] for name in cpu_ops.SCALE_FORMATS)  # likewise the scale formats
 _SPLIT = 65536  # csrc/step.c's SPLIT: larger blocks are swept in ranges shared by the threads
 
 
@@ -64,14 +68,14 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
         return False
     f, g = spec.format, p.grad  # called per parameter per step: each attribute is read once
     return (f in _KERNEL_FORMATS and type(f).round is Format.round  # a custom rounding override needs the reference
-            and spec.scale == ABSMAX  # the kernel computes fp32 absmax scales (E8M0 / NVFP4 scales: the reference)
+            and spec.scale in _KERNEL_SCALES and _two_level_ok(p, spec, group["mode"])
             and spec.scaled == (f is not BF16) and p.is_cpu
             and not spec.granularity.transposed  # codes in another order than the grad and moments (Conv1D)
             and group["mode"] in ("eco", "naive", "master", "exact", "kahan") and group["lr"] > 0
             and (group["mode"] != "kahan" or _blocks_in_cache(p, spec))
             and g is not None and g.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and g.layout == torch.strided and p.codes.is_contiguous()
-            and (p.scale is None or p.scale.is_contiguous()) and (f is not INT4 or _int4_blocks_aligned(p, spec))
+            and (p.scale is None or p.scale.is_contiguous()) and (f.bits != 4 or _int4_blocks_aligned(p, spec))
             and kernels.available())
 
 
@@ -87,8 +91,14 @@ def _blocks_in_cache(p: torch.Tensor, spec: QuantSpec) -> bool:
     return _kernel_blocks(p, spec)[1] <= _SPLIT
 
 
+def _two_level_ok(p: torch.Tensor, spec: QuantSpec, mode: str) -> bool:
+    # NVFP4's two-level scale: the kernel sweeps each block whole from its scratch, and has no second pass for a
+    # kahan compensation's own tensor scale
+    return not isinstance(spec.scale, E4M3TensorScale) or (mode != "kahan" and _blocks_in_cache(p, spec))
+
+
 def _int4_blocks_aligned(p: torch.Tensor, spec: QuantSpec) -> bool:
-    # packed INT4: a block must start on a byte (even element index) so that threads never share a byte
+    # packed INT4 / FP4: a block must start on a byte (even element index) so that threads never share a byte
     nb, bs = spec.granularity.blocks(p.shape)
     return nb == 1 or bs % 2 == 0
 
@@ -105,6 +115,7 @@ class Job:
     exp_avg: torch.Tensor | None        # AdamW's first moment / SGD's momentum buffer
     exp_avg_sq: torch.Tensor | None     # AdamW's second moment
     format: str
+    scale_format: str                   # the scale's ecoptim.formats.SCALE_FORMATS name
     block_size: int
     numel: int
     step: float | bool                  # AdamW: the step count t; SGD: whether this is the buffer's first step
@@ -125,7 +136,7 @@ class Job:
 
 def _job(optimizer: str, p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tensor | None,
          v: torch.Tensor | None, key: tuple[int, int] | None, step: float | bool, coef: float, group: dict) -> Job:
-    return Job(optimizer, p.codes, p.scale if spec.scaled else None, grad, m, v, spec.format.name,
+    return Job(optimizer, p.codes, p.scale if spec.scaled else None, grad, m, v, spec.format.name, spec.scale.name,
                _kernel_blocks(p, spec)[1], p.numel(), step, coef, key,
                tuple(sorted({**group, "stochastic": key is not None}.items())))
 
@@ -137,7 +148,8 @@ def _op_call(jobs: list[Job]) -> torch.Tensor:
     """One op call stepping ``jobs`` (which share their group hyper-parameters)."""
     buffers = {name: [j.buffers.get(name) for j in jobs] for name in _MODE_BUFFERS}
     common = dict(codes=[j.codes for j in jobs], scales=[j.scales for j in jobs], grads=[j.grad for j in jobs],
-                  formats=[j.format for j in jobs], block_sizes=[j.block_size for j in jobs],
+                  formats=[j.format for j in jobs], scale_formats=[j.scale_format for j in jobs],
+                  block_sizes=[j.block_size for j in jobs],
                   injection_coefs=[j.injection_coef for j in jobs], grad_scales=[j.grad_scale for j in jobs],
                   sr_keys=[k for j in jobs if j.sr_key is not None for k in j.sr_key], **buffers, **dict(jobs[0].group))
     if jobs[0].optimizer == "sgd":
@@ -231,7 +243,7 @@ def attach_compensation(job: Job, p: QuantizedTensor, codes: torch.Tensor, scale
     nearest with a new scale (as ``codec.quantize``)."""
     if not (codes.dtype == p.codes.dtype and codes.shape == p.codes.shape and codes.is_contiguous()) or (
             (scale is None) != (p.scale is None)) or (scale is not None and not (
-            scale.dtype == torch.float32 and scale.shape == p.scale.shape and scale.is_contiguous())):
+            scale.dtype == p.scale.dtype and scale.shape == p.scale.shape and scale.is_contiguous())):
         raise ValueError("the kahan compensation must be stored like the weight (contiguous codes and scales of "
                          "the weight's dtypes and shapes)")
     job.buffers["compensation_codes"] = codes

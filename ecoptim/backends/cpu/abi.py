@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 __all__ = ["ENUMS", "STRUCTS", "ENTRY_POINTS", "HEADER_PATH", "ABI_HASH", "header", "write_header", "declare",
-           "ctype_of", "Format", "Dtype", "StateStorage", "Optimizer", "Weights", "Gradient", "Moments",
+           "ctype_of", "Format", "ScaleFormat", "Dtype", "StateStorage", "Optimizer", "Weights", "Gradient", "Moments",
            "State8Codec", "ModeBuffers", "Hyper", "Result", "StepArgs"]
 
 HEADER_PATH = Path(__file__).resolve().parents[2] / "csrc" / "eco_abi.h"
@@ -30,6 +30,13 @@ ENUMS: dict[str, list[tuple[str, int, str]]] = {
         ("ECO_FORMAT_BF16", 3, "bf16 bits, unscaled (scales is NULL)"),
         ("ECO_FORMAT_INT4", 4, "two codes per byte, q + 8, element 2i in the low nibble (blocks start at even "
                                "indices)"),
+        ("ECO_FORMAT_FP4_E2M1", 5, "fp4 codes (1 mantissa bit, bias 1, max 6; sign in bit 3), packed as INT4's"),
+    ],
+    "eco_scale_format": [
+        ("ECO_SCALE_ABSMAX", 0, "fp32 X = absmax / format_max per block (formats.AbsmaxScale)"),
+        ("ECO_SCALE_E8M0_FLOOR", 1, "one E8M0 byte per block, X = 2^(code - 127), OCP MX's floor rule"),
+        ("ECO_SCALE_E8M0_CEIL", 2, "as ECO_SCALE_E8M0_FLOOR, the exponent raised where floor's would clamp"),
+        ("ECO_SCALE_E4M3_TENSOR", 3, "E4M3 s_b per block, then fp32 s_t's 4 bytes: X = s_b * s_t (NVFP4)"),
     ],
     "eco_dtype": [
         ("ECO_DTYPE_FP32", 0, "float"),
@@ -52,12 +59,14 @@ ENUMS: dict[str, list[tuple[str, int, str]]] = {
 STRUCTS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
     "eco_weights": ("the weight: its codes and per-block scales", [
         ("codes", "void *", "num_blocks * block_size elements in `format`, updated in place"),
-        ("scales", "float *", "num_blocks absmax scales, updated in place; NULL for unscaled bf16"),
+        ("scales", "void *", "the num_blocks scales in `scale_format`'s layout, updated in place; NULL for "
+                             "unscaled bf16"),
         ("fp8_table", "const float *", "fp8 formats: the fp32 value of each of the 256 codes (torch's decode)"),
         ("num_blocks", "int64_t", "blocks (rows, groups or the tensor), one scale each"),
         ("block_size", "int64_t", "elements per block"),
         ("format", "int32_t", "eco_format"),
         ("format_max", "float", "the format's largest finite value (the scale maps the block absmax onto it)"),
+        ("scale_format", "int32_t", "eco_scale_format: how a block's scale is chosen and stored"),
     ]),
     "eco_gradient": ("the gradient, read once", [
         ("values", "const void *", "num_blocks * block_size elements"),
@@ -91,7 +100,8 @@ STRUCTS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
         ("compensation_codes", "void *", "'kahan': the compensation, stored like the weight (codes in its format), "
                                          "added to w_til and replaced by the rounded error; blocks of at most "
                                          "65536 elements"),
-        ("compensation_scales", "float *", "'kahan': the compensation's num_blocks scales (NULL if unscaled)"),
+        ("compensation_scales", "void *", "'kahan': the compensation's num_blocks scales, stored like the weight's "
+                                          "(NULL if unscaled)"),
     ]),
     "eco_hyper": ("the step's scalars, already rounded to fp32 as ATen rounds Python scalars", [
         ("optimizer", "int32_t", "eco_optimizer"),
@@ -241,6 +251,7 @@ class _Enum:
 
 
 Format = _Enum("eco_format", "ECO_FORMAT_")
+ScaleFormat = _Enum("eco_scale_format", "ECO_SCALE_")
 Dtype = _Enum("eco_dtype", "ECO_DTYPE_")
 StateStorage = _Enum("eco_state_storage", "ECO_STATE_")
 Optimizer = _Enum("eco_optimizer", "ECO_OPTIMIZER_")

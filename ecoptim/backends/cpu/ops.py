@@ -13,13 +13,21 @@ import torch
 
 from ... import kernels, ops
 from ...formats import FORMATS as FORMATS_BY_NAME
-from .abi import Dtype, Format, Optimizer, StateStorage, StepArgs
+from .abi import Dtype, Format, Optimizer, ScaleFormat, StateStorage, StepArgs
 
-__all__ = ["FORMATS", "adamw_step_cpu", "sgd_step_cpu"]
+__all__ = ["FORMATS", "SCALE_FORMATS", "adamw_step_cpu", "sgd_step_cpu"]
 
-# the formats whose grids the kernel knows by heart (ecoptim.formats name -> eco_format)
+# the formats whose grids the kernel knows by heart (ecoptim.formats name -> eco_format: the element grid; the MX
+# and NVFP4 formats are their element format with a scale format of their own, see SCALE_FORMATS)
 FORMATS: dict[str, int] = {"fp8_e4m3": Format.FP8_E4M3, "fp8_e5m2": Format.FP8_E5M2, "int8": Format.INT8,
-                           "bf16": Format.BF16, "int4": Format.INT4}
+                           "bf16": Format.BF16, "int4": Format.INT4, "fp4_e2m1": Format.FP4_E2M1,
+                           "mxfp8": Format.FP8_E4M3, "mxfp4": Format.FP4_E2M1, "nvfp4": Format.FP4_E2M1}
+# the scale formats the kernel computes (ecoptim.formats.SCALE_FORMATS name -> eco_scale_format)
+SCALE_FORMATS: dict[str, int] = {"absmax": ScaleFormat.ABSMAX, "e8m0": ScaleFormat.E8M0_FLOOR,
+                                 "e8m0_ceil": ScaleFormat.E8M0_CEIL, "e4m3_fp32": ScaleFormat.E4M3_TENSOR}
+# bytes of a stored scale of n blocks, per scale format (formats.ScaleFormat.stored_shape and dtype)
+_SCALE_BYTES = {ScaleFormat.ABSMAX: lambda n: 4 * n, ScaleFormat.E8M0_FLOOR: lambda n: n,
+                ScaleFormat.E8M0_CEIL: lambda n: n, ScaleFormat.E4M3_TENSOR: lambda n: n + 4}
 _STORAGE = {torch.float32: StateStorage.FP32, torch.bfloat16: StateStorage.BF16, torch.uint8: StateStorage.EIGHT_BIT}
 _FP8_TABLES: dict[torch.dtype, torch.Tensor] = {}
 
@@ -42,12 +50,24 @@ def _check_lists(n: int, **lists) -> None:
                              "tensor")
 
 
-def _weights_args(k: int, codes, scales, grads, formats, block_sizes, master_weights, carried_errors,
+def _check_scale(name: str, t: torch.Tensor | None, scale_format: int, num_blocks: int) -> None:
+    # the kernel writes num_blocks scales in this layout: a tensor of another size would be written out of bounds
+    if t is not None and not (t.is_contiguous() and t.numel() * t.element_size() ==
+                              _SCALE_BYTES[scale_format](num_blocks)):
+        raise ValueError(f"ecoptim fused step: {name} holds {t.numel() * t.element_size()} bytes, but a scale of "
+                         f"{num_blocks} blocks in its scale format takes {_SCALE_BYTES[scale_format](num_blocks)} "
+                         "(contiguous); pass the scale the weight's QuantSpec stores")
+
+
+def _weights_args(k: int, codes, scales, grads, formats, scale_formats, block_sizes, master_weights, carried_errors,
                   compensation_codes, compensation_scales, keep: list) -> StepArgs:
     """The struct of tensor k with its weight, gradient and mode buffers filled in; ``keep``: tensors that must
     outlive the call."""
     if formats[k] not in FORMATS:
         raise ValueError(f"ecoptim fused step: unknown format {formats[k]!r}; one of {sorted(FORMATS)}")
+    if scale_formats[k] not in SCALE_FORMATS:
+        raise ValueError(f"ecoptim fused step: unknown scale format {scale_formats[k]!r}; one of "
+                         f"{sorted(SCALE_FORMATS)}")
     code, fmax = FORMATS[formats[k]], FORMATS_BY_NAME[formats[k]].max
     g = grads[k]
     if g.dtype == torch.float16:
@@ -63,6 +83,9 @@ def _weights_args(k: int, codes, scales, grads, formats, block_sizes, master_wei
     w.block_size = block_sizes[k]
     w.num_blocks = n // block_sizes[k] if block_sizes[k] > 0 else 0
     w.format, w.format_max = code, fmax
+    w.scale_format = SCALE_FORMATS[scale_formats[k]]
+    _check_scale("scales", scales[k], w.scale_format, w.num_blocks)
+    _check_scale("compensation_scales", compensation_scales[k], w.scale_format, w.num_blocks)
     a.gradient.values, a.gradient.dtype = g.data_ptr(), Dtype.BF16 if g.dtype == torch.bfloat16 else Dtype.FP32
     m = a.modes
     m.master, m.carried_error = _ptr(master_weights[k]), _ptr(carried_errors[k])
@@ -77,8 +100,9 @@ def _run(args: list[StepArgs]) -> torch.Tensor:
     arr = (ctypes.POINTER(StepArgs) * len(args))(*[ctypes.pointer(a) for a in args])
     rc = lib.eco_step_many(arr, len(args), torch.get_num_threads())
     if rc == -2:
-        raise ValueError("ecoptim fused step: 8-bit state blocks that do not tile the weight blocks, or kahan "
-                         "blocks too large for the kernel; nothing was modified")
+        raise ValueError("ecoptim fused step: 8-bit state blocks that do not tile the weight blocks, kahan "
+                         "blocks too large for the kernel, or a two-level (NVFP4) scale in mode 'kahan' or with "
+                         "blocks over 65536 elements; nothing was modified")
     if rc != 0:
         raise MemoryError("ecoptim fused step: could not allocate its block scratch; nothing was modified")
     return torch.tensor([a.result.nonfinite_blocks for a in args], dtype=torch.int64)
@@ -90,7 +114,7 @@ def _set_key(pair, keys, k: int) -> None:
 
 @torch.library.register_kernel("ecoptim::adamw_step_", "cpu")
 def adamw_step_cpu(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, master_weights,
-                   carried_errors, compensation_codes, compensation_scales, formats, block_sizes, steps,
+                   carried_errors, compensation_codes, compensation_scales, formats, scale_formats, block_sizes, steps,
                    injection_coefs, grad_scales, sr_keys, state8_block_sizes, state8_keys, state8_tables, *, lr,
                    beta1, beta2, eps, weight_decay, inject, stochastic, state8_stochastic) -> torch.Tensor:
     """``ecoptim::adamw_step_`` on CPU tensors."""
@@ -98,7 +122,8 @@ def adamw_step_cpu(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, ex
     _check_lists(n, scales=scales, grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                  exp_avg_absmax=exp_avg_absmax, exp_avg_sq_absmax=exp_avg_sq_absmax, master_weights=master_weights,
                  carried_errors=carried_errors, compensation_codes=compensation_codes,
-                 compensation_scales=compensation_scales, formats=formats, block_sizes=block_sizes, steps=steps,
+                 compensation_scales=compensation_scales, formats=formats, scale_formats=scale_formats,
+                 block_sizes=block_sizes, steps=steps,
                  injection_coefs=injection_coefs, grad_scales=grad_scales, state8_block_sizes=state8_block_sizes)
     if stochastic and len(sr_keys) != 2 * n:
         raise ValueError("ecoptim fused step: stochastic rounding needs two sr_keys per tensor")
@@ -109,7 +134,7 @@ def adamw_step_cpu(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, ex
     keep: list[torch.Tensor] = []
     args = []
     for k in range(n):
-        a = _weights_args(k, codes, scales, grads, formats, block_sizes, master_weights, carried_errors,
+        a = _weights_args(k, codes, scales, grads, formats, scale_formats, block_sizes, master_weights, carried_errors,
                           compensation_codes, compensation_scales, keep)
         a.moments.exp_avg, a.moments.exp_avg_sq = exp_avg[k].data_ptr(), exp_avg_sq[k].data_ptr()
         a.moments.storage = _STORAGE[exp_avg[k].dtype]
@@ -142,20 +167,22 @@ def adamw_step_cpu(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, ex
 
 @torch.library.register_kernel("ecoptim::sgd_step_", "cpu")
 def sgd_step_cpu(codes, scales, grads, momentum_buffers, master_weights, carried_errors, compensation_codes,
-                 compensation_scales, formats, block_sizes, first_steps, injection_coefs, grad_scales, sr_keys, *, lr,
+                 compensation_scales, formats, scale_formats, block_sizes, first_steps, injection_coefs, grad_scales,
+                 sr_keys, *, lr,
                  momentum, dampening, nesterov, weight_decay, inject, stochastic) -> torch.Tensor:
     """``ecoptim::sgd_step_`` on CPU tensors."""
     n = len(codes)
     _check_lists(n, scales=scales, grads=grads, momentum_buffers=momentum_buffers, master_weights=master_weights,
                  carried_errors=carried_errors, compensation_codes=compensation_codes,
-                 compensation_scales=compensation_scales, formats=formats, block_sizes=block_sizes,
-                 first_steps=first_steps, injection_coefs=injection_coefs, grad_scales=grad_scales)
+                 compensation_scales=compensation_scales, formats=formats, scale_formats=scale_formats,
+                 block_sizes=block_sizes, first_steps=first_steps, injection_coefs=injection_coefs,
+                 grad_scales=grad_scales)
     if stochastic and len(sr_keys) != 2 * n:
         raise ValueError("ecoptim fused step: stochastic rounding needs two sr_keys per tensor")
     keep: list[torch.Tensor] = []
     args = []
     for k in range(n):
-        a = _weights_args(k, codes, scales, grads, formats, block_sizes, master_weights, carried_errors,
+        a = _weights_args(k, codes, scales, grads, formats, scale_formats, block_sizes, master_weights, carried_errors,
                           compensation_codes, compensation_scales, keep)
         buf = momentum_buffers[k]
         a.moments.exp_avg = _ptr(buf)
