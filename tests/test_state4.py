@@ -141,6 +141,9 @@ def test_a_second_moment_below_the_map_is_stored_as_its_smallest_entry():
 
 
 def test_codec_refusals():
+    from ecoptim.optim.state8 import BlockwiseState
+    with pytest.raises(TypeError, match="State8bit"):
+        BlockwiseState()
     with pytest.raises(ValueError, match="block_size"):
         State4bit(block_size=0)
     with pytest.raises(ValueError, match="rounding"):

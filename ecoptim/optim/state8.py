@@ -64,6 +64,8 @@ class BlockwiseState:
     bits: ClassVar[int] = 8
 
     def __post_init__(self) -> None:
+        if type(self) is BlockwiseState:
+            raise TypeError("BlockwiseState is the common part of the state formats: use State8bit() or State4bit()")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
             raise ValueError(f"{type(self).__name__}.block_size must be a positive int, got {self.block_size!r}")
         check_rounding(self.rounding)
