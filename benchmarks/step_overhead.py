@@ -7,10 +7,11 @@ working tree, interleaved in time.
 Each round starts one measuring process per side (the package at ``--rev``, extracted with ``git archive``, or the
 working tree), in a fresh random order, so that the machine's drift hits both alike. A measuring process builds
 FP8 ECO AdamW (``nonfinite='skip_blocks'``: no NaN/Inf pre-check, whose own cost is one C call) on ``--tensors``
-weights, replaces the kernel call (``fused.run``) by a no-op, and times ``opt.step()``: what is left is the
-per-parameter bookkeeping (applicability, state, step counts, stochastic-rounding keys, kernel arguments). As a
-yardstick it also times torch's fused AdamW, kernel included, on the same shapes. Reported: medians over the
-rounds.
+weights, replaces the C kernel (``eco_step_many``) by a no-op (``kernel_replaced_by_noop``, which
+``many_tensors.py`` uses too), and times ``opt.step()``: what is left is the Python part of the step, per
+parameter (applicability, state, step counts, stochastic-rounding keys, the op call and the packing of its
+arguments). As a yardstick it also times torch's fused AdamW, kernel included, on the same shapes. Reported:
+medians over the rounds.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,12 +40,38 @@ def _median_time(step, n: int) -> float:
     return statistics.median(times)
 
 
+@contextmanager
+def kernel_replaced_by_noop() -> Iterator[None]:
+    """Within the block, the fused step's C kernel (``eco_step_many`` of the library ``ecoptim.kernels.load()``
+    returns) does nothing and reports success; every other C function (gradient checks, norms) is the real one.
+    A step then costs its Python part alone, the op call and the packing of its arguments included."""
+    from ecoptim import kernels
+
+    lib = kernels.load()
+    if lib is None:
+        raise RuntimeError("ecoptim's C kernels are unavailable on this machine: nothing to replace")
+
+    class NoKernel:
+        def __getattr__(self, name: str):
+            return getattr(lib, name)
+
+        @staticmethod
+        def eco_step_many(*args) -> int:
+            return 0
+
+    real = kernels.load
+    kernels.load = lambda: NoKernel()
+    try:
+        yield
+    finally:
+        kernels.load = real
+
+
 def measure(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from torch import nn
 
     import ecoptim
-    from ecoptim.optim import fused
 
     g = torch.Generator().manual_seed(0)
     shape = (args.rows, args.cols)
@@ -58,8 +87,8 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     for rounding in ("nearest", "stochastic"):
         opt = ecoptim.AdamW(mods.parameters(), lr=1e-3, rounding=rounding, nonfinite="skip_blocks")
         opt.step()  # state created, kernel built and run once
-        fused.run = lambda jobs, skip_nonfinite=False: [0] * len(jobs)
-        out[rounding] = _median_time(opt.step, args.steps) / args.tensors * 1e6
+        with kernel_replaced_by_noop():
+            out[rounding] = _median_time(opt.step, args.steps) / args.tensors * 1e6
     out["torch_ms"] = _median_time(torch_opt.step, args.steps) * 1e3
     return out
 

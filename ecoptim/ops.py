@@ -31,6 +31,11 @@ for bit the reference's. Modes other than 'eco' / 'naive' use the optional buffe
 and replaces it with e; 'kahan' adds the compensation (``compensation_codes[i]`` / ``compensation_scales[i]``,
 stored like the weight) to w_til and replaces it with e quantized to nearest.
 
+Short forms, for calls over many tensors (each list entry costs the op call a conversion): ``formats``,
+``block_sizes``, ``steps``, ``injection_coefs``, ``grad_scales``, ``state8_block_sizes`` and ``first_steps`` may
+hold one entry standing for every tensor's, and the optional tensor lists (``scales``, the 8-bit absmax lists,
+the mode buffers, ``momentum_buffers``) may be empty, standing for None everywhere.
+
 8-bit moments (AdamW): ``exp_avg[i]`` / ``exp_avg_sq[i]`` of dtype uint8 are ``ecoptim.optim.state8`` codes with
 one fp32 absmax per ``state8_block_sizes[i]`` elements (``exp_avg_absmax[i]``, ``exp_avg_sq_absmax[i]``), decoded
 and re-encoded in the step with the codec's search tables (``state8_tables``: ``state8.search_tables(7)`` then
@@ -49,7 +54,32 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["adamw_step_", "sgd_step_", "ADAMW_STEP_SCHEMA", "SGD_STEP_SCHEMA"]
+__all__ = ["adamw_step_", "sgd_step_", "ADAMW_STEP_SCHEMA", "SGD_STEP_SCHEMA", "SHARED_VALUE_LISTS",
+           "OPTIONAL_TENSOR_LISTS", "expand_short_forms"]
+
+#: the per-tensor lists that may hold one entry standing for every tensor's (module docstring: short forms)
+SHARED_VALUE_LISTS = ("formats", "scale_formats", "block_sizes", "steps", "injection_coefs", "grad_scales",
+                      "state8_block_sizes", "first_steps")
+#: the optional tensor lists that may be empty, standing for None everywhere
+OPTIONAL_TENSOR_LISTS = ("scales", "exp_avg_absmax", "exp_avg_sq_absmax", "master_weights", "carried_errors",
+                         "compensation_codes", "compensation_scales", "momentum_buffers")
+
+
+
+def expand_short_forms(n: int, lists: dict[str, list]) -> dict[str, list]:
+    """``lists`` (argument name -> the op's list) with every short form written out to ``n`` entries: one entry of a
+    ``SHARED_VALUE_LISTS`` list stands for every tensor's, an empty ``OPTIONAL_TENSOR_LISTS`` list for None
+    everywhere. Other lengths are left as they are, for the kernel's own check to refuse."""
+    full = {}
+    for name, values in lists.items():
+        if len(values) != n:
+            if len(values) == 1 and name in SHARED_VALUE_LISTS:
+                values = list(values) * n
+            elif not values and name in OPTIONAL_TENSOR_LISTS:
+                values = [None] * n
+        full[name] = values
+    return full
+
 
 _WEIGHTS = "Tensor(a!)[] codes, Tensor(b!)?[] scales, Tensor[] grads"
 

@@ -147,6 +147,25 @@ def test_fused_bf16_weights_bit_identical(case, rounding, mode):
     assert fused.applies(p, ecoptim.convert.spec_of(p), o_fast.param_groups[0])  # the kernel did run
 
 
+@pytest.mark.parametrize("opt_cls,kw", [(ecoptim.SGD, dict(lr=0.1, momentum=0.9)), (ecoptim.AdamW, ADAMW)])
+def test_fused_bf16_stochastic_zero_results_are_positive_zero(opt_cls, kw):
+    """Stochastic rounding of -0, and of a negative value that rounds to zero, gives +0 on both paths (the
+    reference's floor(y) + {0, 1} makes +0); zero gradients keep -0 and the bf16 subnormals in play."""
+    shape = (4, 40)
+    ref, fast, o_ref, o_fast = _pair(shape, "bf16", None, opt_cls, rounding="stochastic", **kw)
+    tiny = -torch.rand(shape[1], generator=torch.Generator().manual_seed(3)) * 2.0 ** -133  # below half a step
+    for m in (ref, fast):
+        w = next(m.parameters())
+        w.requantize_(torch.stack([torch.full((shape[1],), -0.0), tiny, -tiny, w.dequantize()[3]]))
+    for step in range(3):
+        for p in (*ref.parameters(), *fast.parameters()):
+            p.grad = torch.zeros(shape)
+        o_ref.step()
+        o_fast.step()
+        _assert_same(o_ref, o_fast, ref, fast, f"at step {step}")
+    assert not torch.signbit(next(fast.parameters()).dequantize()[0]).any()
+
+
 def test_fused_bf16_gradients():
     shape = (24, 64)
     ref, fast, o_ref, o_fast = _pair(shape, "fp8_e4m3", "row", ecoptim.AdamW, **ADAMW)
@@ -259,10 +278,10 @@ def test_fused_path_is_taken_and_can_be_turned_off(monkeypatch):
     assert fused.applies(p, ecoptim.convert.spec_of(p), o_fast.param_groups[0])
     assert not fused.applies(p, ecoptim.convert.spec_of(p), o_ref.param_groups[0])  # fused=False
     calls = []
-    real = fused.run
-    monkeypatch.setattr(fused, "run", lambda jobs, **kw: calls.append(len(jobs)) or real(jobs, **kw))
+    real = ecoptim.ops.adamw_step_  # the op: the one boundary of the fused path, planned steps included
+    monkeypatch.setattr(ecoptim.ops, "adamw_step_", lambda **kw: calls.append(len(kw["codes"])) or real(**kw))
     _run(ref, fast, o_ref, o_fast, shape, steps=2)
-    assert calls == [1, 1]  # one job per step from the fused optimizer, none from the reference one
+    assert calls == [1, 1]  # one tensor per step from the fused optimizer, none from the reference one
 
 
 def test_bad_fused_argument_is_refused_at_construction():
@@ -594,3 +613,10 @@ def test_all_finite_kernel_agrees_with_torch(threads):
             d[76] = bad
             assert kernels.all_finite([a, d]) is False
         assert kernels.all_finite([a[::2]]) is None  # not contiguous: the caller falls back to torch
+
+
+@pytest.mark.parametrize("gran", ["tensor", "row"])
+def test_an_empty_weight_steps_on_both_paths(gran):
+    """A weight with no elements (e.g. a 0-row layer) has no block: both paths step it without touching its scale."""
+    ref, fast, o_ref, o_fast = _pair((0, 4), "fp8_e4m3", gran, ecoptim.SGD, lr=1e-4, momentum=0.9)
+    _run(ref, fast, o_ref, o_fast, (0, 4), steps=2)

@@ -72,3 +72,41 @@ def test_link_finder_sees_links_and_skips_code() -> None:
     text = ("[a](docs/x.md) ![b](img.png) [c](https://example.org) [d](#here) `[e](code.md)`\n"
             "```\n[f](fenced.md)\n```\n[g](y.md#part)")
     assert relative_links(text) == ["docs/x.md", "img.png", "y.md#part"]
+
+
+MAIN_JOB_RESULTS = ROOT / "docs" / "results" / "seeds" / "int4_3000.json"
+
+
+def _readme_result_rows() -> list[list[str]]:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Result"):text.index("## Benchmark")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| INT4")]
+
+
+def test_readme_result_table_is_the_main_jobs_recorded_output() -> None:
+    """Every number of the README's result table is the one the run wrote (docs/results/seeds/int4_3000.json)."""
+    import json
+    summary = json.loads(MAIN_JOB_RESULTS.read_text())["summary"]
+    rows = _readme_result_rows()
+    assert len(rows) == len(summary) == 3
+    for row, s in zip(rows, summary):
+        assert row[1] == f"{s['final_val_loss']:.4f} +- {s['final_val_loss_sd']:.4f}"
+        d = s["diff_vs_mw_sr"]
+        if s["method"] != "int4_mw_sr":
+            assert row[2] == f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+        assert row[3] == f"{s['bytes_per_param']:.2f}"
+
+
+def test_the_main_jobs_defaults_are_the_recorded_runs_settings() -> None:
+    """`ecoptim compare` with no options is the command whose results the README shows: the same model, data,
+    methods, format, steps, LR, seeds and optimizer settings as the recorded run."""
+    import json
+    from ecoptim.app import cli
+    parser = cli.build_parser()
+    args = parser.parse_args(["compare"])
+    cfg, methods = cli._resolve(parser, args)
+    data = cli._load_data(parser, args, args.corpus)
+    config = cli._run_config(args, cfg, methods, data, args.corpus)
+    recorded = json.loads(MAIN_JOB_RESULTS.read_text())["config"]
+    assert config == recorded

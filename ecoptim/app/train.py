@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -28,8 +28,9 @@ from .corpus import eval_batches, get_batch, load_split, load_user_text, split_b
 from .model import LlamaConfig, LlamaLM, is_block_linear
 
 __all__ = ["Method", "METHODS", "MUON_METHODS", "ROWS", "FORMAT_TAGS", "DEFAULT_GRANULARITY", "make_methods",
-           "resolve_methods", "Corpus", "load_corpus", "load_text_corpus", "RunResult", "train_run", "lr_lambda",
-           "evaluate", "pretrain", "finetune", "BETAS", "EPS", "WEIGHT_DECAY", "GRAD_CLIP", "FINAL_LR_FRAC"]
+           "resolve_methods", "Corpus", "load_corpus", "load_text_corpus", "RunResult", "ModelConfig", "build_model",
+           "train_run", "lr_lambda", "evaluate", "pretrain", "finetune", "BETAS", "EPS", "WEIGHT_DECAY", "GRAD_CLIP",
+           "FINAL_LR_FRAC"]
 
 # The paper's optimizer recipe (Section 5 / the reference notes); shared by every method.
 BETAS = (0.9, 0.98)
@@ -311,18 +312,42 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _build(method: Method, cfg: LlamaConfig, seed: int, lr: float,
+class ModelConfig(Protocol):
+    """A model other than the app's Llama that ``train_run`` can train (e.g. ``moe.MoeConfig``): its ``build()``
+    returns a module with ``forward(x, y) -> (logits, loss)`` and ``num_params()``, as ``LlamaLM``;
+    ``quantize_filter(model)`` selects the parameters that the quantized methods store in low precision."""
+
+    vocab_size: int
+    max_seq_len: int
+
+    def build(self) -> nn.Module: ...
+
+    def quantize_filter(self, model: nn.Module) -> Callable[[nn.Module, str, str], bool]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def build_model(cfg: LlamaConfig | ModelConfig) -> nn.Module:
+    """A freshly initialised model of ``cfg`` (from torch's global RNG)."""
+    return LlamaLM(cfg) if isinstance(cfg, LlamaConfig) else cfg.build()
+
+
+def _build(method: Method, cfg: LlamaConfig | ModelConfig, seed: int, lr: float,
            init_state: dict[str, torch.Tensor] | None,
            state_dtype: torch.dtype | State8bit = torch.float32,
-           device: torch.device = torch.device("cpu")) -> tuple[LlamaLM, torch.optim.Optimizer]:
+           device: torch.device = torch.device("cpu")) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Model (same init for every method: seeded here) on ``device``, and its optimizer."""
+    if method.optimizer != "adamw" and not isinstance(cfg, LlamaConfig):
+        raise ValueError(f"method {method.name!r}: the Muon rows split the Llama's block linears from the rest; "
+                         "other models run the AdamW rows")
     torch.manual_seed(seed)
-    model = LlamaLM(cfg)
+    model = build_model(cfg)
     if init_state is not None:
         model.load_state_dict(init_state)
     if not method.dense:
         # RTN for the initial cast (the paper quantizes the initial weights once, deterministically).
-        quantize_(model, method.format, method.granularity, filter_fn=is_block_linear)
+        quantize_(model, method.format, method.granularity,
+                  filter_fn=is_block_linear if isinstance(cfg, LlamaConfig) else cfg.quantize_filter(model))
     # initialised and quantized on CPU, then moved: the same initial weights and codes on every device
     model.to(device)
     # Weight decay on matrices only (nanoGPT convention): norms' gains are not decayed.
@@ -381,8 +406,8 @@ def default_threads() -> int:
     return max(1, min(cores, int(cores - busy + 0.5)))
 
 
-def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
-              data: Corpus, progress: bool = True, *, eval_every: int = 50, eval_batches_n: int = 8,
+def train_run(method: Method, cfg: LlamaConfig | ModelConfig, steps: int, batch_size: int, seq_len: int, lr: float,
+              seed: int, data: Corpus, progress: bool = True, *, eval_every: int = 50, eval_batches_n: int = 8,
               final_eval_batches_n: int = 32, init_state: dict[str, torch.Tensor] | None = None,
               diverge_loss: float | None = None, max_nonfinite: int = 10, threads: int | None = None,
               keep_state: bool = False, state_dtype: torch.dtype | State8bit = torch.float32,
@@ -393,6 +418,7 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
 
     Same ``seed`` => same initial weights (before quantization), same batch order (a ``torch.Generator``
     seeded with ``seed``) and same stochastic-rounding stream, whatever the method.
+    ``cfg``: the app's Llama, or another model (``ModelConfig``, e.g. the MoE of ``moe.py``).
     ``init_state``: a dense state_dict loaded before quantizing (fine-tuning). ``state_dtype``: AdamW moments
     of the quantized weights (fp32, or bf16 to save 4 B/param; dense parameters keep fp32). ``final_lr_frac``:
     the LR at the last step, as a fraction of ``lr`` (``lr_lambda``). ``device``: where the model, its optimizer
@@ -537,16 +563,16 @@ def train_run(method: Method, cfg: LlamaConfig, steps: int, batch_size: int, seq
 # Fine-tuning
 # --------------------------------------------------------------------------------------------------------
 
-def pretrain(cfg: LlamaConfig, steps: int, batch_size: int, seq_len: int, lr: float, seed: int, data: Corpus,
-             progress: bool = True, **kwargs: Any) -> RunResult:
+def pretrain(cfg: LlamaConfig | ModelConfig, steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
+             data: Corpus, progress: bool = True, **kwargs: Any) -> RunResult:
     """Train a dense fp32 model (the ``fp32_mw`` row) and keep its state_dict in ``result.state_dict``."""
     result = train_run(DENSE, cfg, steps, batch_size, seq_len, lr, seed, data, progress, keep_state=True, **kwargs)
     assert result is not None  # None only with stop_after
     return result
 
 
-def finetune(base_state: dict[str, torch.Tensor], cfg: LlamaConfig, methods: Sequence[Method], steps: int,
-             batch_size: int, seq_len: int, lr: float, seed: int, data: Corpus, progress: bool = True,
+def finetune(base_state: dict[str, torch.Tensor], cfg: LlamaConfig | ModelConfig, methods: Sequence[Method],
+             steps: int, batch_size: int, seq_len: int, lr: float, seed: int, data: Corpus, progress: bool = True,
              **kwargs: Any) -> list[RunResult]:
     """Fine-tune every method from the same dense checkpoint on ``data``.
 

@@ -103,7 +103,9 @@ static inline float round_stochastic(float y, float u, const int fmt) {
         const int neg = (b >> 31) != 0;
         const float fl = (float)L * 0x1p-16f;
         const int up = u < (neg ? 1.0f - fl : fl);
-        return bits_f(L == 0 ? b : T + ((up != neg) ? 0x10000u : 0u));
+        const uint32_t q = L == 0 ? b : T + ((up != neg) ? 0x10000u : 0u);
+        /* a zero result is +0, as the reference's floor(y) + {0, 1} gives it (-0 + 0 = +0), also from -0 */
+        return bits_f((q & 0x7FFFFFFFu) == 0 ? 0u : q);
     }
     if (fmt == ECO_FORMAT_INT8 || fmt == ECO_FORMAT_INT4) {
         const float f = floorf(y);
@@ -225,7 +227,9 @@ static inline __attribute__((always_inline)) vf v_round_stochastic(vf y, vf u, c
         const vm up = vf_lt(u, vf_blend(fl, vf_sub(one, fl), neg));
         /* above zero "up" adds one grid step to the magnitude, below zero "not up" does */
         const vi qb = vi_add(T, vi_maskz(vm_xor(up, neg), vi_set1(0x10000)));
-        return vf_cast(vi_blend(qb, b, vi_eq(L, vi_zero()))); /* on the grid already: exact */
+        const vi q = vi_blend(qb, b, vi_eq(L, vi_zero())); /* on the grid already: exact */
+        /* a zero result is +0, as in round_stochastic */
+        return vf_cast(vi_blend(q, vi_zero(), vi_eq(vi_and(q, vi_set1(0x7FFFFFFF)), vi_zero())));
     }
     if (fmt == ECO_FORMAT_INT8 || fmt == ECO_FORMAT_INT4) {
         const vf f = vf_floor(y);

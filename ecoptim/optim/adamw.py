@@ -201,6 +201,7 @@ class AdamW(QuantOptimizer):
         job = _fused.adamw_job(p.param, p.grad, p.spec, m, v, key, step=step, lr=lr, beta1=b1, beta2=b2,
                                eps=group["eps"], weight_decay=wd, coef=eco_adamw_coef(step, lr, b1, wd),
                                inject=group["mode"] == "eco")
+        job.injection_coef_of = lambda t, lr_t: eco_adamw_coef(t, lr_t, b1, wd)
         if direct8:
             _fused.attach_state8(job, cfg.block_size, state["exp_avg_absmax"], state["exp_avg_sq_absmax"],
                                  self._state8_keys(state, cfg))

@@ -30,14 +30,22 @@ Parameters that are not quantized get the plain update in their own dtype, exact
 Fused kernel: ``step_group`` gives the group's kernel parameters their step counts in one foreach add and
 their stochastic-rounding keys in one draw (in parameter order, the keys the reference path would draw), and
 steps them in one kernel call; the results are bit-identical to the reference path's.
+
+Thousands of tensors: the per-parameter Python work of a step is done once per param group and repeated while
+nothing it was derived from changes. ``_params_to_step`` hands on the group's kept ``ParamStep`` list (fresh
+gradients), and ``step_group`` repeats the group's kept op call (``_GroupPlan``) after checking the
+``ParamStep`` objects it is handed against it; any change sends the group down the full route, which plans anew
+(``tests/test_step_cache.py``, ``docs/performance-notes.md``).
 """
 from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain, compress
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -142,13 +150,118 @@ class ParamStep:
     """One parameter of a param group, as ``QuantOptimizer.step_group`` steps it.
 
     ``param``: the tensor updated in place (the parameter itself, or the rank-local shard of an FSDP parameter);
-    ``grad``: its gradient (``param.grad`` is the same tensor: ``fused.applies`` reads it there); ``state``: its
-    optimizer state (filled on its first step); ``spec``: its quantization, None for a dense parameter."""
+    ``grad``: its gradient (``param.grad`` is the same tensor: ``fused.applies`` reads it there; None between
+    steps in the list ``_params_to_step`` keeps); ``state``: its optimizer state (filled on its first step);
+    ``spec``: its quantization, None for a dense parameter."""
 
     param: torch.Tensor
     grad: torch.Tensor
     state: dict[str, Any]
     spec: QuantSpec | None
+
+
+_GRAD = operator.attrgetter("grad")
+_PARAM = operator.attrgetter("param")
+_STATE = operator.attrgetter("state")
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
+_LAYOUT = operator.attrgetter("layout")
+_VERSION = operator.attrgetter("_version")
+_CODES = operator.attrgetter("codes")
+_SCALE = operator.attrgetter("scale")
+_SPEC = operator.attrgetter("spec")
+
+
+def _share_counts(counts: list[torch.Tensor]) -> None:
+    """Make the 0-d step counts ``counts`` (CPU, fp32, distinct) views of one tensor, in order, each keeping its
+    value and identity (``Tensor.set_``), so that ``_shared_counts`` finds them: a ``foreach`` add over n 0-d
+    tensors costs microseconds per tensor, one add over their n elements nothing."""
+    if not counts or len(set(map(id, counts))) != len(counts) or not all(
+            t.dim() == 0 and t.dtype == torch.float32 and t.is_cpu and not t.requires_grad for t in counts):
+        return
+    flat = torch.stack(counts)
+    storage = flat.untyped_storage()
+    for i, t in enumerate(counts):
+        t.set_(storage, i, (), ())
+
+
+def _shared_counts(counts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one fp32 tensor whose elements are ``counts``, in order and each once, if they are (see
+    ``_share_counts``), else None."""
+    n = len(counts)
+    if n < 2:
+        return None
+    first = counts[0]
+    if first.dtype != torch.float32 or first.dim() != 0:
+        return None
+    storage = first.untyped_storage()
+    base = storage.data_ptr()
+    if storage.nbytes() != 4 * n or list(map(torch.Tensor.data_ptr, counts)) != list(range(base, base + 4 * n, 4)):
+        return None
+    if set(map(_DTYPE, counts)) != {torch.float32}:
+        return None
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, (n,), (1,))
+
+
+def _same_settings(a: dict, b: dict) -> bool:
+    # a group's settings, compared without tensor arithmetic: a tensor setting counts as unchanged only if it is
+    # the same object
+    return a.keys() == b.keys() and all(
+        x is y or (not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and type(x) is type(y)
+                   and x == y) for x, y in zip(a.values(), (b[k] for k in a)))
+
+
+def _settings(group: dict) -> dict:
+    # what decides how a group is stepped, except its tensors and lr (a scheduler's lr is read every step)
+    return {k: v for k, v in group.items() if k not in ("params", "lr")}
+
+
+@dataclass(eq=False)
+class _StepList:
+    """The ``ParamStep`` list ``QuantOptimizer._params_to_step`` gave a param group, with what it was derived from
+    (the group's parameter list, which of them had a gradient, their state dicts and specs), so that the next
+    step can hand the same objects on with only the gradients refreshed, after checking that nothing else
+    changed (identity checks, one C-level pass per item over the group's parameters)."""
+
+    group: dict
+    params: list[torch.Tensor]
+    has_grad: list[bool]
+    stepped: list[torch.Tensor]
+    states: list[dict]
+    specs: list[QuantSpec | None]
+    steps: list[ParamStep]
+
+
+@dataclass(eq=False)
+class _GroupPlan:
+    """What ``step_group`` repeats from one step of a param group to the next: which of the stepped parameters
+    the kernel steps and the op call that steps them (``fused.GroupCall``), with everything they were derived
+    from, so that a change is detected before the step (``QuantOptimizer._step_planned``) and the group then
+    takes the full route, which plans it anew. Checked every step, with one C-level pass per item over the
+    stepped parameters (``ParamStep`` objects): each one's tensor, state dict and spec (identity); the group's
+    settings; for the kernel's parameters their codes and scale (identity, version, contiguity), every value in
+    their state dict (identity), their gradient's dtype, shape and layout. The op's CPU kernel checks the data
+    pointers and dtypes it packs itself (``backends/cpu/ops.py``)."""
+
+    group: dict
+    params: list[torch.Tensor]
+    states: list[dict]
+    specs: list[QuantSpec | None]
+    settings: dict
+    kernel_index: list[int] | None  # positions of the kernel's parameters among ``params`` (None: all of them)
+    dense_index: list[int]
+    kernel: list[torch.Tensor]
+    codes: list[torch.Tensor]
+    scales: list[torch.Tensor | None]
+    weight_tensors: list[torch.Tensor]
+    versions: list[int]
+    kernel_states: list[dict]
+    state_values: list[Any]
+    grad_dtypes: list[torch.dtype]
+    grad_shapes: list[torch.Size]
+    grad_layouts: list[torch.layout]
+    step_counts: list[torch.Tensor]
+    call: _fused.GroupCall
 
 
 class QuantOptimizer(Optimizer):
@@ -361,24 +474,70 @@ class QuantOptimizer(Optimizer):
         for group in self.param_groups:
             with self._params_to_step(group) as params:
                 skipped += self.step_group(group, params, grad_scale=grad_scale, skip_nonfinite=blocks)
+        self._drop_stale_plans()
         if skipped:
             self.skipped_blocks += skipped
             warnings.warn(f"ecoptim: {skipped} blocks (rows/groups/tensors) had NaN/Inf updates this step and were "
                           "left unchanged (nonfinite='skip_blocks')", RuntimeWarning, stacklevel=2)
         return loss
 
+    def _kept(self, name: str) -> dict[int, Any]:
+        # per-group things kept between steps (by the group's id; each entry holds its group, so that the id
+        # stays the group's while kept). In the instance's __dict__, created on first use: an unpickled or
+        # loaded optimizer (torch's __setstate__) starts without them.
+        return self.__dict__.setdefault(name, {})
+
+    def _drop_stale_plans(self) -> None:
+        """Forget what was kept for groups no longer in ``param_groups`` (replaced by ``load_state_dict``, or
+        passed to ``step_group`` as a copy), so that their tensors are not kept alive."""
+        live = {id(g): g for g in self.param_groups}
+        for name in ("_step_lists", "_step_plans"):
+            kept = self._kept(name)
+            for k in [k for k, v in kept.items() if live.get(k) is not v.group]:
+                del kept[k]
+
     @contextmanager
     def _params_to_step(self, group: dict) -> Iterator[list[ParamStep]]:
         """The parameters of ``group`` that have a gradient, in parameter order, for ``step_group`` (a context:
         a subclass that steps other tensors than the parameters, e.g. FSDP's local shards, undoes its set-up
-        after the step)."""
-        params = [ParamStep(p, p.grad, self.state[p], spec_of(p)) for p in group["params"] if p.grad is not None]
+        after the step). The list and its ``ParamStep`` objects are kept from one step to the next and handed on
+        again, their gradients refreshed, while the group's parameters, which of them have a gradient, their
+        state dicts and specs are the same objects (checked every step)."""
+        params = self._param_steps(group)
         try:
             yield params
         finally:
-            for p in params:
-                if not p.state:  # skipped before its first step (nonfinite='skip_blocks'): it keeps no state entry
-                    del self.state[p.param]
+            if not all(map(_STATE, params)):
+                for p in params:
+                    if not p.state:  # skipped before its first step (nonfinite='skip_blocks'): it keeps no state entry
+                        del self.state[p.param]
+            for p in params:  # the kept list must not keep this step's gradients alive (zero_grad frees them)
+                p.grad = None
+
+    def _param_steps(self, group: dict) -> list[ParamStep]:
+        """``_params_to_step``'s list for ``group``: the kept one with this step's gradients, or a new one."""
+        lists = self._kept("_step_lists")
+        params = group["params"]
+        with torch._C.DisableTorchFunctionSubclass():  # .grad of a QuantizedTensor without its Python handler
+            grads = list(map(_GRAD, params))
+        kept = lists.get(id(group))
+        if kept is not None and kept.group is group and len(params) == len(kept.params) and all(
+                map(operator.is_, params, kept.params)):
+            has_grad = [g is not None for g in grads]
+            if has_grad == kept.has_grad:
+                stepped = kept.stepped
+                if len(stepped) != len(params):
+                    grads = list(compress(grads, has_grad))
+                if all(map(operator.is_, map(self.state.__getitem__, stepped), kept.states)) and all(
+                        map(operator.is_, map(spec_of, stepped), kept.specs)):
+                    steps = kept.steps
+                    for s, g in zip(steps, grads):
+                        s.grad = g
+                    return steps
+        steps = [ParamStep(p, g, self.state[p], spec_of(p)) for p, g in zip(params, grads) if g is not None]
+        lists[id(group)] = _StepList(group, list(params), [g is not None for g in grads], list(map(_PARAM, steps)),
+                                     list(map(_STATE, steps)), list(map(_SPEC, steps)), steps)
+        return steps
 
     @torch.no_grad()
     def step_group(self, group: dict, params: list[ParamStep], *, grad_scale: float | None = None,
@@ -396,17 +555,41 @@ class QuantOptimizer(Optimizer):
         Stochastic-rounding keys are drawn one per quantized tensor in parameter order, as the reference path
         draws them: the kernel's parameters all at once (``_start_kernel_steps``), unless a quantized parameter
         on the reference path stands between them; that one draws its key in its turn, so then every kernel
-        parameter draws its own in its turn too."""
+        parameter draws its own in its turn too.
+
+        A group stepped with all its kernel parameters in one op call keeps that call (a ``_GroupPlan``): the
+        next call with the same parameters, states, specs, settings and gradient dtypes/shapes repeats it with
+        this step's gradients, step counts, lr, clip factor and keys, and skips the per-parameter work of
+        choosing the path and building the kernel's arguments; the bits are the same."""
+        plans = self._kept("_step_plans")
+        plan = plans.get(id(group))
+        if plan is not None and plan.group is group:
+            skipped = self._step_planned(plan, params, grad_scale, skip_nonfinite)
+            if skipped is not None:
+                return skipped
+        skipped, kernel_step = self._step_group(group, params, grad_scale, skip_nonfinite)
+        plan = self._plan(group, params, kernel_step)
+        if plan is None:
+            plans.pop(id(group), None)
+        else:
+            plans[id(group)] = plan
+        return skipped
+
+    def _step_group(self, group: dict, params: list[ParamStep], grad_scale: float | None,
+                    skip_nonfinite: bool) -> tuple[int, tuple[list[ParamStep], list[_fused.Job]] | None]:
+        """``step_group``, also returning the kernel's parameters and jobs if they were stepped together in one
+        op call after their keys were drawn at once (what a ``_GroupPlan`` repeats), else None."""
         kernel = [_fused.applies(p.param, p.spec, group) for p in params]
         together = all(k or p.spec is None for p, k in zip(params, kernel))
         keys = iter(self._start_kernel_steps(group, [p for p, k in zip(params, kernel) if k]) if together else ())
-        skipped, jobs, job_params = 0, [], []
+        skipped, jobs, job_params, alone = 0, [], [], False
         for p, k in zip(params, kernel):
             if k:
                 key = next(keys) if together else self._start_kernel_steps(group, [p])[0]
                 job = self._kernel_job(p, group, key, grad_scale)
                 if job.after is not None:  # fp32 working moments: stepped alone, now, so that only one tensor's
                     _fused.run([job])       # working copies exist at a time
+                    alone = True
                 else:  # stepped below, all together: one kernel call, one thread team per group
                     jobs.append(job)
                     job_params.append(p)
@@ -417,8 +600,97 @@ class QuantOptimizer(Optimizer):
         if jobs:
             for p, job, n_bad in zip(job_params, jobs, _fused.run(jobs, skip_nonfinite=skip_nonfinite)):
                 skipped += n_bad
-                if n_bad == job.num_blocks:  # nothing of it was updated: its step did not happen
+                if n_bad and n_bad == job.num_blocks:  # nothing of it was updated: its step did not happen
                     p.state["step"] -= 1
+        return skipped, ((job_params, jobs) if together and jobs and not alone else None)
+
+    def _plan(self, group: dict, params: list[ParamStep],
+              kernel_step: tuple[list[ParamStep], list[_fused.Job]] | None) -> _GroupPlan | None:
+        """The plan repeating this step of ``params`` with ``group`` (just taken by ``_step_group``) in later
+        steps, or None where it cannot be repeated that way (see ``_GroupPlan`` and ``fused.GroupCall.of``)."""
+        if kernel_step is None:
+            return None
+        job_params, jobs = kernel_step
+        call = _fused.GroupCall.of(jobs)
+        if call is None:
+            return None
+        position = {id(p): i for i, p in enumerate(params)}
+        kernel_index = [position.get(id(p), -1) for p in job_params]
+        # the kernel's parameters with their own state entries (not, e.g., FSDP's per-step views of a shard's
+        # state, which would never be the same objects again)
+        if -1 in kernel_index or any(self.state.get(p.param) is not p.state for p in job_params):
+            return None
+        kernel_set = set(kernel_index)
+        dense_index = [i for i in range(len(params)) if i not in kernel_set]
+        if any(params[i].spec is not None for i in dense_index):
+            return None
+        kernel = list(map(_PARAM, job_params))
+        states = list(map(_STATE, job_params))
+        step_counts = [st["step"] for st in states]
+        _share_counts(step_counts)
+        codes, scales = list(map(_CODES, kernel)), list(map(_SCALE, kernel))
+        weight_tensors = [t for t in chain(codes, scales) if t is not None]
+        grads = list(map(_GRAD, job_params))
+        return _GroupPlan(
+            group=group, params=list(map(_PARAM, params)), states=list(map(_STATE, params)),
+            specs=list(map(_SPEC, params)), settings=_settings(group),
+            kernel_index=None if kernel_index == list(range(len(params))) else kernel_index,
+            dense_index=dense_index, kernel=kernel, codes=codes, scales=scales, weight_tensors=weight_tensors,
+            versions=list(map(_VERSION, weight_tensors)), kernel_states=states,
+            state_values=list(chain.from_iterable(map(dict.values, states))), grad_dtypes=list(map(_DTYPE, grads)),
+            grad_shapes=list(map(_SHAPE, grads)), grad_layouts=list(map(_LAYOUT, grads)), step_counts=step_counts,
+            call=call)
+
+    def _step_planned(self, plan: _GroupPlan, params: list[ParamStep], grad_scale: float | None,
+                      skip_nonfinite: bool) -> int | None:
+        """``params`` stepped as ``_step_group`` would step them, bit for bit, by repeating ``plan``, if nothing
+        the plan was derived from changed; None (nothing done) otherwise."""
+        group, is_ = plan.group, operator.is_
+        if (len(params) != len(plan.params) or not all(map(is_, map(_PARAM, params), plan.params))
+                or not all(map(is_, map(_STATE, params), plan.states))
+                or not all(map(is_, map(_SPEC, params), plan.specs))):
+            return None
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) or not lr > 0 or not _same_settings(_settings(group), plan.settings):
+            return None
+        kernel_steps = params if plan.kernel_index is None else [params[i] for i in plan.kernel_index]
+        grads = list(map(_GRAD, kernel_steps))
+        if any(g is None for g in grads):
+            return None
+        kernel = plan.kernel
+        if (list(map(_DTYPE, grads)) != plan.grad_dtypes or list(map(_SHAPE, grads)) != plan.grad_shapes
+                or list(map(_LAYOUT, grads)) != plan.grad_layouts
+                or not all(map(is_, map(_CODES, kernel), plan.codes))
+                or not all(map(is_, map(_SCALE, kernel), plan.scales))
+                or list(map(_VERSION, plan.weight_tensors)) != plan.versions
+                or not all(map(torch.Tensor.is_contiguous, plan.weight_tensors))):
+            return None
+        values = list(chain.from_iterable(map(dict.values, plan.kernel_states)))
+        if len(values) != len(plan.state_values) or not all(map(is_, values, plan.state_values)):
+            return None
+        # the step, as _step_group takes it: step counts and keys of the kernel's parameters, the dense ones on
+        # the reference path, then the kernel's op call
+        step_counts = plan.step_counts
+        keys = self._start_kernel_steps(group, kernel_steps)
+        shared = _shared_counts(step_counts)
+        steps = shared.tolist() if shared is not None else [t.item() for t in step_counts]
+        keys = list(chain.from_iterable(keys)) if group["rounding"] == "stochastic" else []
+        skipped = 0
+        for i in plan.dense_index:
+            p = params[i]
+            if skip_nonfinite and not _all_finite([p.grad]):
+                skipped += 1
+            else:
+                self._step_reference(p, group, grad_scale)
+        factor = 1.0 if grad_scale is None else grad_scale
+        if group.get("maximize", False):
+            factor = -factor
+        bad = plan.call.run(grads, steps, lr, factor, keys, skip_nonfinite=skip_nonfinite)
+        if any(bad):
+            for i, (n_bad, num_blocks) in enumerate(zip(bad, plan.call.num_blocks)):
+                skipped += n_bad
+                if n_bad and n_bad == num_blocks:
+                    step_counts[i] -= 1
         return skipped
 
     def _start_kernel_steps(self, group: dict, params: list[ParamStep]) -> list[tuple[int, int] | None]:
@@ -430,7 +702,12 @@ class QuantOptimizer(Optimizer):
                 self._init_quantized_state(p.param, p.state, group, p.spec)
         if not params:
             return []
-        torch._foreach_add_([p.state["step"] for p in params], 1)
+        counts = [p.state["step"] for p in params]
+        shared = _shared_counts(counts)
+        if shared is not None:
+            shared.add_(1)  # the same fp32 additions, in one op
+        else:
+            torch._foreach_add_(counts, 1)
         if group["rounding"] != "stochastic":
             return [None] * len(params)
         return draw_keys(self.generator(params[0].param.device), len(params))

@@ -32,8 +32,9 @@ instead of the codes, or adds the carried error to them, and writes them back; `
 'kahan' with blocks of at most 65536 elements (the kernel adds the stored compensation to w_til, and a third
 sweep quantizes the rounding error w_til - w_hat, still in the block's scratch, with its own scale into the
 compensation; ``attach_compensation``); lr > 0; fp32, bf16 or fp16 gradients. Anything else (a larger kahan
-block, NVFP4 in mode 'kahan', FP16 storage, a custom ``Format.round``, CUDA tensors), or a machine without a C
-compiler, takes the reference path.
+block, NVFP4 in mode 'kahan', FP16 storage, a custom ``Format.round``), or a machine without a C compiler, takes
+the reference path. CUDA tensors take the op's CUDA kernel, the Triton kernels of ``ecoptim/backends/triton``
+(``triton_backend.applies``), where triton imports and the case is one they cover, else the reference path.
 """
 from __future__ import annotations
 
@@ -43,13 +44,14 @@ from typing import Callable
 import torch
 
 from .. import kernels, ops
+from ..backends import triton as triton_backend  # the CUDA kernels (Triton), loaded only where triton imports
 from ..backends.cpu import ops as cpu_ops  # registers the CPU kernels of the ops
 from ..formats import BF16, FORMATS, SCALE_FORMATS, E4M3TensorScale, Format, PerRow, QuantSpec
 from ..qtensor import QuantizedTensor
 from .state8 import State4bit, search_tables
 
-__all__ = ["applies", "Job", "run", "adamw_job", "sgd_job", "state8_fits", "attach_state8", "attach_mode_buffer",
-           "attach_compensation"]
+__all__ = ["applies", "Job", "GroupCall", "run", "adamw_job", "sgd_job", "state8_fits", "attach_state8",
+           "attach_mode_buffer", "attach_compensation"]
 
 # the kernel knows these formats' grids by heart (e.g. E4M3: 3 mantissa bits, emin -6, max 448); others (an equal
 # name with another grid included) take the reference path
@@ -66,6 +68,8 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     if (group.get("fused") is False or group.get("amsgrad") or isinstance(group["lr"], torch.Tensor)
             or spec is None or not isinstance(p, QuantizedTensor) or isinstance(group.get("state_dtype"), State4bit)):
         return False
+    if p.is_cuda:  # the op's CUDA kernel: the Triton kernels (ecoptim/backends/triton), for the cases they reproduce
+        return triton_backend.applies(p, spec, group)
     f, g = spec.format, p.grad  # called per parameter per step: each attribute is read once
     return (f in _KERNEL_FORMATS and type(f).round is Format.round  # a custom rounding override needs the reference
             and spec.scale in _KERNEL_SCALES and _two_level_ok(p, spec, group["mode"])
@@ -127,6 +131,9 @@ class Job:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # mode buffers and 8-bit absmax, by op name
     state8_block_size: int = 0
     state8_keys: tuple[tuple[int, int], tuple[int, int]] | None = None
+    # the injection coefficient at (step count, lr), the group's other hyper-parameters fixed: what a later step
+    # of the same tensor passes (``GroupCall``); None: the job is not repeated that way
+    injection_coef_of: Callable[[float, float], float] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -144,33 +151,57 @@ def _job(optimizer: str, p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec
 _MODE_BUFFERS = ("master_weights", "carried_errors", "compensation_codes", "compensation_scales")
 
 
-def _op_call(jobs: list[Job]) -> torch.Tensor:
-    """One op call stepping ``jobs`` (which share their group hyper-parameters)."""
+def _op_args(jobs: list[Job]) -> dict:
+    """The fused step op's arguments stepping ``jobs`` (which share their group hyper-parameters)."""
     buffers = {name: [j.buffers.get(name) for j in jobs] for name in _MODE_BUFFERS}
-    common = dict(codes=[j.codes for j in jobs], scales=[j.scales for j in jobs], grads=[j.grad for j in jobs],
-                  formats=[j.format for j in jobs], scale_formats=[j.scale_format for j in jobs],
-                  block_sizes=[j.block_size for j in jobs],
-                  injection_coefs=[j.injection_coef for j in jobs], grad_scales=[j.grad_scale for j in jobs],
-                  sr_keys=[k for j in jobs if j.sr_key is not None for k in j.sr_key], **buffers, **dict(jobs[0].group))
+    args = dict(codes=[j.codes for j in jobs], scales=[j.scales for j in jobs], grads=[j.grad for j in jobs],
+                formats=[j.format for j in jobs], scale_formats=[j.scale_format for j in jobs],
+                block_sizes=[j.block_size for j in jobs],
+                injection_coefs=[j.injection_coef for j in jobs], grad_scales=[j.grad_scale for j in jobs],
+                sr_keys=[k for j in jobs if j.sr_key is not None for k in j.sr_key], **buffers, **dict(jobs[0].group))
     if jobs[0].optimizer == "sgd":
-        return ops.sgd_step_(momentum_buffers=[j.exp_avg for j in jobs], first_steps=[bool(j.step) for j in jobs],
-                             **common)
+        return dict(args, momentum_buffers=[j.exp_avg for j in jobs], first_steps=[bool(j.step) for j in jobs])
     eight_bit = [j for j in jobs if j.state8_block_size]
     state8_sr = any(j.state8_keys is not None for j in eight_bit)
     no_keys = ((0, 0), (0, 0))
-    return ops.adamw_step_(
-        exp_avg=[j.exp_avg for j in jobs], exp_avg_sq=[j.exp_avg_sq for j in jobs],
+    return dict(
+        args, exp_avg=[j.exp_avg for j in jobs], exp_avg_sq=[j.exp_avg_sq for j in jobs],
         exp_avg_absmax=[j.buffers.get("exp_avg_absmax") for j in jobs],
         exp_avg_sq_absmax=[j.buffers.get("exp_avg_sq_absmax") for j in jobs], steps=[float(j.step) for j in jobs],
         state8_block_sizes=[j.state8_block_size for j in jobs],
         state8_keys=[k for j in jobs for pair in (j.state8_keys or no_keys) for k in pair] if state8_sr else [],
-        state8_tables=[*search_tables(7), *search_tables(8)] if eight_bit else [], state8_stochastic=state8_sr,
-        **common)
+        state8_tables=[*search_tables(7), *search_tables(8)] if eight_bit else [], state8_stochastic=state8_sr)
+
+
+def _short_forms(args: dict) -> dict:
+    """The op's arguments ``args`` with the lists that allow it in their short form (``ecoptim.ops``): one entry
+    for equal ones, none for all-None optional tensors."""
+    short = {}
+    for name, values in args.items():
+        if isinstance(values, list) and len(values) > 1:
+            if name in ops.SHARED_VALUE_LISTS and values.count(values[0]) == len(values):
+                values = values[:1]
+            elif name in ops.OPTIONAL_TENSOR_LISTS and all(v is None for v in values):
+                values = []
+        short[name] = values
+    return short
+
+
+def _call_op(optimizer: str, args: dict) -> torch.Tensor:
+    return (ops.sgd_step_ if optimizer == "sgd" else ops.adamw_step_)(**args)
 
 
 def _group_key(j: Job) -> tuple:
     # jobs of one op call share their hyper-parameters, and 8-bit moments their rounding
     return j.optimizer, j.group, j.state8_keys is not None if j.state8_block_size else None
+
+
+def _check_finite(bad: list[int], numels: list[int], skip_nonfinite: bool) -> None:
+    if any(bad) and not skip_nonfinite:
+        n, numel = next((n, numel) for n, numel in zip(bad, numels) if n)
+        raise ValueError(f"cannot quantize a weight holding non-finite values ({n} blocks of "
+                         f"an updated weight of {numel} elements hold NaN/Inf; they were left unchanged): the "
+                         "update overflowed; find where training diverged (e.g. a too large learning rate)")
 
 
 def run(jobs: list[Job], skip_nonfinite: bool = False) -> list[int]:
@@ -185,18 +216,66 @@ def run(jobs: list[Job], skip_nonfinite: bool = False) -> list[int]:
         calls.setdefault(_group_key(j), []).append(i)
     bad = [0] * len(jobs)
     for members in calls.values():
-        counts = _op_call([jobs[i] for i in members]).tolist()
+        counts = _call_op(jobs[members[0]].optimizer, _op_args([jobs[i] for i in members])).tolist()
         for i, c in zip(members, counts):
             bad[i] = c
     for j in jobs:
         if j.after is not None:
             j.after()
-    if any(bad) and not skip_nonfinite:
-        n, j = next((n, j) for n, j in zip(bad, jobs) if n)
-        raise ValueError(f"cannot quantize a weight holding non-finite values ({n} blocks of "
-                         f"an updated weight of {j.numel} elements hold NaN/Inf; they were left unchanged): the "
-                         "update overflowed; find where training diverged (e.g. a too large learning rate)")
+    _check_finite(bad, [j.numel for j in jobs], skip_nonfinite)
     return bad
+
+
+class GroupCall:
+    """A param group's fused step op call, kept from one step to the next: the arguments that stay (the
+    tensors, formats, block sizes, hyper-parameters other than lr) are built once from the first step's jobs;
+    ``run`` takes the ones that change every step (gradients, step counts, lr, the clip, stochastic-rounding
+    keys) and calls the op with the same arguments the jobs of that step would give (``run(jobs)``).
+
+    Only jobs stepped by one op call whose arguments are all of that kind qualify (``of`` returns None
+    otherwise): no fp32 working moments around the call (``Job.after``), no stochastically rounded 8-bit moments
+    (their keys depend on the step), no SGD first step (the buffer is created then), and an
+    ``injection_coef_of`` on each job. Whoever keeps a ``GroupCall`` must check that the tensors it holds are
+    still the parameters' and their state's (``QuantOptimizer`` does, every step)."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.optimizer = jobs[0].optimizer
+        # the first step's per-step arguments are dropped: its gradients are not kept alive between steps
+        self.args = dict(_short_forms(_op_args(jobs)), grads=[], sr_keys=[])
+        self.numels = [j.numel for j in jobs]
+        self.num_blocks = [j.num_blocks for j in jobs]
+        self.injection_coef_of = jobs[0].injection_coef_of
+        self.stochastic = jobs[0].sr_key is not None
+
+    @classmethod
+    def of(cls, jobs: list[Job]) -> "GroupCall | None":
+        """A ``GroupCall`` repeating ``jobs``' op call in later steps, or None if they do not qualify."""
+        if not jobs:
+            return None
+        key = _group_key(jobs[0])
+        if any(_group_key(j) != key or j.after is not None or j.state8_keys is not None
+               or j.injection_coef_of is None or (j.optimizer == "sgd" and j.step) for j in jobs):
+            return None
+        return cls(jobs)
+
+    def run(self, grads: list[torch.Tensor], steps: list[float], lr: float, grad_scale: float,
+            sr_keys: list[int], skip_nonfinite: bool = False) -> list[int]:
+        """One step (``run``'s semantics and result): ``steps`` the step counts (after their increment), ``lr``
+        the group's, ``grad_scale`` the factor of every gradient, ``sr_keys`` two per tensor (empty: to
+        nearest)."""
+        coef_of = self.injection_coef_of
+        first = steps[0] if steps else 0.0
+        if steps.count(first) == len(steps):  # one step count for the group (the usual case): the op's short form
+            steps, coefs = [first], [coef_of(first, lr)]
+        else:
+            by_step = {s: coef_of(s, lr) for s in set(steps)}
+            coefs = list(map(by_step.__getitem__, steps))
+        args = dict(self.args, grads=grads, lr=lr, grad_scales=[grad_scale], sr_keys=sr_keys, injection_coefs=coefs)
+        if self.optimizer != "sgd":
+            args["steps"] = steps
+        bad = _call_op(self.optimizer, args).tolist()
+        _check_finite(bad, self.numels, skip_nonfinite)
+        return bad
 
 
 def adamw_job(p: QuantizedTensor, grad: torch.Tensor, spec: QuantSpec, m: torch.Tensor, v: torch.Tensor,

@@ -125,11 +125,12 @@ class SGD(QuantOptimizer):
         first = state["momentum_buffer"] is None and mom != 0
         if first:  # torch creates the buffer from the first gradient; the kernel writes all of it
             state["momentum_buffer"] = torch.empty(p.param.shape, dtype=torch.float32, device=p.param.device)
-        return _fused.sgd_job(p.param, p.grad, p.spec, state["momentum_buffer"], key, lr=lr, momentum=mom,
-                              dampening=group["dampening"], nesterov=group["nesterov"],
-                              weight_decay=group["weight_decay"],
-                              coef=eco_sgd_coef(lr, mom, group["nesterov"]) if group["mode"] == "eco" else 0.0,
-                              first=first, inject=group["mode"] == "eco")
+        eco, nesterov = group["mode"] == "eco", group["nesterov"]
+        job = _fused.sgd_job(p.param, p.grad, p.spec, state["momentum_buffer"], key, lr=lr, momentum=mom,
+                             dampening=group["dampening"], nesterov=nesterov, weight_decay=group["weight_decay"],
+                             coef=eco_sgd_coef(lr, mom, nesterov) if eco else 0.0, first=first, inject=eco)
+        job.injection_coef_of = lambda t, lr_t: eco_sgd_coef(lr_t, mom, nesterov) if eco else 0.0
+        return job
 
     def _inject_(self, e: torch.Tensor, state: dict, group: dict, aux: Any) -> None:
         state["momentum_buffer"].add_(e, alpha=eco_sgd_coef(group["lr"], group["momentum"], group["nesterov"]))
