@@ -292,12 +292,14 @@ def _validate_model_state(where: str, sd: Any, model: nn.Module, strict: bool) -
 
 def _expected_state_shape(name: str, p: torch.Tensor, group: dict) -> tuple[int, ...] | None:
     from .convert import spec_of
-    from .optim.state8 import State8bit
+    from .optim.state8 import BlockwiseState
 
     spec = spec_of(p)
-    if name.endswith("_absmax"):  # 8-bit states: one absmax per block of the (saved) group's State8bit
-        cfg = group.get("state_dtype")
-        return (cfg.blocks(p.numel()),) if isinstance(cfg, State8bit) else None
+    cfg = group.get("state_dtype")
+    if name.endswith("_absmax"):  # 8/4-bit states: one absmax per block of the (saved) group's config
+        return (cfg.blocks(p.numel()),) if isinstance(cfg, BlockwiseState) else None
+    if name in ("exp_avg", "exp_avg_sq") and isinstance(cfg, BlockwiseState) and spec is not None:
+        return cfg.code_shape(p.shape)  # 4-bit codes: packed flat
     if name == "comp_codes" and spec is not None:
         return (spec.format.code_numel(p.numel()),)
     if name == "comp_scale" and spec is not None:

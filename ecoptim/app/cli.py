@@ -32,7 +32,7 @@ import torch
 
 from .. import __version__
 from ..formats import QuantSpec
-from ..optim import State8bit
+from ..optim import State4bit, State8bit
 from .corpus import CORPORA
 from .model import PRESETS, LlamaConfig, LlamaLM, is_block_linear
 from .moe import MOE_GRANULARITY, MoeConfig, add_arch_args, check_quantizable, moe_config_from_args, quantized_summary
@@ -79,7 +79,8 @@ SWEEP_SEEDS = (0, 1, 2)
 FINETUNE_PRESET = "small"
 # --state-dtype: how AdamW keeps the moments of the quantized weights
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": State8bit(),
-                "8bit-sr": State8bit(rounding="stochastic")}
+                "8bit-sr": State8bit(rounding="stochastic"), "4bit": State4bit(),
+                "4bit-sr": State4bit(rounding="stochastic")}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -168,8 +169,10 @@ def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float | None, m
                    help=f"the cosine schedule ends at F x the peak LR (default {FINAL_LR_FRAC:g}, the paper's); a "
                         "lower F is where the theory puts naive removal's noise floor (~ sigma^2 / lr)")
     g.add_argument("--methods", default=methods,
-                   help=f"comma-separated methods (default: {methods}); fp32_mw or [<format>_]<row>, rows: "
-                        "mw_rtn, mw_sr, naive_rtn, naive_sr, eco_rtn, eco_sr")
+                   help=f"comma-separated methods (default: {methods}); fp32_mw or [<format>_]<row>[@<state>], "
+                        "rows: mw_rtn, mw_sr, naive_rtn, naive_sr, eco_rtn, eco_sr; fp8_ rows follow --format, "
+                        "fp8_e4m3_ rows stay FP8 E4M3 per-row (e.g. fp8_e4m3_mw_sr next to --format nvfp4); "
+                        "@<state> sets that row's --state-dtype (e.g. fp8_e4m3_mw_sr@fp32)")
     methods_format = getattr(methods, "rows_format", None)
     fmt_default = fmt or (f"{methods_format} with the default --methods, else " if methods_format else "") + (
         "the methods' format tags or fp8_e4m3")
@@ -185,8 +188,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float | None, m
                         "of the paired differences")
     g.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="fp32",
                    help="AdamW moments of the quantized weights: fp32 (default), bf16 (-4 B/param), 8bit (8-bit "
-                        "block-wise, round to nearest, -5.97 B/param) or 8bit-sr (the same with "
-                        "stochastic rounding)")
+                        "block-wise, round to nearest, -5.97 B/param), 4bit (4-bit block-wise, -6.94 B/param) or "
+                        "8bit-sr / 4bit-sr (the same with stochastic rounding)")
     g.add_argument("--eval-every", type=_positive_int, default=EVAL_EVERY,
                    help=f"steps between validation-loss points (default {EVAL_EVERY})")
     g.add_argument("--eval-batches", type=_positive_int, default=8,
@@ -319,6 +322,10 @@ def _resolve(parser: argparse.ArgumentParser,
             check_quantizable(cfg, methods)
         else:
             _check_quantizable(cfg, methods)
+        for m in methods:
+            if m.state_dtype is not None and m.state_dtype not in STATE_DTYPES:
+                raise ValueError(f"method {m.name!r}: unknown state precision {m.state_dtype!r}; use one of "
+                                 f"{', '.join(STATE_DTYPES)}")
     except ValueError as e:
         parser.error(str(e))
     if args.seq_len > cfg.max_seq_len:
@@ -384,9 +391,11 @@ def reproducibility_info(results: Sequence[RunResult], argv: Sequence[str] | Non
 
 
 def _ref_method(results: Sequence[RunResult], r: RunResult) -> str | None:
-    """The same-format MW + SR method (the paired reference of r), if it was run."""
-    return next((o.method for o in results if o.format == r.format and o.granularity == r.granularity
-                 and o.mode == "master" and o.rounding == "stochastic"), None)
+    """The paired reference of r: the same-format MW + SR method if it was run, else the paper's FP8 E4M3
+    per-row MW + SR (e.g. ``fp8_e4m3_mw_sr`` run next to NVFP4 rows), if it was run."""
+    mw_sr = [o for o in results if o.mode == "master" and o.rounding == "stochastic" and o.format is not None]
+    return next((o.method for o in mw_sr if o.format == r.format and o.granularity == r.granularity),
+                next((o.method for o in mw_sr if o.format == "fp8_e4m3" and o.granularity == "row"), None))
 
 
 def _pct(value: float | None, base: float | None) -> float | None:
@@ -632,9 +641,11 @@ def _model_label(cfg: LlamaConfig | MoeConfig) -> str:
 
 def _run_config(args: argparse.Namespace, cfg: LlamaConfig | MoeConfig, methods: Sequence[Method], data: Corpus,
                 corpus: str) -> dict[str, Any]:
+    quantized = [m for m in methods if not m.dense]
+    # the --format rows describe the run (a pinned fp8_e4m3_ reference row may come first)
+    main = next((m for m in quantized if m.format == getattr(args, "format", None)), quantized[0] if quantized else None)
     return {"model": cfg.to_dict(), "params": build_model(cfg).num_params(), "methods": [m.name for m in methods],
-            "format": next((m.format for m in methods if not m.dense), None),
-            "granularity": next((m.granularity for m in methods if not m.dense), None),
+            "format": main.format if main else None, "granularity": main.granularity if main else None,
             "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "peak_lrs": list(getattr(args, "lrs", None) or [args.lr]), "seeds": list(args.seeds),
             "state_dtype": args.state_dtype, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
@@ -661,10 +672,12 @@ def _state_note(args: argparse.Namespace) -> str:
     return "" if args.state_dtype == "fp32" else f", {args.state_dtype} AdamW states"
 
 
-def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def _train_kwargs(args: argparse.Namespace, method: Method | None = None) -> dict[str, Any]:
+    """train_run's options from the command line; ``method``'s own state precision (``@<state>``) if it has one."""
+    state = method.state_dtype if method is not None and method.state_dtype is not None else args.state_dtype
     return {"eval_every": args.eval_every, "eval_batches_n": args.eval_batches,
             "final_eval_batches_n": 4 * args.eval_batches, "threads": args.threads,
-            "state_dtype": STATE_DTYPES[args.state_dtype], "final_lr_frac": args.final_lr_frac,
+            "state_dtype": STATE_DTYPES[state], "final_lr_frac": args.final_lr_frac,
             "device": args.device}
 
 
@@ -695,7 +708,7 @@ def _pretrain_grid(parser: argparse.ArgumentParser, args: argparse.Namespace, co
         keep = dense_path is not None and m.dense and seed == args.seeds[0] and lr == lrs[0]
         r = train_run(m, cfg, args.steps, args.batch_size, args.seq_len, lr, seed, data,
                       progress=not args.quiet, keep_state=keep, checkpoint_path=ckpt, checkpoint_every=every,
-                      **_train_kwargs(args))
+                      **_train_kwargs(args, m))
         assert r is not None
         return r
 
@@ -782,7 +795,7 @@ def cmd_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
     def run(m: Method, lr: float, seed: int, ckpt: Path, every: int) -> RunResult:
         r = train_run(m, cfg, args.steps, args.batch_size, args.seq_len, lr, seed, data, progress=not args.quiet,
-                      init_state=state, checkpoint_path=ckpt, checkpoint_every=every, **_train_kwargs(args))
+                      init_state=state, checkpoint_path=ckpt, checkpoint_every=every, **_train_kwargs(args, m))
         assert r is not None
         return r
 

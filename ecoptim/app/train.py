@@ -70,6 +70,9 @@ class Method:
     #: with adjust_lr_fn="match_rms_adamw" so that AdamW's lr and decay carry over) or "muon_unit" (the same with
     #: ECO's unit-gain injection)
     optimizer: str = "adamw"
+    #: the AdamW state precision of this row (a ``--state-dtype`` name, from a ``@<state>`` name suffix); None:
+    #: the command's ``--state-dtype``
+    state_dtype: str | None = None
 
     @property
     def dense(self) -> bool:
@@ -134,13 +137,23 @@ def resolve_methods(names: Sequence[str], format: str | None = None,
     A name is ``fp32_mw`` or ``[<format tag>_]<row>`` with row in ``ROW_KEYS`` (e.g. ``fp8_eco_sr``,
     ``int4_naive_rtn``, ``eco_sr``). The ``fp8_`` names are the paper's rows and are retargeted by
     ``format`` (so ``--format int4`` turns ``fp8_eco_sr`` into ``int4_eco_sr``); any other tag must agree with
-    ``format``. ``format`` None is inferred from such tags, else FP8 E4M3.
+    ``format``. ``format`` None is inferred from such tags, else FP8 E4M3. The full names ``fp8_e4m3_`` /
+    ``fp8_e5m2_`` pin a row to that format with its default granularity, whatever ``format`` (e.g. the paper's
+    FP8 MW + SR reference next to NVFP4 rows: ``fp8_e4m3_mw_sr``). A quantized row may end in ``@<state>`` (e.g.
+    ``fp8_e4m3_mw_sr@fp32``): its AdamW state precision, instead of the command's (checked by the caller).
     """
     if not names:
         raise ValueError("no methods given")
     parsed: list[tuple[str | None, str]] = []
+    pinned: dict[int, str] = {}  # position -> the format a full-name tag pins its row to
+    states: dict[int, str] = {}  # position -> the row's own state precision (@<state>)
     for raw in names:
-        name = raw.strip().lower()
+        name, at, state = raw.strip().lower().partition("@")
+        if at:
+            if not state or name == DENSE.name or name in MUON_METHODS:
+                raise ValueError(f"method {raw!r}: a state precision suffix @<state> applies to the quantized AdamW "
+                                 "rows only (e.g. fp8_e4m3_mw_sr@fp32)")
+            states[len(parsed)] = state
         if name in MUON_METHODS:  # fixed rows, any --format
             parsed.append(("muon", name))
             continue
@@ -157,6 +170,10 @@ def resolve_methods(names: Sequence[str], format: str | None = None,
         else:
             raise ValueError(f"unknown method {raw!r}; use fp32_mw or [<format>_]<row> with row one of "
                              f"{', '.join(ROW_KEYS)} (e.g. {', '.join(METHODS)})")
+        if tag is not None and tag in FORMAT_TAGS and tag != FORMAT_TAGS[tag]:  # a full format name: pinned
+            pinned[len(parsed)] = tag
+            parsed.append((None, row))
+            continue
         if tag is not None and tag not in _TAG_TO_FORMAT:
             raise ValueError(f"unknown format tag {tag!r} in method {raw!r}; use one of {sorted(_TAG_TO_FORMAT)}")
         parsed.append((None if tag is None else _TAG_TO_FORMAT[tag], row))
@@ -172,9 +189,13 @@ def resolve_methods(names: Sequence[str], format: str | None = None,
                              "--format")
     table = make_methods(fmt, granularity)
     out: list[Method] = []
-    for f, row in parsed:
+    for i, (f, row) in enumerate(parsed):
         m = (MUON_METHODS[row] if f == "muon" else DENSE if row == DENSE.name
+             else make_methods(pinned[i])[f"{FORMAT_TAGS[pinned[i]]}_{row}"] if i in pinned
              else table[f"{FORMAT_TAGS[fmt]}_{row}"])
+        if i in states:
+            m = replace(m, name=f"{m.name}@{states[i]}", label=f"{m.label}, {states[i]} states",
+                        state_dtype=states[i])
         if m in out:
             raise ValueError(f"method {m.name!r} given twice")
         out.append(m)

@@ -13,8 +13,9 @@ the next step starts from (1 - lr*wd)*(w_hat + e), so the carried error is (1 - 
 the momentum as in the SGD derivation (divide by the per-element step size lr/((1-b1^t)*denom) and by b1,
 subtract the part already re-added) scales the whole coefficient by (1 - lr*wd). Without decay it is the
 paper's coefficient. The momentum stays fp32 by default: |coef*e| can be much larger than m itself. The moments
-of quantized weights may be stored in bf16 or in 8 bits per element (``state8.State8bit``); the maths above
-always runs on fp32 working copies, rounded back to the stored form at the end of the step (after injection).
+of quantized weights may be stored in bf16 or in 8 or 4 bits per element (``state8.State8bit``,
+``state8.State4bit``); the maths above always runs on fp32 working copies, rounded back to the stored form at the
+end of the step (after injection: the injected term lands in the decoded fp32 m, and the sum is encoded).
 
 AMSGrad (``amsgrad=True``, torch's variant): vmax = max(vmax, v) and denom = sqrt(vmax) / sqrt(1 - b2^t) + eps;
 the injection is the formula above with this denominator. Why: per element the step is SGD with EMA momentum
@@ -41,7 +42,7 @@ from ..rounding import is_identity
 from . import fused as _fused
 from .base import ParamStep, QuantOptimizer
 from .hyper import check_flag, check_lr, check_number
-from .state8 import State8bit, dequantize_state, quantize_state, state_key
+from .state8 import BlockwiseState, dequantize_state, quantize_state, state_key
 
 __all__ = ["AdamW", "adamw_update_", "eco_adamw_coef", "sqrt_rn"]
 
@@ -116,8 +117,8 @@ class AdamW(QuantOptimizer):
     weight_decay, amsgrad, maximize, foreach as torch.optim.AdamW, with its defaults; ``mode`` in
     {'eco', 'master', 'naive', 'exact', 'kahan'}; ``rounding`` in {'nearest', 'stochastic'}; ``seed`` of the
     stochastic-rounding generator; ``nonfinite`` in {'skip', 'raise', 'skip_blocks'} (see ``QuantOptimizer``);
-    ``state_dtype`` of the moments of quantized weights: torch.float32, torch.bfloat16 or ``State8bit()``
-    (8-bit block-wise; dense parameters keep their own dtype); ``fused``: None or True
+    ``state_dtype`` of the moments of quantized weights: torch.float32, torch.bfloat16, ``State8bit()``
+    (8-bit block-wise) or ``State4bit()`` (4-bit block-wise; dense parameters keep their own dtype); ``fused``: None or True
     (default None) steps every quantized weight it can with the fused CPU kernel (bit-identical to the reference,
     see ``optim/fused.py``), False always takes the reference path. ``capturable=True``, ``differentiable=True``
     and Tensor betas are refused (``hyper.py`` says why). Every hyper-parameter of every group is checked when the
@@ -128,14 +129,14 @@ class AdamW(QuantOptimizer):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, mode: str = "eco", rounding: str = "stochastic", seed: int = 0,
-                 nonfinite: str = "skip", state_dtype: torch.dtype | State8bit = torch.float32) -> None:
+                 nonfinite: str = "skip", state_dtype: torch.dtype | BlockwiseState = torch.float32) -> None:
         if isinstance(lr, torch.Tensor) and foreach and not capturable:  # torch.optim.AdamW's check, first
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         betas = _check_betas(betas, foreach, capturable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         state_dtype=state_dtype)
-        self._state8_streams = 0  # stream numbers handed out to parameters with 8-bit moments (in init order)
+        self._state8_streams = 0  # stream numbers handed out to parameters with 8/4-bit moments (in init order)
         super().__init__(params, defaults, mode=mode, rounding=rounding, seed=seed, nonfinite=nonfinite)
 
     _state8_ok = True  # False where states are sharded or exchanged between ranks (see distributed/)
@@ -156,15 +157,17 @@ class AdamW(QuantOptimizer):
         check_flag("amsgrad", group.get("amsgrad", False))
         super()._validate_group(group)
         sd = group["state_dtype"]
-        if not (isinstance(sd, State8bit) or (isinstance(sd, torch.dtype) and sd in (torch.float32, torch.bfloat16))):
-            raise ValueError(f"state_dtype must be torch.float32, torch.bfloat16 or ecoptim.State8bit(), got {sd!r}")
-        if isinstance(sd, State8bit) and self.nonfinite == "skip_blocks":
-            raise ValueError("8-bit states that the kernel cannot read in place are re-encoded a whole tensor at a "
-                             "time, which nonfinite='skip_blocks' cannot leave partly untouched: use "
+        if not (isinstance(sd, BlockwiseState)
+                or (isinstance(sd, torch.dtype) and sd in (torch.float32, torch.bfloat16))):
+            raise ValueError(f"state_dtype must be torch.float32, torch.bfloat16, ecoptim.State8bit() or "
+                             f"ecoptim.State4bit(), got {sd!r}")
+        if isinstance(sd, BlockwiseState) and self.nonfinite == "skip_blocks":
+            raise ValueError(f"{sd.bits}-bit states that the kernel cannot read in place are re-encoded a whole tensor "
+                             "at a time, which nonfinite='skip_blocks' cannot leave partly untouched: use "
                              "nonfinite='skip' (default) or 'raise'")
-        if isinstance(sd, State8bit) and not self._state8_ok:
-            raise ValueError(f"{type(self).__name__} does not support 8-bit states (State8bit); use "
-                             "state_dtype=torch.bfloat16 for smaller states")
+        if isinstance(sd, BlockwiseState) and not self._state8_ok:
+            raise ValueError(f"{type(self).__name__} does not support {sd.bits}-bit states ({type(sd).__name__}); "
+                             "use state_dtype=torch.bfloat16 for smaller states")
         quantized = any(spec_of(p) is not None for p in group["params"])
         if group["mode"] == "eco" and b1 == 0 and quantized:
             raise ValueError("mode='eco' injects the rounding error into the first moment and divides by beta1, "
@@ -194,7 +197,7 @@ class AdamW(QuantOptimizer):
             cfg = group["state_dtype"]  # weight's, else fp32 working copies around it
             direct8 = _fused.state8_fits(p.param, p.spec, cfg.block_size)
             if not direct8:
-                m, v = self._load_state8(state, group)
+                m, v = self._load_state8(state, group, p.param.shape)
         job = _fused.adamw_job(p.param, p.grad, p.spec, m, v, key, step=step, lr=lr, beta1=b1, beta2=b2,
                                eps=group["eps"], weight_decay=wd, coef=eco_adamw_coef(step, lr, b1, wd),
                                inject=group["mode"] == "eco")
@@ -207,13 +210,14 @@ class AdamW(QuantOptimizer):
         return job
 
     @staticmethod
-    def _load_state8(state: dict, group: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load_state8(state: dict, group: dict, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 working copies (of ``shape``) of the 8- or 4-bit moments."""
         cfg = group["state_dtype"]
-        return (dequantize_state(state["exp_avg"], state["exp_avg_absmax"], True, cfg),
-                dequantize_state(state["exp_avg_sq"], state["exp_avg_sq_absmax"], False, cfg))
+        return (dequantize_state(state["exp_avg"], state["exp_avg_absmax"], True, cfg, shape),
+                dequantize_state(state["exp_avg_sq"], state["exp_avg_sq_absmax"], False, cfg, shape))
 
-    def _state8_keys(self, state: dict, cfg: State8bit) -> tuple[tuple[int, int], tuple[int, int]] | None:
-        """This step's stochastic-rounding keys of the 8-bit m and v (None: round to nearest)."""
+    def _state8_keys(self, state: dict, cfg: BlockwiseState) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """This step's stochastic-rounding keys of the 8/4-bit m and v (None: round to nearest)."""
         if cfg.rounding != "stochastic":
             return None
         stream, step = int(state["state8_stream"]), int(state["step"].item())
@@ -226,17 +230,18 @@ class AdamW(QuantOptimizer):
             quantize_state(x, signed, cfg, key, out=(state[k], state[k + "_absmax"]))
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
-        # Quantized weights: moments in fp32 (or bf16 / 8-bit by option, fp32 for the maths); dense: the param
-        # dtype.
+        # Quantized weights: moments in fp32 (or bf16 / 8-bit / 4-bit by option, fp32 for the maths); dense: the
+        # param dtype.
         dt = group["state_dtype"] if quantized else p.dtype
         state["step"] = torch.tensor(0.0)
-        if isinstance(dt, State8bit):  # codes (p's shape) + one fp32 absmax per block; zeros are code 0
+        if isinstance(dt, BlockwiseState):  # codes (p's shape, or packed flat) + one fp32 absmax per block; zeros
+            # are code 0 (m: 0; v: 0 as long as the block's absmax is 0)
             # the parameter's own stochastic-rounding stream for its moments (kept in the state: a resumed run
             # rounds them exactly as the uninterrupted one)
             state["state8_stream"] = torch.tensor(self._state8_streams, dtype=torch.int64)
             self._state8_streams += 1
             for k in ("exp_avg", "exp_avg_sq"):
-                state[k] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                state[k] = torch.zeros(dt.code_shape(p.shape), dtype=torch.uint8, device=p.device)
                 state[k + "_absmax"] = torch.zeros(dt.blocks(p.numel()), dtype=torch.float32, device=p.device)
             return
         state["exp_avg"] = torch.zeros(p.shape, dtype=dt, device=p.device)
@@ -252,8 +257,8 @@ class AdamW(QuantOptimizer):
         # torch.optim.AdamW's exact bits.
         exact = spec is not None and not is_identity(spec.format)
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        if m.dtype == torch.uint8:  # 8-bit states: fp32 working copies
-            m, v = self._load_state8(state, group)
+        if m.dtype == torch.uint8:  # 8/4-bit states: fp32 working copies
+            m, v = self._load_state8(state, group, w.shape)
         elif w.dtype == torch.float32 and m.dtype != torch.float32:  # low-precision state: fp32 working copies
             m, v = m.float(), v.float()
         denom = adamw_update_(w, grad, m, v, step=state["step"].item(), lr=group["lr"], beta1=b1, beta2=b2,
@@ -269,7 +274,7 @@ class AdamW(QuantOptimizer):
 
     def _finish_(self, state: dict, group: dict, aux: Any) -> None:
         _, m, v = aux
-        if state["exp_avg"].dtype == torch.uint8:  # back to 8 bits (per State8bit.rounding)
+        if state["exp_avg"].dtype == torch.uint8:  # back to 8/4 bits (per the config's rounding), injection included
             self._store_state8(state, group, m, v)
         elif m is not state["exp_avg"]:  # round the fp32 working copies back to the stored dtype (RTN)
             state["exp_avg"].copy_(m)

@@ -21,6 +21,7 @@ equality.
 8-bit moments (``state8.State8bit``) whose blocks tile the weight's blocks are decoded in sweep A and
 encoded in sweep B (after the injection), a state block at a time, with the codec of ``csrc/state8.h``
 (``state8_fits``, ``attach_state8``); other 8-bit moments are decoded to fp32 working copies around the call.
+4-bit moments (``state8.State4bit``) take the reference path.
 
 Applies to: CPU tensors stored as ``QuantizedTensor`` with FP8 (E4M3, E5M2), INT8 or packed INT4 / FP4 (E2M1)
 codes and an absmax scale (per row / group / tensor; packed blocks of even size), the MX formats (MXFP8, MXFP4,
@@ -47,7 +48,7 @@ from ..backends import triton as triton_backend  # the CUDA kernels (Triton), lo
 from ..backends.cpu import ops as cpu_ops  # registers the CPU kernels of the ops
 from ..formats import BF16, FORMATS, SCALE_FORMATS, E4M3TensorScale, Format, PerRow, QuantSpec
 from ..qtensor import QuantizedTensor
-from .state8 import search_tables
+from .state8 import State4bit, search_tables
 
 __all__ = ["applies", "Job", "GroupCall", "run", "adamw_job", "sgd_job", "state8_fits", "attach_state8",
            "attach_mode_buffer", "attach_compensation"]
@@ -63,9 +64,9 @@ def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     """Whether the fused kernel can step ``p`` with ``group``'s settings (and the kernels are built)."""
     # AMSGrad: the kernel keeps no running maximum of v. A Tensor lr: the reference derives the step's scalars
     # (lr / bias correction, 1 - lr * wd) in the lr tensor's fp32 arithmetic, as torch does, while the op takes
-    # lr as a float. Both take the reference path.
+    # lr as a float. 4-bit moments: the kernel has only the 8-bit codec. All take the reference path.
     if (group.get("fused") is False or group.get("amsgrad") or isinstance(group["lr"], torch.Tensor)
-            or spec is None or not isinstance(p, QuantizedTensor)):
+            or spec is None or not isinstance(p, QuantizedTensor) or isinstance(group.get("state_dtype"), State4bit)):
         return False
     if p.is_cuda:  # the op's CUDA kernel: the Triton kernels (ecoptim/backends/triton), for the cases they reproduce
         return triton_backend.applies(p, spec, group)

@@ -43,7 +43,7 @@ import torch
 from ..codec import quantize
 from ..convert import spec_of
 from ..qtensor import QuantizedTensor
-from .state8 import State8bit, dequantize_state, quantize_state
+from .state8 import BlockwiseState, dequantize_state, quantize_state
 
 __all__ = ["convert_state_dict", "from_torch_state_dict", "to_torch_state_dict", "MODE_BUFFERS", "STORAGE_KEYS"]
 
@@ -148,9 +148,12 @@ def _convert_param_state(st: dict, p: torch.Tensor, pid: Any, sg: dict, ng: dict
     where = f"parameter {pid}"
     spec = spec_of(p)
     shape = tuple(p.shape)
+    saved_cfg = sg.get("state_dtype")
     for k in moment_keys + ("master", "error"):
         v = st.get(k)
-        if isinstance(v, torch.Tensor) and tuple(v.shape) != shape:
+        low_bit = k in moment_keys and f"{k}_absmax" in st and isinstance(saved_cfg, BlockwiseState)
+        want = saved_cfg.code_shape(shape) if low_bit else shape  # 4-bit codes: packed flat
+        if isinstance(v, torch.Tensor) and tuple(v.shape) != want:
             raise ValueError(f"{where}: state {k!r} has shape {tuple(v.shape)} but the parameter has shape {shape}: "
                              "the state_dict belongs to another model or another parameter order")
     if "step" not in st:  # torch.optim.SGD keeps no step count
@@ -193,36 +196,37 @@ def _convert_param_state(st: dict, p: torch.Tensor, pid: Any, sg: dict, ng: dict
     if spec is None:
         return st  # dense parameters: their moments take the parameter's dtype (torch.optim's rule)
     target = ng.get("state_dtype", torch.float32)
-    saved_cfg = sg.get("state_dtype")
     for k in moment_keys:
         v = st.get(k)
         if not isinstance(v, torch.Tensor):
             continue
         eight = v.dtype == torch.uint8 and f"{k}_absmax" in st
-        if eight and isinstance(target, State8bit) and isinstance(saved_cfg, State8bit) and \
-                saved_cfg.block_size == target.block_size:
-            continue  # the same 8-bit encoding (its rounding only says how later steps re-encode)
+        if eight and isinstance(target, BlockwiseState) and isinstance(saved_cfg, BlockwiseState) and \
+                target.nearest() == saved_cfg.nearest():
+            continue  # the same 8/4-bit encoding (its rounding only says how later steps re-encode)
         if eight:
-            if not isinstance(saved_cfg, State8bit):
-                raise ValueError(f"{where}: {k} is stored in 8 bits but its group records no State8bit")
-            x = dequantize_state(v, st[f"{k}_absmax"], k == "exp_avg", saved_cfg)
+            if not isinstance(saved_cfg, BlockwiseState):
+                raise ValueError(f"{where}: {k} is stored in 8 or 4 bits but its group records no State8bit / "
+                                 "State4bit")
+            x = dequantize_state(v, st[f"{k}_absmax"], k == "exp_avg", saved_cfg, shape)
         elif not v.dtype.is_floating_point:
             raise ValueError(f"{where}: state {k!r} has dtype {v.dtype}, not a floating-point moment")
         else:
             x = v
-        if isinstance(target, State8bit):
+        if isinstance(target, BlockwiseState):
             if not round_states:
-                raise ValueError(f"{where}: {owner} stores moments in 8 bits ({target}); encoding the state_dict's "
+                raise ValueError(f"{where}: {owner} stores moments in {target.bits} bits ({target}); encoding the "
+                                 f"state_dict's "
                                  f"{x.dtype} moments rounds them. Construct with state_dtype=torch.float32, or round "
                                  "them explicitly: ecoptim.optim.from_torch_state_dict(opt, sd, round_states=True)")
             st[k], st[f"{k}_absmax"] = quantize_state(x.to(torch.float32).contiguous(), k == "exp_avg",
-                                                       State8bit(target.block_size, "nearest"))
-            converted.setdefault(f"rounded moments to 8 bits ({target}, to nearest)", []).append(pid)
+                                                       target.nearest())
+            converted.setdefault(f"rounded moments to {target.bits} bits ({target}, to nearest)", []).append(pid)
             continue
         if x.dtype == target:
             st[k] = x
             if eight:
-                converted.setdefault(f"decoded 8-bit moments to {target}", []).append(pid)
+                converted.setdefault(f"decoded {saved_cfg.bits}-bit moments to {target}", []).append(pid)
             continue
         if torch.finfo(x.dtype).bits < torch.finfo(target).bits or _fits_exactly(x, target):
             converted.setdefault(f"converted moments {x.dtype} -> {target} (exactly)", []).append(pid)
@@ -234,7 +238,7 @@ def _convert_param_state(st: dict, p: torch.Tensor, pid: Any, sg: dict, ng: dict
                              f"state_dtype={x.dtype}, or round them explicitly: "
                              "ecoptim.optim.from_torch_state_dict(opt, sd, round_states=True)")
         st[k] = x.to(target)
-    if not isinstance(target, State8bit):
+    if not isinstance(target, BlockwiseState):
         for key in _STATE8_KEYS:
             st.pop(key, None)
     return st
@@ -293,8 +297,9 @@ def to_torch_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     defaults = _torch_defaults(optimizer)
     sd = optimizer.state_dict()
     keep_step = "step" in getattr(optimizer, "torch_state_keys", ())
-    groups, cfgs = [], {}
-    for g in sd["param_groups"]:
+    groups, cfgs, shapes = [], {}, {}
+    for g, live in zip(sd["param_groups"], optimizer.param_groups):
+        shapes.update({pid: p.shape for pid, p in zip(g["params"], live["params"])})
         ng = {k: v for k, v in g.items() if k not in ("mode", "rounding", "state_dtype")}
         for k, v in defaults.items():
             ng.setdefault(k, v)
@@ -307,7 +312,7 @@ def to_torch_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         for k, v in st.items():
             if k in moment_keys:
                 if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and f"{k}_absmax" in st:
-                    v = dequantize_state(v, st[f"{k}_absmax"], k == "exp_avg", cfgs[pid])
+                    v = dequantize_state(v, st[f"{k}_absmax"], k == "exp_avg", cfgs[pid], shapes[pid])
                 ns[k] = v
             elif k == "step":
                 if keep_step:

@@ -1,4 +1,4 @@
-"""8-bit block-wise optimizer states: AdamW's moments in 1 byte per element plus one fp32 per block.
+"""Block-wise optimizer states: AdamW's moments in 8 or 4 bits per element plus one fp32 per block.
 
 The scheme of Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (ICLR 2022), as in
 bitsandbytes' and torchao's 8-bit AdamW, with one safety change for the second moment. A state tensor x is
@@ -26,48 +26,111 @@ expectation.
 Safety: a positive second moment is never stored as 0. It would turn AdamW's denominator into eps and the
 step into m / eps (a blow-up); a v below the smallest table entry is stored as that entry instead (a larger v:
 a smaller step), whatever the rounding.
+
+4-bit states (``State4bit``, as in Li et al., "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023,
+and torchao's 4-bit AdamW): the same block-wise scheme with blocks of 128 and two codes packed per byte (element
+2i in the low nibble, 2i+1 in the high one; codes flat, ceil(n/2) bytes). The first moment uses a sign bit and the
+3-bit dynamic tree T3 = {0, 0.01, 0.055, 0.1, 0.325, 0.55, 0.775, 1.0}. The second moment uses the linear map
+without zero L4 = {1/16, 2/16, ..., 16/16}: with 15 magnitudes a dynamic map's zero (or a tiny smallest entry)
+would hold many of a block's elements, and 1/sqrt(v) blows up there (Li et al.'s "zero-point problem"); with L4
+every element of a block whose absmax is positive is stored as at least absmax/16 (larger v: a smaller, never a
+larger, step). An all-zero block stays zero (absmax 0).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
 from ..rng import mix32, uniform
 from ..rounding import check_rounding
 
-__all__ = ["State8bit", "magnitude_table", "quantize_state", "dequantize_state", "state_key", "quantize_state_torch",
-           "dequantize_state_torch"]
+__all__ = ["BlockwiseState", "State8bit", "State4bit", "magnitude_table", "linear_table", "blocked", "quantize_state",
+           "dequantize_state", "state_key", "quantize_state_torch", "dequantize_state_torch", "pack_nibbles",
+           "unpack_nibbles"]
 
 
 @dataclass(frozen=True)
-class State8bit:
-    """AdamW moments of quantized weights stored in 8 bits per element (see the module docstring).
+class BlockwiseState:
+    """AdamW moments of quantized weights stored block-wise in ``bits`` bits per element (see the module
+    docstring): the common part of ``State8bit`` and ``State4bit``.
 
-    ``block_size``: elements per fp32 absmax (256 as in bitsandbytes/torchao: 1 + 4/256 B per element per
-    moment); ``rounding``: 'nearest' or 'stochastic' (unbiased) when a moment is stored back."""
+    ``block_size``: elements per fp32 absmax; ``rounding``: 'nearest' or 'stochastic' (unbiased) when a moment
+    is stored back."""
 
     block_size: int = 256
     rounding: str = "nearest"
+    bits: ClassVar[int] = 8
 
     def __post_init__(self) -> None:
+        if type(self) is BlockwiseState:
+            raise TypeError("BlockwiseState is the common part of the state formats: use State8bit() or State4bit()")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
-            raise ValueError(f"State8bit.block_size must be a positive int, got {self.block_size!r}")
+            raise ValueError(f"{type(self).__name__}.block_size must be a positive int, got {self.block_size!r}")
         check_rounding(self.rounding)
 
     def blocks(self, numel: int) -> int:
         """Number of absmax blocks of a state of ``numel`` elements."""
         return -(-numel // self.block_size)
 
+    def code_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the uint8 codes of a moment of ``shape``: the shape itself (8 bits), or flat ceil(n/2) bytes
+        (4 bits, two codes per byte)."""
+        if self.bits == 8:
+            return tuple(shape)
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return (-(-n // 2),)
+
+    def magnitudes(self, signed: bool) -> torch.Tensor:
+        """The magnitude table of the first (``signed``) or second moment, ascending fp32 on [0, 1]."""
+        raise NotImplementedError
+
+    def nearest(self) -> "BlockwiseState":
+        """The same encoding, rounding to nearest (how converted moments are encoded)."""
+        return replace(self, rounding="nearest")
+
     def __reduce__(self):  # rebuilt by constructor call, which torch.load(weights_only=True) allows (below)
-        return (State8bit, (self.block_size, self.rounding))
+        return (type(self), (self.block_size, self.rounding))
 
     def __str__(self) -> str:
-        return f"8bit/block{self.block_size}" + ("/sr" if self.rounding == "stochastic" else "")
+        return f"{self.bits}bit/block{self.block_size}" + ("/sr" if self.rounding == "stochastic" else "")
 
 
-# optimizer state_dicts hold the group's State8bit: let checkpoints load with weights_only=True
-torch.serialization.add_safe_globals([State8bit])
+@dataclass(frozen=True)
+class State8bit(BlockwiseState):
+    """8-bit block-wise moments (see the module docstring).
+
+    ``block_size``: elements per fp32 absmax (256 as in bitsandbytes/torchao: 1 + 4/256 B per element per
+    moment); ``rounding``: 'nearest' or 'stochastic' (unbiased) when a moment is stored back."""
+
+    block_size: int = 256
+    bits: ClassVar[int] = 8
+
+    def magnitudes(self, signed: bool) -> torch.Tensor:
+        return magnitude_table(7 if signed else 8)
+
+
+@dataclass(frozen=True)
+class State4bit(BlockwiseState):
+    """4-bit block-wise moments, two codes per byte (see the module docstring): the first moment on a sign bit
+    and the 3-bit dynamic tree, the second on the linear map without zero {1/16, ..., 1}.
+
+    ``block_size``: elements per fp32 absmax (128 as in torchao's 4-bit AdamW: 0.5 + 4/128 B per element per
+    moment); ``rounding``: 'nearest' or 'stochastic' (unbiased) when a moment is stored back. Stepped on the
+    reference path (the fused kernel knows only the 8-bit codec)."""
+
+    block_size: int = 128
+    bits: ClassVar[int] = 4
+
+    def magnitudes(self, signed: bool) -> torch.Tensor:
+        return magnitude_table(3) if signed else linear_table(16)
+
+
+# optimizer state_dicts hold the group's State8bit / State4bit: let checkpoints load with weights_only=True
+torch.serialization.add_safe_globals([State8bit, State4bit])
 
 _TABLES: dict[int, torch.Tensor] = {}
 
@@ -85,6 +148,16 @@ def magnitude_table(bits: int) -> torch.Tensor:
     return _TABLES[bits]
 
 
+_LINEAR: dict[int, torch.Tensor] = {}
+
+
+def linear_table(n: int) -> torch.Tensor:
+    """The n magnitudes k/n, k = 1..n, ascending fp32 (no zero; the last is 1.0)."""
+    if n not in _LINEAR:
+        _LINEAR[n] = (torch.arange(1, n + 1, dtype=torch.float64) / n).to(torch.float32)
+    return _LINEAR[n]
+
+
 def state_key(seed: int, stream: int, signed: bool, step: int) -> tuple[int, int]:
     """The stochastic-rounding key of one moment (``signed``: the first) of the parameter with stream number
     ``stream`` at step ``step``: a hash, so resuming from a checkpoint reproduces it without any RNG state."""
@@ -92,7 +165,7 @@ def state_key(seed: int, stream: int, signed: bool, step: int) -> tuple[int, int
     return k1, mix32(k1 ^ (step & 0xFFFFFFFF))
 
 
-def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
+def blocked(x: torch.Tensor, block: int) -> torch.Tensor:
     """Flat view of x as (blocks, block), zero-padded at the end (zeros change no absmax)."""
     flat = x.reshape(-1)
     pad = (-flat.numel()) % block
@@ -101,8 +174,8 @@ def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
     return flat.view(-1, block)
 
 
-def _tables(bits: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    table = magnitude_table(bits).to(device)
+def _tables(table: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    table = table.to(device)
     return table, (table[:-1] + table[1:]) * 0.5  # the entries and the rounding boundaries (fp32 midpoints)
 
 
@@ -117,7 +190,7 @@ def search_tables(bits: int) -> tuple[torch.Tensor, ...]:
     lies above its one midpoint (at or above its one entry) iff the low 16 bits of y are >= k (65536: none
     there). Checks that no bucket holds two of them (bucket 0 at most the entry 0.0), which makes that exact."""
     if bits not in _SEARCH:
-        table, mid = _tables(bits)
+        table, mid = _tables(magnitude_table(bits))
         top = torch.arange(_BKT0, _BKT_END + 1, dtype=torch.int32)
         starts = (top << 16).view(torch.float32).clone()
         starts[0] = 0.0  # bucket 0 also holds every y below 2^-27
@@ -146,20 +219,36 @@ def _c_codec(*tensors: torch.Tensor):
     return None
 
 
-def quantize_state(x: torch.Tensor, signed: bool, cfg: State8bit, key: tuple[int, int] | None = None,
+def pack_nibbles(idx: torch.Tensor) -> torch.Tensor:
+    """Flat 4-bit codes (values 0..15, any integer dtype) -> uint8 bytes, element 2i in the low nibble and 2i+1
+    in the high one (an odd count leaves the last high nibble 0)."""
+    c = idx.reshape(-1).to(torch.uint8)
+    if c.numel() % 2:
+        c = torch.cat([c, c.new_zeros(1)])
+    c = c.view(-1, 2)
+    return c[:, 0] | (c[:, 1] << 4)
+
+
+def unpack_nibbles(codes: torch.Tensor, n: int) -> torch.Tensor:
+    """``pack_nibbles``' inverse: the first ``n`` 4-bit codes of ``codes``, flat int64."""
+    c = codes.reshape(-1).to(torch.int64)
+    return torch.stack([c & 0xF, c >> 4], dim=1).reshape(-1)[:n]
+
+
+def quantize_state(x: torch.Tensor, signed: bool, cfg: BlockwiseState, key: tuple[int, int] | None = None,
                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 state ``x`` -> (codes uint8 of x's shape, absmax fp32 of shape (blocks,)). ``signed``: the first
-    moment (sign bit + 7-bit index); else the second moment (x >= 0, 8-bit index, positive never -> 0).
-    ``key``: the stochastic-rounding key (``state_key``), needed iff ``cfg.rounding`` is 'stochastic'.
-    ``out``: (codes, absmax) tensors to write into (returned). On CPU a C loop computes it (the same
-    operations, identical results; ``quantize_state_torch`` is the definition, and the tests check the two
-    agree)."""
+    """fp32 state ``x`` -> (codes uint8 of ``cfg.code_shape(x.shape)``, absmax fp32 of shape (blocks,)).
+    ``signed``: the first moment (sign bit + magnitude index); else the second moment (x >= 0, never stored as
+    zero where positive). ``key``: the stochastic-rounding key (``state_key``), needed iff ``cfg.rounding`` is
+    'stochastic'. ``out``: (codes, absmax) tensors to write into (returned). 8-bit states on CPU: a C loop
+    computes it (the same operations, identical results; ``quantize_state_torch`` is the definition, and the
+    tests check the two agree); 4-bit states: the torch definition."""
     if x.dtype != torch.float32:
         raise ValueError(f"quantize_state takes an fp32 tensor, got {x.dtype}")
     sr = cfg.rounding == "stochastic"
     if sr and key is None:
         raise ValueError("stochastic rounding of a state needs a key (see state_key)")
-    lib = _c_codec(x, *(out or ()))
+    lib = _c_codec(x, *(out or ())) if isinstance(cfg, State8bit) else None
     if lib is None:
         codes, absmax = quantize_state_torch(x, signed, cfg, key)
         if out is None:
@@ -177,36 +266,42 @@ def quantize_state(x: torch.Tensor, signed: bool, cfg: State8bit, key: tuple[int
     return codes, absmax
 
 
-def quantize_state_torch(x: torch.Tensor, signed: bool, cfg: State8bit,
+def quantize_state_torch(x: torch.Tensor, signed: bool, cfg: BlockwiseState,
                          key: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_state`` in torch ops (any device): the definition."""
     n, bs = x.numel(), cfg.block_size
-    xb = _blocked(x, bs)
+    xb = blocked(x, bs)
     absmax = xb.abs().amax(dim=1)
     # |x| / absmax per block; an all-zero block divides by 1 (its codes are all 0)
     y = (xb.abs() / torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(1)).reshape(-1)[:n]
-    table, mid = _tables(7 if signed else 8, x.device)
+    table, mid = _tables(cfg.magnitudes(signed), x.device)
     if cfg.rounding == "nearest":
         idx = torch.bucketize(y, mid)  # y == mid[i] -> i: the smaller entry
     else:
+        # below the smallest entry (only a table without zero has room there): lo = 0 and the draw never goes
+        # up, so such y is stored as that entry
         lo = (torch.bucketize(y, table, right=True) - 1).clamp_(0, table.numel() - 2)
         t_lo, t_hi = table[lo], table[lo + 1]
         u = uniform(key, n, x.device)
         idx = lo + (u < (y - t_lo) / (t_hi - t_lo)).to(lo.dtype)  # y = 1 (the absmax): always up, to 1.0
-    if not signed:  # a positive second moment is never stored as zero (see the module docstring)
-        idx = torch.where(y > 0, idx.clamp(min=1), idx)
+    if not signed and isinstance(cfg, State8bit):  # a positive second moment is never stored as zero (the
+        idx = torch.where(y > 0, idx.clamp(min=1), idx)  # 4-bit map has no zero to avoid)
     codes = idx.to(torch.uint8)
     if signed:
-        codes = codes | ((x.reshape(-1) < 0).to(torch.uint8) << 7)
+        codes = codes | ((x.reshape(-1) < 0).to(torch.uint8) << (cfg.bits - 1))
+    if cfg.bits == 4:
+        return pack_nibbles(codes), absmax
     return codes.view(x.shape), absmax
 
 
-def dequantize_state(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, cfg: State8bit) -> torch.Tensor:
-    """(codes, absmax) -> a fresh fp32 tensor of codes' shape: sign * T[index] * absmax of its block (on CPU
-    by the C loop, identical to ``dequantize_state_torch``)."""
-    lib = _c_codec(codes, absmax)
+def dequantize_state(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, cfg: BlockwiseState,
+                     shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
+    """(codes, absmax) -> a fresh fp32 tensor: sign * T[index] * absmax of its block, of codes' shape (8 bits)
+    or of ``shape`` (4 bits: the flat codes do not say it; required). 8-bit states on CPU: by the C loop,
+    identical to ``dequantize_state_torch``."""
+    lib = _c_codec(codes, absmax) if isinstance(cfg, State8bit) else None
     if lib is None:
-        return dequantize_state_torch(codes, absmax, signed, cfg)
+        return dequantize_state_torch(codes, absmax, signed, cfg, shape)
     table, brtn, bsr = search_tables(7 if signed else 8)
     out = torch.empty(codes.shape, dtype=torch.float32)
     lib.eco_state8(out.data_ptr(), codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), brtn.data_ptr(),
@@ -215,13 +310,26 @@ def dequantize_state(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, cf
     return out
 
 
-def dequantize_state_torch(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, cfg: State8bit) -> torch.Tensor:
+def dequantize_state_torch(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, cfg: BlockwiseState,
+                           shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
     """``dequantize_state`` in torch ops (any device): the definition."""
-    n, bs = codes.numel(), cfg.block_size
-    c = codes.reshape(-1).to(torch.int64)
-    table = magnitude_table(7 if signed else 8).to(codes.device)
-    mag = table[c & 0x7F] if signed else table[c]
-    val = _blocked(mag, bs).mul_(absmax.unsqueeze(1)).reshape(-1)[:n]
+    if cfg.bits == 4:
+        if shape is None:
+            raise ValueError("4-bit state codes are flat: pass the moment's shape to dequantize them")
+        if tuple(codes.shape) != cfg.code_shape(shape):
+            raise ValueError(f"4-bit state codes of shape {tuple(codes.shape)} do not hold a moment of shape "
+                             f"{tuple(shape)} (expected {cfg.code_shape(shape)})")
+        n = 1
+        for d in shape:
+            n *= int(d)
+        c = unpack_nibbles(codes, n)
+    else:
+        shape, n = codes.shape, codes.numel()
+        c = codes.reshape(-1).to(torch.int64)
+    sign_bit = 1 << (cfg.bits - 1)
+    table = cfg.magnitudes(signed).to(codes.device)
+    mag = table[c & (sign_bit - 1)] if signed else table[c]
+    val = blocked(mag, cfg.block_size).mul_(absmax.unsqueeze(1)).reshape(-1)[:n]
     if signed:
-        val = torch.where(c >= 128, -val, val)
-    return val.reshape(codes.shape).contiguous()
+        val = torch.where(c >= sign_bit, -val, val)
+    return val.reshape(shape).contiguous()
