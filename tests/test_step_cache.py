@@ -355,3 +355,20 @@ def test_kept_structs_equal_freshly_packed_ones(monkeypatch):
     ops.adamw_step_(**later)
     assert bytes(next(iter(cpu_ops._PACKED.values())).array) == kept
     cpu_ops.clear_packed()
+
+
+def test_a_setting_edited_in_place_is_detected(monkeypatch):
+    """betas set as a list in the group and edited in place (``group["betas"][0] = ...``) between steps: the plan,
+    made with the old values, is not repeated, and every step keeps the reference's bits."""
+    models, opts = _trio(lr=1e-2)
+    for o in opts:
+        o.param_groups[0]["betas"] = [0.9, 0.98]
+    planned = _planned(monkeypatch, opts[0])
+    for step in range(3):
+        _step(models, opts, step)
+    assert planned[-1] is not None
+    for o in opts:
+        o.param_groups[0]["betas"][0] = 0.8
+    n = len(planned)
+    _step(models, opts, 3)
+    assert len(planned) == n or planned[n] is None

@@ -205,15 +205,16 @@ def _shared_counts(counts: list[torch.Tensor]) -> torch.Tensor | None:
 
 def _same_settings(a: dict, b: dict) -> bool:
     # a group's settings, compared without tensor arithmetic: a tensor setting counts as unchanged only if it is
-    # the same object
+    # the same object; any other by value (``_settings`` took lists by value, so an edit in place is seen)
     return a.keys() == b.keys() and all(
-        x is y or (not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and type(x) is type(y)
-                   and x == y) for x, y in zip(a.values(), (b[k] for k in a)))
+        x is y if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) else (type(x) is type(y) and x == y)
+        for x, y in zip(a.values(), (b[k] for k in a)))
 
 
 def _settings(group: dict) -> dict:
-    # what decides how a group is stepped, except its tensors and lr (a scheduler's lr is read every step)
-    return {k: v for k, v in group.items() if k not in ("params", "lr")}
+    # what decides how a group is stepped, except its tensors and lr (a scheduler's lr is read every step); lists
+    # (e.g. betas=[0.9, 0.99]) as tuples, a copy of their values that a later `group["betas"][0] = ...` cannot reach
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in group.items() if k not in ("params", "lr")}
 
 
 @dataclass(eq=False)
