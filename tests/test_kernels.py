@@ -620,3 +620,23 @@ def test_an_empty_weight_steps_on_both_paths(gran):
     """A weight with no elements (e.g. a 0-row layer) has no block: both paths step it without touching its scale."""
     ref, fast, o_ref, o_fast = _pair((0, 4), "fp8_e4m3", gran, ecoptim.SGD, lr=1e-4, momentum=0.9)
     _run(ref, fast, o_ref, o_fast, (0, 4), steps=2)
+
+
+def test_a_scale_of_another_size_at_a_kept_address_is_refused_before_the_kernel_writes():
+    """The CPU op keeps its packed structs between calls with the same tensors; a scale view of another size at the
+    same address must be checked again (and refused), never handed to the kernel with the kept block count."""
+    import dataclasses
+    ref, fast, o_ref, o_fast = _pair((8, 32), "fp8_e4m3", "row", ecoptim.AdamW, **ADAMW)
+    _run(ref, fast, o_ref, o_fast, (8, 32), steps=1)
+    p = next(fast.parameters())
+    st = o_fast.state[p]
+    kw = dict(step=2, lr=1e-3, beta1=0.9, beta2=0.98, eps=1e-9, weight_decay=0.0, coef=0.0, inject=False)
+    job = fused.adamw_job(p, torch.zeros(8, 32), ecoptim.convert.spec_of(p), st["exp_avg"], st["exp_avg_sq"],
+                          None, **kw)
+    fused.run([job])
+    fused.run([job])  # the kept structs
+    short = dataclasses.replace(job, scales=p.scale[:1])  # same data pointer, 1 scale instead of 8
+    before = p.scale.clone()
+    with pytest.raises(ValueError, match="scales holds 4 bytes"):
+        fused.run([short])
+    assert torch.equal(p.scale, before)

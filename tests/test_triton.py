@@ -519,4 +519,6 @@ def test_bad_arguments_are_refused_before_anything_is_modified():
         triton_ops.adamw_step(**moments, **dict(common, stochastic=True))
     with pytest.raises(ValueError, match="block size"):
         triton_ops.adamw_step(**moments, **dict(common, block_sizes=[30]))
+    with pytest.raises(ValueError, match="one fp32 scale per block"):
+        triton_ops.adamw_step(**moments, **dict(common, scales=[p.scale[:1]]))
     assert torch.equal(p.codes.view(torch.uint8), codes0.view(torch.uint8))

@@ -222,11 +222,19 @@ def clear_packed() -> None:
     _PACKED.clear()
 
 
+def _layouts(ts: list[torch.Tensor | None]) -> tuple:
+    # what _check_scale checks of each tensor (size, dtype, contiguity): in the key, so that a tensor of another
+    # layout at a kept address misses and is checked again, before the kernel writes into it
+    if ts and ts[0] is None and all(map(operator.is_, ts, itertools.repeat(None))):
+        return ()
+    return tuple((0, None, True) if t is None else (t.numel(), t.dtype, t.is_contiguous()) for t in ts)
+
+
 def _weights_key(codes, scales, grads, formats, scale_formats, block_sizes, master_weights, carried_errors,
                  compensation_codes, compensation_scales) -> tuple:
     # everything _weights_args reads, except the gradients' pointers and dtypes (rewritten every call)
     return (tuple(formats), tuple(scale_formats), tuple(block_sizes), _pointers(codes), tuple(map(_DTYPE, codes)),
-            _pointers(scales),
+            _pointers(scales), _layouts(scales), _layouts(compensation_scales),
             tuple(map(torch.Tensor.numel, grads)), _pointers(master_weights), _pointers(carried_errors),
             _pointers(compensation_codes), _pointers(compensation_scales))
 

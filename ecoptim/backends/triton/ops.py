@@ -94,6 +94,15 @@ def _check(n: int, codes, scales, grads, formats, block_sizes, moments: dict, bu
         if codes[k].numel() != ((n_el + 1) // 2 if fmt == "int4" else n_el):
             raise ValueError(f"ecoptim fused step (triton): tensor {k} has {codes[k].numel()} codes for a gradient "
                              f"of {n_el} elements")
+        if fmt != "bf16":  # the kernels read and write one fp32 scale per block, for the weight and its compensation
+            for name, t in (("scales", scales[k]), ("compensation_scales", buffers["compensation_scales"][k])):
+                if t is not None and (t.dtype != torch.float32 or t.numel() != n_el // bs):
+                    raise ValueError(f"ecoptim fused step (triton): {name} of tensor {k} must hold one fp32 scale "
+                                     f"per block ({n_el // bs}), got {t.numel()} of {t.dtype}")
+        comp = buffers["compensation_codes"][k]
+        if comp is not None and (comp.dtype != codes[k].dtype or comp.numel() != codes[k].numel()):
+            raise ValueError(f"ecoptim fused step (triton): compensation_codes of tensor {k} must be stored like its "
+                             f"codes ({codes[k].numel()} of {codes[k].dtype}), got {comp.numel()} of {comp.dtype}")
         for name, t in (*((key, v[k]) for key, v in moments.items()), ("master_weights", buffers["master_weights"][k]),
                         ("carried_errors", buffers["carried_errors"][k])):
             if t is not None and (t.numel() != n_el or t.dtype not in (torch.float32, torch.bfloat16)):
