@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
                                  tensors=len(shapes), params=sum(a * b for a, b in shapes)))
             lines.append(f"| {r.name} | {medians[r.name] * 1e3:.2f} | {ratio:.2f}x |")
         lines += ["", "Python part of ecoptim's step (C kernel a no-op, nonfinite='skip_blocks'): " + ", ".join(
-            f"{tag} {us:.2f} us/param ({us * len(shapes) / 1e3:.2f} ms a step)" for tag, us in python_us.items()),
+            f"{tag} {us:.2f} us per parameter tensor ({us * len(shapes) / 1e3:.2f} ms a step)"
+            for tag, us in python_us.items()),
             ""]
         for tag, us in python_us.items():
             rows_out.append(dict(case=case, row=f"ecoptim Python part {tag}", kind="python", us_per_param=us,

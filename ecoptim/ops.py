@@ -65,7 +65,6 @@ OPTIONAL_TENSOR_LISTS = ("scales", "exp_avg_absmax", "exp_avg_sq_absmax", "maste
                          "compensation_codes", "compensation_scales", "momentum_buffers")
 
 
-
 def expand_short_forms(n: int, lists: dict[str, list]) -> dict[str, list]:
     """``lists`` (argument name -> the op's list) with every short form written out to ``n`` entries: one entry of a
     ``SHARED_VALUE_LISTS`` list stands for every tensor's, an empty ``OPTIONAL_TENSOR_LISTS`` list for None

@@ -213,3 +213,14 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert {t["target"] for t in result["targets"]} and all(t["value"] is not None for t in result["targets"])
     assert result["fp8_matmul"]["dequantize"]["held_bytes"] > result["fp8_matmul"]["fp8"]["held_bytes"]
     assert "# GPU check on cpu" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_a_saved_generator_state_of_another_device_is_ignored_with_a_warning():
+    """Keys come from the CPU generator only: a 'cuda:0' state (an older checkpoint of a CUDA run) is not loaded
+    into a generator nothing reads (nor, without a GPU, into one that cannot be made); the CPU state is."""
+    lin = torch.nn.Linear(8, 4)
+    opt = ecoptim.AdamW(lin.parameters(), lr=1e-3)
+    cpu_state = torch.Generator().manual_seed(7).get_state()
+    with pytest.warns(RuntimeWarning, match="'cuda:0' ignored"):
+        opt.set_rng_states({"cpu": cpu_state, "cuda:0": cpu_state.clone()})
+    assert set(opt.rng_states()) == {"cpu"} and torch.equal(opt.rng_states()["cpu"], cpu_state)

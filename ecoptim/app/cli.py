@@ -1,12 +1,13 @@
 """Command line: ``ecoptim compare`` (the paper's pre-training table), ``ecoptim sweep`` (the gaps against the
 learning rate) and ``ecoptim finetune`` (INT4 fine-tuning).
 
-    ecoptim compare                                  # 7 methods, FP8 E4M3 per-row
-    ecoptim compare --seeds 0,1,2                    # mean +- sd and paired 95% intervals over seeds
+    ecoptim compare                                  # MW / naive / ECO with SR, INT4, 3 seeds with 95% intervals
+    ecoptim compare --format fp8_e4m3 --seeds 0      # one seed, FP8 E4M3 per row
     ecoptim compare --text my_notes/                 # the user's own text, byte-level
     ecoptim compare --resume                         # finish an interrupted run (same results)
     ecoptim sweep --lrs 1.2e-3,3e-4,1e-4 --seeds 0,1,2
-    ecoptim compare --save-checkpoint                # also keep the dense model for `finetune --checkpoint`
+    ecoptim compare --preset small --steps 300 --lr 1.2e-3 --seeds 0 --methods fp32_mw --save-checkpoint
+                                                     # the dense model `finetune --checkpoint` starts from
     ecoptim finetune --checkpoint runs/compare/checkpoint.pt
     ecoptim finetune --arch qwen3-moe --seeds 0,1,2  # the paper's MoE fine-tune: INT4 experts of a Qwen3-MoE
 
@@ -349,8 +350,8 @@ def load_dense_model(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], 
     """Read a file written by ``save_dense_model``: (model config, state_dict, meta). Raises ValueError for a
     missing file or one of another kind."""
     if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist; create one with "
-                         "`ecoptim compare --save-checkpoint` or use --pretrain-steps")
+        raise ValueError(f"checkpoint {str(path)!r} does not exist; create one with `ecoptim compare --preset small "
+                         "--steps 300 --lr 1.2e-3 --seeds 0 --methods fp32_mw --save-checkpoint` or use --pretrain-steps")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != DENSE_MODEL_KIND:
         raise ValueError(f"{str(path)!r} is not a dense model file written by `ecoptim compare "

@@ -386,6 +386,14 @@ class QuantOptimizer(Optimizer):
         """Replace the stochastic-rounding generators by generators in ``states`` (``rng_states``' format)."""
         generators = {}
         for device, state in states.items():
+            if torch.device(device) != torch.device(KEY_DEVICE):
+                # every key is drawn from the CPU generator (``generator``); a state saved for another device's
+                # generator (an older checkpoint of a run on CUDA) cannot continue that run's key stream
+                warnings.warn(f"stochastic-rounding generator state for {device!r} ignored: keys are drawn from "
+                              f"the {KEY_DEVICE} generator, which restarts from the seed if the checkpoint holds "
+                              "no state for it; the resumed run's rounding stream differs from an uninterrupted "
+                              "one", RuntimeWarning, stacklevel=2)
+                continue
             g = torch.Generator(device=device)
             g.set_state(state)
             generators[device] = g
@@ -687,6 +695,8 @@ class QuantOptimizer(Optimizer):
         if group.get("maximize", False):
             factor = -factor
         bad = plan.call.run(grads, steps, lr, factor, keys, skip_nonfinite=skip_nonfinite)
+        # the op's own writes may bump versions (a device kernel writing through torch ops): they are the plan's
+        plan.versions = list(map(_VERSION, plan.weight_tensors))
         if any(bad):
             for i, (n_bad, num_blocks) in enumerate(zip(bad, plan.call.num_blocks)):
                 skipped += n_bad

@@ -245,7 +245,6 @@ class GroupCall:
         self.numels = [j.numel for j in jobs]
         self.num_blocks = [j.num_blocks for j in jobs]
         self.injection_coef_of = jobs[0].injection_coef_of
-        self.stochastic = jobs[0].sr_key is not None
 
     @classmethod
     def of(cls, jobs: list[Job]) -> "GroupCall | None":

@@ -154,8 +154,8 @@ def _convert_param_state(st: dict, p: torch.Tensor, pid: Any, sg: dict, ng: dict
         low_bit = k in moment_keys and f"{k}_absmax" in st and isinstance(saved_cfg, BlockwiseState)
         want = saved_cfg.code_shape(shape) if low_bit else shape  # 4-bit codes: packed flat
         if isinstance(v, torch.Tensor) and tuple(v.shape) != want:
-            raise ValueError(f"{where}: state {k!r} has shape {tuple(v.shape)} but the parameter has shape {shape}: "
-                             "the state_dict belongs to another model or another parameter order")
+            raise ValueError(f"{where}: state {k!r} has shape {tuple(v.shape)}, expected {tuple(want)} for a parameter "
+                             f"of shape {shape}: the state_dict belongs to another model or another parameter order")
     if "step" not in st:  # torch.optim.SGD keeps no step count
         st["step"] = torch.tensor(0.0)
     if not ng.get("amsgrad", False) and "max_exp_avg_sq" in st:

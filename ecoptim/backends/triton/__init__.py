@@ -14,6 +14,7 @@ from types import ModuleType
 
 import torch
 
+from ...formats import QuantSpec
 from .support import available, supports
 
 __all__ = ["available", "cuda_ready", "supports", "applies", "load_ops"]
@@ -38,6 +39,6 @@ def cuda_ready() -> bool:
     return _cuda_ready
 
 
-def applies(p: torch.Tensor, spec, group: dict) -> bool:
+def applies(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     """Whether the op's CUDA kernel (these Triton kernels) steps ``p``: a CUDA tensor that ``supports`` accepts."""
     return p.is_cuda and supports(p, spec, group) and cuda_ready()
