@@ -206,9 +206,9 @@ def test_triton_step_is_bit_identical_to_reference(triton_route, fmt, gran, mode
     _run(ref, fast, o_ref, o_fast, SHAPE, triton_route)
 
 
-def _mx_pair(shape, fmt, rule, opt_cls, **kw):
+def _mx_pair(shape, fmt, rule, opt_cls, device=DEVICE, **kw):
     """``_pair`` for an MX format with E8M0 scales of the given rule ('ceil', the formats' default, or 'floor')."""
-    ref, fast, o_ref, o_fast = _pair(shape, fmt, None, opt_cls, **kw)
+    ref, fast, o_ref, o_fast = _pair(shape, fmt, None, opt_cls, device=device, **kw)
     if rule == "ceil":
         return ref, fast, o_ref, o_fast
     spec = ecoptim.formats.QuantSpec.make(fmt, scale="e8m0")
@@ -417,6 +417,18 @@ def test_cuda_matches_the_cpu_reference(fmt, gran, opt):
     fast.to("cuda")
     o_fast = opt_cls(fast.parameters(), rounding="nearest", **kw)
     _run(ref, fast, o_ref, o_fast, SHAPE, fused.applies)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("fmt,rule", list(itertools.product(MX_FORMATS, E8M0_RULES)))
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_cuda_mx_matches_the_cpu_reference(fmt, rule, opt):
+    """Round to nearest on CUDA against the CPU reference path, MXFP8 / MXFP4 with both E8M0 rules."""
+    opt_cls, kw = OPTIMIZERS[opt]
+    ref, fast, o_ref, o_fast = _mx_pair(MX_SHAPE, fmt, rule, opt_cls, device="cpu", rounding="nearest", **kw)
+    fast.to("cuda")
+    o_fast = opt_cls(fast.parameters(), rounding="nearest", **kw)
+    _run(ref, fast, o_ref, o_fast, MX_SHAPE, fused.applies)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
