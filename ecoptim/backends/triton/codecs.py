@@ -16,9 +16,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["FP8_E4M3", "FP8_E5M2", "INT8", "BF16", "INT4", "FORMAT_IDS", "bits_of", "float_of", "bf16_to_f32",
-           "f32_to_bf16", "decode", "FP4_E2M1", "PACKED", "ABSMAX_SCALE", "E8M0_FLOOR", "E8M0_CEIL",
-           "SCALE_IDS", "e8m0_value", "e8m0_code", "round_nearest", "round_stochastic", "code_of", "block_scale", "is_finite",
+__all__ = ["FP8_E4M3", "FP8_E5M2", "INT8", "BF16", "INT4", "FP4_E2M1", "FORMAT_IDS", "PACKED", "ABSMAX_SCALE",
+           "E8M0_FLOOR", "E8M0_CEIL", "SCALE_IDS", "bits_of", "float_of", "bf16_to_f32", "f32_to_bf16", "decode",
+           "round_nearest", "round_stochastic", "code_of", "block_scale", "e8m0_value", "e8m0_code", "is_finite",
            "load_f32", "load_weight"]
 
 # format ids (the kernels' FMT constexpr); the values of ecoptim/backends/cpu/abi.py's eco_format

@@ -35,7 +35,8 @@ def supports(p: torch.Tensor, spec: QuantSpec | None, group: dict) -> bool:
     (INT4 blocks of even size or one block), unscaled BF16, or MXFP8 / MXFP4 with E8M0 block scales (floor or
     ceil rule; MXFP4's packed blocks likewise of even size or one block); modes eco, naive, master, exact, kahan;
     fp32 or bf16 moments; fp32, bf16 or fp16 gradients; lr > 0 (a float). Not: AMSGrad, a Tensor lr, 8-bit
-    moments, other formats or scales (NVFP4's two-level scale among them), a custom ``Format.round``, transposed (Conv1D) storage."""
+    moments, other formats or scales (NVFP4's two-level scale among them), a custom ``Format.round``, transposed
+    (Conv1D) storage."""
     if (group.get("fused") is False or group.get("amsgrad") or isinstance(group["lr"], torch.Tensor)
             or spec is None or not isinstance(p, QuantizedTensor)):
         return False
