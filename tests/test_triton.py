@@ -241,6 +241,18 @@ def test_triton_mx_step_is_bit_identical_to_reference(triton_route, fmt, rule, m
     _run(ref, fast, o_ref, o_fast, MX_SHAPE, triton_route, steps=4)
 
 
+@pytest.mark.parametrize("mode,rounding,opt,gran", [("eco", "stochastic", "adamw", "row"),
+                                                    ("naive", "nearest", "sgd", "group16"),
+                                                    ("master", "nearest", "adamw", "tensor"),
+                                                    ("exact", "stochastic", "sgd", "row"),
+                                                    ("kahan", "nearest", "adamw", "group16")])
+def test_fp4_with_absmax_scales(triton_route, mode, rounding, opt, gran):
+    """FP4 E2M1 codes (MXFP4's elements) with fp32 absmax scales per row, group or tensor."""
+    opt_cls, kw = OPTIMIZERS[opt]
+    ref, fast, o_ref, o_fast = _pair(SHAPE, "fp4_e2m1", gran, opt_cls, mode=mode, rounding=rounding, seed=3, **kw)
+    _run(ref, fast, o_ref, o_fast, SHAPE, triton_route)
+
+
 @pytest.mark.parametrize("fmt,rule", [("mxfp8", "floor"), ("mxfp4", "ceil")])
 def test_mx_blocks_of_zeros_and_bf16_moments(triton_route, fmt, rule):
     """An all-zero block (scale 2^-127, E8M0 code 0) stays one while its gradient is zero; bf16 moments."""
@@ -303,7 +315,7 @@ def test_pending_clip_is_folded_into_the_gradients(triton_route, opt):
 
 
 @pytest.mark.parametrize("shape,gran", [((5, 7), "tensor"), ((2, 1100), "row"), ((3, 701), "tensor")])
-@pytest.mark.parametrize("fmt", ["int4", "fp8_e4m3"])
+@pytest.mark.parametrize("fmt", ["int4", "fp8_e4m3", "fp4_e2m1"])
 def test_odd_sizes_and_blocks_of_several_tiles(triton_route, shape, gran, fmt):
     """An odd-sized tensor (packed int4: the last byte's high nibble is padding), and blocks of more than one
     tile (1024 elements) whose statistics meet in the per-block reduction."""
@@ -612,6 +624,7 @@ def test_unsupported_cases_take_the_reference_path():
     assert check("int4", "tensor", shape=(4, 31))
     assert check("mxfp8", None) and check("mxfp4", None)
     assert not check("nvfp4", None)  # the two-level scale is not in the kernels
+    assert check("fp4_e2m1", "row") and not check("fp4_e2m1", "row", shape=(4, 31))
 
 
 def test_bad_arguments_are_refused_before_anything_is_modified():

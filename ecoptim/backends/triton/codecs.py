@@ -29,7 +29,7 @@ BF16: tl.constexpr = tl.constexpr(3)
 INT4: tl.constexpr = tl.constexpr(4)
 FP4_E2M1: tl.constexpr = tl.constexpr(5)
 # the kernels' FMT of each op format name: an MX format steps its element format's grid and codes
-FORMAT_IDS = {"fp8_e4m3": 0, "fp8_e5m2": 1, "int8": 2, "bf16": 3, "int4": 4, "mxfp8": 0, "mxfp4": 5}
+FORMAT_IDS = {"fp8_e4m3": 0, "fp8_e5m2": 1, "int8": 2, "bf16": 3, "int4": 4, "fp4_e2m1": 5, "mxfp8": 0, "mxfp4": 5}
 # the formats whose codes are nibbles, two per byte
 PACKED = frozenset({INT4.value, FP4_E2M1.value})
 # scale formats (the kernels' SCALE constexpr; ecoptim/backends/cpu/abi.py's eco_scale_format values)

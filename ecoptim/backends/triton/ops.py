@@ -9,7 +9,7 @@ launches (``step.py``): phase 0 (block statistics), phase 1 (quantize and write)
 (the compensation). The scalars are derived from the op's hyper-parameters with the expressions the CPU kernel
 uses (``ecoptim/backends/cpu/ops.py``: Python floats rounded once to fp32) and passed as fp32 bit patterns.
 
-Scale formats: 'absmax' (fp32 scales) for fp8_e4m3, fp8_e5m2, int8, int4 and bf16 (unscaled); 'e8m0' and
+Scale formats: 'absmax' (fp32 scales) for fp8_e4m3, fp8_e5m2, int8, int4, fp4_e2m1 and bf16 (unscaled); 'e8m0' and
 'e8m0_ceil' (E8M0 bytes) for the MX formats mxfp8 and mxfp4. Not supported here (refused with a ValueError before
 anything is modified; ``support.supports`` keeps such cases on the reference path): other pairings (NVFP4's
 two-level scale among them), 8-bit moments, and packed int4 / fp4 blocks of odd size (a block would share a byte
@@ -51,7 +51,7 @@ def _key_word(k: int) -> int:
 
 _CODE_VIEW = {"fp8_e4m3": torch.uint8, "fp8_e5m2": torch.uint8, "mxfp8": torch.uint8, "bf16": torch.int16}
 # the scale formats each format is stepped with (the reference's pairings the kernels reproduce)
-SCALE_FORMATS_OF = {**{fmt: ("absmax",) for fmt in ("fp8_e4m3", "fp8_e5m2", "int8", "int4", "bf16")},
+SCALE_FORMATS_OF = {**{fmt: ("absmax",) for fmt in ("fp8_e4m3", "fp8_e5m2", "int8", "int4", "fp4_e2m1", "bf16")},
                     "mxfp8": ("e8m0", "e8m0_ceil"), "mxfp4": ("e8m0", "e8m0_ceil")}
 
 
