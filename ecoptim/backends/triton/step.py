@@ -3,7 +3,7 @@
 
     phase 0  w_til of the tile (``adamw.adamw_w_til`` / ``sgd.sgd_w_til``): its absmax and whether it holds a
              NaN/Inf, per tile; nothing is written. The launcher reduces them per block (exact: a max).
-    phase 1  blocks without NaN/Inf only: the block's new scale (``codecs.block_scale``), w_til recomputed (the
+    phase 1  blocks without NaN/Inf only: the block's new scale (``_new_scale``), w_til recomputed (the
              same operations on the same inputs: the same bits), rounded (to nearest, or stochastically with the
              uniforms of ``rng.uniform``), the codes written, e = w_til - w_hat injected into the momentum (ECO),
              the moments and the mode buffers written. New scales go to a separate array (another tile of the
