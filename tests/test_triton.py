@@ -206,6 +206,69 @@ def test_triton_step_is_bit_identical_to_reference(triton_route, fmt, gran, mode
     _run(ref, fast, o_ref, o_fast, SHAPE, triton_route)
 
 
+def _mx_pair(shape, fmt, rule, opt_cls, device=DEVICE, **kw):
+    """``_pair`` for an MX format with E8M0 scales of the given rule ('ceil', the formats' default, or 'floor')."""
+    ref, fast, o_ref, o_fast = _pair(shape, fmt, None, opt_cls, device=device, **kw)
+    if rule == "ceil":
+        return ref, fast, o_ref, o_fast
+    spec = ecoptim.formats.QuantSpec.make(fmt, scale="e8m0")
+    for m in (ref, fast):
+        m[0].weight = nn.Parameter(QuantizedTensor.from_float(m[0].weight.dequantize(), spec))
+    return ref, fast, opt_cls(ref.parameters(), fused=False, **kw), opt_cls(fast.parameters(), **kw)
+
+
+MX_FORMATS = ("mxfp8", "mxfp4")
+E8M0_RULES = ("ceil", "floor")
+MX_SHAPE = (4, 64)  # two blocks of 32 per row, rows of very different magnitudes
+
+
+def _mx_matrix():
+    """MXFP8 / MXFP4 x E8M0 rule x mode x rounding x optimizer; every (format, rule, mode) by default, the
+    rounding and the optimizer alternating; the rest marked slow."""
+    cases = []
+    for fmt, rule, mode, rounding, opt in itertools.product(MX_FORMATS, E8M0_RULES, MODES, ROUNDINGS, OPTIMIZERS):
+        i, j = MX_FORMATS.index(fmt) * 2 + E8M0_RULES.index(rule), MODES.index(mode)
+        cover = ROUNDINGS.index(rounding) == (i + j) % 2 and list(OPTIMIZERS).index(opt) == (i // 2 + j) % 2
+        cases.append(pytest.param(fmt, rule, mode, rounding, opt, marks=() if cover else (pytest.mark.slow,),
+                                  id=f"{opt}-{fmt}-{rule}-{mode}-{rounding}"))
+    return cases
+
+
+@pytest.mark.parametrize("fmt,rule,mode,rounding,opt", _mx_matrix())
+def test_triton_mx_step_is_bit_identical_to_reference(triton_route, fmt, rule, mode, rounding, opt):
+    opt_cls, kw = OPTIMIZERS[opt]
+    ref, fast, o_ref, o_fast = _mx_pair(MX_SHAPE, fmt, rule, opt_cls, mode=mode, rounding=rounding, seed=3, **kw)
+    _run(ref, fast, o_ref, o_fast, MX_SHAPE, triton_route, steps=4)
+
+
+@pytest.mark.parametrize("mode,rounding,opt,gran", [("eco", "stochastic", "adamw", "row"),
+                                                    ("naive", "nearest", "sgd", "group16"),
+                                                    ("master", "nearest", "adamw", "tensor"),
+                                                    ("exact", "stochastic", "sgd", "row"),
+                                                    ("kahan", "nearest", "adamw", "group16")])
+def test_fp4_with_absmax_scales(triton_route, mode, rounding, opt, gran):
+    """FP4 E2M1 codes (MXFP4's elements) with fp32 absmax scales per row, group or tensor."""
+    opt_cls, kw = OPTIMIZERS[opt]
+    ref, fast, o_ref, o_fast = _pair(SHAPE, "fp4_e2m1", gran, opt_cls, mode=mode, rounding=rounding, seed=3, **kw)
+    _run(ref, fast, o_ref, o_fast, SHAPE, triton_route)
+
+
+@pytest.mark.parametrize("fmt,rule", [("mxfp8", "floor"), ("mxfp4", "ceil")])
+def test_mx_blocks_of_zeros_and_bf16_moments(triton_route, fmt, rule):
+    """An all-zero block (scale 2^-127, E8M0 code 0) stays one while its gradient is zero; bf16 moments."""
+    def zero_a_block(o_ref, o_fast):
+        for o in (o_ref, o_fast):
+            p = o.param_groups[0]["params"][0]
+            if not hasattr(o, "_zeroed"):
+                p.requantize_(torch.cat([torch.zeros(32), p.dequantize().reshape(-1)[32:]]).reshape(p.shape))
+                o._zeroed = True
+            p.grad.reshape(-1)[:32] = 0
+    ref, fast, o_ref, o_fast = _mx_pair(MX_SHAPE, fmt, rule, ecoptim.AdamW, rounding="stochastic",
+                                        state_dtype=torch.bfloat16, **ADAMW)
+    _run(ref, fast, o_ref, o_fast, MX_SHAPE, triton_route, before_step=zero_a_block)
+    assert next(fast.parameters()).scale.view(torch.uint8).reshape(-1)[0] == 0
+
+
 @pytest.mark.parametrize("fmt,gran,rounding", [("fp8_e4m3", "row", "stochastic"), ("int4", "tensor", "nearest"),
                                                ("bf16", None, "stochastic"), ("int8", "group16", "nearest")])
 def test_bf16_moments(triton_route, fmt, gran, rounding):
@@ -252,7 +315,7 @@ def test_pending_clip_is_folded_into_the_gradients(triton_route, opt):
 
 
 @pytest.mark.parametrize("shape,gran", [((5, 7), "tensor"), ((2, 1100), "row"), ((3, 701), "tensor")])
-@pytest.mark.parametrize("fmt", ["int4", "fp8_e4m3"])
+@pytest.mark.parametrize("fmt", ["int4", "fp8_e4m3", "fp4_e2m1"])
 def test_odd_sizes_and_blocks_of_several_tiles(triton_route, shape, gran, fmt):
     """An odd-sized tensor (packed int4: the last byte's high nibble is padding), and blocks of more than one
     tile (1024 elements) whose statistics meet in the per-block reduction."""
@@ -368,6 +431,18 @@ def test_cuda_matches_the_cpu_reference(fmt, gran, opt):
     _run(ref, fast, o_ref, o_fast, SHAPE, fused.applies)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("fmt,rule", list(itertools.product(MX_FORMATS, E8M0_RULES)))
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_cuda_mx_matches_the_cpu_reference(fmt, rule, opt):
+    """Round to nearest on CUDA against the CPU reference path, MXFP8 / MXFP4 with both E8M0 rules."""
+    opt_cls, kw = OPTIMIZERS[opt]
+    ref, fast, o_ref, o_fast = _mx_pair(MX_SHAPE, fmt, rule, opt_cls, device="cpu", rounding="nearest", **kw)
+    fast.to("cuda")
+    o_fast = opt_cls(fast.parameters(), rounding="nearest", **kw)
+    _run(ref, fast, o_ref, o_fast, MX_SHAPE, fused.applies)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
                     reason="triton without its NVIDIA backend")
 def test_compiled_kernels_keep_the_reference_operations():
@@ -410,7 +485,7 @@ def _int32(k: int) -> int:
     return k - 2 ** 32 if k >= 2 ** 31 else k
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "int8", "int4", "bf16"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "int8", "int4", "bf16", "mxfp4"])
 def test_codecs_against_the_reference_rounding_and_torch(fmt):
     """Round to nearest / stochastically, encode and decode values spanning the grid (ties, subnormals, the
     top of the range, signed zeros) against rounding.py and the format's own encode / decode."""
@@ -424,10 +499,10 @@ def test_codecs_against_the_reference_rounding_and_torch(fmt):
     u = rng.uniform_torch((3, 4), y.numel())
     n = y.numel()
     code_dtype = {"fp8_e4m3": torch.uint8, "fp8_e5m2": torch.uint8, "int8": torch.int8, "int4": torch.int32,
-                  "bf16": torch.int16}[fmt]
+                  "bf16": torch.int16, "mxfp4": torch.int32}[fmt]
     nearest, stochastic, decoded = (torch.empty(n, device=DEVICE) for _ in range(3))
     codes = torch.empty(n, dtype=code_dtype, device=DEVICE)
-    if fmt == "int4":  # decode reads packed bytes: check the nibbles through a separate packing below
+    if fmt in ("int4", "mxfp4"):  # decode reads packed bytes: the nibbles are checked below
         codes = torch.empty(n, dtype=torch.int32, device=DEVICE)
     _codec_kernel[(1,)](y.to(DEVICE), u.to(DEVICE), nearest, stochastic, codes, decoded, n,
                         FMT=tcodecs.FORMAT_IDS[fmt], N=triton.next_power_of_2(n))
@@ -437,6 +512,10 @@ def test_codecs_against_the_reference_rounding_and_torch(fmt):
     assert torch.equal(stochastic.cpu().view(torch.int32), want_s.view(torch.int32))
     if fmt == "int4":
         assert torch.equal(codes.cpu(), want_n.to(torch.int32) + 8)
+        return
+    if fmt == "mxfp4":  # the nibbles of the reference's packed bytes, element 2i in the low one
+        packed = f.encode(want_n)
+        assert torch.equal(codes.cpu(), torch.stack([packed & 0xF, packed >> 4], 1).reshape(-1)[:n].to(torch.int32))
         return
     want_codes = f.encode(want_n)
     assert torch.equal(codes.cpu(), want_codes.view(code_dtype))
@@ -453,6 +532,54 @@ def test_every_fp8_code_decodes_as_torch_decodes_it(fmt, dtype):
     finite = ~want.isnan()
     assert torch.equal(out[finite].view(torch.int32), want[finite].view(torch.int32))  # signed zeros included
     assert out[~finite].isnan().all()
+
+
+def test_every_fp4_byte_decodes_as_the_reference_decodes_it():
+    codes = torch.arange(256, dtype=torch.uint8)
+    out = torch.empty(512, device=DEVICE)
+    _decode_kernel[(1,)](codes.to(DEVICE), out, FMT=tcodecs.FORMAT_IDS["mxfp4"], N=512)
+    want = ecoptim.formats.FP4_E2M1.decode(codes, 512)
+    assert torch.equal(out.cpu().view(torch.int32), want.view(torch.int32))  # signed zeros included
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "mxfp4"])
+def test_e8m0_scales_are_the_references(fmt):
+    """E8M0 exponents of absmax values at every rule boundary (max * 2^e and its neighbours), powers of two,
+    subnormals, zero and the top of fp32, both rules, against formats.E8M0Scale."""
+    f = ecoptim.formats.FORMATS[fmt]
+    g = torch.Generator().manual_seed(0)
+    e = torch.arange(-160, 128, dtype=torch.int32)
+    edges = torch.ldexp(torch.full(e.shape, f.max), e)
+    pow2 = torch.ldexp(torch.ones(e.shape), e)
+    amax = torch.cat([edges, edges.nextafter(torch.tensor(0.0)), edges.nextafter(torch.tensor(float("inf"))), pow2,
+                      torch.rand(500, generator=g).mul(2.0 ** 60).pow(torch.rand(500, generator=g) * 4 - 2),
+                      torch.tensor([0.0, 1e-45, 1e-40, 2.0 ** -126, torch.finfo(torch.float32).max])])
+    amax = amax[amax.isfinite()]
+    for rule in E8M0_RULES:
+        out = torch.empty(amax.numel(), dtype=torch.int32, device=DEVICE)
+        value = torch.empty(amax.numel(), device=DEVICE)
+        _e8m0_kernel[(1,)](amax.to(DEVICE), out, value, amax.numel(), _int32(struct_bits(f.max)),
+                           EMAX=ecoptim.formats.largest_normal_exponent(f), CEIL=rule == "ceil",
+                           N=triton.next_power_of_2(amax.numel()))
+        scale = ecoptim.formats.E8M0Scale(rule)
+        want = scale.encode(amax, f)
+        assert torch.equal(out.cpu(), want.view(torch.uint8).to(torch.int32)), rule
+        assert torch.equal(value.cpu().view(torch.int32), scale.decode(want).view(torch.int32)), rule
+
+
+def struct_bits(x: float) -> int:
+    return int(torch.tensor([x], dtype=torch.float32).view(torch.int32)[0])
+
+
+with _interpreted():
+    @triton.jit(do_not_specialize=["fmax"])
+    def _e8m0_kernel(amax_ptr, out, value, n, fmax, EMAX: tl.constexpr, CEIL: tl.constexpr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        mask = i < n
+        c = tcodecs.e8m0_code(tl.load(amax_ptr + i, mask=mask, other=0.0), fmax.to(tl.float32, bitcast=True), EMAX,
+                              CEIL)
+        tl.store(out + i, c, mask=mask)
+        tl.store(value + i, tcodecs.e8m0_value(c.to(tl.uint32)), mask=mask)
 
 
 with _interpreted():
@@ -495,6 +622,9 @@ def test_unsupported_cases_take_the_reference_path():
     assert not check(lr=torch.tensor(1e-3))
     assert not check("int4", "row", shape=(4, 31))  # odd rows would share bytes
     assert check("int4", "tensor", shape=(4, 31))
+    assert check("mxfp8", None) and check("mxfp4", None)
+    assert not check("nvfp4", None)  # the two-level scale is not in the kernels
+    assert check("fp4_e2m1", "row") and not check("fp4_e2m1", "row", shape=(4, 31))
 
 
 def test_bad_arguments_are_refused_before_anything_is_modified():
@@ -513,12 +643,18 @@ def test_bad_arguments_are_refused_before_anything_is_modified():
     moments = dict(exp_avg=[torch.zeros(SHAPE, device=p.device)], exp_avg_sq=[torch.zeros(SHAPE, device=p.device)])
     with pytest.raises(ValueError, match="scale_formats"):
         triton_ops.adamw_step(**moments, **dict(common, scale_formats=["e8m0_ceil"]))
+    with pytest.raises(ValueError, match="scale_formats"):
+        triton_ops.adamw_step(**moments, **dict(common, formats=["mxfp8"]))  # MX with an absmax scale
+    with pytest.raises(ValueError, match="E8M0 byte"):  # fp32 scales passed as E8M0 ones
+        triton_ops.adamw_step(**moments, **dict(common, formats=["mxfp8"], scale_formats=["e8m0"]))
+    with pytest.raises(ValueError, match="unknown format"):
+        triton_ops.adamw_step(**moments, **dict(common, formats=["nvfp4"], scale_formats=["e4m3_fp32"]))
     with pytest.raises(ValueError, match="unknown format"):
         triton_ops.adamw_step(**moments, **dict(common, formats=["fp7"]))
     with pytest.raises(ValueError, match="two sr_keys"):
         triton_ops.adamw_step(**moments, **dict(common, stochastic=True))
     with pytest.raises(ValueError, match="block size"):
         triton_ops.adamw_step(**moments, **dict(common, block_sizes=[30]))
-    with pytest.raises(ValueError, match="one fp32 scale per block"):
+    with pytest.raises(ValueError, match="has 1 entries for"):
         triton_ops.adamw_step(**moments, **dict(common, scales=[p.scale[:1]]))
     assert torch.equal(p.codes.view(torch.uint8), codes0.view(torch.uint8))

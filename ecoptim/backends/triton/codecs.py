@@ -7,16 +7,18 @@ build the fp32 bit pattern (normal values) or multiply a small integer by a powe
 exact. The helpers mirror ``ecoptim/csrc/codecs.h`` (the CPU kernel), which is bit-identical to the reference path
 (``ecoptim/rounding.py``, ``ecoptim/formats.py``).
 
-Codes travel as integer tensors: fp8 as uint8, int8 as int8, packed int4 as uint8 (element 2i in the low
-nibble, stored q + 8), bf16 as int16.
+Codes travel as integer tensors: fp8 as uint8, int8 as int8, packed int4 and fp4 as uint8 (element 2i in the
+low nibble; int4 stored q + 8, fp4 E2M1 as sign bit 3, exponent bits 2:1, mantissa bit 0), bf16 as int16. Block
+scales are fp32 (absmax) or E8M0 bytes (the MX formats: X = 2^(code - 127), ``e8m0_value`` / ``e8m0_code``).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-__all__ = ["FP8_E4M3", "FP8_E5M2", "INT8", "BF16", "INT4", "FORMAT_IDS", "bits_of", "float_of", "bf16_to_f32",
-           "f32_to_bf16", "decode", "round_nearest", "round_stochastic", "code_of", "block_scale", "is_finite",
+__all__ = ["FP8_E4M3", "FP8_E5M2", "INT8", "BF16", "INT4", "FP4_E2M1", "FORMAT_IDS", "PACKED", "ABSMAX_SCALE",
+           "E8M0_FLOOR", "E8M0_CEIL", "SCALE_IDS", "bits_of", "float_of", "bf16_to_f32", "f32_to_bf16", "decode",
+           "round_nearest", "round_stochastic", "code_of", "block_scale", "e8m0_value", "e8m0_code", "is_finite",
            "load_f32", "load_weight"]
 
 # format ids (the kernels' FMT constexpr); the values of ecoptim/backends/cpu/abi.py's eco_format
@@ -25,7 +27,16 @@ FP8_E5M2: tl.constexpr = tl.constexpr(1)
 INT8: tl.constexpr = tl.constexpr(2)
 BF16: tl.constexpr = tl.constexpr(3)
 INT4: tl.constexpr = tl.constexpr(4)
-FORMAT_IDS = {"fp8_e4m3": 0, "fp8_e5m2": 1, "int8": 2, "bf16": 3, "int4": 4}
+FP4_E2M1: tl.constexpr = tl.constexpr(5)
+# the kernels' FMT of each op format name: an MX format steps its element format's grid and codes
+FORMAT_IDS = {"fp8_e4m3": 0, "fp8_e5m2": 1, "int8": 2, "bf16": 3, "int4": 4, "fp4_e2m1": 5, "mxfp8": 0, "mxfp4": 5}
+# the formats whose codes are nibbles, two per byte
+PACKED = frozenset({INT4.value, FP4_E2M1.value})
+# scale formats (the kernels' SCALE constexpr; ecoptim/backends/cpu/abi.py's eco_scale_format values)
+ABSMAX_SCALE: tl.constexpr = tl.constexpr(0)
+E8M0_FLOOR: tl.constexpr = tl.constexpr(1)
+E8M0_CEIL: tl.constexpr = tl.constexpr(2)
+SCALE_IDS = {"absmax": 0, "e8m0": 1, "e8m0_ceil": 2}
 
 
 @triton.jit
@@ -88,6 +99,12 @@ def decode(codes, j, mask, FMT: tl.constexpr):
         byte = tl.load(codes + (j >> 1), mask=mask, other=0).to(tl.int32)
         v = ((byte >> ((j & 1) * 4).to(tl.int32)) & 0xF) - 8
         return v.to(tl.float32)
+    elif FMT == FP4_E2M1:
+        # the fields placed as an fp32's exponent and mantissa give the value * 2^-126 (0.5 lands on an fp32
+        # subnormal); one multiply by 2^126 is exact
+        byte = tl.load(codes + (j >> 1), mask=mask, other=0).to(tl.uint32)
+        n = (byte >> ((j & 1) * 4).to(tl.uint32)) & 0xF
+        return float_of(((n & 7) << 22) | ((n & 8) << 28)) * (2.0 ** 126)
     elif FMT == INT8:
         return tl.load(codes + j, mask=mask, other=0).to(tl.float32)
     elif FMT == BF16:
@@ -119,6 +136,8 @@ def round_nearest(y, FMT: tl.constexpr):
             magic = float_of(((_grid_exponent(y, 3, -6) + 23) << 23).to(tl.uint32) | 0x400000)
         elif FMT == FP8_E5M2:
             magic = float_of(((_grid_exponent(y, 2, -14) + 23) << 23).to(tl.uint32) | 0x400000)
+        elif FMT == FP4_E2M1:
+            magic = float_of(((_grid_exponent(y, 1, 0) + 23) << 23).to(tl.uint32) | 0x400000)
         else:
             magic = 12582912.0  # 1.5 * 2^23: integer grids
         q = (ay + magic) - magic
@@ -153,6 +172,8 @@ def round_stochastic(y, u, FMT: tl.constexpr):
     else:
         if FMT == FP8_E4M3:
             k = _grid_exponent(y, 3, -6)
+        elif FMT == FP4_E2M1:
+            k = _grid_exponent(y, 1, 0)
         else:
             k = _grid_exponent(y, 2, -14)
         sp = float_of((k << 23).to(tl.uint32))
@@ -178,14 +199,17 @@ def _fp8_code(q, MAN: tl.constexpr, BIAS: tl.constexpr):
 
 @triton.jit
 def code_of(q, FMT: tl.constexpr):
-    """The code of grid value ``q``: uint8 (fp8), int8, int16 (bf16 bits) or, for int4, the nibble q + 8 as
-    int32 (the caller packs two per byte)."""
+    """The code of grid value ``q``: uint8 (fp8), int8, int16 (bf16 bits) or, for int4 and fp4, the nibble as
+    int32 (q + 8; fp4: the E2M1 fields with the sign in bit 3; the caller packs two per byte)."""
     if FMT == BF16:
         return (bits_of(q) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
     elif FMT == INT8:
         return q.to(tl.int32).to(tl.int8)
     elif FMT == INT4:
         return q.to(tl.int32) + 8
+    elif FMT == FP4_E2M1:
+        c = _fp8_code(q, 1, 1).to(tl.int32)  # fp8's fields with E2M1's widths, the sign moved from bit 7 to 3
+        return (c & 0x7) | ((c >> 4) & 0x8)
     elif FMT == FP8_E4M3:
         return _fp8_code(q, 3, 7)
     else:
@@ -200,6 +224,29 @@ def block_scale(amax, fmax):
     s = tl.where(s < 2.0 ** -126, 2.0 ** -126, s)
     over = (~is_finite(s * fmax)) & is_finite(s)
     return tl.where(over, float_of(bits_of(s) - 1), s)
+
+
+@triton.jit
+def e8m0_value(c):
+    """2^(c - 127) for E8M0 code ``c`` (uint32; 0 is the fp32 subnormal 2^-127; 255, NaN, is never written)."""
+    return tl.where(c == 0, float_of(c * 0 + 0x400000), float_of(c << 23))
+
+
+@triton.jit
+def e8m0_code(amax, fmax, EMAX: tl.constexpr, CEIL: tl.constexpr):
+    """formats.E8M0Scale.encode of one block (as int32 code e + 127): e = floor(log2(amax)) - emax, plus one
+    where the ceil rule finds amax > max * 2^e, -127 for an all-zero block, clamped to [-127, 127 - emax].
+    floor(log2) is the exponent field (a subnormal amax gives e < -127 either way, clamped); max * 2^e is exact
+    for every e the clamp does not override (2^-127 as 2^-126 / 2)."""
+    ex = ((bits_of(amax) >> 23) & 0xFF).to(tl.int32)
+    e = tl.where(ex == 0, -127, ex - 127) - EMAX
+    if CEIL:
+        k = tl.maximum(e, -126)
+        lim = fmax * float_of(((k + 127) << 23).to(tl.uint32))
+        lim = tl.where(e < -126, lim * 0.5, lim)
+        e = tl.where(amax > lim, e + 1, e)
+    e = tl.where(amax > 0, e, -127)
+    return tl.minimum(tl.maximum(e, -127), 127 - EMAX) + 127
 
 
 @triton.jit

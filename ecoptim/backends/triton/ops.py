@@ -9,8 +9,10 @@ launches (``step.py``): phase 0 (block statistics), phase 1 (quantize and write)
 (the compensation). The scalars are derived from the op's hyper-parameters with the expressions the CPU kernel
 uses (``ecoptim/backends/cpu/ops.py``: Python floats rounded once to fp32) and passed as fp32 bit patterns.
 
-Not supported here (refused with a ValueError before anything is modified; ``support.supports`` keeps such
-cases on the reference path): 8-bit moments, and packed int4 blocks of odd size (a block would share a byte
+Scale formats: 'absmax' (fp32 scales) for fp8_e4m3, fp8_e5m2, int8, int4, fp4_e2m1 and bf16 (unscaled); 'e8m0' and
+'e8m0_ceil' (E8M0 bytes) for the MX formats mxfp8 and mxfp4. Not supported here (refused with a ValueError before
+anything is modified; ``support.supports`` keeps such cases on the reference path): other pairings (NVFP4's
+two-level scale among them), 8-bit moments, and packed int4 / fp4 blocks of odd size (a block would share a byte
 with the next).
 """
 from __future__ import annotations
@@ -20,11 +22,11 @@ import torch
 import triton
 
 from ... import ops
-from ...formats import FORMATS
-from .codecs import FORMAT_IDS
+from ...formats import FORMATS, largest_normal_exponent
+from .codecs import FORMAT_IDS, PACKED, SCALE_IDS
 from .step import compensation_kernel, step_kernel
 
-__all__ = ["adamw_step", "sgd_step", "MAX_TILE", "LAUNCH_OPTIONS", "IMPLEMENTS"]
+__all__ = ["adamw_step", "sgd_step", "MAX_TILE", "LAUNCH_OPTIONS", "IMPLEMENTS", "SCALE_FORMATS_OF"]
 
 MAX_TILE = 1024  # elements per program: smaller blocks share a program, larger ones are split into tiles
 # every launch's compile options: no contraction of a multiply and an add into an fma (the reference rounds both)
@@ -47,12 +49,20 @@ def _key_word(k: int) -> int:
     return int(np.array([k & 0xFFFFFFFF], dtype=np.uint32).view(np.int32)[0])
 
 
-_CODE_VIEW = {"fp8_e4m3": torch.uint8, "fp8_e5m2": torch.uint8, "bf16": torch.int16}
+_CODE_VIEW = {"fp8_e4m3": torch.uint8, "fp8_e5m2": torch.uint8, "mxfp8": torch.uint8, "bf16": torch.int16}
+# the scale formats each format is stepped with (the reference's pairings the kernels reproduce)
+SCALE_FORMATS_OF = {**{fmt: ("absmax",) for fmt in ("fp8_e4m3", "fp8_e5m2", "int8", "int4", "fp4_e2m1", "bf16")},
+                    "mxfp8": ("e8m0", "e8m0_ceil"), "mxfp4": ("e8m0", "e8m0_ceil")}
 
 
 def _codes_as_int(codes: torch.Tensor, fmt: str) -> torch.Tensor:
     # the kernels read and write codes as integers (codecs.py)
     return codes.view(_CODE_VIEW[fmt]) if fmt in _CODE_VIEW else codes
+
+
+def _scales_as_stored(scales: torch.Tensor | None) -> torch.Tensor | None:
+    # E8M0 scales (float8_e8m0fnu) are read and written as their bytes
+    return scales.view(torch.uint8) if scales is not None and scales.element_size() == 1 else scales
 
 
 def _as_bits(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -76,8 +86,9 @@ def _check(n: int, codes, scales, grads, formats, block_sizes, moments: dict, bu
         n_el = g.numel()
         if bs <= 0 or n_el % bs:
             raise ValueError(f"ecoptim fused step (triton): block size {bs} does not divide the {n_el} elements")
-        if fmt == "int4" and bs % 2 and n_el != bs:
-            raise ValueError("ecoptim fused step (triton): packed int4 blocks must be of even size (or one block "
+        packed = FORMAT_IDS[fmt] in PACKED
+        if packed and bs % 2 and n_el != bs:
+            raise ValueError(f"ecoptim fused step (triton): packed {fmt} blocks must be of even size (or one block "
                              "for the tensor), so that no byte holds two blocks; use the reference path")
         for name, t in (("codes", codes[k]), ("scales", scales[k]),
                         *((key, v[k]) for key, v in moments.items()), *((key, v[k]) for key, v in buffers.items())):
@@ -91,14 +102,13 @@ def _check(n: int, codes, scales, grads, formats, block_sizes, moments: dict, bu
                                  f"the gradient's device ({g.device})")
         if fmt != "bf16" and scales[k] is None:
             raise ValueError(f"ecoptim fused step (triton): format {fmt} needs its block scales")
-        if codes[k].numel() != ((n_el + 1) // 2 if fmt == "int4" else n_el):
+        for name, t in (("scales", scales[k]), ("compensation_scales", buffers["compensation_scales"][k])):
+            if t is not None and fmt != "bf16" and t.numel() != n_el // bs:
+                raise ValueError(f"ecoptim fused step (triton): {name} of tensor {k} has {t.numel()} entries for "
+                                 f"{n_el // bs} blocks")
+        if codes[k].numel() != ((n_el + 1) // 2 if packed else n_el):
             raise ValueError(f"ecoptim fused step (triton): tensor {k} has {codes[k].numel()} codes for a gradient "
                              f"of {n_el} elements")
-        if fmt != "bf16":  # the kernels read and write one fp32 scale per block, for the weight and its compensation
-            for name, t in (("scales", scales[k]), ("compensation_scales", buffers["compensation_scales"][k])):
-                if t is not None and (t.dtype != torch.float32 or t.numel() != n_el // bs):
-                    raise ValueError(f"ecoptim fused step (triton): {name} of tensor {k} must hold one fp32 scale "
-                                     f"per block ({n_el // bs}), got {t.numel()} of {t.dtype}")
         comp = buffers["compensation_codes"][k]
         if comp is not None and (comp.dtype != codes[k].dtype or comp.numel() != codes[k].numel()):
             raise ValueError(f"ecoptim fused step (triton): compensation_codes of tensor {k} must be stored like its "
@@ -116,8 +126,9 @@ def _check(n: int, codes, scales, grads, formats, block_sizes, moments: dict, bu
 def _step_tensor(adamw: bool, codes: torch.Tensor, scales: torch.Tensor | None, grad: torch.Tensor,
                  exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor | None, master: torch.Tensor | None,
                  carried: torch.Tensor | None, comp: torch.Tensor | None, comp_scales: torch.Tensor | None,
-                 fmt: str, block_size: int, scalars: dict, flags: dict) -> torch.Tensor:
+                 fmt: str, scale_format: str, block_size: int, scalars: dict, flags: dict) -> torch.Tensor:
     """One tensor's step (phases 0, 1 and, for kahan, 2); returns its count of NaN/Inf blocks (0-dim int64)."""
+    scales, comp_scales = _scales_as_stored(scales), _scales_as_stored(comp_scales)
     n = grad.numel()
     dev = grad.device
     nb = n // block_size
@@ -149,7 +160,8 @@ def _step_tensor(adamw: bool, codes: torch.Tensor, scales: torch.Tensor | None, 
                 comp_scales if kahan and scaled else dummy, ebuf, tile_amax, tile_bad]
     consts = dict(ADAMW=adamw, FMT=FORMAT_IDS[fmt], SCALED=scaled, GRAD_BF16=grad.dtype == torch.int16,
                   STATE_BF16=state_bf16, HAS_MASTER=master is not None, HAS_CARRIED=carried is not None, KAHAN=kahan,
-                  BPP=bpp, TILE=tile, **flags)
+                  SCALE=SCALE_IDS[scale_format], EMAX=largest_normal_exponent(FORMATS[fmt]), BPP=bpp, TILE=tile,
+                  **flags)
     args = [nb, block_size, ntiles, fmax, *scalars.values()]
     # phase 0: per-tile statistics of w_til, reduced per block (a max: exact in any order)
     step_kernel[grid](*pointers, dummy, dummy, dummy, *args, PHASE=0, **consts, **LAUNCH_OPTIONS)
@@ -164,19 +176,33 @@ def _step_tensor(adamw: bool, codes: torch.Tensor, scales: torch.Tensor | None, 
         block_eamax = tile_amax.view(nb, ntiles).amax(1)
         new_comp_scales = comp_scales.clone() if scaled else dummy
         compensation_kernel[grid](comp_i, new_comp_scales, ebuf, block_eamax, block_bad, nb, block_size, ntiles,
-                                  fmax, FMT=FORMAT_IDS[fmt], SCALED=scaled, BPP=bpp, TILE=tile,
-                                  **LAUNCH_OPTIONS)
+                                  fmax, FMT=FORMAT_IDS[fmt], SCALED=scaled, SCALE=consts["SCALE"],
+                                  EMAX=consts["EMAX"], BPP=bpp, TILE=tile, **LAUNCH_OPTIONS)
         if scaled:
             comp_scales.copy_(new_comp_scales)
     return block_bad.sum().to(torch.int64)
 
 
-def _check_scale_formats(n: int, scale_formats: list[str]) -> None:
-    # the kernels compute fp32 absmax scales; E8M0 (MX) and two-level (NVFP4) scales take the reference path
-    if len(scale_formats) != n or any(f != "absmax" for f in scale_formats):
-        raise ValueError(f"ecoptim fused step (triton): scale_formats {scale_formats!r} must be one 'absmax' per "
-                         "tensor (MX / NVFP4 scales are not in the Triton kernels; their weights take the "
-                         "reference path)")
+def _check_scale_formats(n: int, formats: list[str], scale_formats: list[str], scales: list,
+                         comp_scales: list) -> None:
+    # fp32 absmax scales for the plain formats, E8M0 for the MX ones; NVFP4's two-level scale takes the
+    # reference path
+    if len(scale_formats) != n:
+        raise ValueError(f"ecoptim fused step (triton): scale_formats has {len(scale_formats)} entries for {n} "
+                         "tensors; pass one per tensor")
+    for fmt, sf in zip(formats, scale_formats):
+        if fmt in SCALE_FORMATS_OF and sf not in SCALE_FORMATS_OF[fmt]:
+            raise ValueError(f"ecoptim fused step (triton): scale_formats entry {sf!r} for format {fmt!r}; the "
+                             f"Triton kernels step {fmt} with {' or '.join(map(repr, SCALE_FORMATS_OF[fmt]))} "
+                             "scales (others, NVFP4's two-level scale among them, take the reference path)")
+    for k, (fmt, sf, s, cs) in enumerate(zip(formats, scale_formats, scales, comp_scales)):
+        if fmt not in SCALE_FORMATS_OF:
+            continue  # an unknown format: refused by _check
+        for name, t in (("scales", s), ("compensation_scales", cs)):
+            want = 4 if sf == "absmax" else 1
+            if t is not None and t.element_size() != want:
+                raise ValueError(f"ecoptim fused step (triton): {name} of tensor {k} are {t.dtype}; scale format "
+                                 f"{sf!r} is stored as {'fp32' if want == 4 else 'one E8M0 byte'} per block")
 
 
 def _counts(counts: list[torch.Tensor]) -> torch.Tensor:
@@ -199,7 +225,7 @@ def adamw_step(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_av
         master_weights=master_weights, carried_errors=carried_errors, compensation_codes=compensation_codes,
         compensation_scales=compensation_scales, formats=formats, scale_formats=scale_formats,
         block_sizes=block_sizes, steps=steps, injection_coefs=injection_coefs, grad_scales=grad_scales)).values()
-    _check_scale_formats(n, scale_formats)
+    _check_scale_formats(n, formats, scale_formats, scales, compensation_scales)
     buffers = dict(master_weights=master_weights, carried_errors=carried_errors,
                    compensation_codes=compensation_codes, compensation_scales=compensation_scales)
     _check(n, codes, scales, grads, formats, block_sizes, dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq), buffers,
@@ -225,7 +251,7 @@ def adamw_step(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_av
                      FIRST=False, NESTEROV=False)
         counts.append(_step_tensor(True, codes[k], scales[k], grads[k], exp_avg[k], exp_avg_sq[k], master_weights[k],
                                    carried_errors[k], compensation_codes[k], compensation_scales[k], formats[k],
-                                   block_sizes[k], scalars, flags))
+                                   scale_formats[k], block_sizes[k], scalars, flags))
     return _counts(counts)
 
 
@@ -241,7 +267,7 @@ def sgd_step(codes, scales, grads, momentum_buffers, master_weights, carried_err
         compensation_scales=compensation_scales, formats=formats, scale_formats=scale_formats,
         block_sizes=block_sizes, first_steps=first_steps, injection_coefs=injection_coefs,
         grad_scales=grad_scales)).values()
-    _check_scale_formats(n, scale_formats)
+    _check_scale_formats(n, formats, scale_formats, scales, compensation_scales)
     buffers = dict(master_weights=master_weights, carried_errors=carried_errors,
                    compensation_codes=compensation_codes, compensation_scales=compensation_scales)
     _check(n, codes, scales, grads, formats, block_sizes, dict(momentum_buffers=momentum_buffers), buffers,
@@ -263,7 +289,7 @@ def sgd_step(codes, scales, grads, momentum_buffers, master_weights, carried_err
                      FIRST=bool(first_steps[k]), NESTEROV=bool(nesterov))
         counts.append(_step_tensor(False, codes[k], scales[k], grads[k], buf, None, master_weights[k],
                                    carried_errors[k], compensation_codes[k], compensation_scales[k], formats[k],
-                                   block_sizes[k], scalars, flags))
+                                   scale_formats[k], block_sizes[k], scalars, flags))
     return _counts(counts)
 
 

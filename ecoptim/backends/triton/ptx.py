@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import step
-from .codecs import FORMAT_IDS
+from .codecs import FORMAT_IDS, SCALE_IDS
 from .ops import LAUNCH_OPTIONS
 
 __all__ = ["VARIANTS", "OPCODES", "TARGET", "compile_ptx", "opcode_counts", "main"]
@@ -31,7 +31,7 @@ BPP, TILE = 8, 128
 # name -> (kernel, constexprs, fmas per element the kernel asks for)
 _STEP_DEFAULTS = dict(SCALED=True, GRAD_BF16=False, STATE_BF16=False, SR=False, HAS_MASTER=False, HAS_CARRIED=False,
                       KAHAN=False, INJECT=False, FROM_M=False, HAS_WD=False, HAS_MOM=True, FIRST=False,
-                      NESTEROV=False, BPP=BPP, TILE=TILE)
+                      NESTEROV=False, SCALE=SCALE_IDS["absmax"], EMAX=0, BPP=BPP, TILE=TILE)
 VARIANTS = {
     # lerp and addcmul
     "adamw-stats-fp8_e4m3": ("step", dict(PHASE=0, ADAMW=True, FMT=FORMAT_IDS["fp8_e4m3"]), 2),
@@ -45,7 +45,13 @@ VARIANTS = {
                                                         HAS_WD=True, NESTEROV=True, INJECT=True, KAHAN=True), 5),
     "sgd-stats-int8-master": ("step", dict(PHASE=0, ADAMW=False, FMT=FORMAT_IDS["int8"], HAS_WD=True,
                                            HAS_MASTER=True), 3),
-    "compensation-fp8_e5m2": ("compensation", dict(FMT=FORMAT_IDS["fp8_e5m2"], SCALED=True, BPP=BPP, TILE=TILE), 0),
+    "compensation-fp8_e5m2": ("compensation", dict(FMT=FORMAT_IDS["fp8_e5m2"], SCALED=True,
+                                                   SCALE=SCALE_IDS["absmax"], EMAX=0, BPP=BPP, TILE=TILE), 0),
+    # the MX formats: E8M0 scales (emax 2 for E2M1, 8 for E4M3), packed fp4 codes
+    "adamw-quantize-mxfp4-sr-e8m0_ceil": ("step", dict(PHASE=1, ADAMW=True, FMT=FORMAT_IDS["mxfp4"], SR=True,
+                                                      INJECT=True, SCALE=SCALE_IDS["e8m0_ceil"], EMAX=2), 3),
+    "compensation-mxfp8-e8m0": ("compensation", dict(FMT=FORMAT_IDS["mxfp8"], SCALED=True, SCALE=SCALE_IDS["e8m0"],
+                                                     EMAX=8, BPP=BPP, TILE=TILE), 0),
 }
 OPCODES = ("fma.rn.f32", "mul.rn.f32", "add.rn.f32", "sub.rn.f32", "div.rn.f32", "sqrt.rn.f32", "mul.f32",
            "add.f32", "sub.f32", "div.approx", "div.full", "sqrt.approx", "rcp.approx", "ex2.approx", "lg2.approx",
@@ -55,14 +61,15 @@ _CODE_TYPES = {FORMAT_IDS["int8"]: "*i8", FORMAT_IDS["bf16"]: "*i16"}
 
 def _signature(kind: str, consts: dict) -> dict:
     code = _CODE_TYPES.get(consts["FMT"], "*u8")
+    scale = "*fp32" if consts["SCALE"] == SCALE_IDS["absmax"] else "*u8"
     if kind == "compensation":
-        sig = dict(comp=code, new_comp_scales="*fp32", ebuf="*fp32", block_eamax="*fp32", block_bad="*i32",
+        sig = dict(comp=code, new_comp_scales=scale, ebuf="*fp32", block_eamax="*fp32", block_bad="*i32",
                    num_blocks="i32", block_size="i32", ntiles="i32", fmax="i32")
     else:
         state = "*i16" if consts["STATE_BF16"] else "*fp32"
-        sig = dict(codes=code, scales="*fp32", grad="*i16" if consts["GRAD_BF16"] else "*fp32", exp_avg=state,
-                   exp_avg_sq=state, master="*fp32", carried="*fp32", comp=code, comp_scales="*fp32", ebuf="*fp32",
-                   tile_amax="*fp32", tile_bad="*i32", block_amax="*fp32", block_bad="*i32", new_scales="*fp32",
+        sig = dict(codes=code, scales=scale, grad="*i16" if consts["GRAD_BF16"] else "*fp32", exp_avg=state,
+                   exp_avg_sq=state, master="*fp32", carried="*fp32", comp=code, comp_scales=scale, ebuf="*fp32",
+                   tile_amax="*fp32", tile_bad="*i32", block_amax="*fp32", block_bad="*i32", new_scales=scale,
                    num_blocks="i32", block_size="i32", ntiles="i32", **{name: "i32" for name in step.BIT_ARGS})
     sig.update({name: "constexpr" for name in consts})
     return sig

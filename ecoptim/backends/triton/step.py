@@ -3,7 +3,7 @@
 
     phase 0  w_til of the tile (``adamw.adamw_w_til`` / ``sgd.sgd_w_til``): its absmax and whether it holds a
              NaN/Inf, per tile; nothing is written. The launcher reduces them per block (exact: a max).
-    phase 1  blocks without NaN/Inf only: the block's new scale (``codecs.block_scale``), w_til recomputed (the
+    phase 1  blocks without NaN/Inf only: the block's new scale (``_new_scale``), w_til recomputed (the
              same operations on the same inputs: the same bits), rounded (to nearest, or stochastically with the
              uniforms of ``rng.uniform``), the codes written, e = w_til - w_hat injected into the momentum (ECO),
              the moments and the mode buffers written. New scales go to a separate array (another tile of the
@@ -11,8 +11,9 @@
     phase 2  mode 'kahan': e (kept by phase 1 in a scratch array) quantized to nearest with its own block scale
              into the compensation (``compensation_kernel``).
 
+Block scales are fp32 absmax scales or E8M0 bytes (``SCALE``: the MX formats, ``_load_scale`` / ``_new_scale``).
 A block holding a NaN/Inf in w_til is left exactly as it was (codes, scale, moments, buffers) and counted.
-Packed int4 tiles start on even indices (blocks are of even size or the whole tensor), so the two nibbles of a
+Packed int4 / fp4 tiles start on even indices (blocks are of even size or the whole tensor), so the two nibbles of a
 byte belong to one program: phase 1 steps the even and the odd elements as two half tiles and writes whole bytes.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ import triton
 import triton.language as tl
 
 from .adamw import adamw_w_til
-from .codecs import INT4, BF16, block_scale, code_of, f32_to_bf16, is_finite, round_nearest, round_stochastic
+from .codecs import (ABSMAX_SCALE, BF16, E8M0_CEIL, FP4_E2M1, INT4, block_scale, code_of, e8m0_code, e8m0_value,
+                     f32_to_bf16, is_finite, round_nearest, round_stochastic)
 from .rng import uniform
 from .sgd import sgd_w_til
 
@@ -55,6 +57,28 @@ def _w_til(j, mask, codes, scale, grad, exp_avg, exp_avg_sq, master, carried, co
         v = m
         d = m
     return w, m, v, d
+
+
+@triton.jit
+def _load_scale(scales, b, mask, SCALE: tl.constexpr):
+    # X of blocks b: an fp32 absmax scale, or 2^(code - 127) of an E8M0 byte
+    if SCALE == ABSMAX_SCALE:
+        return tl.load(scales + b, mask=mask, other=1.0)
+    else:
+        return e8m0_value(tl.load(scales + b, mask=mask, other=127).to(tl.uint32))
+
+
+@triton.jit
+def _new_scale(amax, fmax, new_scales, b, store_mask, SCALE: tl.constexpr, EMAX: tl.constexpr):
+    # the block's new X from its absmax (formats.ScaleFormat.encode), written to new_scales where store_mask
+    if SCALE == ABSMAX_SCALE:
+        s = block_scale(amax, fmax)
+        tl.store(new_scales + b, s, mask=store_mask)
+    else:
+        c = e8m0_code(amax, fmax, EMAX, SCALE == E8M0_CEIL)
+        tl.store(new_scales + b, c.to(tl.uint8), mask=store_mask)
+        s = e8m0_value(c.to(tl.uint32))
+    return s
 
 
 @triton.jit
@@ -122,7 +146,8 @@ def step_kernel(codes, scales, grad, exp_avg, exp_avg_sq, master, carried, comp,
                 FMT: tl.constexpr, SCALED: tl.constexpr, GRAD_BF16: tl.constexpr, STATE_BF16: tl.constexpr,
                 SR: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_CARRIED: tl.constexpr, KAHAN: tl.constexpr,
                 INJECT: tl.constexpr, FROM_M: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr,
-                FIRST: tl.constexpr, NESTEROV: tl.constexpr, BPP: tl.constexpr, TILE: tl.constexpr):
+                FIRST: tl.constexpr, NESTEROV: tl.constexpr, SCALE: tl.constexpr, EMAX: tl.constexpr,
+                BPP: tl.constexpr, TILE: tl.constexpr):
     """Phase 0 or 1 (``PHASE``) of a program's [BPP, TILE] tile: BPP blocks of at most TILE elements (small
     blocks, ntiles = 1), or tile t of one block (BPP = 1). The fp32 scalars arrive as their int32 bit patterns
     (rounded from the Python floats on the host, as ATen rounds Python scalars), the key words likewise."""
@@ -150,11 +175,11 @@ def step_kernel(codes, scales, grad, exp_avg, exp_avg_sq, master, carried, comp,
     k1 = k1.to(tl.uint32, bitcast=True)
     k2 = k2.to(tl.uint32, bitcast=True)
     if SCALED:
-        scale = tl.load(scales + b, mask=row_ok, other=1.0)  # the old scale: w_hat = decode(code) * scale
+        scale = _load_scale(scales, b, row_ok, SCALE)  # the old scale: w_hat = decode(code) * scale
     else:
         scale = 1.0  # x * 1 is exact: the same bits as no multiply
     if KAHAN and SCALED:
-        comp_scale = tl.load(comp_scales + b, mask=row_ok, other=1.0)
+        comp_scale = _load_scale(comp_scales, b, row_ok, SCALE)
     else:
         comp_scale = 1.0
     if PHASE == 0:
@@ -174,12 +199,12 @@ def step_kernel(codes, scales, grad, exp_avg, exp_avg_sq, master, carried, comp,
     else:
         # blocks without NaN/Inf only: every store below is masked by `good`, so a bad block keeps its bytes
         good = row_ok & (tl.load(block_bad + b, mask=row_ok, other=1) == 0)
-        if SCALED:
-            s = block_scale(tl.load(block_amax + b, mask=good, other=1.0), fmax)
-            tl.store(new_scales + b, s, mask=good & (b * 0 + t == 0))  # the block's first tile
+        if SCALED:  # written by the block's first tile
+            s = _new_scale(tl.load(block_amax + b, mask=good, other=1.0), fmax, new_scales, b,
+                           good & (b * 0 + t == 0), SCALE, EMAX)
         else:
             s = 1.0
-        if FMT == INT4:
+        if FMT == INT4 or FMT == FP4_E2M1:
             i = tl.arange(0, TILE // 2)[None, :]
             even = start + 2 * i
             mask_even = good & (2 * i < lim)
@@ -235,7 +260,8 @@ def _compensation_codes(ebuf, j, mask, cs, fmax, FMT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["fmax"])
 def compensation_kernel(comp, new_comp_scales, ebuf, block_eamax, block_bad, num_blocks, block_size, ntiles, fmax,
-                        FMT: tl.constexpr, SCALED: tl.constexpr, BPP: tl.constexpr, TILE: tl.constexpr):
+                        FMT: tl.constexpr, SCALED: tl.constexpr, SCALE: tl.constexpr, EMAX: tl.constexpr,
+                        BPP: tl.constexpr, TILE: tl.constexpr):
     """Phase 2, mode 'kahan': e = w_til - w_hat (``ebuf``) quantized to nearest into the compensation, with the
     block scale of e (its absmax per block: ``block_eamax``), as the reference's quantize(w_til - w_hat); tiles
     as in ``step_kernel``."""
@@ -248,11 +274,11 @@ def compensation_kernel(comp, new_comp_scales, ebuf, block_eamax, block_bad, num
     fmax = fmax.to(tl.float32, bitcast=True)
     good = row_ok & (tl.load(block_bad + b, mask=row_ok, other=1) == 0)
     if SCALED:
-        cs = block_scale(tl.load(block_eamax + b, mask=good, other=1.0), fmax)
-        tl.store(new_comp_scales + b, cs, mask=good & (b * 0 + t == 0))
+        cs = _new_scale(tl.load(block_eamax + b, mask=good, other=1.0), fmax, new_comp_scales, b,
+                        good & (b * 0 + t == 0), SCALE, EMAX)
     else:
         cs = 1.0
-    if FMT == INT4:
+    if FMT == INT4 or FMT == FP4_E2M1:
         i = tl.arange(0, TILE // 2)[None, :]
         even = start + 2 * i
         mask_even = good & (2 * i < lim)
