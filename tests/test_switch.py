@@ -190,8 +190,8 @@ def test_mismatched_state_dicts_are_refused_before_anything_changes():
     bad = copy.deepcopy(opt.state_dict())
     bad["state"][pid]["exp_avg"] = bad["state"][pid]["exp_avg"][:, :3]
     target = _fresh(model)
-    with pytest.raises(ValueError, match=rf"parameter {pid}: state 'exp_avg' has shape \(128, 3\) but the parameter "
-                                         r"has shape \(128, 32\)"):
+    with pytest.raises(ValueError, match=rf"parameter {pid}: state 'exp_avg' has shape \(128, 3\), expected "
+                                         r"\(128, 32\) for a parameter of shape \(128, 32\)"):
         target.load_state_dict(bad)
     assert not target.state
     sgd = torch.optim.SGD(TinyLM().parameters(), lr=0.1, momentum=0.9)
