@@ -256,6 +256,9 @@ class _GroupPlan:
     scales: list[torch.Tensor | None]
     weight_tensors: list[torch.Tensor]
     versions: list[int]
+    # a device kernel writes the weights through torch ops, which bump their versions (the CPU kernel's writes
+    # through pointers do not): the plan then takes the versions after its own op call
+    own_writes_bump_versions: bool
     kernel_states: list[dict]
     state_values: list[Any]
     grad_dtypes: list[torch.dtype]
@@ -645,7 +648,8 @@ class QuantOptimizer(Optimizer):
             specs=list(map(_SPEC, params)), settings=_settings(group),
             kernel_index=None if kernel_index == list(range(len(params))) else kernel_index,
             dense_index=dense_index, kernel=kernel, codes=codes, scales=scales, weight_tensors=weight_tensors,
-            versions=list(map(_VERSION, weight_tensors)), kernel_states=states,
+            versions=list(map(_VERSION, weight_tensors)),
+            own_writes_bump_versions=any(t.device.type != "cpu" for t in weight_tensors), kernel_states=states,
             state_values=list(chain.from_iterable(map(dict.values, states))), grad_dtypes=list(map(_DTYPE, grads)),
             grad_shapes=list(map(_SHAPE, grads)), grad_layouts=list(map(_LAYOUT, grads)), step_counts=step_counts,
             call=call)
@@ -695,8 +699,8 @@ class QuantOptimizer(Optimizer):
         if group.get("maximize", False):
             factor = -factor
         bad = plan.call.run(grads, steps, lr, factor, keys, skip_nonfinite=skip_nonfinite)
-        # the op's own writes may bump versions (a device kernel writing through torch ops): they are the plan's
-        plan.versions = list(map(_VERSION, plan.weight_tensors))
+        if plan.own_writes_bump_versions:
+            plan.versions = list(map(_VERSION, plan.weight_tensors))
         if any(bad):
             for i, (n_bad, num_blocks) in enumerate(zip(bad, plan.call.num_blocks)):
                 skipped += n_bad

@@ -227,7 +227,11 @@ def _layouts(ts: list[torch.Tensor | None]) -> tuple:
     # layout at a kept address misses and is checked again, before the kernel writes into it
     if ts and ts[0] is None and all(map(operator.is_, ts, itertools.repeat(None))):
         return ()
-    return tuple((0, None, True) if t is None else (t.numel(), t.dtype, t.is_contiguous()) for t in ts)
+    try:
+        return (tuple(map(torch.Tensor.numel, ts)), tuple(map(_DTYPE, ts)),
+                tuple(map(torch.Tensor.is_contiguous, ts)))
+    except TypeError:  # some entries are None
+        return tuple((0, None, True) if t is None else (t.numel(), t.dtype, t.is_contiguous()) for t in ts)
 
 
 def _weights_key(codes, scales, grads, formats, scale_formats, block_sizes, master_weights, carried_errors,
