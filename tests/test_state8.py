@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import ecoptim
-from ecoptim import State8bit
+from ecoptim import State4bit, State8bit
 from ecoptim.checkpoint import load_checkpoint, save_checkpoint
 from ecoptim import kernels
 from ecoptim.optim.state8 import (dequantize_state, dequantize_state_torch, magnitude_table, quantize_state,
@@ -226,20 +226,22 @@ def test_eight_bit_states_cut_memory_to_measured_bytes_and_still_train():
         assert out[k][1] < 1.05 * out[str(torch.float32)][1]
 
 
-def test_checkpoint_resume_with_eight_bit_states_is_exact(tmp_path):
+@pytest.mark.parametrize("fmt,gran,state_cls", [("fp8", "row", State8bit), ("nvfp4", "group16", State4bit)],
+                         ids=["8bit", "4bit"])
+def test_checkpoint_resume_with_low_bit_states_is_exact(tmp_path, fmt, gran, state_cls):
     def fresh(seed):
         torch.manual_seed(seed)
-        m = ecoptim.quantize_(TinyLM(), "fp8", "row")
-        return m, ecoptim.AdamW(m.parameters(), lr=3e-3, state_dtype=State8bit(rounding="stochastic"), seed=seed)
+        m = ecoptim.quantize_(TinyLM(), fmt, gran)
+        return m, ecoptim.AdamW(m.parameters(), lr=3e-3, state_dtype=state_cls(rounding="stochastic"), seed=seed)
     data = batches(6)
     ref, ref_opt = fresh(0)
     train(ref, ref_opt, data)
     a, a_opt = fresh(0)
     train(a, a_opt, data[:3])
-    save_checkpoint(tmp_path / "ck.pt", a, a_opt)  # torch.load(weights_only=True) must rebuild State8bit
+    save_checkpoint(tmp_path / "ck.pt", a, a_opt)  # torch.load(weights_only=True) must rebuild the state config
     b, b_opt = fresh(5)
     load_checkpoint(tmp_path / "ck.pt", b, b_opt)
-    assert b_opt.param_groups[0]["state_dtype"] == State8bit(rounding="stochastic")
+    assert b_opt.param_groups[0]["state_dtype"] == state_cls(rounding="stochastic")
     train(b, b_opt, data[3:])
     for p, q in zip(ref.parameters(), b.parameters()):
         if isinstance(p, QuantizedTensor):
