@@ -43,10 +43,16 @@ def draw_keys(generator: torch.Generator | None, n: int) -> list[tuple[int, int]
     """``n`` keys in one draw: the same keys, and the same generator state after, as ``n`` calls of ``draw_key``
     (torch draws a CPU tensor's random numbers one element after another, tested); the optimizers draw a param
     group's keys this way, saving a torch call per tensor."""
+    k = draw_key_words(generator, n).tolist()
+    return [(k[i], k[i + 1]) for i in range(0, 2 * n, 2)]
+
+
+def draw_key_words(generator: torch.Generator | None, n: int) -> torch.Tensor:
+    """``draw_keys(generator, n)`` as one int64 tensor of their 2n words (key k: words 2k and 2k + 1), the same
+    draw, for callers that hand the keys on as a tensor."""
     # the generator's own device: a CUDA generator passed in explicitly draws on CUDA (other keys than a CPU one)
     device = generator.device if generator is not None else KEY_DEVICE
-    k = torch.randint(0, 2 ** 32, (2 * n,), generator=generator, device=device, dtype=torch.int64).tolist()
-    return [(k[i], k[i + 1]) for i in range(0, 2 * n, 2)]
+    return torch.randint(0, 2 ** 32, (2 * n,), generator=generator, device=device, dtype=torch.int64)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

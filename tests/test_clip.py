@@ -230,6 +230,22 @@ def test_zero_grad_drops_a_pending_clip():
     assert _same(_state(a, oa), _state(b, ob))  # unclipped in both
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_clears_quantized_and_dense_gradients(set_to_none):
+    """``zero_grad`` (torch's, run without QuantizedTensor's Python handler) as torch's on every parameter."""
+    m = _model()
+    opt = ecoptim.AdamW(m.parameters(), **ADAMW)
+    _set_grads(m, _grads(m, 0, 1.0))
+    grads = {id(p): p.grad for p in m.parameters()}
+    opt.zero_grad(set_to_none=set_to_none)
+    assert any(isinstance(p, QuantizedTensor) for p in m.parameters())
+    for p in m.parameters():
+        if set_to_none:
+            assert p.grad is None
+        else:  # the same gradient tensor, zeroed in place
+            assert p.grad is grads[id(p)] and not p.grad.any()
+
+
 def test_no_clipping_needed_gives_the_unclipped_step():
     a, b = _model(), _model()
     oa, ob = ecoptim.AdamW(a.parameters(), **ADAMW), ecoptim.AdamW(b.parameters(), **ADAMW)

@@ -17,6 +17,7 @@ from torch import nn
 
 import ecoptim
 from ecoptim import kernels, rng
+from ecoptim.backends.cpu import ops as cpu_ops
 from ecoptim.optim import fused
 from ecoptim.optim.adamw import sqrt_rn
 from ecoptim.qtensor import QuantizedTensor
@@ -277,11 +278,16 @@ def test_fused_path_is_taken_and_can_be_turned_off(monkeypatch):
     p.grad = torch.zeros(shape)
     assert fused.applies(p, ecoptim.convert.spec_of(p), o_fast.param_groups[0])
     assert not fused.applies(p, ecoptim.convert.spec_of(p), o_ref.param_groups[0])  # fused=False
-    calls = []
-    real = ecoptim.ops.adamw_step_  # the op: the one boundary of the fused path, planned steps included
-    monkeypatch.setattr(ecoptim.ops, "adamw_step_", lambda **kw: calls.append(len(kw["codes"])) or real(**kw))
-    _run(ref, fast, o_ref, o_fast, shape, steps=2)
-    assert calls == [1, 1]  # one tensor per step from the fused optimizer, none from the reference one
+    calls, op_calls = [], []
+    # the CPU backend's prepared call: what the op's CPU kernel runs, and what a planned step runs again
+    real = cpu_ops.PreparedCall.run
+    monkeypatch.setattr(cpu_ops.PreparedCall, "run", lambda self, grads, *a: calls.append(len(grads)) or real(
+        self, grads, *a))
+    real_op = ecoptim.ops.adamw_step_
+    monkeypatch.setattr(ecoptim.ops, "adamw_step_", lambda **kw: op_calls.append(len(kw["codes"])) or real_op(**kw))
+    _run(ref, fast, o_ref, o_fast, shape, steps=3)
+    assert calls == [1, 1, 1]  # one tensor per step from the fused optimizer, none from the reference one
+    assert op_calls == [1]  # the first step through the op; the planned ones run its kept call
 
 
 def test_bad_fused_argument_is_refused_at_construction():
@@ -492,10 +498,12 @@ def test_a_group_of_many_parameters_is_bit_identical_to_reference(rounding, refe
     opt_cls, kw = CASES[opt_name]
     o_ref = opt_cls(ref.parameters(), fused=False, rounding=rounding, seed=4, **kw)
     o_fast = opt_cls(fast.parameters(), rounding=rounding, seed=4, **kw)
-    prepared = []
+    prepared, planned = [], []
     real = o_fast._start_kernel_steps
     monkeypatch.setattr(o_fast, "_start_kernel_steps",
                         lambda group, params: prepared.append(len(params)) or real(group, params))
+    real_planned = o_fast._step_planned
+    monkeypatch.setattr(o_fast, "_step_planned", lambda *a: planned.append(real_planned(*a)) or planned[-1])
     x = torch.randn(8, 24)
     for step in range(3):
         for net in (ref, fast):
@@ -512,8 +520,12 @@ def test_a_group_of_many_parameters_is_bit_identical_to_reference(rounding, refe
             for k, v in o_ref.state[a].items():
                 if isinstance(v, torch.Tensor):
                     assert torch.equal(v, o_fast.state[b][k]), f"state {k!r} at step {step}"
-    # the kernel's parameters prepared together each step, or one by one when an FP16 weight stands between them
-    assert prepared == ([1] * 12 if reference_between else [5] * 3)
+    # the kernel's parameters prepared together and planned (all keys in one draw) from the next step on (SGD: from
+    # the second, once its momentum buffers exist), or one by one each step when an FP16 weight stands between them
+    # (never planned)
+    full = 2 if opt_name == "sgd" else 1
+    assert prepared == ([1] * 12 if reference_between else [5] * full)
+    assert planned == ([] if reference_between else [0] * (3 - full))
     assert o_fast.generator(torch.device("cpu")).get_state().equal(o_ref.generator(torch.device("cpu")).get_state())
 
 

@@ -172,6 +172,12 @@ def _replace_state_dict(models, opts):
         o.state[m[2].weight] = {k: v.clone() for k, v in o.state[m[2].weight].items()}
 
 
+def _replace_step_count_storage(models, opts):
+    for m, o in zip(models, opts):  # the same count tensor, given its own storage (out of the group's shared one)
+        count = o.state[m[2].weight]["step"]
+        count.data = count.data.clone()
+
+
 def _replace_spec(models, opts):
     for m in models:  # an equal spec, another object: what the plan was derived from is no longer the weight's
         p = m[1].weight
@@ -181,7 +187,10 @@ def _replace_spec(models, opts):
 CHANGES = {"codes": _replace_codes, "grad-dtype": _grad_dtype, "shape": _reshape, "add-group": _add_group,
            "remove-param": _remove_param, "load-state-dict": _load_state, "state-tensors": _replace_state,
            "mode-buffer": _replace_mode_buffer, "codes-edited": _edit_codes_in_place,
-           "state-dict": _replace_state_dict, "spec": _replace_spec}
+           "state-dict": _replace_state_dict, "step-count": _replace_step_count_storage, "spec": _replace_spec}
+# changes the plan serves as they are: the kernel reads each step's gradient dtype (fp32, bf16 or fp16), and an
+# added group leaves the first group's plan as it was
+SERVED = {"grad-dtype", "add-group"}
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
@@ -194,12 +203,33 @@ def test_a_change_between_steps_is_detected(change, monkeypatch):
     assert planned[-1] is not None  # planned before the change
     CHANGES[change](models, opts)
     n = len(planned)
-    _step(models, opts, 3, dtype=torch.bfloat16 if change == "grad-dtype" else torch.float32)
-    if change != "add-group":  # the change was seen: the full route stepped the group (a replaced group: unplanned)
+    dtype = torch.bfloat16 if change == "grad-dtype" else torch.float32
+    _step(models, opts, 3, dtype=dtype)
+    if change in SERVED:
+        assert planned[n] is not None
+    else:  # the change was seen: the full route stepped the group
         assert len(planned) == n or planned[n] is None
     for step in range(4, 7):
-        _step(models, opts, step, dtype=torch.bfloat16 if change == "grad-dtype" else torch.float32)
+        _step(models, opts, step, dtype=dtype)
     assert planned[-1] is not None  # planned again
+
+
+@pytest.mark.parametrize("layout", ["fp16", "transposed"])
+def test_planned_steps_read_fp16_and_strided_gradients_as_the_full_route(layout, monkeypatch):
+    """Gradients in fp16 or not contiguous are converted for the kernel (exactly) on a planned step too."""
+    models, opts = _trio(lr=1e-2)
+    planned = _planned(monkeypatch, opts[0])
+    for step in range(5):
+        _grads(models, step)
+        for m in models:
+            for p in m.parameters():
+                if isinstance(p, QuantizedTensor):
+                    p.grad = (p.grad.half() if layout == "fp16" else
+                              p.grad.t().contiguous().t())  # same values, column-major
+        for o in opts:
+            o.step()
+        _assert_same(models, opts, f"step {step}")
+    assert len(planned) == 4 and all(r is not None for r in planned)
 
 
 def test_skip_blocks_on_a_planned_step_equals_the_reference(monkeypatch):

@@ -33,8 +33,9 @@ steps them in one kernel call; the results are bit-identical to the reference pa
 
 Thousands of tensors: the per-parameter Python work of a step is done once per param group and repeated while
 nothing it was derived from changes. ``_params_to_step`` hands on the group's kept ``ParamStep`` list (fresh
-gradients), and ``step_group`` repeats the group's kept op call (``_GroupPlan``) after checking the
-``ParamStep`` objects it is handed against it; any change sends the group down the full route, which plans anew
+gradients), and ``step_group`` repeats the group's kept op call (``_GroupPlan``; on CPU the backend's packed
+structs, ``backends.cpu.ops.PreparedCall``) after checking everything the call points to: identities, data
+pointers, versions, gradient sizes and dtypes. Any change sends the group down the full route, which plans anew
 (``tests/test_step_cache.py``, ``docs/performance-notes.md``).
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ import operator
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain, compress
+from itertools import chain, compress, repeat
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -56,7 +57,7 @@ from ..codec import dequantize, quantize
 from ..convert import spec_of
 from ..formats import QuantSpec
 from ..qtensor import QuantizedTensor
-from ..rng import KEY_DEVICE, draw_keys
+from ..rng import KEY_DEVICE, draw_key_words, draw_keys
 from ..rounding import check_rounding
 from . import fused as _fused
 from .hyper import check_flag, check_impl_flags, check_lr
@@ -119,12 +120,14 @@ def total_grad_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.
 @dataclass
 class _PendingClip:
     """What ``clip_grad_norm_`` measured, for the next ``step``: the gradient factor (None: no clipping was
-    needed), whether every gradient was finite, and the gradients it measured (each with its version counter,
-    so that a gradient changed in between is detected)."""
+    needed), whether every gradient was finite, and the parameters and gradients it measured (with the
+    gradients' version counters, so that a gradient changed in between is detected)."""
 
     scale: float | None
     finite: bool
-    grads: list[tuple[torch.Tensor, torch.Tensor, int]]
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    versions: list[int]
 
 
 # the state buffers a mode keeps besides the moments, which the fused kernel reads and writes in place
@@ -239,12 +242,15 @@ class _GroupPlan:
     the kernel steps and the op call that steps them (``fused.GroupCall``), with everything they were derived
     from, so that a change is detected before the step (``QuantOptimizer._step_planned``) and the group then
     takes the full route, which plans it anew. Checked every step, with one C-level pass per item over the
-    stepped parameters (``ParamStep`` objects): each one's tensor, state dict and spec (identity); the group's
-    settings; for the kernel's parameters their codes and scale (identity, version, contiguity), every value in
-    their state dict (identity), their gradient's dtype, shape and layout. The op's CPU kernel checks the data
-    pointers and dtypes it packs itself (``backends/cpu/ops.py``)."""
+    parameters: each stepped one's tensor, state dict and spec (identity; done by ``_params_to_step`` when
+    ``step_group`` is handed the list it keeps); the group's settings; the gradients (``GroupCall.readable``);
+    for the kernel's parameters their codes and scale (identity) and every value in their state dict
+    (identity); every tensor the kept call points to (data pointer and version: a tensor given other storage,
+    or resized, re-strided or written by torch in place, is seen); the step counts' places in their shared
+    tensor (data pointer)."""
 
     group: dict
+    steps: list[ParamStep] | None  # the list ``_params_to_step`` keeps, if the plan was made from it
     params: list[torch.Tensor]
     states: list[dict]
     specs: list[QuantSpec | None]
@@ -254,17 +260,17 @@ class _GroupPlan:
     kernel: list[torch.Tensor]
     codes: list[torch.Tensor]
     scales: list[torch.Tensor | None]
-    weight_tensors: list[torch.Tensor]
+    kernel_states: list[dict]
+    state_values: list[Any]
+    watched: list[torch.Tensor]  # every tensor of the kept call but the gradients (``GroupCall.tensors``)
+    pointers: list[int]
     versions: list[int]
     # a device kernel writes the weights through torch ops, which bump their versions (the CPU kernel's writes
     # through pointers do not): the plan then takes the versions after its own op call
     own_writes_bump_versions: bool
-    kernel_states: list[dict]
-    state_values: list[Any]
-    grad_dtypes: list[torch.dtype]
-    grad_shapes: list[torch.Size]
-    grad_layouts: list[torch.layout]
     step_counts: list[torch.Tensor]
+    shared_counts: torch.Tensor | None  # the step counts' one tensor (``_share_counts``), or None
+    count_pointers: list[int]
     call: _fused.GroupCall
 
 
@@ -403,11 +409,16 @@ class QuantOptimizer(Optimizer):
         self._generators = generators
 
     # -- the loop -----------------------------------------------------------------------------------
-    def _with_grads(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+    def _with_grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The parameters of every group that have a gradient, and their gradients."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        with torch._C.DisableTorchFunctionSubclass():  # .grad of a QuantizedTensor without its Python handler
+            grads = list(map(_GRAD, params))
+        has_grad = list(map(operator.is_not, grads, repeat(None)))
+        return list(compress(params, has_grad)), list(compress(grads, has_grad))
 
     def _grads_finite(self) -> bool:
-        return _all_finite([p.grad for p in self._with_grads()])
+        return _all_finite(self._with_grads()[1])
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
@@ -432,8 +443,8 @@ class QuantOptimizer(Optimizer):
         norm_type = float(norm_type)
         if not norm_type > 0:
             raise ValueError(f"norm_type must be > 0 (or math.inf), got {norm_type!r}")
-        params = self._with_grads()
-        total = total_grad_norm([p.grad for p in params], norm_type)
+        params, grads = self._with_grads()
+        total = total_grad_norm(grads, norm_type)
         finite = bool(torch.isfinite(total))
         if error_if_nonfinite and not finite:
             raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite, so it cannot "
@@ -441,21 +452,25 @@ class QuantOptimizer(Optimizer):
                                "instead)")
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's factor, in the same fp32 operations
         scale = float(coef) if finite and float(coef) < 1.0 else None
-        self._clip = _PendingClip(scale, finite, [(p, p.grad, p.grad._version) for p in params])
+        self._clip = _PendingClip(scale, finite, params, grads, list(map(_VERSION, grads)))
         return total
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._clip = None  # a pending clip belongs to the gradients being dropped
-        super().zero_grad(set_to_none)
+        """``torch.optim.Optimizer.zero_grad``; also drops a pending clip (it belongs to these gradients)."""
+        self._clip = None
+        # torch's loop reads each parameter's .grad; a QuantizedTensor's would go through its Python
+        # __torch_function__ handler (about a microsecond each), and the gradients themselves are plain tensors
+        with torch._C.DisableTorchFunctionSubclass():
+            super().zero_grad(set_to_none)
 
     def _take_clip(self) -> _PendingClip | None:
         """The pending clip, checked against the current gradients (and consumed)."""
         clip, self._clip = self._clip, None
         if clip is None:
             return None
-        params = self._with_grads()
-        if len(params) != len(clip.grads) or any(
-                p is not q or p.grad is not g or p.grad._version != ver for p, (q, g, ver) in zip(params, clip.grads)):
+        params, grads = self._with_grads()
+        if (len(params) != len(clip.params) or not all(map(operator.is_, params, clip.params))
+                or not all(map(operator.is_, grads, clip.grads)) or list(map(_VERSION, grads)) != clip.versions):
             raise RuntimeError("the gradients changed after clip_grad_norm_() (another backward pass, a new or "
                                "edited .grad): call opt.clip_grad_norm_() right before opt.step(); nothing was "
                                "updated")
@@ -535,7 +550,7 @@ class QuantOptimizer(Optimizer):
         kept = lists.get(id(group))
         if kept is not None and kept.group is group and len(params) == len(kept.params) and all(
                 map(operator.is_, params, kept.params)):
-            has_grad = [g is not None for g in grads]
+            has_grad = list(map(operator.is_not, grads, repeat(None)))
             if has_grad == kept.has_grad:
                 stepped = kept.stepped
                 if len(stepped) != len(params):
@@ -640,26 +655,29 @@ class QuantOptimizer(Optimizer):
         states = list(map(_STATE, job_params))
         step_counts = [st["step"] for st in states]
         _share_counts(step_counts)
-        codes, scales = list(map(_CODES, kernel)), list(map(_SCALE, kernel))
-        weight_tensors = [t for t in chain(codes, scales) if t is not None]
-        grads = list(map(_GRAD, job_params))
+        shared = _shared_counts(step_counts)
+        watched = call.tensors()
+        kept = self._kept("_step_lists").get(id(group))
         return _GroupPlan(
-            group=group, params=list(map(_PARAM, params)), states=list(map(_STATE, params)),
-            specs=list(map(_SPEC, params)), settings=_settings(group),
+            group=group, steps=params if kept is not None and kept.steps is params else None,
+            params=list(map(_PARAM, params)), states=list(map(_STATE, params)), specs=list(map(_SPEC, params)),
+            settings=_settings(group),
             kernel_index=None if kernel_index == list(range(len(params))) else kernel_index,
-            dense_index=dense_index, kernel=kernel, codes=codes, scales=scales, weight_tensors=weight_tensors,
-            versions=list(map(_VERSION, weight_tensors)),
-            own_writes_bump_versions=any(t.device.type != "cpu" for t in weight_tensors), kernel_states=states,
-            state_values=list(chain.from_iterable(map(dict.values, states))), grad_dtypes=list(map(_DTYPE, grads)),
-            grad_shapes=list(map(_SHAPE, grads)), grad_layouts=list(map(_LAYOUT, grads)), step_counts=step_counts,
-            call=call)
+            dense_index=dense_index, kernel=kernel, codes=list(map(_CODES, kernel)),
+            scales=list(map(_SCALE, kernel)), kernel_states=states,
+            state_values=list(chain.from_iterable(map(dict.values, states))), watched=watched,
+            pointers=list(map(torch.Tensor.data_ptr, watched)), versions=list(map(_VERSION, watched)),
+            own_writes_bump_versions=any(t.device.type != "cpu" for t in watched), step_counts=step_counts,
+            shared_counts=shared,
+            count_pointers=list(map(torch.Tensor.data_ptr, step_counts)) if shared is not None else [], call=call)
 
     def _step_planned(self, plan: _GroupPlan, params: list[ParamStep], grad_scale: float | None,
                       skip_nonfinite: bool) -> int | None:
         """``params`` stepped as ``_step_group`` would step them, bit for bit, by repeating ``plan``, if nothing
         the plan was derived from changed; None (nothing done) otherwise."""
         group, is_ = plan.group, operator.is_
-        if (len(params) != len(plan.params) or not all(map(is_, map(_PARAM, params), plan.params))
+        if params is not plan.steps and (  # (the kept list was checked by _params_to_step this step)
+                len(params) != len(plan.params) or not all(map(is_, map(_PARAM, params), plan.params))
                 or not all(map(is_, map(_STATE, params), plan.states))
                 or not all(map(is_, map(_SPEC, params), plan.specs))):
             return None
@@ -667,27 +685,30 @@ class QuantOptimizer(Optimizer):
         if isinstance(lr, torch.Tensor) or not lr > 0 or not _same_settings(_settings(group), plan.settings):
             return None
         kernel_steps = params if plan.kernel_index is None else [params[i] for i in plan.kernel_index]
-        grads = list(map(_GRAD, kernel_steps))
-        if any(g is None for g in grads):
-            return None
-        kernel = plan.kernel
-        if (list(map(_DTYPE, grads)) != plan.grad_dtypes or list(map(_SHAPE, grads)) != plan.grad_shapes
-                or list(map(_LAYOUT, grads)) != plan.grad_layouts
-                or not all(map(is_, map(_CODES, kernel), plan.codes))
-                or not all(map(is_, map(_SCALE, kernel), plan.scales))
-                or list(map(_VERSION, plan.weight_tensors)) != plan.versions
-                or not all(map(torch.Tensor.is_contiguous, plan.weight_tensors))):
+        kernel, call = plan.kernel, plan.call
+        grads = call.readable(list(map(_GRAD, kernel_steps)))
+        if (grads is None or not all(map(is_, map(_CODES, kernel), plan.codes))
+                or not all(map(is_, map(_SCALE, kernel), plan.scales))):
             return None
         values = list(chain.from_iterable(map(dict.values, plan.kernel_states)))
         if len(values) != len(plan.state_values) or not all(map(is_, values, plan.state_values)):
             return None
+        watched = plan.watched
+        if (list(map(torch.Tensor.data_ptr, watched)) != plan.pointers or list(map(_VERSION, watched)) != plan.versions
+                or (plan.shared_counts is not None
+                    and list(map(torch.Tensor.data_ptr, plan.step_counts)) != plan.count_pointers)):
+            return None
         # the step, as _step_group takes it: step counts and keys of the kernel's parameters, the dense ones on
         # the reference path, then the kernel's op call
-        step_counts = plan.step_counts
-        keys = self._start_kernel_steps(group, kernel_steps)
-        shared = _shared_counts(step_counts)
-        steps = shared.tolist() if shared is not None else [t.item() for t in step_counts]
-        keys = list(chain.from_iterable(keys)) if group["rounding"] == "stochastic" else []
+        shared = plan.shared_counts
+        if shared is not None:
+            shared.add_(1)  # the same fp32 additions as one add per count
+            steps = shared.tolist()
+        else:
+            torch._foreach_add_(plan.step_counts, 1)
+            steps = [t.item() for t in plan.step_counts]
+        keys = (draw_key_words(self.generator(kernel[0].device), len(kernel)) if group["rounding"] == "stochastic"
+                else [])
         skipped = 0
         for i in plan.dense_index:
             p = params[i]
@@ -698,14 +719,14 @@ class QuantOptimizer(Optimizer):
         factor = 1.0 if grad_scale is None else grad_scale
         if group.get("maximize", False):
             factor = -factor
-        bad = plan.call.run(grads, steps, lr, factor, keys, skip_nonfinite=skip_nonfinite)
+        bad = call.run(grads, steps, lr, factor, keys, skip_nonfinite=skip_nonfinite)
         if plan.own_writes_bump_versions:
-            plan.versions = list(map(_VERSION, plan.weight_tensors))
+            plan.versions = list(map(_VERSION, watched))
         if any(bad):
-            for i, (n_bad, num_blocks) in enumerate(zip(bad, plan.call.num_blocks)):
+            for i, (n_bad, num_blocks) in enumerate(zip(bad, call.num_blocks)):
                 skipped += n_bad
                 if n_bad and n_bad == num_blocks:
-                    step_counts[i] -= 1
+                    plan.step_counts[i] -= 1
         return skipped
 
     def _start_kernel_steps(self, group: dict, params: list[ParamStep]) -> list[tuple[int, int] | None]:

@@ -38,6 +38,7 @@ the reference path. CUDA tensors take the op's CUDA kernel, the Triton kernels o
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -105,6 +106,9 @@ def _int4_blocks_aligned(p: torch.Tensor, spec: QuantSpec) -> bool:
     # packed INT4 / FP4: a block must start on a byte (even element index) so that threads never share a byte
     nb, bs = spec.granularity.blocks(p.shape)
     return nb == 1 or bs % 2 == 0
+
+
+_DTYPE = operator.attrgetter("dtype")
 
 
 @dataclass
@@ -230,20 +234,30 @@ class GroupCall:
     """A param group's fused step op call, kept from one step to the next: the arguments that stay (the
     tensors, formats, block sizes, hyper-parameters other than lr) are built once from the first step's jobs;
     ``run`` takes the ones that change every step (gradients, step counts, lr, the clip, stochastic-rounding
-    keys) and calls the op with the same arguments the jobs of that step would give (``run(jobs)``).
+    keys) and steps with the same arguments the jobs of that step would give the op (``run(jobs)``).
+
+    On CPU the op's argument structs are kept too (``backends.cpu.ops.PreparedCall``) and run again without the
+    op's per-call checks, so whoever keeps a ``GroupCall`` must check before each ``run`` that every tensor of
+    ``tensors`` is still its parameter's or its state's, at the same address and unchanged (identity, data
+    pointer, version: ``QuantOptimizer._step_planned`` does), and pass gradients ``readable`` returned.
 
     Only jobs stepped by one op call whose arguments are all of that kind qualify (``of`` returns None
     otherwise): no fp32 working moments around the call (``Job.after``), no stochastically rounded 8-bit moments
     (their keys depend on the step), no SGD first step (the buffer is created then), and an
-    ``injection_coef_of`` on each job. Whoever keeps a ``GroupCall`` must check that the tensors it holds are
-    still the parameters' and their state's (``QuantOptimizer`` does, every step)."""
+    ``injection_coef_of`` on each job."""
 
     def __init__(self, jobs: list[Job]) -> None:
         self.optimizer = jobs[0].optimizer
+        args = _op_args(jobs)
+        # the structs of the first step's call (kept by the CPU backend), prepared from its arguments; devices
+        # whose kernels keep nothing between calls go through the op every step
+        self.prepared = (cpu_ops.PREPARE[self.optimizer](**args) if jobs[0].codes.device.type == "cpu"
+                         else None)
         # the first step's per-step arguments are dropped: its gradients are not kept alive between steps
-        self.args = dict(_short_forms(_op_args(jobs)), grads=[], sr_keys=[])
+        self.args = dict(_short_forms(args), grads=[], sr_keys=[])
         self.numels = [j.numel for j in jobs]
         self.num_blocks = [j.num_blocks for j in jobs]
+        self.grad_dtypes = [j.grad.dtype for j in jobs]
         self.injection_coef_of = jobs[0].injection_coef_of
 
     @classmethod
@@ -257,11 +271,27 @@ class GroupCall:
             return None
         return cls(jobs)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the call reads or writes besides the gradients (weights, moments, mode buffers, tables)."""
+        return [t for name, values in self.args.items() if name != "grads" and isinstance(values, list)
+                for t in values if isinstance(t, torch.Tensor)]
+
+    def readable(self, grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """This step's gradients (one per job, in order) as ``run`` takes them, or None where the call cannot
+        step them: another count or size than the first step's, or a dtype or layout the kernel does not read
+        (on a device: any dtype other than the first step's)."""
+        if self.prepared is not None:
+            return self.prepared.readable(grads)
+        if (len(grads) != len(self.numels) or list(map(torch.Tensor.numel, grads)) != self.numels
+                or list(map(_DTYPE, grads)) != self.grad_dtypes or any(g.layout != torch.strided for g in grads)):
+            return None
+        return grads
+
     def run(self, grads: list[torch.Tensor], steps: list[float], lr: float, grad_scale: float,
-            sr_keys: list[int], skip_nonfinite: bool = False) -> list[int]:
-        """One step (``run``'s semantics and result): ``steps`` the step counts (after their increment), ``lr``
-        the group's, ``grad_scale`` the factor of every gradient, ``sr_keys`` two per tensor (empty: to
-        nearest)."""
+            sr_keys: list[int] | torch.Tensor, skip_nonfinite: bool = False) -> list[int]:
+        """One step (``run``'s semantics and result): ``grads`` as ``readable`` gave them, ``steps`` the step
+        counts (after their increment), ``lr`` the group's, ``grad_scale`` the factor of every gradient,
+        ``sr_keys`` two per tensor, a list or an int64 tensor (empty: to nearest)."""
         coef_of = self.injection_coef_of
         first = steps[0] if steps else 0.0
         if steps.count(first) == len(steps):  # one step count for the group (the usual case): the op's short form
@@ -269,10 +299,18 @@ class GroupCall:
         else:
             by_step = {s: coef_of(s, lr) for s in set(steps)}
             coefs = list(map(by_step.__getitem__, steps))
-        args = dict(self.args, grads=grads, lr=lr, grad_scales=[grad_scale], sr_keys=sr_keys, injection_coefs=coefs)
-        if self.optimizer != "sgd":
-            args["steps"] = steps
-        bad = _call_op(self.optimizer, args).tolist()
+        if self.optimizer == "sgd":
+            steps = self.args["first_steps"]
+        if self.prepared is not None:
+            bad = self.prepared.run(grads, steps, coefs, [grad_scale], sr_keys, lr).tolist()
+        else:
+            if isinstance(sr_keys, torch.Tensor):
+                sr_keys = sr_keys.tolist()
+            args = dict(self.args, grads=grads, lr=lr, grad_scales=[grad_scale], sr_keys=sr_keys,
+                        injection_coefs=coefs)
+            if self.optimizer != "sgd":
+                args["steps"] = steps
+            bad = _call_op(self.optimizer, args).tolist()
         _check_finite(bad, self.numels, skip_nonfinite)
         return bad
 

@@ -19,7 +19,8 @@ from ... import kernels, ops
 from ...formats import FORMATS as FORMATS_BY_NAME
 from .abi import Dtype, Format, Optimizer, ScaleFormat, StateStorage, StepArgs
 
-__all__ = ["FORMATS", "SCALE_FORMATS", "adamw_step_cpu", "sgd_step_cpu", "clear_packed"]
+__all__ = ["FORMATS", "SCALE_FORMATS", "PREPARE", "PreparedCall", "adamw_step_cpu", "sgd_step_cpu", "clear_packed",
+           "prepare_adamw", "prepare_sgd"]
 
 # the formats whose grids the kernel knows by heart (ecoptim.formats name -> eco_format: the element grid; the MX
 # and NVFP4 formats are their element format with a scale format of their own, see SCALE_FORMATS)
@@ -60,13 +61,6 @@ def _full_lists(n: int, lists: dict[str, list]) -> dict[str, list]:
     full = ops.expand_short_forms(n, lists)
     _check_lists(n, **full)
     return full
-
-
-def _readable_grads(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradients as the kernel reads them: contiguous fp32 or bf16 (fp16 converted, exactly)."""
-    if all(map(torch.Tensor.is_contiguous, grads)) and torch.float16 not in set(map(_DTYPE, grads)):
-        return grads
-    return [(g.to(torch.float32) if g.dtype == torch.float16 else g).contiguous() for g in grads]
 
 
 def _check_scale(name: str, t: torch.Tensor | None, scale_format: int, num_blocks: int) -> None:
@@ -116,6 +110,7 @@ def _weights_args(a: StepArgs, k: int, codes, scales, grads, formats, scale_form
 # other tensors: a replaced, re-allocated, re-typed or resized tensor (data pointer, dtype or numel) misses.
 
 _DTYPE = operator.attrgetter("dtype")
+_LAYOUT = operator.attrgetter("layout")
 _STRIDE = ctypes.sizeof(StepArgs)
 _KEPT_CALLS = 16  # param groups whose structs are kept (least recently used dropped)
 _TORCH_DTYPES = {"float": torch.float32, "int32_t": torch.int32, "int64_t": torch.int64}
@@ -184,10 +179,14 @@ class _Packed:
         # a ctypes c_float does
         view.copy_(values)
 
-    def set_keys(self, path: str, keys: list[int], first: int, every: int) -> None:
+    def set_keys(self, path: str, keys: list[int] | torch.Tensor, first: int, every: int) -> None:
         """Write key pairs into field ``path``: struct k takes ``keys[every*k + first]`` and the next one (the low
-        32 bits of each, as ``_set_key``)."""
-        k = torch.tensor(keys, dtype=torch.int64).view(self.n, every)[:, first:first + 2] & 0xFFFFFFFF
+        32 bits of each, as ``_set_key``); ``keys`` a list of ints or an int64 tensor of them."""
+        if not self.n:
+            return
+        if not isinstance(keys, torch.Tensor):
+            keys = torch.frombuffer(array.array("q", keys), dtype=torch.int64)
+        k = keys.view(self.n, every)[:, first:first + 2] & 0xFFFFFFFF
         self.field(path, pairs=True).copy_(torch.where(k >= 2 ** 31, k - 2 ** 32, k))  # the same 32 bits in int32
 
 
@@ -243,13 +242,16 @@ def _weights_key(codes, scales, grads, formats, scale_formats, block_sizes, mast
             _pointers(compensation_codes), _pointers(compensation_scales))
 
 
-def _set_gradients(entry: _Packed, grads: list[torch.Tensor]) -> None:
-    entry.set("gradient.values", list(_pointers(grads)))
-    dtypes = list(map(_DTYPE, grads))
-    if dtypes.count(dtypes[0] if dtypes else None) == len(dtypes):  # one dtype for all (the usual case): one fill
-        entry.set("gradient.dtype", Dtype.BF16 if dtypes and dtypes[0] == torch.bfloat16 else Dtype.FP32)
-    else:
-        entry.set("gradient.dtype", [Dtype.BF16 if d == torch.bfloat16 else Dtype.FP32 for d in dtypes])
+def _readable_grads(grads: list[torch.Tensor], dtypes: set[torch.dtype] | None = None) -> list[torch.Tensor]:
+    """The gradients as the kernel reads them: contiguous fp32 or bf16 (fp16 converted, exactly); ``dtypes``:
+    their dtypes, where the caller has them."""
+    if torch.float16 not in (set(map(_DTYPE, grads)) if dtypes is None else dtypes) and all(
+            map(torch.Tensor.is_contiguous, grads)):
+        return grads
+    return [(g.to(torch.float32) if g.dtype == torch.float16 else g).contiguous() for g in grads]
+
+
+_GRAD_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
 
 def _run(entry: _Packed) -> torch.Tensor:
@@ -270,11 +272,95 @@ def _set_key(pair, keys, k: int) -> None:
     pair[0], pair[1] = keys[2 * k] & 0xFFFFFFFF, keys[2 * k + 1] & 0xFFFFFFFF
 
 
-def adamw_step_cpu(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, master_weights,
-                   carried_errors, compensation_codes, compensation_scales, formats, scale_formats, block_sizes, steps,
-                   injection_coefs, grad_scales, sr_keys, state8_block_sizes, state8_keys, state8_tables, *, lr,
-                   beta1, beta2, eps, weight_decay, inject, stochastic, state8_stochastic) -> torch.Tensor:
-    """``ecoptim::adamw_step_`` on CPU tensors."""
+class PreparedCall:
+    """One call of a fused step op on CPU tensors, its argument structs packed (or an earlier call's, kept for
+    the same tensors: ``_packed``). ``run`` writes what may change from call to call (the gradients and their
+    dtypes, step counts, lr, clip factors, injection coefficients, stochastic-rounding keys, the other scalars)
+    into every struct at once, with one strided write per field, and steps.
+
+    The op's CPU kernels are a ``PreparedCall`` and one ``run``. ``fused.GroupCall`` keeps one from a group's
+    first planned step and runs it again each step without the op's per-call checks and packing key. Whoever
+    keeps one must check before each ``run`` that every tensor it was prepared with (all but the gradients) is
+    still the same object at the same address, its layout unchanged (``QuantOptimizer._step_planned`` compares
+    identity, data pointer and version), and must pass gradients ``readable`` returned."""
+
+    optimizer = ""
+
+    def __init__(self, entry: _Packed, numels: list[int], hyper: dict) -> None:
+        self.entry, self.numels, self.hyper = entry, numels, hyper
+        self.n = len(numels)
+        self.layouts = [torch.strided] * self.n
+
+    def readable(self, grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """``grads`` as the kernel reads them (``_readable_grads``), or None where they do not fit the structs
+        (another count, size or layout, or a dtype other than fp32, bf16 and fp16)."""
+        if (len(grads) != self.n or list(map(torch.Tensor.numel, grads)) != self.numels
+                or list(map(_LAYOUT, grads)) != self.layouts):
+            return None
+        dtypes = set(map(_DTYPE, grads))
+        return _readable_grads(grads, dtypes) if dtypes <= _GRAD_DTYPES else None
+
+    def run(self, grads: list[torch.Tensor], steps: list, injection_coefs: list[float], grad_scales: list[float],
+            sr_keys: list[int] | torch.Tensor, lr: float, state8_keys: list[int] = ()) -> torch.Tensor:
+        """Step, with ``grads`` as ``readable`` gives them and the per-tensor lists written out to one entry per
+        tensor or given as one for all (``steps``: AdamW's step counts or SGD's first_steps; ``sr_keys`` two per
+        tensor, a list or an int64 tensor); returns the non-finite blocks per tensor."""
+        entry = self.entry
+        entry.set("gradient.values", list(map(torch.Tensor.data_ptr, grads)))
+        dtypes = set(map(_DTYPE, grads))
+        if len(dtypes) <= 1:  # one dtype for all (the usual case): one fill
+            entry.set("gradient.dtype", Dtype.BF16 if torch.bfloat16 in dtypes else Dtype.FP32)
+        else:
+            entry.set("gradient.dtype", [Dtype.BF16 if g.dtype == torch.bfloat16 else Dtype.FP32 for g in grads])
+        if self.hyper["stochastic"]:
+            entry.set_keys("hyper.sr_key", sr_keys, 0, 2)
+        entry.set("hyper.grad_scale", list(grad_scales))
+        entry.set("hyper.injection_coef", list(injection_coefs))
+        self._set_scalars(steps, lr, state8_keys)
+        return _run(entry)
+
+    def _set_scalars(self, steps: list, lr: float, state8_keys: list[int]) -> None:
+        raise NotImplementedError
+
+
+class _AdamWCall(PreparedCall):
+    optimizer = "adamw"
+
+    def _set_scalars(self, steps: list[float], lr: float, state8_keys: list[int]) -> None:
+        entry, h = self.entry, self.hyper
+        if h["state8_stochastic"] and h["eight_bit"]:
+            entry.set_keys("state8.exp_avg_key", state8_keys, 0, 4)
+            entry.set_keys("state8.exp_avg_sq_key", state8_keys, 2, 4)
+        beta1, beta2 = h["beta1"], h["beta2"]
+        # the scalars the reference passes to ATen (adamw.adamw_update_), in the same Python expressions
+        entry.set("hyper.decay_factor", 1 - lr * h["weight_decay"])
+        entry.set("hyper.one_minus_beta1", 1 - beta1)
+        entry.set("hyper.beta2", beta2)
+        entry.set("hyper.one_minus_beta2", 1 - beta2)
+        entry.set("hyper.eps", h["eps"])
+        by_step = {t: ((1 - beta2 ** t) ** 0.5, -(lr / (1 - beta1 ** t))) for t in set(steps)}
+        entry.set("hyper.bias_correction2_sqrt", [by_step[t][0] for t in steps])
+        entry.set("hyper.neg_step_size", [by_step[t][1] for t in steps])
+
+
+class _SGDCall(PreparedCall):
+    optimizer = "sgd"
+
+    def _set_scalars(self, steps: list[bool], lr: float, state8_keys: list[int]) -> None:
+        entry, h = self.entry, self.hyper
+        entry.set("hyper.weight_decay", h["weight_decay"])
+        entry.set("hyper.momentum", h["momentum"])
+        entry.set("hyper.one_minus_dampening", 1 - h["dampening"])
+        entry.set("hyper.neg_lr", -lr)
+        entry.set("hyper.nesterov", int(h["nesterov"]))
+        entry.set("hyper.first_step", [int(f) for f in steps])
+
+
+def prepare_adamw(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, master_weights,
+                  carried_errors, compensation_codes, compensation_scales, formats, scale_formats, block_sizes,
+                  steps, injection_coefs, grad_scales, sr_keys, state8_block_sizes, state8_keys, state8_tables, *,
+                  lr, beta1, beta2, eps, weight_decay, inject, stochastic, state8_stochastic) -> PreparedCall:
+    """The ``PreparedCall`` of ``ecoptim::adamw_step_`` with these arguments (checked as the op checks them)."""
     n = len(codes)
     (scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, master_weights, carried_errors,
      compensation_codes, compensation_scales, formats, scale_formats, block_sizes, steps, injection_coefs,
@@ -300,8 +386,9 @@ def adamw_step_cpu(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, ex
                          compensation_codes, compensation_scales))
 
     def pack(array) -> None:
-        # every field of every struct, as this call's arguments give it (the definition the strided writes
-        # below repeat for the fields that change from call to call; tests/test_step_cache.py compares the two)
+        # every field of every struct, as this call's arguments give it (the definition the strided writes of
+        # PreparedCall.run repeat for the fields that change from call to call; tests/test_step_cache.py compares
+        # the two)
         for k in range(n):
             a = array[k]
             _weights_args(a, k, codes, scales, grads, formats, scale_formats, block_sizes, master_weights,
@@ -327,7 +414,6 @@ def adamw_step_cpu(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, ex
                 _set_key(h.sr_key, sr_keys, k)
             step = steps[k]
             h.grad_scale, h.injection_coef = grad_scales[k], injection_coefs[k]
-            # the scalars the reference passes to ATen (adamw.adamw_update_), in the same Python expressions
             h.decay_factor = 1 - lr * weight_decay
             h.one_minus_beta1, h.beta2, h.one_minus_beta2 = 1 - beta1, beta2, 1 - beta2
             h.bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
@@ -335,30 +421,30 @@ def adamw_step_cpu(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, ex
             h.neg_step_size = -(lr / (1 - beta1 ** step))
 
     entry = _packed(key, codes[0] if n else None, pack)
-    _set_gradients(entry, grads)
-    if stochastic:
-        entry.set_keys("hyper.sr_key", sr_keys, 0, 2)
-    if state8_stochastic and eight_bit:
-        entry.set_keys("state8.exp_avg_key", state8_keys, 0, 4)
-        entry.set_keys("state8.exp_avg_sq_key", state8_keys, 2, 4)
-    entry.set("hyper.grad_scale", list(grad_scales))
-    entry.set("hyper.injection_coef", list(injection_coefs))
-    entry.set("hyper.decay_factor", 1 - lr * weight_decay)
-    entry.set("hyper.one_minus_beta1", 1 - beta1)
-    entry.set("hyper.beta2", beta2)
-    entry.set("hyper.one_minus_beta2", 1 - beta2)
-    entry.set("hyper.eps", eps)
-    by_step = {t: ((1 - beta2 ** t) ** 0.5, -(lr / (1 - beta1 ** t))) for t in set(steps)}
-    entry.set("hyper.bias_correction2_sqrt", [by_step[t][0] for t in steps])
-    entry.set("hyper.neg_step_size", [by_step[t][1] for t in steps])
-    return _run(entry)
+    return _AdamWCall(entry, list(map(torch.Tensor.numel, grads)), dict(
+        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, stochastic=bool(stochastic),
+        state8_stochastic=bool(state8_stochastic), eight_bit=eight_bit))
 
 
-def sgd_step_cpu(codes, scales, grads, momentum_buffers, master_weights, carried_errors, compensation_codes,
-                 compensation_scales, formats, scale_formats, block_sizes, first_steps, injection_coefs, grad_scales,
-                 sr_keys, *, lr,
-                 momentum, dampening, nesterov, weight_decay, inject, stochastic) -> torch.Tensor:
-    """``ecoptim::sgd_step_`` on CPU tensors."""
+def adamw_step_cpu(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, master_weights,
+                   carried_errors, compensation_codes, compensation_scales, formats, scale_formats, block_sizes, steps,
+                   injection_coefs, grad_scales, sr_keys, state8_block_sizes, state8_keys, state8_tables, *, lr,
+                   beta1, beta2, eps, weight_decay, inject, stochastic, state8_stochastic) -> torch.Tensor:
+    """``ecoptim::adamw_step_`` on CPU tensors: ``prepare_adamw`` and one ``run``."""
+    grads = _readable_grads(grads)
+    call = prepare_adamw(codes, scales, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax,
+                         master_weights, carried_errors, compensation_codes, compensation_scales, formats,
+                         scale_formats, block_sizes, steps, injection_coefs, grad_scales, sr_keys, state8_block_sizes,
+                         state8_keys, state8_tables, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                         weight_decay=weight_decay, inject=inject, stochastic=stochastic,
+                         state8_stochastic=state8_stochastic)
+    return call.run(grads, steps, injection_coefs, grad_scales, sr_keys, lr, state8_keys)
+
+
+def prepare_sgd(codes, scales, grads, momentum_buffers, master_weights, carried_errors, compensation_codes,
+                compensation_scales, formats, scale_formats, block_sizes, first_steps, injection_coefs, grad_scales,
+                sr_keys, *, lr, momentum, dampening, nesterov, weight_decay, inject, stochastic) -> PreparedCall:
+    """The ``PreparedCall`` of ``ecoptim::sgd_step_`` with these arguments (checked as the op checks them)."""
     n = len(codes)
     (scales, grads, momentum_buffers, master_weights, carried_errors, compensation_codes, compensation_scales,
      formats, scale_formats, block_sizes, first_steps, injection_coefs, grad_scales) = _full_lists(n, dict(
@@ -376,7 +462,7 @@ def sgd_step_cpu(codes, scales, grads, momentum_buffers, master_weights, carried
                          compensation_codes, compensation_scales))
 
     def pack(array) -> None:
-        # every field of every struct (see adamw_step_cpu)
+        # every field of every struct (see prepare_adamw)
         for k in range(n):
             a = array[k]
             _weights_args(a, k, codes, scales, grads, formats, scale_formats, block_sizes, master_weights,
@@ -394,18 +480,26 @@ def sgd_step_cpu(codes, scales, grads, momentum_buffers, master_weights, carried
             h.nesterov, h.first_step = int(nesterov), int(first_steps[k])
 
     entry = _packed(key, codes[0] if n else None, pack)
-    _set_gradients(entry, grads)
-    if stochastic:
-        entry.set_keys("hyper.sr_key", sr_keys, 0, 2)
-    entry.set("hyper.grad_scale", list(grad_scales))
-    entry.set("hyper.injection_coef", list(injection_coefs))
-    entry.set("hyper.weight_decay", weight_decay)
-    entry.set("hyper.momentum", momentum)
-    entry.set("hyper.one_minus_dampening", 1 - dampening)
-    entry.set("hyper.neg_lr", -lr)
-    entry.set("hyper.nesterov", int(nesterov))
-    entry.set("hyper.first_step", [int(f) for f in first_steps])
-    return _run(entry)
+    return _SGDCall(entry, list(map(torch.Tensor.numel, grads)), dict(
+        weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=bool(nesterov),
+        stochastic=bool(stochastic)))
+
+
+def sgd_step_cpu(codes, scales, grads, momentum_buffers, master_weights, carried_errors, compensation_codes,
+                 compensation_scales, formats, scale_formats, block_sizes, first_steps, injection_coefs, grad_scales,
+                 sr_keys, *, lr,
+                 momentum, dampening, nesterov, weight_decay, inject, stochastic) -> torch.Tensor:
+    """``ecoptim::sgd_step_`` on CPU tensors: ``prepare_sgd`` and one ``run``."""
+    grads = _readable_grads(grads)
+    call = prepare_sgd(codes, scales, grads, momentum_buffers, master_weights, carried_errors, compensation_codes,
+                       compensation_scales, formats, scale_formats, block_sizes, first_steps, injection_coefs,
+                       grad_scales, sr_keys, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                       weight_decay=weight_decay, inject=inject, stochastic=stochastic)
+    return call.run(grads, first_steps, injection_coefs, grad_scales, sr_keys, lr)
+
+
+#: the ``PreparedCall`` of each op (by its ``fused.Job.optimizer`` name), from the op's own arguments
+PREPARE = {"adamw": prepare_adamw, "sgd": prepare_sgd}
 
 
 # registered by name, so that the module's names stay the functions (register_kernel as a decorator returns None)
