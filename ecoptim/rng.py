@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["KEY_DEVICE", "draw_key", "draw_keys", "uniform", "uniform_torch", "mix32"]
+__all__ = ["KEY_DEVICE", "draw_key", "draw_keys", "draw_key_words", "uniform", "uniform_torch", "mix32"]
 
 KEY_DEVICE = "cpu"
 """Where the optimizers' stochastic-rounding keys are drawn, for tensors on any device (see the module docstring)."""

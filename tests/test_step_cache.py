@@ -402,3 +402,38 @@ def test_a_setting_edited_in_place_is_detected(monkeypatch):
     n = len(planned)
     _step(models, opts, 3)
     assert len(planned) == n or planned[n] is None
+
+
+def test_a_view_at_the_same_address_is_not_written_by_a_planned_step():
+    """``.data =`` bumps no version; a view of the old storage keeps its address: the kept structs would write the
+    old size. The plan compares bytes too, so the full route runs and refuses the scale, writing nothing."""
+    models, opts = _trio(lr=1e-2)
+    for step in range(3):
+        _step(models, opts, step)
+    p = models[0][0].weight
+    full = p.scale.data
+    p.scale.data = full[:4]  # same data pointer, same version, half the rows
+    codes, tail = p.codes.clone(), full[4:].clone()
+    _grads(models, 3)
+    with pytest.raises(ValueError, match="scale"):
+        opts[0].step()
+    assert torch.equal(full[4:], tail) and torch.equal(p.codes.view(torch.uint8), codes.view(torch.uint8))
+
+
+def test_sgd_first_step_with_skipped_blocks_leaves_no_uninitialised_momentum():
+    """nonfinite='skip_blocks' on SGD's first step (mode naive: the buffer is g): rows the kernel leaves
+    unchanged hold zeros in the new momentum buffer (dampening 0: the next step's momentum * 0 + g is the first
+    step's g), and a weight none of whose rows moved has no buffer and no step, as if never stepped."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 8, bias=False), nn.Linear(32, 4, bias=False))
+    ecoptim.quantize_(m, "fp8_e4m3", "row")
+    opt = ecoptim.SGD(m.parameters(), lr=1e-2, momentum=0.9, mode="naive", nonfinite="skip_blocks")
+    a, b = m[0].weight, m[1].weight
+    a.grad, b.grad = torch.randn(8, 32), torch.full((4, 32), float("nan"))
+    a.grad[2, 5] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+        opt.step()
+    buf = opt.state[a]["momentum_buffer"]
+    assert torch.equal(buf[2], torch.zeros(32)) and torch.equal(buf[0], a.grad[0])
+    assert opt.state[b]["momentum_buffer"] is None and float(opt.state[b]["step"]) == 0
+    assert opt.skipped_blocks == 1 + 4

@@ -170,6 +170,7 @@ _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 _LAYOUT = operator.attrgetter("layout")
 _VERSION = operator.attrgetter("_version")
+_NBYTES = operator.attrgetter("nbytes")
 _CODES = operator.attrgetter("codes")
 _SCALE = operator.attrgetter("scale")
 _SPEC = operator.attrgetter("spec")
@@ -245,8 +246,9 @@ class _GroupPlan:
     parameters: each stepped one's tensor, state dict and spec (identity; done by ``_params_to_step`` when
     ``step_group`` is handed the list it keeps); the group's settings; the gradients (``GroupCall.readable``);
     for the kernel's parameters their codes and scale (identity) and every value in their state dict
-    (identity); every tensor the kept call points to (data pointer and version: a tensor given other storage,
-    or resized, re-strided or written by torch in place, is seen); the step counts' places in their shared
+    (identity); every tensor the kept call points to (data pointer, version, bytes and contiguity: a tensor
+    given other storage, a view or another size, or resized, re-strided or written by torch in place, is seen);
+    the step counts' places in their shared
     tensor (data pointer)."""
 
     group: dict
@@ -265,6 +267,7 @@ class _GroupPlan:
     watched: list[torch.Tensor]  # every tensor of the kept call but the gradients (``GroupCall.tensors``)
     pointers: list[int]
     versions: list[int]
+    sizes: list[int]  # their bytes (numel x element size)
     # a device kernel writes the weights through torch ops, which bump their versions (the CPU kernel's writes
     # through pointers do not): the plan then takes the versions after its own op call
     own_writes_bump_versions: bool
@@ -529,7 +532,8 @@ class QuantOptimizer(Optimizer):
         a subclass that steps other tensors than the parameters, e.g. FSDP's local shards, undoes its set-up
         after the step). The list and its ``ParamStep`` objects are kept from one step to the next and handed on
         again, their gradients refreshed, while the group's parameters, which of them have a gradient, their
-        state dicts and specs are the same objects (checked every step)."""
+        state dicts and specs are the same objects (checked every step). ``step_group`` trusts that check for
+        this very list, so an override must hand on a new list rather than edit this one in place."""
         params = self._param_steps(group)
         try:
             yield params
@@ -585,7 +589,7 @@ class QuantOptimizer(Optimizer):
         parameter draws its own in its turn too.
 
         A group stepped with all its kernel parameters in one op call keeps that call (a ``_GroupPlan``): the
-        next call with the same parameters, states, specs, settings and gradient dtypes/shapes repeats it with
+        next call with the same parameters, states, specs, settings and gradient sizes repeats it with
         this step's gradients, step counts, lr, clip factor and keys, and skips the per-parameter work of
         choosing the path and building the kernel's arguments; the bits are the same."""
         plans = self._kept("_step_plans")
@@ -628,8 +632,13 @@ class QuantOptimizer(Optimizer):
             for p, job, n_bad in zip(job_params, jobs, _fused.run(jobs, skip_nonfinite=skip_nonfinite)):
                 skipped += n_bad
                 if n_bad and n_bad == job.num_blocks:  # nothing of it was updated: its step did not happen
-                    p.state["step"] -= 1
+                    self._undo_step_start(p.state, job)
         return skipped, ((job_params, jobs) if together and jobs and not alone else None)
+
+    def _undo_step_start(self, state: dict, job: _fused.Job) -> None:
+        """A kernel parameter none of whose blocks was updated (``nonfinite='skip_blocks'``): undo what starting
+        its step did to its state (the step count's increment; subclasses: what their ``_update_job`` set up)."""
+        state["step"] -= 1
 
     def _plan(self, group: dict, params: list[ParamStep],
               kernel_step: tuple[list[ParamStep], list[_fused.Job]] | None) -> _GroupPlan | None:
@@ -667,8 +676,8 @@ class QuantOptimizer(Optimizer):
             scales=list(map(_SCALE, kernel)), kernel_states=states,
             state_values=list(chain.from_iterable(map(dict.values, states))), watched=watched,
             pointers=list(map(torch.Tensor.data_ptr, watched)), versions=list(map(_VERSION, watched)),
-            own_writes_bump_versions=any(t.device.type != "cpu" for t in watched), step_counts=step_counts,
-            shared_counts=shared,
+            sizes=list(map(_NBYTES, watched)), own_writes_bump_versions=any(t.device.type != "cpu" for t in watched),
+            step_counts=step_counts, shared_counts=shared,
             count_pointers=list(map(torch.Tensor.data_ptr, step_counts)) if shared is not None else [], call=call)
 
     def _step_planned(self, plan: _GroupPlan, params: list[ParamStep], grad_scale: float | None,
@@ -694,7 +703,11 @@ class QuantOptimizer(Optimizer):
         if len(values) != len(plan.state_values) or not all(map(is_, values, plan.state_values)):
             return None
         watched = plan.watched
+        # data pointer, version, bytes and contiguity: storage replaced by set_ or resized changes the version;
+        # by .data = (no version bump) the pointer, or, at the same address (a view of the old storage, or new
+        # storage where the old was freed), the bytes or the strides the kernel would write by
         if (list(map(torch.Tensor.data_ptr, watched)) != plan.pointers or list(map(_VERSION, watched)) != plan.versions
+                or list(map(_NBYTES, watched)) != plan.sizes or not all(map(torch.Tensor.is_contiguous, watched))
                 or (plan.shared_counts is not None
                     and list(map(torch.Tensor.data_ptr, plan.step_counts)) != plan.count_pointers)):
             return None

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Callable
 
 import torch
@@ -278,8 +279,10 @@ class GroupCall:
 
     def readable(self, grads: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """This step's gradients (one per job, in order) as ``run`` takes them, or None where the call cannot
-        step them: another count or size than the first step's, or a dtype or layout the kernel does not read
-        (on a device: any dtype other than the first step's)."""
+        step them: a missing one, another count or size than the first step's, or a dtype or layout the kernel
+        does not read (on a device: any dtype other than the first step's)."""
+        if any(map(operator.is_, grads, repeat(None))):
+            return None
         if self.prepared is not None:
             return self.prepared.readable(grads)
         if (len(grads) != len(self.numels) or list(map(torch.Tensor.numel, grads)) != self.numels

@@ -123,14 +123,21 @@ class SGD(QuantOptimizer):
     def _update_job(self, p: ParamStep, group: dict, key: tuple[int, int] | None) -> _fused.Job:
         lr, mom, state = group["lr"], group["momentum"], p.state
         first = state["momentum_buffer"] is None and mom != 0
-        if first:  # torch creates the buffer from the first gradient; the kernel writes all of it
-            state["momentum_buffer"] = torch.empty(p.param.shape, dtype=torch.float32, device=p.param.device)
+        if first:  # torch creates the buffer from the first gradient; the kernel writes all of it, except blocks
+            # it leaves unchanged (nonfinite='skip_blocks'): those hold zeros, from which the next step's
+            # momentum * 0 + (1 - dampening) * g is the first step's g (dampening 0, torch's default)
+            state["momentum_buffer"] = torch.zeros(p.param.shape, dtype=torch.float32, device=p.param.device)
         eco, nesterov = group["mode"] == "eco", group["nesterov"]
         job = _fused.sgd_job(p.param, p.grad, p.spec, state["momentum_buffer"], key, lr=lr, momentum=mom,
                              dampening=group["dampening"], nesterov=nesterov, weight_decay=group["weight_decay"],
                              coef=eco_sgd_coef(lr, mom, nesterov) if eco else 0.0, first=first, inject=eco)
         job.injection_coef_of = lambda t, lr_t: eco_sgd_coef(lr_t, mom, nesterov) if eco else 0.0
         return job
+
+    def _undo_step_start(self, state: dict, job: _fused.Job) -> None:
+        super()._undo_step_start(state, job)
+        if job.step:  # its first step did not happen: the next one creates the buffer from its gradient again
+            state["momentum_buffer"] = None
 
     def _inject_(self, e: torch.Tensor, state: dict, group: dict, aux: Any) -> None:
         state["momentum_buffer"].add_(e, alpha=eco_sgd_coef(group["lr"], group["momentum"], group["nesterov"]))

@@ -106,8 +106,9 @@ def _weights_args(a: StepArgs, k: int, codes, scales, grads, formats, scale_form
 # previous call's (same data pointers, dtypes, sizes, formats, block sizes: everything the per-tensor packing
 # reads except the gradients and the step's scalars) reuses that call's structs and rewrites only what changes
 # from step to step (gradient pointers and dtypes, stochastic-rounding keys, the scalars) with one strided write
-# per field over all the structs. The key holds every input of the kept fields, so a struct is never reused for
-# other tensors: a replaced, re-allocated, re-typed or resized tensor (data pointer, dtype or numel) misses.
+# per field over all the structs. The key holds every input of the kept fields, so the op never reuses a struct
+# for other tensors: a replaced, re-allocated, re-typed or resized tensor (data pointer, dtype or numel) misses.
+# A ``PreparedCall`` kept by its caller runs its structs again without this key, on the caller's checks.
 
 _DTYPE = operator.attrgetter("dtype")
 _LAYOUT = operator.attrgetter("layout")
@@ -217,7 +218,8 @@ def _packed(key: tuple, first: torch.Tensor | None, pack) -> _Packed:
 
 
 def clear_packed() -> None:
-    """Drop the structs kept between op calls (they hold no tensors, only their addresses)."""
+    """Drop the structs the op keeps between its calls (they hold no tensors, only their addresses); a
+    ``PreparedCall`` held by a caller keeps its own."""
     _PACKED.clear()
 
 
@@ -281,8 +283,9 @@ class PreparedCall:
     The op's CPU kernels are a ``PreparedCall`` and one ``run``. ``fused.GroupCall`` keeps one from a group's
     first planned step and runs it again each step without the op's per-call checks and packing key. Whoever
     keeps one must check before each ``run`` that every tensor it was prepared with (all but the gradients) is
-    still the same object at the same address, its layout unchanged (``QuantOptimizer._step_planned`` compares
-    identity, data pointer and version), and must pass gradients ``readable`` returned."""
+    still the same object at the same address, of the same size and contiguous, not resized or re-strided in
+    between (``QuantOptimizer._step_planned`` compares identity, data pointer, version, bytes and contiguity),
+    and must pass gradients ``readable`` returned."""
 
     optimizer = ""
 
