@@ -246,8 +246,8 @@ class _GroupPlan:
     parameters: each stepped one's tensor, state dict and spec (identity; done by ``_params_to_step`` when
     ``step_group`` is handed the list it keeps); the group's settings; the gradients (``GroupCall.readable``);
     for the kernel's parameters their codes and scale (identity) and every value in their state dict
-    (identity); every tensor the kept call points to (data pointer, version, bytes and contiguity: a tensor
-    given other storage, a view or another size, or resized, re-strided or written by torch in place, is seen);
+    (identity); every tensor the kept call points to (data pointer, version and bytes: a tensor given other
+    storage or a smaller view, or resized, re-strided or written by torch in place, is seen);
     the step counts' places in their shared
     tensor (data pointer)."""
 
@@ -703,11 +703,13 @@ class QuantOptimizer(Optimizer):
         if len(values) != len(plan.state_values) or not all(map(is_, values, plan.state_values)):
             return None
         watched = plan.watched
-        # data pointer, version, bytes and contiguity: storage replaced by set_ or resized changes the version;
-        # by .data = (no version bump) the pointer, or, at the same address (a view of the old storage, or new
-        # storage where the old was freed), the bytes or the strides the kernel would write by
+        # data pointer, version and bytes: set_, resize_, in-place re-striding and torch's in-place writes change
+        # the version; .data = (no version bump) the pointer, or, at the same address (a view of the old storage,
+        # or new storage where the old was freed), the bytes, so the kernel never writes past a tensor's end (a
+        # same-sized view with other strides at the same address would be written in memory order: not checked,
+        # contiguity is the costliest of these reads)
         if (list(map(torch.Tensor.data_ptr, watched)) != plan.pointers or list(map(_VERSION, watched)) != plan.versions
-                or list(map(_NBYTES, watched)) != plan.sizes or not all(map(torch.Tensor.is_contiguous, watched))
+                or list(map(_NBYTES, watched)) != plan.sizes
                 or (plan.shared_counts is not None
                     and list(map(torch.Tensor.data_ptr, plan.step_counts)) != plan.count_pointers)):
             return None

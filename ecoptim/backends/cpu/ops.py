@@ -283,8 +283,8 @@ class PreparedCall:
     The op's CPU kernels are a ``PreparedCall`` and one ``run``. ``fused.GroupCall`` keeps one from a group's
     first planned step and runs it again each step without the op's per-call checks and packing key. Whoever
     keeps one must check before each ``run`` that every tensor it was prepared with (all but the gradients) is
-    still the same object at the same address, of the same size and contiguous, not resized or re-strided in
-    between (``QuantOptimizer._step_planned`` compares identity, data pointer, version, bytes and contiguity),
+    still the same object at the same address and of the same size, not resized or re-strided in between
+    (``QuantOptimizer._step_planned`` compares identity, data pointer, version and bytes),
     and must pass gradients ``readable`` returned."""
 
     optimizer = ""
