@@ -184,11 +184,13 @@ def test_never_takes_the_fused_kernel(monkeypatch):
     from ecoptim.optim import fused
     model = hidden_quantized()
     opt = ecoptim.Muon(hidden(model), lr=0.02, mode="eco")
-    seen = []
-    real = fused.applies
-    monkeypatch.setattr(fused, "applies", lambda p, s, g: seen.append(g.get("fused")) or real(p, s, g))
+    kernel_calls, reference = [], []
+    monkeypatch.setattr(fused, "run", lambda jobs, **kw: kernel_calls.append(jobs))
+    real = opt._step_reference
+    monkeypatch.setattr(opt, "_step_reference", lambda p, *a: reference.append(p.param) or real(p, *a))
     train(model, opt, batches(1))
-    assert seen and all(f is False for f in seen)
+    assert not kernel_calls and reference  # every parameter on the reference path
+    assert {id(p) for p in reference} == {id(p) for p in hidden(model)}
 
 
 @pytest.mark.parametrize("mode", ["eco", "master", "exact"])

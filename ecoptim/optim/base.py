@@ -300,6 +300,7 @@ class QuantOptimizer(Optimizer):
 
     _block_skip_ok = True  # False where every rank must take the same skip decision (see distributed/)
     _clip_ok = True  # False where the gradients are sharded or exchanged inside step (see distributed/)
+    _kernel_ok = True  # False where the update is not one the fused op implements (it has AdamW and SGD only)
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, mode: str = "eco",
                  rounding: str = "stochastic", seed: int = 0, nonfinite: str = "skip") -> None:
@@ -610,7 +611,7 @@ class QuantOptimizer(Optimizer):
                     skip_nonfinite: bool) -> tuple[int, tuple[list[ParamStep], list[_fused.Job]] | None]:
         """``step_group``, also returning the kernel's parameters and jobs if they were stepped together in one
         op call after their keys were drawn at once (what a ``_GroupPlan`` repeats), else None."""
-        kernel = [_fused.applies(p.param, p.spec, group) for p in params]
+        kernel = [self._kernel_ok and _fused.applies(p.param, p.spec, group) for p in params]
         together = all(k or p.spec is None for p, k in zip(params, kernel))
         keys = iter(self._start_kernel_steps(group, [p for p, k in zip(params, kernel) if k]) if together else ())
         skipped, jobs, job_params, alone = 0, [], [], False

@@ -33,7 +33,7 @@ from typing import Any, Iterable
 import torch
 
 from ..convert import spec_of
-from .base import ParamStep, QuantOptimizer
+from .base import QuantOptimizer
 from .hyper import check_flag, check_lr, check_number
 
 __all__ = ["Lion", "lion_update_", "eco_lion_coef"]
@@ -72,6 +72,8 @@ class Lion(QuantOptimizer):
     the reference path (the fused C kernel has no Lion step).
     """
 
+    _kernel_ok = False  # the fused op implements AdamW and SGD only
+
     moment_keys = ("exp_avg",)
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
@@ -94,12 +96,6 @@ class Lion(QuantOptimizer):
         if group["mode"] == "eco" and b1 == 0 and any(spec_of(p) is not None for p in group["params"]):
             raise ValueError("mode='eco' injects the rounding error into the momentum and divides by beta1, so "
                              "beta1 must be > 0 for quantized weights; use betas=(0.9, 0.99), or mode='naive'")
-
-    def step_group(self, group: dict, params: list[ParamStep], *, grad_scale: float | None = None,
-                   skip_nonfinite: bool = False) -> int:
-        """``QuantOptimizer.step_group`` with the fused kernel ruled out (it implements AdamW and SGD only)."""
-        return super().step_group(dict(group, fused=False), params, grad_scale=grad_scale,
-                                  skip_nonfinite=skip_nonfinite)
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
         state["step"] = torch.tensor(0.0)

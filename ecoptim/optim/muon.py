@@ -47,7 +47,7 @@ from torch import nn
 
 from ..convert import spec_of
 from .adamw import AdamW
-from .base import ParamStep, QuantOptimizer
+from .base import QuantOptimizer
 from .hyper import check_flag, check_lr, check_number
 
 __all__ = ["Muon", "MuonWithAdamW", "muon_with_adamw", "muon_update_", "zeropower_via_newtonschulz",
@@ -156,6 +156,8 @@ class Muon(QuantOptimizer):
     Every group takes the reference path (the fused C kernel has no Muon step).
     """
 
+    _kernel_ok = False  # the fused op implements AdamW and SGD only
+
     moment_keys = ("momentum_buffer",)
     torch_class = torch.optim.Muon
     torch_state_keys = ("momentum_buffer",)
@@ -205,13 +207,6 @@ class Muon(QuantOptimizer):
         if group["mode"] == "eco" and m == 0 and any(spec_of(p) is not None for p in group["params"]):
             raise ValueError("mode='eco' injects the rounding error into the momentum and divides by it, so "
                              "momentum must be > 0 for quantized weights; use momentum=0.95, or mode='naive'")
-
-    def step_group(self, group: dict, params: list[ParamStep], *, grad_scale: float | None = None,
-                   skip_nonfinite: bool = False) -> int:
-        """``QuantOptimizer.step_group`` with the fused kernel ruled out (it implements AdamW and SGD only): the
-        group is handed on with ``fused=False``, which ``fused.applies`` honours for every parameter."""
-        return super().step_group(dict(group, fused=False), params, grad_scale=grad_scale,
-                                  skip_nonfinite=skip_nonfinite)
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict, quantized: bool) -> None:
         state["step"] = torch.tensor(0.0)
