@@ -184,19 +184,21 @@ ROUNDINGS = ("nearest", "stochastic")
 SHAPE = (4, 32)
 
 
+def _slow_unless_covered(i: int, j: int, rounding: str, opt: str) -> tuple:
+    """The marks of the case with the i-th format (or format and variant) and the j-th mode: none on the
+    covering design (every format with every mode, the rounding and the optimizer alternating so that every pair
+    of values meets), else slow: the interpreter runs about 20 programs a second, and on a GPU each case compiles
+    its own kernel variants (about a second each)."""
+    cover = ROUNDINGS.index(rounding) == (i + j) % 2 and list(OPTIMIZERS).index(opt) == (i // 2 + j) % 2
+    return () if cover else (pytest.mark.slow,)
+
+
 def _matrix():
-    """The full product; the cases off a covering design (every format/granularity with every mode, the rounding
-    and the optimizer alternating so that every pair of values meets) are marked slow: the interpreter runs about
-    20 programs a second, and on a GPU each case compiles its own kernel variants (about a second each)."""
-    cases = []
-    for k, ((fmt, gran), mode, rounding, opt) in enumerate(itertools.product(FORMATS_GRANS, MODES, ROUNDINGS,
-                                                                               OPTIMIZERS)):
-        i, j = FORMATS_GRANS.index((fmt, gran)), MODES.index(mode)
-        cover = ROUNDINGS.index(rounding) == (i + j) % 2 and list(OPTIMIZERS).index(opt) == (i // 2 + j) % 2
-        marks = () if cover else (pytest.mark.slow,)
-        cases.append(pytest.param(fmt, gran, mode, rounding, opt, marks=marks,
-                                  id=f"{opt}-{fmt}-{gran}-{mode}-{rounding}"))
-    return cases
+    """The full product; the cases off the covering design marked slow (``_slow_unless_covered``)."""
+    return [pytest.param(fmt, gran, mode, rounding, opt, id=f"{opt}-{fmt}-{gran}-{mode}-{rounding}",
+                         marks=_slow_unless_covered(FORMATS_GRANS.index((fmt, gran)), MODES.index(mode), rounding,
+                                                    opt))
+            for (fmt, gran), mode, rounding, opt in itertools.product(FORMATS_GRANS, MODES, ROUNDINGS, OPTIMIZERS)]
 
 
 @pytest.mark.parametrize("fmt,gran,mode,rounding,opt", _matrix())
@@ -224,14 +226,12 @@ MX_SHAPE = (4, 64)  # two blocks of 32 per row, rows of very different magnitude
 
 def _mx_matrix():
     """MXFP8 / MXFP4 x E8M0 rule x mode x rounding x optimizer; every (format, rule, mode) by default, the
-    rounding and the optimizer alternating; the rest marked slow."""
-    cases = []
-    for fmt, rule, mode, rounding, opt in itertools.product(MX_FORMATS, E8M0_RULES, MODES, ROUNDINGS, OPTIMIZERS):
-        i, j = MX_FORMATS.index(fmt) * 2 + E8M0_RULES.index(rule), MODES.index(mode)
-        cover = ROUNDINGS.index(rounding) == (i + j) % 2 and list(OPTIMIZERS).index(opt) == (i // 2 + j) % 2
-        cases.append(pytest.param(fmt, rule, mode, rounding, opt, marks=() if cover else (pytest.mark.slow,),
-                                  id=f"{opt}-{fmt}-{rule}-{mode}-{rounding}"))
-    return cases
+    rounding and the optimizer alternating; the rest marked slow (``_slow_unless_covered``)."""
+    return [pytest.param(fmt, rule, mode, rounding, opt, id=f"{opt}-{fmt}-{rule}-{mode}-{rounding}",
+                         marks=_slow_unless_covered(MX_FORMATS.index(fmt) * 2 + E8M0_RULES.index(rule),
+                                                    MODES.index(mode), rounding, opt))
+            for fmt, rule, mode, rounding, opt in itertools.product(MX_FORMATS, E8M0_RULES, MODES, ROUNDINGS,
+                                                                    OPTIMIZERS)]
 
 
 @pytest.mark.parametrize("fmt,rule,mode,rounding,opt", _mx_matrix())
