@@ -233,12 +233,16 @@ def test_fused_exact_fallbacks_match_reference(rounding):
     """The kernel's shortcuts have preconditions, and blocks that break them take exact code: rows of weights
     below 2^-90 (outside the reciprocal division's proven range: a true division), and gradients whose square
     overflows (v = Inf makes the sqrt(v)/sqrt(bc2) shortcut NaN: the block is re-run exactly; without the
-    re-run this test fails). Both must still give the reference's bits, Inf/NaN moments included."""
+    re-run this test fails), and rows whose scale is 2^8 or more (the vector decode of E4M3 multiplies by 2^120
+    times the scale, which must be finite: scalar code). All must still give the reference's bits, Inf/NaN
+    moments included."""
     shape = (12, 40)
     ref, fast, o_ref, o_fast = _pair(shape, "fp8_e4m3", "row", ecoptim.AdamW, rounding=rounding, **ADAMW)
     for m in (ref, fast):
         w = next(m.parameters())
-        w.requantize_(torch.cat([w.dequantize()[:4] * 1e-28, w.dequantize()[4:]]))
+        d = w.dequantize()
+        w.requantize_(torch.cat([d[:4] * 1e-28, d[4:6] * 1e9, d[6:]]))
+    assert next(fast.parameters()).scale[4:6].min() >= 2 ** 8
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 1e-3
     grad[:4] = 0  # the tiny rows stay tiny (decay only)
     grad[8, :5] = 3e20  # (1 - b2) * g^2 overflows fp32: v = Inf

@@ -50,7 +50,9 @@ static inline float adamw_update(const adamw_scalars *k, float w, float g, float
 /* the vector sweep's operands: the scalars broadcast, and local copies of the pointers (stores through float
  * pointers could alias the argument struct, which would force a reload of every pointer in every iteration) */
 typedef struct {
-    vf scale, decay, lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, rcp_bias_correction2_sqrt, eps,
+    /* code_scale: the block's scale, times 2^120 for E4M3 codes (decoded as v_e4m3_fields, their values times
+     * 2^-120: one multiply by the exact 2^120 * scale rounds the same product, value * scale, once) */
+    vf code_scale, decay, lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, rcp_bias_correction2_sqrt, eps,
         neg_step_size, grad_scale, compensation_scale;
     const void *codes, *grad, *exp_avg, *exp_avg_sq, *compensation;
     const float *exp_avg_absmax, *exp_avg_sq_absmax, *master, *carried_error;
@@ -65,7 +67,9 @@ static inline __attribute__((always_inline)) void adamw_update_vec(const adamw_v
                                                                    const int grad_dtype, const int storage,
                                                                    const int fmt) {
     const int64_t j = base + i;
-    vf w = c->master ? vf_load(c->master + j) : vf_mul(v_decode_p(c->codes, j, fmt), c->scale);
+    vf w = c->master                   ? vf_load(c->master + j)
+           : fmt == ECO_FORMAT_FP8_E4M3 ? vf_mul(v_e4m3_fields((const uint8_t *)c->codes + j), c->code_scale)
+                                        : vf_mul(v_decode_p(c->codes, j, fmt), c->code_scale);
     if (c->carried_error) w = vf_add(w, vf_load(c->carried_error + j));
     w = vf_mul(w, c->decay);
     const vf g = vf_mul(v_ld(c->grad, j, grad_dtype), c->grad_scale);
@@ -124,10 +128,12 @@ static inline __attribute__((always_inline)) astat adamw_sweep_a(const eco_step_
     /* sqrt(v) / bc2s by Markstein: sqrt of a finite v is +0 or in [2^-75, 2^64], so with bc2s in [2^-40, 1]
      * the quotient and residual are normal. v = Inf gives NaN here: the block is re-run exactly. */
     if (!(k.bias_correction2_sqrt >= 0x1p-40f && k.bias_correction2_sqrt <= 1.0f)) vec = 0;
+    /* 2^120 * scale must be finite for the E4M3 decode (see adamw_vec) */
+    if (fmt == ECO_FORMAT_FP8_E4M3 && !a->modes.master && !(k.scale < 0x1p8f)) vec = 0;
 #if ECO_VEC
     if (vec) {
         adamw_vec c;
-        c.scale = vf_set1(k.scale);
+        c.code_scale = vf_set1(fmt == ECO_FORMAT_FP8_E4M3 ? k.scale * 0x1p120f : k.scale);
         c.decay = vf_set1(k.decay);
         c.lerp_coeff = vf_set1(k.lerp_coeff);
         c.beta2 = vf_set1(k.beta2);

@@ -155,6 +155,11 @@ static inline void v_st(void *p, int64_t j, vf x, const int bf) {
     vf_store((float *)p + j, x);
 }
 
+/* the E4M3 codes' sign, exponent and mantissa fields in fp32's layout, i.e. the values times 2^-120 (exactly:
+ * subnormal codes become fp32 subnormals) */
+static inline vf v_e4m3_fields(const uint8_t *p) {
+    return vf_cast(vi_and(vi_slli(vi_ld_i8(p), 20), vi_set1((int)0x87F00000u)));
+}
 /* codes j .. j+VL-1 as fp32, exactly. e4m3: the sign-extended code shifted left by 20 and masked is the fp32
  * whose exponent and mantissa fields are the e4m3 fields (sign at bit 31): its value is the e4m3 value * 2^-120,
  * e4m3 subnormals landing on fp32 subnormals, so one multiply by 2^120 (exact) finishes the decode.
@@ -170,8 +175,7 @@ static inline vf v_decode_p(const void *codes, int64_t j, const int fmt) {
     }
     if (fmt == ECO_FORMAT_INT8) return vf_of_i(vi_ld_i8(c + j));
     if (fmt == ECO_FORMAT_FP8_E5M2) return v_e5m2(c + j);
-    const vi f = vi_and(vi_slli(vi_ld_i8(c + j), 20), vi_set1((int)0x87F00000u));
-    return vf_mul(vf_cast(f), vf_set1(0x1p120f));
+    return vf_mul(v_e4m3_fields(c + j), vf_set1(0x1p120f));
 }
 static inline void v_store_codes(void *codes, int64_t j, vf q, const int fmt, const int bias) {
     uint8_t *c = (uint8_t *)codes;
@@ -183,20 +187,20 @@ static inline void v_store_codes(void *codes, int64_t j, vf q, const int fmt, co
         v_st_nibbles(c + j / 2, vi_add(vi_of_f(q), vi_set1(8)));
         return;
     }
-    if (fmt == ECO_FORMAT_FP4_E2M1) { /* |q| * 2^-126 puts the fp4 fields at bits 23..22, as for fp8 below */
-        const vi mag = vi_cast(vf_mul(vf_andnot(vf_set1(-0.0f), q), vf_set1(0x1p-126f)));
-        v_st_nibbles(c + j / 2, vi_or(vi_srli(mag, 22), vi_slli(vi_srli(vi_cast(q), 31), 3)));
+    if (fmt == ECO_FORMAT_FP4_E2M1) { /* q * 2^-126 puts the fp4 fields at bits 23..22, as for fp8 below */
+        const vi t = vi_cast(vf_mul(q, vf_set1(0x1p-126f)));
+        v_st_nibbles(c + j / 2, vi_select(vi_set1(7), vi_srli(t, 22), vi_srli(t, 28)));
         return;
     }
     if (fmt == ECO_FORMAT_INT8) { /* q is an integer in [-127, 127] */
         vi_st_i8(c + j, vi_of_f(q));
         return;
     }
-    /* |q| * 2^(bias - 127) moves the fp8 grid onto fp32's bit layout (fp8 subnormals become fp32 subnormals,
-     * exactly), so the top bits of the product are the fp8 exponent and mantissa fields. */
-    const vi mag = vi_cast(vf_mul(vf_andnot(vf_set1(-0.0f), q), vf_cast(vi_set1(bias << 23))));
-    const vi sign = vi_slli(vi_srli(vi_cast(q), 31), 7);
-    vi_st_u8(c + j, vi_or(sign, fmt == ECO_FORMAT_FP8_E4M3 ? vi_srli(mag, 20) : vi_srli(mag, 21)));
+    /* q * 2^(bias - 127) moves the fp8 grid onto fp32's bit layout (fp8 subnormals become fp32 subnormals,
+     * exactly; the sign is q's), so the bits of the product below its sign are the fp8 exponent and mantissa
+     * fields: the code is those fields shifted down, with the sign bit shifted to bit 7. */
+    const vi t = vi_cast(vf_mul(q, vf_cast(vi_set1(bias << 23))));
+    vi_st_u8(c + j, vi_select(vi_set1(0x7f), vi_srli(t, fmt == ECO_FORMAT_FP8_E4M3 ? 20 : 21), vi_srli(t, 24)));
 }
 
 /* y (clamped to +-fmax, on the format's scale) rounded to the nearest grid value, ties to even; sgnsrc: the
@@ -238,8 +242,10 @@ static inline __attribute__((always_inline)) vf v_round_stochastic(vf y, vf u, c
     /* the grid spacing sp as in v_round_nearest; y / sp is exact, and so is y * (1/sp) */
     const vi spb = vi_sub(vi_max(vi_and(vi_cast(y), vexpmask), vminexp), vi_set1(fp8_mantissa_bits(fmt) << 23));
     const vf r = vf_mul(y, vf_cast(vi_sub(vi_set1(254 << 23), spb)));
-    const vf f = vf_floor(r);
-    return vf_mul(vf_add(f, vf_maskz(vf_lt(u, vf_sub(r, f)), one)), vf_cast(spb));
+    const vf f = vf_floor(r), sp = vf_cast(spb);
+    /* (f + up) * sp as f * sp + (up ? sp : +0) in one fma: the exact sum is a grid value, so it is the same
+     * bits, and a zero result is +0 either way (-0 + +0, -sp + sp) */
+    return vf_fmadd(f, sp, vf_maskz(vf_lt(u, vf_sub(r, f)), sp));
 }
 #endif /* ECO_VEC */
 #endif

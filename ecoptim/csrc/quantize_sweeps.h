@@ -65,7 +65,7 @@ static inline __attribute__((always_inline)) void quantize_update_vec(
     const vf w = vf_load(wt + (i - lo));
     vf y = w;
     if (fmt != ECO_FORMAT_BF16) y = c->divide_mk ? v_div_mk(w, c->scale, c->rcp_scale) : vf_div(w, c->scale);
-    y = vf_min(vf_max(y, c->neg_format_max), c->format_max);
+    y = vf_clamp_sym(y, c->neg_format_max, c->format_max);
     const vf q = sr ? v_round_stochastic(y, v_uniform(*vidx, c->key1, c->key2_hi), fmt, c->expmask, c->minexp)
                     : v_round_nearest(y, w, fmt, c->expmask, c->minexp, c->magic);
     v_store_codes(c->codes, j, q, fmt, fp8_bias(fmt));
@@ -234,7 +234,7 @@ static inline __attribute__((always_inline)) void sweep_c(const eco_step_args *a
         for (; i + VL <= n; i += VL) {
             const vf x = vf_load(e + i);
             vf y = fmt == ECO_FORMAT_BF16 ? x : mk ? v_div_mk(x, vs, vrs) : vf_div(x, vs);
-            y = vf_min(vf_max(y, vlo), vhi);
+            y = vf_clamp_sym(y, vlo, vhi);
             v_store_codes(comp, base + i, v_round_nearest(y, x, fmt, vexpmask, vminexp, vmagic), fmt, fp8_bias(fmt));
         }
     }

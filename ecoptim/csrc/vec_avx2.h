@@ -19,6 +19,7 @@ typedef __m256 vm;
 #define vf_sqrt _mm256_sqrt_ps
 #define vf_min _mm256_min_ps
 #define vf_max _mm256_max_ps
+#define vf_clamp_sym(y, neg_lim, lim) vf_min(vf_max((y), (neg_lim)), (lim)) /* y clamped to [-lim, lim] */
 #define vf_floor _mm256_floor_ps
 #define vf_rint(x) _mm256_round_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define vf_and _mm256_and_ps
@@ -40,6 +41,7 @@ typedef __m256 vm;
 #define vi_or _mm256_or_si256
 #define vi_xor _mm256_xor_si256
 #define vi_andnot _mm256_andnot_si256
+#define vi_select(m, a, b) vi_or(vi_and((m), (a)), vi_andnot((m), (b))) /* a where m's bits are set, else b */
 #define vi_add _mm256_add_epi32
 #define vi_sub _mm256_sub_epi32
 #define vi_mullo _mm256_mullo_epi32

@@ -18,6 +18,9 @@ typedef __mmask16 vm;
 #define vf_sqrt _mm512_sqrt_ps
 #define vf_min _mm512_min_ps
 #define vf_max _mm512_max_ps
+/* y clamped to [-lim, lim] (lim > 0): vrangeps' min of the magnitudes with y's sign, one operation for the
+ * two of vf_min(vf_max(y, neg_lim), lim) and the same bits for every finite y (a -0 stays -0) */
+#define vf_clamp_sym(y, neg_lim, lim) _mm512_range_ps((y), (lim), 0x02)
 #define vf_floor _mm512_floor_ps
 #define vf_rint(x) _mm512_roundscale_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define vf_and _mm512_and_ps
@@ -39,6 +42,7 @@ typedef __mmask16 vm;
 #define vi_or _mm512_or_si512
 #define vi_xor _mm512_xor_si512
 #define vi_andnot _mm512_andnot_si512
+#define vi_select(m, a, b) _mm512_ternarylogic_epi32((m), (a), (b), 0xCA) /* a where m's bits are set, else b */
 #define vi_add _mm512_add_epi32
 #define vi_sub _mm512_sub_epi32
 #define vi_mullo _mm512_mullo_epi32
