@@ -30,7 +30,7 @@ reported: the median over ``--repeats`` rounds after ``--warmup``), the gradient
 Ratios are to torch's row of the same kind (clip + step, or bare step). ``--processes N`` (N > 1) runs each case
 in N fresh processes, one after the other, and reports per row the median time and the median, lowest and
 highest of the N ratios: each process allocates its tensors anew, and on some hosts the speed of torch's
-memory-bound step changes from one process to the next (twofold on the one of the published MoE numbers) while
+memory-bound step can change from one process to the next (see docs/performance-notes.md) while
 staying steady within a process, so a single process's ratio can land anywhere in that range. The issue's
 targets: the training loop's ratio (clip + step) at most 1.0x, the Python part at most 3 us per parameter.
 Results go to ``<out>/many_tensors.json`` and ``<out>/many_tensors.md`` (default ``benchmarks/results``).

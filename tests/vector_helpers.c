@@ -44,7 +44,8 @@ static const int small_formats[] = {ECO_FORMAT_FP8_E4M3, ECO_FORMAT_FP8_E5M2, EC
 
 static float format_max(int fmt) { return fmt == ECO_FORMAT_FP8_E4M3 ? 448.0f : fmt == ECO_FORMAT_FP8_E5M2 ? 57344.0f : 6.0f; }
 
-/* v_round_stochastic against round_stochastic, for uniforms that round up whenever possible (0), almost never
+/* v_round_stochastic against round_stochastic, on the spread values and on the grid values nearest them (every
+ * grid value of the format is one of those), for uniforms that round up whenever possible (0), almost never
  * (1 - 2^-24) and in between */
 static void check_round_stochastic(void) {
     const float us[] = {0.0f, 0x1p-24f, 0.5f, 1.0f - 0x1p-24f};
@@ -59,10 +60,12 @@ static void check_round_stochastic(void) {
                 const float x = spread(h + (uint32_t)l);
                 y[l] = x != x ? 0.0f : x < -fmax ? -fmax : x > fmax ? fmax : x; /* clamped, as sweep B does */
             }
-            for (int ui = 0; ui < 4; ui++) {
-                vf_store(q, v_round_stochastic(vf_load(y), vf_set1(us[ui]), fmt, vexpmask, vminexp));
+            for (int ui = 0; ui < 8; ui++) {
+                if (ui == 4)
+                    for (int l = 0; l < VL; l++) y[l] = round_nearest(y[l], fmt);
+                vf_store(q, v_round_stochastic(vf_load(y), vf_set1(us[ui % 4]), fmt, vexpmask, vminexp));
                 for (int l = 0; l < VL; l++) {
-                    const float r = round_stochastic(y[l], us[ui], fmt);
+                    const float r = round_stochastic(y[l], us[ui % 4], fmt);
                     bad += memcmp(&r, &q[l], 4) != 0;
                     n++;
                 }

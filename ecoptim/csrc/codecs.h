@@ -187,7 +187,8 @@ static inline void v_store_codes(void *codes, int64_t j, vf q, const int fmt, co
         v_st_nibbles(c + j / 2, vi_add(vi_of_f(q), vi_set1(8)));
         return;
     }
-    if (fmt == ECO_FORMAT_FP4_E2M1) { /* q * 2^-126 puts the fp4 fields at bits 23..22, as for fp8 below */
+    if (fmt == ECO_FORMAT_FP4_E2M1) { /* q * 2^-126 puts the fp4 fields at bits 24..22 (the higher exponent bits
+                                       * are zero), as for fp8 below; t >> 28 brings the sign to bit 3 */
         const vi t = vi_cast(vf_mul(q, vf_set1(0x1p-126f)));
         v_st_nibbles(c + j / 2, vi_select(vi_set1(7), vi_srli(t, 22), vi_srli(t, 28)));
         return;
@@ -197,8 +198,8 @@ static inline void v_store_codes(void *codes, int64_t j, vf q, const int fmt, co
         return;
     }
     /* q * 2^(bias - 127) moves the fp8 grid onto fp32's bit layout (fp8 subnormals become fp32 subnormals,
-     * exactly; the sign is q's), so the bits of the product below its sign are the fp8 exponent and mantissa
-     * fields: the code is those fields shifted down, with the sign bit shifted to bit 7. */
+     * exactly; the sign is q's): the 7 bits from bit 20 (e4m3; bit 21 for e5m2) up are the fp8 exponent and
+     * mantissa fields, the exponent bits above them are zero, and t >> 24 brings the sign to bit 7. */
     const vi t = vi_cast(vf_mul(q, vf_cast(vi_set1(bias << 23))));
     vi_st_u8(c + j, vi_select(vi_set1(0x7f), vi_srli(t, fmt == ECO_FORMAT_FP8_E4M3 ? 20 : 21), vi_srli(t, 24)));
 }

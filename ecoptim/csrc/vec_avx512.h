@@ -19,7 +19,8 @@ typedef __mmask16 vm;
 #define vf_min _mm512_min_ps
 #define vf_max _mm512_max_ps
 /* y clamped to [-lim, lim] (lim > 0): vrangeps' min of the magnitudes with y's sign, one operation for the
- * two of vf_min(vf_max(y, neg_lim), lim) and the same bits for every finite y (a -0 stays -0) */
+ * two of vf_min(vf_max(y, neg_lim), lim) and the same bits for every finite or infinite y (a -0 stays -0); a
+ * NaN y gives +-lim here, -lim on AVX2, so callers pass no NaN (sweep B's blocks are finite) */
 #define vf_clamp_sym(y, neg_lim, lim) _mm512_range_ps((y), (lim), 0x02)
 #define vf_floor _mm512_floor_ps
 #define vf_rint(x) _mm512_roundscale_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
