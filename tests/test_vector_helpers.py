@@ -1,7 +1,8 @@
 """The kernel's vector helpers against the scalar definitions they must equal, bit for bit, over whole input
 ranges: ``tests/vector_helpers.c``, built with the kernel's own compiler and flags (its widest vector ISA on
-this CPU, and the AVX2 one), checks the clamp for every finite fp32, stochastic rounding and the code writes for every grid
-value and a spread of values across every exponent, and the E4M3 decode with its scale folded in for every code.
+this CPU, and the AVX2 one), checks the clamp for every finite fp32, stochastic rounding and the code writes
+for every grid value and a spread of values across every exponent, and the E4M3 decode with its scale folded
+in for every code.
 The optimizer-level tests (``test_kernels.py``) reach only the inputs a few steps produce."""
 import os
 import subprocess

@@ -42,7 +42,15 @@ static float spread(uint32_t h) { return bits_f((h << 16) | ((h * 2654435761u) >
 
 static const int small_formats[] = {ECO_FORMAT_FP8_E4M3, ECO_FORMAT_FP8_E5M2, ECO_FORMAT_FP4_E2M1};
 
-static float format_max(int fmt) { return fmt == ECO_FORMAT_FP8_E4M3 ? 448.0f : fmt == ECO_FORMAT_FP8_E5M2 ? 57344.0f : 6.0f; }
+static float format_max(int fmt) {
+    return fmt == ECO_FORMAT_FP8_E4M3 ? 448.0f : fmt == ECO_FORMAT_FP8_E5M2 ? 57344.0f : 6.0f;
+}
+
+/* spread(h) clamped to +-fmax (a NaN as 0), as sweep B hands values to the rounding */
+static float clamped_spread(uint32_t h, float fmax) {
+    const float x = spread(h);
+    return x != x ? 0.0f : x < -fmax ? -fmax : x > fmax ? fmax : x;
+}
 
 /* v_round_stochastic against round_stochastic, on the spread values and on the grid values nearest them (every
  * grid value of the format is one of those), for uniforms that round up whenever possible (0), almost never
@@ -55,21 +63,21 @@ static void check_round_stochastic(void) {
         const float fmax = format_max(fmt);
         const vi vexpmask = vi_set1(0x7F800000), vminexp = vi_set1((fp8_min_exponent(fmt) + 127) << 23);
         for (uint32_t h = 0; h < 65536; h += VL) {
-            float y[VL], q[VL];
+            float y[VL], grid[VL], q[VL];
             for (int l = 0; l < VL; l++) {
-                const float x = spread(h + (uint32_t)l);
-                y[l] = x != x ? 0.0f : x < -fmax ? -fmax : x > fmax ? fmax : x; /* clamped, as sweep B does */
+                y[l] = clamped_spread(h + (uint32_t)l, fmax);
+                grid[l] = round_nearest(y[l], fmt);
             }
-            for (int ui = 0; ui < 8; ui++) {
-                if (ui == 4)
-                    for (int l = 0; l < VL; l++) y[l] = round_nearest(y[l], fmt);
-                vf_store(q, v_round_stochastic(vf_load(y), vf_set1(us[ui % 4]), fmt, vexpmask, vminexp));
-                for (int l = 0; l < VL; l++) {
-                    const float r = round_stochastic(y[l], us[ui % 4], fmt);
-                    bad += memcmp(&r, &q[l], 4) != 0;
-                    n++;
+            const float *inputs[2] = {y, grid};
+            for (int k = 0; k < 2; k++)
+                for (int ui = 0; ui < 4; ui++) {
+                    vf_store(q, v_round_stochastic(vf_load(inputs[k]), vf_set1(us[ui]), fmt, vexpmask, vminexp));
+                    for (int l = 0; l < VL; l++) {
+                        const float r = round_stochastic(inputs[k][l], us[ui], fmt);
+                        bad += memcmp(&r, &q[l], 4) != 0;
+                        n++;
+                    }
                 }
-            }
         }
     }
     printf("round_stochastic %ld %ld\n", n, bad);
@@ -85,8 +93,7 @@ static void check_store_codes(void) {
             float q[VL];
             uint8_t vec_codes[VL] = {0}, ref_codes[VL] = {0};
             for (int l = 0; l < VL; l++) {
-                const float x = spread(h + (uint32_t)l);
-                q[l] = round_nearest(x != x ? 0.0f : x < -fmax ? -fmax : x > fmax ? fmax : x, fmt);
+                q[l] = round_nearest(clamped_spread(h + (uint32_t)l, fmax), fmt);
                 store_code(ref_codes, l, q[l], fmt);
             }
             v_store_codes(vec_codes, 0, vf_load(q), fmt, fp8_bias(fmt));
@@ -97,7 +104,8 @@ static void check_store_codes(void) {
     printf("store_codes %ld %ld\n", n, bad);
 }
 
-/* the value of an E4M3 code, from its fields (1 sign, 4 exponent with bias 7, 3 mantissa bits) */
+/* the value of an E4M3 code, from its fields (1 sign, 4 exponent with bias 7, 3 mantissa bits): written out
+ * rather than codecs.h's e4m3_value, which uses the same fp32-layout trick as the code under test */
 static float e4m3_by_fields(uint8_t c) {
     const int e = (c >> 3) & 15, m = c & 7;
     const float mag = e == 0 ? ldexpf((float)m, -9) : ldexpf(1.0f + (float)m / 8.0f, e - 7);
